@@ -1,0 +1,28 @@
+"""Shared pytest fixtures.
+
+One Ray instance per test session (started lazily by the first test that
+asks for it, with explicit small resources), shut down and its temp folder
+removed at the end.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    temp_dir = tempfile.mkdtemp(prefix="dsu-ray-", dir="/tmp")
+    os.environ.pop("RAY_ADDRESS", None)
+    ray.init(num_cpus=2, num_gpus=0, _temp_dir=temp_dir, include_dashboard=False,
+             log_to_driver=True, configure_logging=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
