@@ -1,0 +1,593 @@
+"""Typed, layered, validated configuration (METHOD.md sections 3, 5, 9, 10).
+
+Layers, later wins: global defaults (the dataclasses below, defined once) ->
+dataset defaults (``configs/datasets/<dataset>.yaml``) -> the user's YAML file
+-> command-line overrides (``stage1.cla1_weight=0.3``). Inside the result,
+``all_stages`` is merged under each stage section (``stage1``, ``classifier``,
+``stage2``, ``lenc``), so a stage section wins over ``all_stages``.
+
+Derived values are computed once, in :func:`resolve`: the architecture from the
+image size, default batch sizes, keep probabilities, the unknown code's size and
+keep probabilities when not given, labeled factor code sizes. Resolution is
+idempotent, so a saved resolved config reloads unchanged.
+
+Every error is a :class:`ConfigError` naming the key and the bad value.
+
+Choices where METHOD.md is silent (written down here once):
+- Adam betas default to (0.5, 0.999) in every stage: all stages but the
+  classifier pre-training are adversarial.
+- ``zero_init`` defaults to true (encoders start at the prior, like the
+  all-zero label embedders).
+- ``random_offset`` defaults to true (augmentation for D and classifiers).
+- A factor without a code size in the dataset defaults gets ``min(classes, 16)``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dsu_models.codes import keep_probabilities
+from dsu_models.nn.networks import default_architecture
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+DATASET_DIR = CONFIG_DIR / "datasets"
+STAGES = ("stage1", "classifier", "stage2", "lenc")
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names both."""
+
+
+# ----------------------------------------------------------------- schema
+
+
+@dataclass
+class FactorSpec:
+    """One ground-truth factor of the dataset (METHOD.md section 10 table)."""
+
+    classes: int | None = None  # None: read from the prepared data's manifest
+    size: int | None = None
+    dropout: list[float] | None = None
+    init: str = "zero"
+    keep_prob: list[float] | None = None  # derived from dropout when not given
+
+
+@dataclass
+class ArchConfig:
+    """Network shape (METHOD.md section 5); None = derived from the image size."""
+
+    conv_channels: list[int] | None = None
+    conv_layers: list[int] | None = None
+    fc_features: int | None = None
+    enc_gen_fc_layers: int = 2
+    dis_cla_fc_layers: int = 0
+
+
+@dataclass
+class StageConfig:
+    """Keys every stage has (METHOD.md sections 7-9)."""
+
+    iterations: int = 100000
+    batch_size: int | None = None
+    lr: float = 1e-4
+    lr_ramp: int = 100
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
+    random_offset: bool = True
+    report_interval: int = 100
+    sample_interval: int = 1000
+    log_interval: int = 2000
+    checkpoint_interval: int = 20000
+
+
+@dataclass
+class Stage1Config(StageConfig):
+    iterations: int = 200000
+    emb_lr: float = 1e-3
+    rec_weight: float = 1.0
+    ucode_weight: float = 0.001
+    lcode_weight: float = 0.001
+    ubatch_weight: float = 0.1
+    lbatch_weight: float = 0.1
+    cla1_weight: float = 0.5
+    cla1_mode: str = "compound"
+    cla1_adv_mode: str = "nlu"
+    cla1_ramp: list[int] | None = None
+    gen_conv_adv: bool = False
+    gen_fc_adv: bool = True
+    enc_freeze: int = 0
+    emb_freeze: int = 0
+    zero_init: bool = True
+    code_cla1_layers: int = 2
+    code_cla1_features: int = 512
+    code_plot_interval: int = 10000
+    emb_plot_interval: int = 1000
+
+
+@dataclass
+class ClassifierConfig(StageConfig):
+    iterations: int = 100000
+
+
+@dataclass
+class Stage2Config(StageConfig):
+    iterations: int = 200000
+    lr: float = 5e-5
+    emb_lr: float = 1e-3
+    unknown_mode: str = "dis"
+    random_ucode: bool = False
+    use_embedding: bool = True
+    cla2_adv: bool = True
+    has_rec_branch: bool = True
+    fake_reflect: bool = False
+    rec_weight: float = 1.0
+    dis_weight: float = 1.0
+    cla2_weight: float = 1.0
+    cla2_fake_weight: float = 1.0
+    match_weight: float = 0.1
+    lcode_weight: float = 0.001
+    lbatch_weight: float = 0.1
+    zero_init: bool = True
+    emb_plot_interval: int = 1000
+
+
+@dataclass
+class LencConfig(StageConfig):
+    iterations: int = 100000
+    zero_init: bool = True
+
+
+STAGE_CLASSES = {"stage1": Stage1Config, "classifier": ClassifierConfig,
+                 "stage2": Stage2Config, "lenc": LencConfig}
+
+
+@dataclass
+class Config:
+    """The whole run. Top-level keys; see the module docstring for layering."""
+
+    dataset: str = "shapes3d"
+    data_path: str | None = None
+    num_samples: int | None = None
+    test_portion: float = 0.1
+    image_size: int = 32
+    image_channels: int = 3
+    factors: dict[str, FactorSpec] = field(default_factory=dict)
+    labeled_factors: list[str] | None = None
+    unknown_size: int | None = None
+    unknown_dropout: list[float] | None = None
+    unknown_keep_prob: list[float] | None = None
+    nested_dropout: bool = True
+    seed: int = 0
+    device: str = "auto"
+    architecture: ArchConfig = field(default_factory=ArchConfig)
+    all_stages: dict[str, Any] = field(default_factory=dict)
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
+    lenc: LencConfig = field(default_factory=LencConfig)
+
+    # ------------------------------------------------------------ views
+
+    def labeled(self) -> list[tuple[str, FactorSpec]]:
+        """Labeled factors in config order: [(name, spec)]."""
+        return [(name, self.factors[name]) for name in self.labeled_factors]
+
+    def hidden(self) -> list[str]:
+        """Factors with ground truth that are not labeled (lumped into the unknown)."""
+        return [name for name in self.factors if name not in self.labeled_factors]
+
+    def active_stages(self) -> list[str]:
+        """Stages that exist for this config (METHOD.md section 2)."""
+        stages = ["stage1"]
+        if self.labeled_factors:
+            stages.append("classifier")
+        stages.append("stage2")
+        if self.labeled_factors and self.stage2.use_embedding:
+            stages.append("lenc")
+        return stages
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------- type checks
+
+
+def _type_name(hint) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _check(value, hint, key: str):
+    """Validate ``value`` against a type hint; return it (ints widened to float)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check(value, arg, key)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0]
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_check(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if hint is Any:
+        return value
+    raise ConfigError(f"{key}: unsupported type {_type_name(hint)}")
+
+
+def _build(cls, data: dict, prefix: str):
+    """Dataclass ``cls`` from a dict: unknown keys and wrong types are errors."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"{prefix}{key}: unknown key (valid keys: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{prefix}{f.name}: required key is missing")
+            continue
+        value, hint, key = data[f.name], hints[f.name], prefix + f.name
+        if dataclasses.is_dataclass(hint):
+            kwargs[f.name] = _build(hint, value, key + ".")
+        elif f.name == "factors":
+            kwargs[f.name] = {str(n): _build(FactorSpec, v, f"{key}.{n}.")
+                              for n, v in _check(value, hint, key).items()}
+        else:
+            kwargs[f.name] = _check(value, hint, key)
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------- layering
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_yaml(path: Path, what: str) -> dict:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: cannot read ({exc.strerror})") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} {path}: not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path}: expected a mapping at top level, got {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> dict:
+    """``a.b.c=value`` -> nested dict; the value is parsed as YAML (``0.3``, ``[1,2]``, ``true``)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. stage1.cla1_weight=0.3")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".")]
+    if not all(parts):
+        raise ConfigError(f"override {text!r}: empty key part in {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML: {exc}") from exc
+    nested: dict = {parts[-1]: value}
+    for part in reversed(parts[:-1]):
+        nested = {part: nested}
+    return nested
+
+
+def available_datasets() -> list[str]:
+    return sorted(p.stem for p in DATASET_DIR.glob("*.yaml"))
+
+
+def dataset_defaults(name: str) -> dict:
+    path = DATASET_DIR / f"{name}.yaml"
+    if not path.exists():
+        raise ConfigError(f"dataset: no defaults for {name!r} "
+                          f"(known datasets: {', '.join(available_datasets())})")
+    return _read_yaml(path, "dataset defaults")
+
+
+def layered_dict(user: dict | None = None, overrides: list[str] | tuple = ()) -> dict:
+    """Raw merged dict of dataset defaults, the user's dict and the overrides."""
+    user = user or {}
+    over: dict = {}
+    for text in overrides:
+        over = _deep_merge(over, parse_override(text))
+    name = over.get("dataset", user.get("dataset", Config.dataset))
+    if not isinstance(name, str):
+        raise ConfigError(f"dataset: expected a string, got {name!r}")
+    return _deep_merge(_deep_merge(dataset_defaults(name), user), over)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (),
+                data_factors: dict[str, int] | None = None) -> Config:
+    """Load, layer, validate and resolve a config. See :func:`resolve` for data_factors."""
+    user = _read_yaml(Path(path), "config file") if path else {}
+    return resolve(layered_dict(user, overrides), data_factors)
+
+
+# --------------------------------------------------------------- resolution
+
+
+def _merge_all_stages(raw: dict) -> dict:
+    """Apply ``all_stages`` under every stage section that has the key."""
+    common = raw.get("all_stages") or {}
+    if not isinstance(common, dict):
+        raise ConfigError(f"all_stages: expected a mapping, got {common!r}")
+    known = set().union(*({f.name for f in dataclasses.fields(c)} for c in STAGE_CLASSES.values()))
+    for key in common:
+        if key not in known:
+            raise ConfigError(f"all_stages.{key}: unknown key (not a key of any stage)")
+    raw = dict(raw)
+    for stage, cls in STAGE_CLASSES.items():
+        names = {f.name for f in dataclasses.fields(cls)}
+        section = raw.get(stage) or {}
+        if not isinstance(section, dict):
+            raise ConfigError(f"{stage}: expected a mapping, got {section!r}")
+        raw[stage] = {**{k: v for k, v in common.items() if k in names}, **section}
+    return raw
+
+
+def default_batch_size(image_size: int) -> int:
+    """METHOD.md section 5: 64 up to 32 px, then 2048 // size up to 512 px, else 4."""
+    if image_size <= 32:
+        return 64
+    if image_size <= 512:
+        return max(2048 // image_size, 4)
+    return 4
+
+
+def _check_probs(values: list[float] | None, key: str):
+    if values is None:
+        return
+    for i, v in enumerate(values):
+        if not 0.0 < v <= 1.0:
+            raise ConfigError(f"{key}[{i}]: keep probability {v!r} is not within (0, 1]")
+
+
+def _check_choice(value: str, choices: tuple, key: str):
+    if value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+
+
+def _resolve_factors(cfg: Config, data_factors: dict[str, int] | None):
+    if data_factors is not None:
+        for name, spec in cfg.factors.items():
+            if name in data_factors and spec.classes is not None and data_factors[name] != spec.classes:
+                raise ConfigError(f"factors.{name}.classes: config says {spec.classes}, "
+                                  f"the data has {data_factors[name]}")
+        for name, classes in data_factors.items():
+            cfg.factors.setdefault(name, FactorSpec(classes=classes))
+            if cfg.factors[name].classes is None:
+                cfg.factors[name].classes = classes
+    if cfg.labeled_factors is None:
+        cfg.labeled_factors = list(cfg.factors)
+    for i, name in enumerate(cfg.labeled_factors):
+        if name not in cfg.factors:
+            raise ConfigError(f"labeled_factors[{i}]: dataset {cfg.dataset!r} has no factor {name!r} "
+                              f"(factors: {', '.join(cfg.factors) or 'none'})")
+    if len(set(cfg.labeled_factors)) != len(cfg.labeled_factors):
+        raise ConfigError(f"labeled_factors: repeated names in {cfg.labeled_factors!r}")
+    for name, spec in cfg.factors.items():
+        key = f"factors.{name}"
+        if spec.classes is None:
+            raise ConfigError(f"{key}.classes: not given, and no prepared dataset says it "
+                              f"(set data_path to the prepared dataset)")
+        if spec.classes < 2:
+            raise ConfigError(f"{key}.classes: {spec.classes} (a factor needs at least 2 classes)")
+        _check_choice(spec.init, ("zero", "linear", "circle"), f"{key}.init")
+        if spec.size is None:
+            spec.size = min(spec.classes, 16)
+        if spec.size < 1:
+            raise ConfigError(f"{key}.size: {spec.size} (must be at least 1)")
+        if spec.init == "circle" and spec.size < 2:
+            raise ConfigError(f"{key}.size: {spec.size} (circle init needs a code of at least 2 dims)")
+        _check_probs(spec.dropout, f"{key}.dropout")
+        if spec.keep_prob is None and cfg.nested_dropout:
+            spec.keep_prob = keep_probabilities(spec.dropout, spec.size)
+        if not cfg.nested_dropout:
+            spec.keep_prob = None
+        _check_keep_prob(spec.keep_prob, spec.size, f"{key}.keep_prob")
+
+
+def _check_keep_prob(keep: list[float] | None, size: int, key: str):
+    if keep is None:
+        return
+    _check_probs(keep, key)
+    if len(keep) != size:
+        raise ConfigError(f"{key}: {len(keep)} values for a code of size {size}")
+    if any(b > a for a, b in zip(keep, keep[1:])):
+        raise ConfigError(f"{key}: {keep!r} must be non-increasing")
+
+
+def _resolve_unknown(cfg: Config):
+    _check_probs(cfg.unknown_dropout, "unknown_dropout")
+    hidden = cfg.hidden()
+    if cfg.unknown_size is None:
+        cfg.unknown_size = sum(cfg.factors[n].size for n in hidden)
+        if cfg.unknown_keep_prob is None and cfg.unknown_dropout is None and cfg.nested_dropout:
+            keep = []
+            for n in hidden:
+                spec = cfg.factors[n]
+                keep += spec.keep_prob if spec.keep_prob else [1.0] * spec.size
+            keep.sort(reverse=True)
+            cfg.unknown_keep_prob = keep if any(k < 1.0 for k in keep) else None
+    if cfg.unknown_size < 0:
+        raise ConfigError(f"unknown_size: {cfg.unknown_size} (must be >= 0)")
+    if cfg.unknown_keep_prob is None and cfg.nested_dropout:
+        cfg.unknown_keep_prob = keep_probabilities(cfg.unknown_dropout, cfg.unknown_size)
+    if not cfg.nested_dropout:
+        cfg.unknown_keep_prob = None
+    _check_keep_prob(cfg.unknown_keep_prob, cfg.unknown_size, "unknown_keep_prob")
+    if cfg.unknown_size == 0 and not cfg.labeled_factors:
+        raise ConfigError("unknown_size: 0 with no labeled factors leaves the generator no input")
+
+
+def _resolve_architecture(cfg: Config):
+    arch = cfg.architecture
+    derived = default_architecture(cfg.image_size)
+    if arch.conv_channels is None:
+        arch.conv_channels = list(derived["conv_channels"])
+    if arch.fc_features is None:
+        arch.fc_features = derived["fc_features"]
+    if arch.conv_layers is None:
+        arch.conv_layers = [1] * len(arch.conv_channels)
+    if len(arch.conv_layers) != len(arch.conv_channels):
+        raise ConfigError(f"architecture.conv_layers: {arch.conv_layers!r} has {len(arch.conv_layers)} "
+                          f"entries for {len(arch.conv_channels)} conv levels")
+    for key in ("enc_gen_fc_layers", "dis_cla_fc_layers", "fc_features"):
+        if getattr(arch, key) < 0:
+            raise ConfigError(f"architecture.{key}: {getattr(arch, key)} (must be >= 0)")
+    for i, n in enumerate(arch.conv_layers):
+        if n < 1:
+            raise ConfigError(f"architecture.conv_layers[{i}]: {n} (must be >= 1)")
+    # Each level halves the size (rounded up to even before non-final levels).
+    size = cfg.image_size
+    for i in range(len(arch.conv_channels)):
+        last = i == len(arch.conv_channels) - 1
+        if not last and size % 4 == 2:
+            size += 2
+        size //= 2
+        if size < 1 or (not last and size < 2):
+            raise ConfigError(f"architecture.conv_channels: {len(arch.conv_channels)} levels are too many "
+                              f"for image_size {cfg.image_size}")
+
+
+def _resolve_stages(cfg: Config):
+    for stage in STAGES:
+        sc = getattr(cfg, stage)
+        if sc.batch_size is None:
+            sc.batch_size = default_batch_size(cfg.image_size)
+        for key in ("iterations", "batch_size", "report_interval", "sample_interval",
+                    "log_interval", "checkpoint_interval"):
+            value = getattr(sc, key)
+            if value < (0 if key == "iterations" else 1):
+                raise ConfigError(f"{stage}.{key}: {value} (must be positive)")
+        if sc.lr_ramp < 0:
+            raise ConfigError(f"{stage}.lr_ramp: {sc.lr_ramp} (must be >= 0)")
+        if len(sc.betas) != 2 or not all(0 <= b < 1 for b in sc.betas):
+            raise ConfigError(f"{stage}.betas: {sc.betas!r} (need two values in [0, 1))")
+        if sc.batch_size < 2:
+            raise ConfigError(f"{stage}.batch_size: {sc.batch_size} (batch statistics need at least 2)")
+    s1, s2 = cfg.stage1, cfg.stage2
+    _check_choice(s1.cla1_mode, ("image", "code", "compound"), "stage1.cla1_mode")
+    _check_choice(s1.cla1_adv_mode, ("nlu", "ll"), "stage1.cla1_adv_mode")
+    _check_choice(s2.unknown_mode, ("dis", "mse"), "stage2.unknown_mode")
+    if s1.cla1_ramp is not None and (len(s1.cla1_ramp) != 2 or not 0 <= s1.cla1_ramp[0] <= s1.cla1_ramp[1]):
+        raise ConfigError(f"stage1.cla1_ramp: {s1.cla1_ramp!r} (need [t1, t2] with 0 <= t1 <= t2)")
+    if s2.random_ucode and cfg.unknown_size == 0:
+        raise ConfigError("stage2.random_ucode: true needs an unknown code (unknown_size is 0)")
+
+
+def _check_device(device: str):
+    if device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit()):
+        return
+    raise ConfigError(f"device: {device!r} is not one of auto, cpu, cuda, cuda:N")
+
+
+def resolve(raw: dict, data_factors: dict[str, int] | None = None) -> Config:
+    """Validate a raw layered dict and compute every derived value.
+
+    data_factors: ``{factor: classes}`` read from a prepared dataset's
+    manifest, when the data decides the factor table (e.g. ``image_folder``);
+    factors the dataset defaults do not list are added with default code sizes.
+    """
+    cfg = _build(Config, _merge_all_stages(raw), "")
+    if cfg.image_size < 2 or cfg.image_size % 2:
+        raise ConfigError(f"image_size: {cfg.image_size} (must be even and at least 2)")
+    if cfg.image_channels < 1:
+        raise ConfigError(f"image_channels: {cfg.image_channels} (must be at least 1)")
+    if not 0.0 < cfg.test_portion < 1.0:
+        raise ConfigError(f"test_portion: {cfg.test_portion} (must be within (0, 1))")
+    if cfg.num_samples is not None and cfg.num_samples < 2:
+        raise ConfigError(f"num_samples: {cfg.num_samples} (must be at least 2)")
+    _check_device(cfg.device)
+    _resolve_factors(cfg, data_factors)
+    _resolve_unknown(cfg)
+    _resolve_architecture(cfg)
+    _resolve_stages(cfg)
+    return cfg
+
+
+# ------------------------------------------------------------- save / load
+
+
+def save_config(cfg: Config, path: str | Path) -> Path:
+    """Write the resolved config as YAML (atomically: temp name, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tmp.replace(path)
+    return path
+
+
+def config_from_dict(data: dict) -> Config:
+    """Rebuild a config from :meth:`Config.to_dict` output (e.g. a checkpoint)."""
+    return resolve(data)
+
+
+def load_resolved(path: str | Path) -> Config:
+    """Reload a config written by :func:`save_config` (no dataset layering)."""
+    return resolve(_read_yaml(Path(path), "resolved config"))
+
+
+def flat_params(cfg: Config) -> dict[str, str]:
+    """``{"stage1.cla1_weight": "0.5", ...}``: the config as flat strings (e.g. for tracking)."""
+    out: dict[str, str] = {}
+
+    def walk(prefix: str, value):
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            out[prefix] = str(value)
+
+    walk("", cfg.to_dict())
+    return out
