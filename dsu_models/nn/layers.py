@@ -1,0 +1,287 @@
+"""Weight-normalised layers, the self-normalising PReLU, the residual add and the
+random-offset augmentation (../shared/METHOD.md section 5).
+
+Every layer here is built so that unit-variance, independent inputs give roughly
+unit-variance outputs at initialisation; the networks in ``networks.py`` stack
+them without any other normalisation.
+
+Choices where METHOD.md is silent:
+
+- Raw weights start Gaussian with each output unit's vector rescaled to unit
+  norm, so an Adam step of size ``lr`` is a relative change of about
+  ``lr * sqrt(fan_in)``, as for a plainly parametrised layer (a larger raw norm
+  would silently slow learning). Biases start at 0, affine scales at 1.
+- The weight norm has no epsilon: a raw weight vector of norm exactly 0 never
+  occurs after random initialisation, and an epsilon would break the exact
+  invariance to rescaling the raw weight.
+- ``random_offset`` returns a single tensor when given one tensor and a tuple
+  when given several (see its docstring for the shift convention).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_Pair = int | tuple[int, int]
+
+
+def _pair(v: _Pair) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _raw_weight(shape: tuple[int, ...], dims: tuple[int, ...]) -> nn.Parameter:
+    """Gaussian raw weight with every output unit's vector (over ``dims``) at unit norm."""
+    weight = torch.randn(shape)
+    return nn.Parameter(weight / torch.linalg.vector_norm(weight, dim=dims, keepdim=True))
+
+
+def _normalised(weight: Tensor, dims: tuple[int, ...], scale: Tensor | None,
+                gain: float, unit_dim: int) -> Tensor:
+    """``weight`` with every output unit's vector (reduced over ``dims``) at norm
+    ``gain * scale``; ``unit_dim`` is the weight dimension that indexes units."""
+    norm = torch.linalg.vector_norm(weight, dim=dims, keepdim=True)
+    factor = gain / norm
+    if scale is not None:
+        shape = [1] * weight.dim()
+        shape[unit_dim] = -1
+        factor = factor * scale.view(shape)
+    return weight * factor
+
+
+class WNLinear(nn.Module):
+    """Weight-normalised linear layer: ``x: (B, in_f) -> (B, out_f)``.
+
+    Each output unit's weight row is divided by its L2 norm at every forward,
+    times a learned per-output ``scale`` (init 1) when ``affine``.
+    """
+
+    def __init__(self, in_f: int, out_f: int, affine: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = in_f, out_f
+        self.weight = _raw_weight((out_f, in_f), (1,))
+        self.bias = nn.Parameter(torch.zeros(out_f))
+        self.scale = nn.Parameter(torch.ones(out_f)) if affine else None
+
+    def normalised_weight(self) -> Tensor:
+        return _normalised(self.weight, (1,), self.scale, 1.0, 0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.normalised_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, affine={self.scale is not None}"
+
+
+class WNConv2d(nn.Module):
+    """Weight-normalised 2-d convolution: ``x: (B, in_ch, H, W) -> (B, out_ch, H', W')``.
+
+    Each output channel's ``(in_ch, kh, kw)`` kernel has unit L2 norm (times the
+    learned ``scale`` when ``affine``).
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, kernel: _Pair, stride: _Pair = 1,
+                 padding: _Pair = 0, affine: bool = False):
+        super().__init__()
+        kh, kw = _pair(kernel)
+        self.stride, self.padding = _pair(stride), _pair(padding)
+        self.weight = _raw_weight((out_ch, in_ch, kh, kw), (1, 2, 3))
+        self.bias = nn.Parameter(torch.zeros(out_ch))
+        self.scale = nn.Parameter(torch.ones(out_ch)) if affine else None
+
+    def normalised_weight(self) -> Tensor:
+        return _normalised(self.weight, (1, 2, 3), self.scale, 1.0, 0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(x, self.normalised_weight(), self.bias, self.stride, self.padding)
+
+    def extra_repr(self) -> str:
+        out_ch, in_ch, kh, kw = self.weight.shape
+        return (f"{in_ch}, {out_ch}, kernel=({kh}, {kw}), stride={self.stride}, "
+                f"padding={self.padding}, affine={self.scale is not None}")
+
+
+class WNConvTranspose2d(nn.Module):
+    """Weight-normalised transposed convolution:
+    ``x: (B, in_ch, H, W) -> (B, out_ch, (H-1)*s - 2*p + k, ...)``.
+
+    The weight is stored as ``(in_ch, out_ch, kh, kw)``; it is normalised per
+    OUTPUT channel (over ``in_ch, kh, kw``) and multiplied by
+    ``sqrt(stride_h * stride_w)``, because with stride ``s`` each output pixel sees
+    only about ``1/(s_h*s_w)`` of a channel's kernel taps.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, kernel: _Pair, stride: _Pair,
+                 padding: _Pair = 0, affine: bool = False):
+        super().__init__()
+        kh, kw = _pair(kernel)
+        self.stride, self.padding = _pair(stride), _pair(padding)
+        self.gain = math.sqrt(self.stride[0] * self.stride[1])
+        self.weight = _raw_weight((in_ch, out_ch, kh, kw), (0, 2, 3))
+        self.bias = nn.Parameter(torch.zeros(out_ch))
+        self.scale = nn.Parameter(torch.ones(out_ch)) if affine else None
+
+    def normalised_weight(self) -> Tensor:
+        return _normalised(self.weight, (0, 2, 3), self.scale, self.gain, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv_transpose2d(x, self.normalised_weight(), self.bias,
+                                  self.stride, self.padding)
+
+    def extra_repr(self) -> str:
+        in_ch, out_ch, kh, kw = self.weight.shape
+        return (f"{in_ch}, {out_ch}, kernel=({kh}, {kw}), stride={self.stride}, "
+                f"padding={self.padding}, affine={self.scale is not None}")
+
+
+def _channel_view(v: Tensor, ndim: int) -> Tensor:
+    """``v: (C,)`` shaped to broadcast against a ``(B, C, ...)`` tensor of ``ndim`` dims."""
+    return v.view(-1, *([1] * (ndim - 2)))
+
+
+class SNPReLU(nn.Module):
+    """Self-normalising PReLU: ``(prelu(x + b; a) - mean) / std`` per channel.
+
+    ``b`` (``self.bias``, init 0) and ``a`` (``self.slope``, init 0.25) are learned
+    per channel; ``mean`` and ``std`` are the analytic moments of
+    ``prelu(z + b; a)`` for ``z ~ N(0, 1)`` (see ``output_moments``), so
+    standard-normal input gives zero-mean, unit-variance output.
+    Input ``(B, C)`` or ``(B, C, H, W)``; the channel dim is 1.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.slope = nn.Parameter(torch.full((channels,), 0.25))
+
+    def output_moments(self) -> tuple[Tensor, Tensor]:
+        """Per-channel ``(mean, std)`` of ``prelu(z + b; a)``, ``z ~ N(0, 1)``.
+
+        With ``t = z + b``, ``t+ = max(t, 0)``, ``t- = min(t, 0)``:
+        ``E[t+] = b*Phi(b) + phi(b)``, ``E[t+^2] = (b^2+1)*Phi(b) + b*phi(b)``,
+        ``E[t-] = b - E[t+]``, ``E[t-^2] = b^2 + 1 - E[t+^2]``; since
+        ``t+ * t- = 0``, ``E[y] = E[t+] + a*E[t-]`` and
+        ``E[y^2] = E[t+^2] + a^2*E[t-^2]``.
+        """
+        b, a = self.bias, self.slope
+        cdf = torch.special.ndtr(b)
+        pdf = torch.exp(-0.5 * b * b) / math.sqrt(2.0 * math.pi)
+        pos_mean = b * cdf + pdf
+        pos_sq = (b * b + 1.0) * cdf + b * pdf
+        neg_mean = b - pos_mean
+        neg_sq = b * b + 1.0 - pos_sq
+        mean = pos_mean + a * neg_mean
+        var = pos_sq + a * a * neg_sq - mean * mean
+        # var -> 0 only for a ~ 0 and b << 0 (a dead unit); keep the division finite.
+        return mean, var.clamp_min(1e-8).sqrt()
+
+    def forward(self, x: Tensor) -> Tensor:
+        mean, std = self.output_moments()
+        inv_std = 1.0 / std
+        # Moments are C-sized; the big tensor sees one add, the prelu and one addcmul.
+        y = F.prelu(x + _channel_view(self.bias, x.dim()), self.slope)
+        return torch.addcmul(_channel_view(-mean * inv_std, x.dim()), y,
+                             _channel_view(inv_std, x.dim()))
+
+    def extra_repr(self) -> str:
+        return f"{self.bias.numel()}"
+
+
+class ResidualAdd(nn.Module):
+    """``alpha * shortcut + beta * residual`` with per-channel learned ``(alpha, beta)``
+    renormalised to ``alpha^2 + beta^2 = 1`` at every forward, so two
+    unit-variance uncorrelated inputs give a unit-variance output.
+
+    Initialised from the residue ratio ``r``: ``alpha = sqrt(1-r), beta = sqrt(r)``.
+    Inputs ``(B, C)`` or ``(B, C, H, W)``.
+    """
+
+    def __init__(self, channels: int, ratio: float):
+        super().__init__()
+        if not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"residue ratio must lie in [0, 1], got {ratio}")
+        self.alpha = nn.Parameter(torch.full((channels,), math.sqrt(1.0 - ratio)))
+        self.beta = nn.Parameter(torch.full((channels,), math.sqrt(ratio)))
+
+    def coefficients(self) -> tuple[Tensor, Tensor]:
+        """The renormalised per-channel ``(alpha, beta)``, each ``(C,)``."""
+        norm = torch.sqrt(self.alpha * self.alpha + self.beta * self.beta).clamp_min(1e-12)
+        return self.alpha / norm, self.beta / norm
+
+    def forward(self, shortcut: Tensor, residual: Tensor) -> Tensor:
+        alpha, beta = self.coefficients()
+        n = shortcut.dim()
+        return torch.addcmul(shortcut * _channel_view(alpha, n), residual,
+                             _channel_view(beta, n))
+
+    def extra_repr(self) -> str:
+        return f"{self.alpha.numel()}"
+
+
+def sample_offsets(batch: int, size_h: int, size_w: int, device: torch.device | str = "cpu",
+                   generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Random crop offsets ``(dy, dx)``, each ``(B,)`` int64, for ``random_offset``.
+
+    With ``s = size // 4`` (per axis) each offset is the sum of two uniform
+    integers in ``[0, s)``, so it lies in ``[0, 2s - 2]`` (0 when ``s == 0``).
+    Drawn on ``generator``'s device when one is given, then moved to ``device``.
+    """
+    draw_device = generator.device if generator is not None else device
+    offsets = []
+    for s in (size_h // 4, size_w // 4):
+        if s == 0:
+            offsets.append(torch.zeros(batch, dtype=torch.long, device=device))
+            continue
+        two = torch.randint(0, s, (2, batch), generator=generator, device=draw_device)
+        offsets.append(two.sum(0).to(device))
+    return offsets[0], offsets[1]
+
+
+def shift_images(images: tuple[Tensor, ...], dy: Tensor, dx: Tensor) -> tuple[Tensor, ...]:
+    """Zero-pad by ``s = size // 4`` per axis and crop a window at ``(dy, dx)`` per sample.
+
+    ``out[b, c, i, j] = padded[b, c, i + dy[b], j + dx[b]]
+    = image[b, c, i + dy[b] - s_h, j + dx[b] - s_w]`` (0 outside the image): the
+    content moves by ``s - offset`` pixels towards larger indices.
+    One gather per tensor on the flattened padded image; no per-sample loop.
+    """
+    height, width = images[0].shape[-2:]
+    s_h, s_w = height // 4, width // 4
+    device = images[0].device
+    padded_w = width + 2 * s_w
+    rows = torch.arange(height, device=device) + dy.view(-1, 1)  # (B, H)
+    cols = torch.arange(width, device=device) + dx.view(-1, 1)  # (B, W)
+    index = (rows.unsqueeze(2) * padded_w + cols.unsqueeze(1)).view(-1, 1, height * width)
+    out = []
+    for image in images:
+        if image.shape[-2:] != (height, width) or image.shape[0] != dy.shape[0]:
+            raise ValueError("random_offset: paired images need the same batch and spatial size, "
+                             f"got {tuple(image.shape)} and {tuple(images[0].shape)}")
+        batch, channels = image.shape[:2]
+        padded = F.pad(image, (s_w, s_w, s_h, s_h)).flatten(2)
+        shifted = padded.gather(2, index.expand(batch, channels, height * width))
+        out.append(shifted.view(batch, channels, height, width))
+    return tuple(out)
+
+
+def random_offset(*images: Tensor, generator: torch.Generator | None = None
+                  ) -> Tensor | tuple[Tensor, ...]:
+    """Random-offset augmentation for the discriminator and classifiers (METHOD.md 5).
+
+    images: one or more ``(B, C_i, H, W)`` tensors with the same ``B``, ``H``, ``W``;
+    sample ``b`` of every tensor gets the SAME shift (paired inputs stay aligned).
+    Each image is zero-padded by ``s = size // 4``, and the crop window starts at
+    ``(dy, dx)`` in the padded image, each the sum of two uniform integers in
+    ``[0, s)`` (see ``sample_offsets`` / ``shift_images``). Differentiable.
+    Returns the single shifted tensor if one tensor was passed, else a tuple in
+    the input order. ``generator`` makes the shifts reproducible.
+    """
+    if not images:
+        raise ValueError("random_offset needs at least one image tensor")
+    first = images[0]
+    dy, dx = sample_offsets(first.shape[0], first.shape[-2], first.shape[-1],
+                            first.device, generator)
+    out = shift_images(images, dy, dx)
+    return out[0] if len(out) == 1 else out
