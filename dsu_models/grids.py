@@ -1,0 +1,47 @@
+"""Sample grids (METHOD.md section 11): reconstruction rows and swap matrices.
+
+All inputs are float images in [-1, 1]; outputs are uint8 ``(3 or 1, H, W)``
+grids ready to save as PNG or log as an image.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import Tensor
+from torchvision.utils import make_grid
+
+from dsu_models.data.base import to_uint8
+
+
+def rows_grid(rows: list[Tensor], pad: int = 2) -> Tensor:
+    """Stack equally long rows of images: rows[i] is (n, C, H, W). E.g. [real, recon]."""
+    n = rows[0].shape[0]
+    return to_uint8(make_grid(torch.cat([r.detach().float().cpu() for r in rows]), nrow=n,
+                              padding=pad, pad_value=1.0, normalize=False))
+
+
+def swap_matrix(content: Tensor, sources: Tensor, cells: Tensor, pad: int = 2) -> Tensor:
+    """A swap matrix: row i keeps ``content[i]``'s unknown, column j takes
+    ``sources[j]``'s labels; ``cells``: (n_content, n_source, C, H, W).
+    The top row shows the label sources, the left column the content images,
+    the top-left corner is blank."""
+    n_c, n_s = cells.shape[:2]
+    blank = torch.ones_like(content[:1])
+    top = torch.cat([blank, sources.detach().float().cpu()[:n_s].to(blank.device)])
+    body = [torch.cat([content[i:i + 1], cells[i]]) for i in range(n_c)]
+    images = torch.cat([top.cpu()] + [b.detach().float().cpu() for b in body])
+    return to_uint8(make_grid(images, nrow=n_s + 1, padding=pad, pad_value=1.0, normalize=False))
+
+
+def save_png(grid: Tensor, path: str | Path) -> Path:
+    """Write a uint8 (C, H, W) grid as PNG, atomically (temp name, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    array = grid.permute(1, 2, 0).numpy()
+    image = Image.fromarray(array[..., 0] if array.shape[2] == 1 else array)
+    tmp = path.with_name(path.name + ".tmp")
+    image.save(tmp, format="PNG")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,188 @@
+"""What every stage shares: device, optimizers with linear LR ramps, loss
+bookkeeping with a non-finite check, full checkpoint state and gradient routing.
+
+A stage module builds its models and optimizers from the resolved config and
+exposes ``train_step(batch) -> dict of floats``, ``state_dict()`` /
+``load_state_dict()`` (models, optimizers, iteration, RNG) and ``handoff()``
+(what the next stage needs). Batches are dicts of tensors:
+``image`` (B, C, H, W) float in [-1, 1], ``labels`` (B, K) int64 (labeled
+factors in config order); stage 2 adds ``mu`` and ``sigma`` (B, m_u).
+"""
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from dsu_models.config import Config
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN or infinite; names the stage, iteration and term."""
+
+    def __init__(self, stage: str, iteration: int, term: str, value: float):
+        super().__init__(f"{stage}: loss term {term!r} is {value} at iteration {iteration}; "
+                         f"stopping (the last good checkpoint is kept)")
+        self.stage, self.iteration, self.term, self.value = stage, iteration, term, value
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device: {name!r} asked for, but CUDA is not available")
+    return device
+
+
+def ramp(iteration: int, start: int, length: int) -> float:
+    """Linear ramp: 0 before ``start``, then up to 1 over ``length`` iterations."""
+    if iteration < start:
+        return 0.0
+    if length <= 0:
+        return 1.0
+    return min(1.0, (iteration - start + 1) / length)
+
+
+def adam(groups: list[dict], betas) -> torch.optim.Adam:
+    """Adam (eps 1e-8) over groups ``{"params", "lr", "ramp_start"}``; see :func:`set_lr`."""
+    groups = [dict(g, base_lr=g["lr"], ramp_start=g.get("ramp_start", 0)) for g in groups if g["params"]]
+    return torch.optim.Adam(groups, betas=tuple(betas), eps=1e-8)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, iteration: int, ramp_length: int):
+    """Each group's lr = base lr x its linear ramp (METHOD.md section 7 step 8)."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * ramp(iteration, group["ramp_start"], ramp_length)
+
+
+def params(*modules: nn.Module | None) -> list[nn.Parameter]:
+    return [p for m in modules if m is not None for p in m.parameters()]
+
+
+class _MethodCall(nn.Module):
+    def __init__(self, module: nn.Module, method: str):
+        super().__init__()
+        self.m, self.method = module, method
+
+    def forward(self, *args, **kwargs):
+        return getattr(self.m, self.method)(*args, **kwargs)
+
+
+def detached_call(module: nn.Module, *args, method: str = "forward", **kwargs):
+    """Run ``module.<method>`` with its parameters detached: gradients flow through
+    to the inputs but none reach the module's own parameters. This routes an
+    adversarial loss through a network it must not train, within the same
+    backward pass as the losses that do train it."""
+    frozen = {"m." + name: p.detach() for name, p in module.named_parameters()}
+    return functional_call(_MethodCall(module, method), frozen, args, kwargs)
+
+
+def capture_rng() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+             "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def rng_state_tensors(state: dict) -> dict:
+    """RNG state as plain tensors/lists so ``torch.load(weights_only=True)`` accepts it."""
+    np_state = state["numpy"]
+    out = {"torch": state["torch"],
+           "numpy": [np_state[0], torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)),
+                     int(np_state[2]), int(np_state[3]), float(np_state[4])],
+           "python": [state["python"][0], list(state["python"][1]), state["python"][2]]}
+    if "cuda" in state:
+        out["cuda"] = state["cuda"]
+    return out
+
+
+def rng_state_from_tensors(saved: dict) -> dict:
+    np_state = saved["numpy"]
+    state = {"torch": saved["torch"],
+             "numpy": (np_state[0], np_state[1].numpy().astype(np.uint32), np_state[2], np_state[3],
+                       np_state[4]),
+             "python": (saved["python"][0], tuple(saved["python"][1]), saved["python"][2])}
+    if "cuda" in saved:
+        state["cuda"] = saved["cuda"]
+    return state
+
+
+class Stage:
+    """State bookkeeping shared by the four stage modules (composition target,
+    not a framework): subclasses fill ``self.models`` and ``self.optimizers``
+    and implement ``train_step`` and ``handoff``."""
+
+    name = "stage"
+
+    def __init__(self, cfg: Config, device: torch.device | str | None = None):
+        self.cfg = cfg
+        self.scfg = getattr(cfg, self.name)
+        self.device = torch.device(device) if device is not None else resolve_device(cfg.device)
+        self.iteration = 0
+        self.models: dict[str, nn.Module] = {}
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+
+    # ------------------------------------------------------------ steps
+
+    def to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def finish(self, terms: dict[str, Tensor]) -> dict[str, float]:
+        """Losses -> floats with one device sync; raise on a non-finite term."""
+        names = list(terms)
+        values = torch.stack([terms[n].detach().float().reshape(()) for n in names]).tolist()
+        for n, v in zip(names, values):
+            if not math.isfinite(v):
+                raise NonFiniteLossError(self.name, self.iteration, n, v)
+        return dict(zip(names, values))
+
+    def set_lrs(self):
+        for opt in self.optimizers.values():
+            set_lr(opt, self.iteration, self.scfg.lr_ramp)
+
+    def train(self, mode: bool = True):
+        for m in self.models.values():
+            m.train(mode)
+
+    @property
+    def done(self) -> bool:
+        return self.iteration >= self.scfg.iterations
+
+    # ------------------------------------------------------------ state
+
+    def state_dict(self) -> dict:
+        return {"stage": self.name, "iteration": self.iteration,
+                "models": {k: m.state_dict() for k, m in self.models.items()},
+                "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+                "rng": rng_state_tensors(capture_rng())}
+
+    def load_state_dict(self, state: dict, restore_random: bool = True):
+        if state["stage"] != self.name:
+            raise ValueError(f"checkpoint is for stage {state['stage']!r}, not {self.name!r}")
+        for k, m in self.models.items():
+            m.load_state_dict(state["models"][k])
+        for k, o in self.optimizers.items():
+            o.load_state_dict(state["optimizers"][k])
+        self.iteration = int(state["iteration"])
+        if restore_random:
+            restore_rng(rng_state_from_tensors(state["rng"]))
+
+    def weights(self, *names: str) -> dict:
+        return {n: {k: v.detach().cpu() for k, v in self.models[n].state_dict().items()} for n in names}
+
+    def handoff(self) -> dict:
+        raise NotImplementedError

@@ -1,0 +1,41 @@
+"""Tiny configs and batches for fast CPU tests of the stages."""
+from __future__ import annotations
+
+import torch
+
+from dsu_models.config import Config, load_config
+from dsu_models.data.base import FactorInfo
+
+TINY = [
+    "image_size=8", "architecture.conv_channels=[8]", "architecture.fc_features=16",
+    "architecture.enc_gen_fc_layers=1", "stage1.code_cla1_features=16", "stage1.code_cla1_layers=1",
+    "all_stages.batch_size=8", "all_stages.lr_ramp=2", "all_stages.iterations=20",
+    "labeled_factors=[floor_hue, shape]",
+]
+
+
+def tiny_config(*overrides: str) -> Config:
+    """shapes3d at 8 px with one conv level; labeled floor_hue and shape, the rest unknown."""
+    return load_config(overrides=TINY + list(overrides))
+
+
+def tiny_factors(cfg: Config) -> list[FactorInfo]:
+    """Labeled factor infos with non-uniform frequencies."""
+    out = []
+    for name, spec in cfg.labeled():
+        f = torch.arange(1, spec.classes + 1, dtype=torch.float64)
+        out.append(FactorInfo(name, spec.classes, (), tuple((f / f.sum()).tolist())))
+    return out
+
+
+def tiny_batch(cfg: Config, batch: int = 8, seed: int = 0) -> dict:
+    """Images that depend on the labels (so losses can fall) plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.stack([torch.randint(0, spec.classes, (batch,), generator=g)
+                          for _, spec in cfg.labeled()], dim=1) if cfg.labeled_factors \
+        else torch.zeros(batch, 0, dtype=torch.int64)
+    s = cfg.image_size
+    base = torch.rand(batch, cfg.image_channels, s, s, generator=g) * 0.4 - 0.2
+    for k in range(labels.shape[1]):
+        base[:, :, k % s, :] += labels[:, k, None, None].float() / 10.0 - 0.3
+    return {"image": base.clamp(-1, 1), "labels": labels}
