@@ -24,6 +24,7 @@ Choices where METHOD.md is silent (written down here once):
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -42,6 +43,20 @@ STAGES = ("stage1", "classifier", "stage2", "lenc")
 
 class ConfigError(ValueError):
     """A config key or value is wrong; the message names both."""
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML that also reads ``1e-3`` as a float (YAML 1.1 wants ``1.0e-3``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)?(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def _yaml_load(text: str):
+    return yaml.load(text, Loader=_Loader)
 
 
 # ----------------------------------------------------------------- schema
@@ -293,7 +308,7 @@ def _read_yaml(path: Path, what: str) -> dict:
     except OSError as exc:
         raise ConfigError(f"{what} {path}: cannot read ({exc.strerror})") from exc
     try:
-        data = yaml.safe_load(text)
+        data = _yaml_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{what} {path}: not valid YAML: {exc}") from exc
     if data is None:
@@ -312,7 +327,7 @@ def parse_override(text: str) -> dict:
     if not all(parts):
         raise ConfigError(f"override {text!r}: empty key part in {key!r}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _yaml_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {text!r}: value is not valid YAML: {exc}") from exc
     nested: dict = {parts[-1]: value}

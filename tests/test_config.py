@@ -135,3 +135,10 @@ def test_resolved_config_round_trip(tmp_path):
     assert again == cfg
     save_config(again, tmp_path / "again.yaml")
     assert (tmp_path / "again.yaml").read_text() == path.read_text()
+
+
+def test_scientific_notation_is_a_number(tmp_path):
+    user = tmp_path / "user.yaml"
+    user.write_text("stage1:\n  lr: 3e-4\n")
+    cfg = load_config(user, ["stage2.lr=1e-5"])
+    assert cfg.stage1.lr == 3e-4 and cfg.stage2.lr == 1e-5

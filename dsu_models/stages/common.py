@@ -142,7 +142,11 @@ class Stage:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def finish(self, terms: dict[str, Tensor]) -> dict[str, float]:
-        """Losses -> floats with one device sync; raise on a non-finite term."""
+        """Losses -> floats with one device sync; raise on a non-finite term.
+
+        Call it after ``backward()`` and before the optimizer steps, while
+        ``self.iteration`` is still the index of the iteration being computed,
+        so a non-finite loss never reaches the weights."""
         names = list(terms)
         values = torch.stack([terms[n].detach().float().reshape(()) for n in names]).tolist()
         for n, v in zip(names, values):

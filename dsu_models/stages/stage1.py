@@ -1,0 +1,228 @@
+"""Stage 1, unknown distillation (METHOD.md section 7).
+
+Trains the unknown encoder E, the generator G1, the label embedders B1 and
+the stage-1 classifier C. One iteration:
+
+1. ``y_alt``: per factor, the batch's labels rolled by an independent random
+   offset in ``[1, B)``.
+2. ``(mu_u, sigma_u) = E(x)``; nested dropout + stratified sample ``u``;
+   unknown code loss and batch loss.
+3. Labeled codes from ``B(y)`` (and ``B(y_alt)``), dropout + sample; embedder
+   code loss and batch loss.
+4. Reconstruction ``G(u, l)``; Gaussian NLL with G's predicted std.
+5. Cross image ``G(u, l_alt)``.
+6. C reads the *true* labels ``y`` from the detached cross image and/or ``u``.
+7. The adversarial loss (``nlu`` or ``ll``) x ``cla1_weight`` (ramped by
+   ``cla1_ramp``) flows back through the cross image and ``u``.
+8. One Adam step for everything.
+
+Gradient routing, all in ONE backward pass:
+
+- rec, code and batch losses update E, B and all of G.
+- C's NLL updates only C: its inputs (cross image, ``u``) are detached.
+- The adversarial loss updates E and B, G's FC part when ``gen_fc_adv`` and
+  G's conv part when ``gen_conv_adv``. The parts it must not train run with
+  detached parameters (:func:`common.detached_call`) so gradients pass through
+  them to E and B without reaching their weights; C always runs detached for it.
+
+Degenerate cases: with no labeled factors (K = 0) this is a plain VAE; with
+``unknown_size == 0`` a label-conditioned decoder. Neither has C.
+The adversarial forward is skipped entirely while its ramped weight is 0.
+Random offset augmentation (``random_offset``) shifts the cross image C sees.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from dsu_models import codes, losses
+from dsu_models.config import Config
+from dsu_models.data.base import FactorInfo
+from dsu_models.grids import rows_grid, swap_matrix
+from dsu_models.models import (build_embedders, build_encoder, build_generator,
+                               build_stage1_classifier)
+from dsu_models.nn.layers import random_offset
+from dsu_models.stages.common import Stage, adam, detached_call, params, ramp
+
+
+def keep_tensor(keep: list[float] | None, device) -> Tensor | None:
+    return None if keep is None else torch.tensor(keep, dtype=torch.float32, device=device)
+
+
+def rolled_labels(labels: Tensor) -> Tensor:
+    """Per factor, roll the batch's labels by an independent offset in [1, B).
+    labels: (B, K) -> (B, K). Vectorised: one gather."""
+    b, k = labels.shape
+    offsets = torch.randint(1, b, (k,), device=labels.device)
+    index = (torch.arange(b, device=labels.device)[:, None] - offsets[None, :]) % b
+    return labels.gather(0, index)
+
+
+class Stage1(Stage):
+    """``Stage1(cfg, factors)``; ``factors``: labeled factors' infos in config order."""
+
+    name = "stage1"
+
+    def __init__(self, cfg: Config, factors: list[FactorInfo], device=None):
+        super().__init__(cfg, device)
+        s = cfg.stage1
+        dev = self.device
+        self.num_labeled = len(cfg.labeled_factors)
+        self.encoder = build_encoder(cfg, [cfg.unknown_size], s.zero_init).to(dev) \
+            if cfg.unknown_size else None
+        self.embedders = build_embedders(cfg, factors).to(dev)
+        self.generator = build_generator(cfg).to(dev)
+        self.adversarial = self.num_labeled > 0 and cfg.unknown_size > 0
+        self.classifier = build_stage1_classifier(cfg).to(dev) if self.adversarial else None
+        self.freqs = [f.freq_tensor().to(dev) for f in factors]
+        self.keep_u = keep_tensor(cfg.unknown_keep_prob, dev)
+        self.keep_l = [keep_tensor(spec.keep_prob, dev) for _, spec in cfg.labeled()]
+
+        self.models = {"generator": self.generator, "embedders": self.embedders}
+        if self.encoder is not None:
+            self.models["encoder"] = self.encoder
+        if self.classifier is not None:
+            self.models["classifier"] = self.classifier
+        self.optimizers = {"main": adam([
+            {"params": params(self.generator), "lr": s.lr},
+            {"params": params(self.encoder), "lr": s.lr, "ramp_start": s.enc_freeze},
+            {"params": params(self.embedders), "lr": s.emb_lr, "ramp_start": s.emb_freeze},
+        ], s.betas)}
+        if self.classifier is not None:
+            self.optimizers["classifier"] = adam([{"params": params(self.classifier), "lr": s.lr}],
+                                                 s.betas)
+
+    # ---------------------------------------------------------------- step
+
+    def adversarial_weight(self) -> float:
+        s = self.scfg
+        if not self.adversarial:
+            return 0.0
+        if s.cla1_ramp is None:
+            return s.cla1_weight
+        t1, t2 = s.cla1_ramp
+        return s.cla1_weight * ramp(self.iteration, t1, t2 - t1)
+
+    def _labeled_codes(self, labels: Tensor, terms: dict | None):
+        """Sampled labeled codes and masks for ``labels`` (B, K); adds the
+        embedder code/batch losses to ``terms`` when given."""
+        out_codes, out_masks = [], []
+        for k, emb in enumerate(self.embedders):
+            mean, std = emb(labels[:, k])
+            code, mask = codes.sample_code(mean, std, self.keep_l[k], training=True)
+            out_codes.append(code)
+            out_masks.append(mask)
+            if terms is not None:
+                terms["lcode"] = terms["lcode"] + emb.code_loss(self.keep_l[k])
+                terms["lbatch"] = terms["lbatch"] + codes.batch_loss(mean, std, self.keep_l[k])
+        return out_codes, out_masks
+
+    def train_step(self, batch: dict) -> dict[str, float]:
+        s = self.scfg
+        batch = self.to_device(batch)
+        x, y = batch["image"], batch["labels"]
+        self.train(True)
+        self.set_lrs()
+        zero = x.new_zeros(())
+        terms = {"rec": zero, "ucode": zero, "ubatch": zero, "lcode": zero, "lbatch": zero}
+
+        u_codes, u_masks = [], []
+        if self.encoder is not None:
+            ((mu, sigma),) = self.encoder(x)
+            u, u_mask = codes.sample_code(mu, sigma, self.keep_u, training=True)
+            u_codes, u_masks = [u], [u_mask]
+            terms["ucode"] = codes.code_loss(mu, sigma, self.keep_u)
+            terms["ubatch"] = codes.batch_loss(mu, sigma, self.keep_u)
+        l_codes, l_masks = self._labeled_codes(y, terms)
+
+        x_hat, noise_std = self.generator(codes.generator_input(u_codes + l_codes, u_masks + l_masks))
+        terms["rec"] = losses.reconstruction_nll(x_hat, x, noise_std)
+        total = (s.rec_weight * terms["rec"] + s.ucode_weight * terms["ucode"]
+                 + s.ubatch_weight * terms["ubatch"] + s.lcode_weight * terms["lcode"]
+                 + s.lbatch_weight * terms["lbatch"])
+
+        weight = self.adversarial_weight()
+        if self.adversarial:
+            nll, adv, accuracy = self._classifier_losses(x, y, u_codes[0], u_masks[0], weight)
+            terms.update(cla_nll=nll, adv=adv, cla_acc=accuracy)
+            total = total + nll + weight * adv
+        terms["total"] = total
+
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        total.backward()
+        metrics = self.finish(terms)  # before the step: a bad loss never reaches the weights
+        for opt in self.optimizers.values():
+            opt.step()
+        self.iteration += 1
+        metrics["adv_weight"] = weight
+        return metrics
+
+    def _classifier_losses(self, x: Tensor, y: Tensor, u: Tensor, u_mask: Tensor, weight: float):
+        """C's NLL (trains C only) and the adversarial loss (trains E, B and the
+        selected parts of G; C runs detached for it). Returns (nll, adv, accuracy)."""
+        s = self.scfg
+        need_image = s.cla1_mode != "code"
+        use_adv = weight > 0
+        x_cross = None
+        if need_image:
+            with torch.set_grad_enabled(use_adv):
+                x_cross = self._cross_image(u, u_mask, y)
+        detached_x = x_cross.detach() if x_cross is not None else None
+        log_probs = self.classifier(detached_x, u.detach(), u_mask)
+        nll = sum(-lp.gather(1, y[:, k:k + 1]).mean() for k, lp in enumerate(log_probs))
+        with torch.no_grad():
+            accuracy = torch.stack([(lp.argmax(1) == y[:, k]).float().mean()
+                                    for k, lp in enumerate(log_probs)]).mean()
+        adv = x.new_zeros(())
+        if use_adv:
+            adv_log_probs = detached_call(self.classifier, x_cross, u, u_mask)
+            for k, lp in enumerate(adv_log_probs):
+                adv = adv + (losses.adversarial_nlu(lp, y[:, k], self.freqs[k])
+                             if s.cla1_adv_mode == "nlu" else losses.adversarial_ll(lp, y[:, k]))
+        return nll, adv, accuracy
+
+    def _cross_image(self, u: Tensor, u_mask: Tensor, y: Tensor) -> Tensor:
+        """G(u, l_alt), with the generator parts the adversary must not train
+        run detached; randomly offset for C when ``random_offset``."""
+        s = self.scfg
+        alt_codes, alt_masks = self._labeled_codes(rolled_labels(y), None)
+        z = codes.generator_input([u] + alt_codes, [u_mask] + alt_masks)
+        gen = self.generator
+        top, _ = gen.forward_fc(z) if s.gen_fc_adv else detached_call(gen, z, method="forward_fc")
+        x_cross = gen.forward_conv(top) if s.gen_conv_adv else detached_call(gen, top, method="forward_conv")
+        return random_offset(x_cross) if s.random_offset else x_cross
+
+    # ------------------------------------------------------------ outputs
+
+    def handoff(self) -> dict:
+        names = [n for n in ("encoder", "generator", "embedders") if n in self.models]
+        return {"stage": self.name, "config": self.cfg.to_dict(), "iteration": self.iteration,
+                "weights": self.weights(*names)}
+
+    @torch.no_grad()
+    def generate(self, u: Tensor | None, label_means: list[Tensor]) -> Tensor:
+        """Images from unknown codes u (B, m_u) and labeled codes, nothing dropped."""
+        parts = ([u] if u is not None else []) + list(label_means)
+        ones = [torch.ones_like(p) for p in parts]
+        image, _ = self.generator(codes.generator_input(parts, ones))
+        return image
+
+    @torch.no_grad()
+    def sample_images(self, batch: dict, n: int = 8) -> dict[str, Tensor]:
+        """``reconstruction``: rows real / G(u, own labels); ``swap``: row i keeps
+        image i's unknown, column j takes image j's labels (means, no dropout)."""
+        self.train(False)
+        batch = self.to_device({k: v[:n] for k, v in batch.items()})
+        x, y = batch["image"], batch["labels"]
+        n = x.shape[0]
+        u = self.encoder(x)[0][0] if self.encoder is not None else None
+        means = [emb(y[:, k])[0] for k, emb in enumerate(self.embedders)]
+        grids = {"reconstruction": rows_grid([x, self.generate(u, means)])}
+        if self.num_labeled and u is not None:
+            rows = torch.arange(n, device=x.device).repeat_interleave(n)
+            cols = torch.arange(n, device=x.device).repeat(n)
+            cells = self.generate(u[rows], [m[cols] for m in means])
+            grids["swap"] = swap_matrix(x, x, cells.reshape(n, n, *x.shape[1:]))
+        self.train(True)
+        return grids

@@ -1,0 +1,144 @@
+"""Stage 1 (METHOD.md section 7): options, learning, gradient routing, checkpoints."""
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from dsu_models.stages.common import NonFiniteLossError
+from dsu_models.stages.stage1 import Stage1, rolled_labels
+from tiny import tiny_batch, tiny_config, tiny_factors
+
+
+def make(*overrides: str, seed: int = 0) -> Stage1:
+    torch.manual_seed(seed)
+    cfg = tiny_config(*overrides)
+    return Stage1(cfg, tiny_factors(cfg))
+
+
+OPTIONS = [
+    [], ["stage1.cla1_mode=image"], ["stage1.cla1_mode=code"], ["stage1.cla1_adv_mode=ll"],
+    ["stage1.gen_conv_adv=true"], ["stage1.gen_fc_adv=false"], ["stage1.enc_freeze=3"],
+    ["stage1.emb_freeze=3"], ["stage1.cla1_ramp=[2, 6]"], ["stage1.zero_init=false"],
+    ["stage1.lr_ramp=0"], ["nested_dropout=false"], ["stage1.random_offset=false"],
+    ["labeled_factors=[]"], ["labeled_factors=null"],
+]
+
+
+@pytest.mark.parametrize("overrides", OPTIONS, ids=lambda o: ",".join(o) or "default")
+def test_every_option_trains(overrides):
+    stage = make(*overrides, "stage1.lr=2e-3", "stage1.emb_lr=2e-3")
+    batch = tiny_batch(stage.cfg)
+    history = [stage.train_step(batch) for _ in range(30)]
+    assert stage.iteration == 30
+    first = sum(h["rec"] for h in history[:5]) / 5
+    last = sum(h["rec"] for h in history[-5:]) / 5
+    assert last < first, (first, last)
+    grids = stage.sample_images(batch, n=4)
+    assert grids["reconstruction"].dtype == torch.uint8
+    if stage.adversarial:
+        assert "swap" in grids and "cla_nll" in history[-1]
+
+
+def test_rolled_labels_never_keep_a_row():
+    labels = torch.arange(10)[:, None].repeat(1, 3)
+    for _ in range(20):
+        alt = rolled_labels(labels)
+        assert (alt != labels).all()
+        assert (alt.sort(0).values == labels).all()
+
+
+def _grads_after_step(weight: float, *overrides: str) -> dict[str, dict[str, torch.Tensor]]:
+    stage = make(f"stage1.cla1_weight={weight}", *overrides, seed=1)
+    torch.manual_seed(5)
+    stage.train_step(tiny_batch(stage.cfg))
+    out = {}
+    for group, module in (("conv", stage.generator.conv), ("fc", stage.generator.fc),
+                          ("classifier", stage.classifier), ("encoder", stage.encoder)):
+        out[group] = {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p))
+                      for n, p in module.named_parameters()}
+    return out
+
+
+def _same(a: dict, b: dict) -> bool:
+    return all(torch.allclose(a[n], b[n], atol=1e-7, rtol=1e-5) for n in a)
+
+
+@pytest.mark.parametrize("conv_adv", [False, True])
+def test_gradient_routing(conv_adv):
+    """The adversarial term reaches G's conv part only with gen_conv_adv; it always
+    reaches G's FC part and E; C's gradient comes from its own NLL only."""
+    flag = f"stage1.gen_conv_adv={str(conv_adv).lower()}"
+    with_adv, without = _grads_after_step(0.5, flag), _grads_after_step(0.0, flag)
+    assert _same(with_adv["conv"], without["conv"]) is (not conv_adv)
+    assert not _same(with_adv["fc"], without["fc"])
+    assert not _same(with_adv["encoder"], without["encoder"])
+    assert _same(with_adv["classifier"], without["classifier"])
+
+
+def test_gen_fc_adv_false_keeps_fc_out_of_adversary():
+    with_adv = _grads_after_step(0.5, "stage1.gen_fc_adv=false")
+    without = _grads_after_step(0.0, "stage1.gen_fc_adv=false")
+    assert _same(with_adv["fc"], without["fc"]) and _same(with_adv["conv"], without["conv"])
+    assert not _same(with_adv["encoder"], without["encoder"])
+
+
+def test_encoder_frozen_until_enc_freeze():
+    stage = make("stage1.enc_freeze=4", "stage1.lr_ramp=0")
+    before = [p.clone() for p in stage.encoder.parameters()]
+    batch = tiny_batch(stage.cfg)
+    for _ in range(4):
+        stage.train_step(batch)
+    assert all(torch.equal(a, b) for a, b in zip(before, stage.encoder.parameters()))
+    stage.train_step(batch)
+    assert not all(torch.equal(a, b) for a, b in zip(before, stage.encoder.parameters()))
+
+
+def test_cla1_ramp_weight():
+    stage = make("stage1.cla1_ramp=[2, 6]", "stage1.cla1_weight=0.8")
+    weights = []
+    batch = tiny_batch(stage.cfg)
+    for _ in range(8):
+        weights.append(stage.train_step(batch)["adv_weight"])
+    assert weights[:2] == [0.0, 0.0]
+    assert weights[2] == pytest.approx(0.2) and weights[5:] == [pytest.approx(0.8)] * 3
+
+
+def test_checkpoint_round_trip_continues_identically():
+    batches = [tiny_batch(make().cfg, seed=s) for s in range(6)]
+    straight = make(seed=3)
+    for b in batches[:3]:
+        straight.train_step(b)
+    buffer = io.BytesIO()
+    torch.save(straight.state_dict(), buffer)
+    expected = [straight.train_step(b) for b in batches[3:]]
+
+    resumed = make(seed=99)
+    buffer.seek(0)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    assert resumed.iteration == 3
+    got = [resumed.train_step(b) for b in batches[3:]]
+    assert got == expected
+
+
+def test_non_finite_loss_names_stage_iteration_and_term():
+    stage = make()
+    batch = tiny_batch(stage.cfg)
+    stage.train_step(batch)
+    batch["image"][0, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteLossError) as info:
+        stage.train_step(batch)
+    assert info.value.stage == "stage1" and info.value.iteration == 1
+    assert "stage1" in str(info.value) and info.value.term in str(info.value)
+
+
+def test_handoff_carries_weights_and_config():
+    stage = make()
+    handoff = stage.handoff()
+    assert set(handoff["weights"]) == {"encoder", "generator", "embedders"}
+    assert handoff["config"]["labeled_factors"] == ["floor_hue", "shape"]
+    buffer = io.BytesIO()
+    torch.save(handoff, buffer)
+    buffer.seek(0)
+    assert torch.load(buffer, weights_only=True)["stage"] == "stage1"
