@@ -1,0 +1,114 @@
+"""Classifier pre-training: the stage-2 classifier R on real images
+(../shared/METHOD.md sections 2 and 6).
+
+R is an image classifier with ``n_k + 1`` outputs per labeled factor (the last
+one is "fake"), built exactly as stage 2 builds it so stage 2 can load these
+weights as they are. Here there are no fakes: the loss is, per factor, the
+log-softmax over the first ``n_k`` outputs only and the NLL of the true label,
+summed over factors. One Adam step on R per iteration (lr and betas from the
+``classifier`` config section, lr ramped linearly over ``lr_ramp``).
+
+Choices where METHOD.md is silent:
+
+- Loss terms are checked for NaN/inf *before* the optimizer step, so a bad batch
+  raises :class:`~dsu_models.stages.common.NonFiniteLossError` without writing
+  non-finite values into R's weights.
+- ``random_offset`` (when on) shifts every training image; :meth:`evaluate` sees
+  the images as they are. Note that for factors that *are* positions (dSprites
+  ``x``/``y``) a random shift mislabels the image; such runs should set
+  ``classifier.random_offset: false``.
+- Metrics per step: ``total`` (summed NLL), ``nll_<factor>`` and ``acc_<factor>``
+  (accuracy on the augmented training batch, argmax over the first ``n_k``
+  outputs). :meth:`evaluate` returns ``acc_<factor>`` on held-out data.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from dsu_models import losses
+from dsu_models.config import Config
+from dsu_models.data.base import FactorInfo
+from dsu_models.distill import image_batches
+from dsu_models.models import build_image_classifier, check_factors
+from dsu_models.nn.layers import random_offset
+from dsu_models.stages.common import Stage, adam, params
+
+
+class ClassifierStage(Stage):
+    """``ClassifierStage(cfg, factors)``; ``factors``: labeled factors' infos in config order."""
+
+    name = "classifier"
+
+    def __init__(self, cfg: Config, factors: list[FactorInfo], device=None):
+        super().__init__(cfg, device)
+        if not cfg.labeled_factors:
+            raise ValueError("classifier stage: there are no labeled factors to classify "
+                             "(METHOD.md section 2: it only exists when K > 0)")
+        check_factors(cfg, factors)
+        self.factor_names = list(cfg.labeled_factors)
+        self.class_counts = [spec.classes for _, spec in cfg.labeled()]
+        self.classifier = build_image_classifier(cfg, extra_fake=True).to(self.device)
+        self.models = {"classifier": self.classifier}
+        self.optimizers = {"classifier": adam([{"params": params(self.classifier),
+                                                "lr": self.scfg.lr}], self.scfg.betas)}
+
+    def train_step(self, batch: dict) -> dict[str, float]:
+        """batch: ``image`` (B, C, H, W) in [-1, 1], ``labels`` (B, K) int64."""
+        batch = self.to_device(batch)
+        x, y = batch["image"], batch["labels"]
+        self.train(True)
+        self.set_lrs()
+        if self.scfg.random_offset:
+            x = random_offset(x)
+        logits = self.classifier(x)
+        terms: dict[str, Tensor] = {}
+        total = x.new_zeros(())
+        for k, (name, n) in enumerate(zip(self.factor_names, self.class_counts)):
+            nll = losses.classifier_nll(logits[k], y[:, k], classes=n)
+            terms[f"nll_{name}"] = nll
+            with torch.no_grad():
+                terms[f"acc_{name}"] = (logits[k][:, :n].argmax(1) == y[:, k]).float().mean()
+            total = total + nll
+        terms = {"total": total, **terms}
+
+        opt = self.optimizers["classifier"]
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        metrics = self.finish(terms)  # raises before the step on a non-finite term
+        opt.step()
+        self.iteration += 1
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self, images: Tensor, labels: Tensor, batch_size: int | None = None) -> dict[str, float]:
+        """Accuracy per factor on held-out data: ``{"acc_<factor>": float in [0, 1]}``.
+
+        images: ``(N, C, H, W)`` uint8 or float in [-1, 1] (or see
+        :func:`dsu_models.distill.image_batches`); labels: ``(N, K)`` int64.
+        No augmentation, eval mode (restored afterwards), batches of ``batch_size``
+        (default: the stage's batch size).
+        """
+        batch_size = batch_size or self.scfg.batch_size
+        was_training = self.classifier.training
+        self.classifier.eval()
+        correct = torch.zeros(len(self.class_counts), dtype=torch.int64, device=self.device)
+        seen = 0
+        try:
+            for x in image_batches(images, batch_size, self.device):
+                y = labels[seen:seen + x.shape[0]].to(self.device)
+                logits = self.classifier(x)
+                correct += torch.stack([(lg[:, :n].argmax(1) == y[:, k]).sum()
+                                        for k, (lg, n) in enumerate(zip(logits, self.class_counts))])
+                seen += x.shape[0]
+        finally:
+            self.classifier.train(was_training)
+        if seen != labels.shape[0]:
+            raise ValueError(f"evaluate: {seen} images but {labels.shape[0]} label rows")
+        accuracy = (correct.double() / max(seen, 1)).tolist()
+        return {f"acc_{name}": a for name, a in zip(self.factor_names, accuracy)}
+
+    def handoff(self) -> dict:
+        """R's weights (``n_k + 1`` outputs per factor) for stage 2, with config and iteration."""
+        return {"stage": self.name, "config": self.cfg.to_dict(), "iteration": self.iteration,
+                "weights": self.weights("classifier")}
