@@ -1,0 +1,243 @@
+"""Stage 2 (METHOD.md section 8): options, learning, gradient routing,
+checkpoints, non-finite losses. Upstream hand-offs are built from freshly
+initialised networks, so these tests do not depend on the other stages."""
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from dsu_models import codes, models
+from dsu_models.stages.common import NonFiniteLossError
+from dsu_models.stages.stage2 import Stage2
+from tiny import tiny_batch, tiny_config, tiny_factors
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny ops on a shared 2-core machine: intra-op threads only add contention.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def upstream_for(cfg) -> dict:
+    """Stage-1 and classifier hand-offs of fresh networks, code stats of random codes."""
+    factors = tiny_factors(cfg)
+    weights = {"generator": models.build_generator(cfg).state_dict()}
+    if cfg.labeled_factors:
+        weights["embedders"] = models.build_embedders(cfg, factors).state_dict()
+    if cfg.unknown_size:
+        weights["encoder"] = models.build_encoder(cfg, [cfg.unknown_size], True).state_dict()
+    classifier = None
+    if cfg.labeled_factors:
+        r1 = models.build_image_classifier(cfg, extra_fake=True)
+        classifier = {"stage": "classifier", "config": cfg.to_dict(), "iteration": 5,
+                      "weights": {"classifier": r1.state_dict()}}
+    m = cfg.unknown_size
+    stats = codes.code_statistics(torch.randn(64, m) * 0.8, torch.rand(64, m) * 0.5 + 0.1) if m else None
+    return {"stage1": {"stage": "stage1", "config": cfg.to_dict(), "iteration": 5, "weights": weights},
+            "classifier": classifier, "code_stats": stats}
+
+
+def make(*overrides: str, seed: int = 0) -> tuple[Stage2, dict]:
+    torch.manual_seed(seed)
+    cfg = tiny_config(*overrides)
+    upstream = upstream_for(cfg)
+    return Stage2(cfg, tiny_factors(cfg), upstream, device="cpu"), upstream
+
+
+def batch_for(cfg, seed: int = 0) -> dict:
+    batch = tiny_batch(cfg, seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    m = cfg.unknown_size
+    batch["mu"] = torch.randn(8, m, generator=g)
+    batch["sigma"] = torch.rand(8, m, generator=g) * 0.3 + 0.05
+    return batch
+
+
+def expected_terms(stage: Stage2) -> set[str]:
+    s, k = stage.scfg, stage.num_labeled
+    keys = {"d_real", "d_fake", "g_dis", "total"}
+    keys |= {"rec"} if stage.rec_branch else set()
+    keys |= {"lcode"} if k else set()
+    keys |= {"lbatch"} if k and not s.use_embedding else set()
+    keys |= {"match"} if s.unknown_mode == "mse" and stage.unknown_size else set()
+    keys |= {"r_real", "r_fake"} if k and s.cla2_adv else set()
+    keys |= {"g_cla"} if k else set()
+    return keys
+
+
+OPTIONS = [
+    [], ["stage2.unknown_mode=mse"], ["stage2.random_ucode=true"],
+    ["stage2.use_embedding=false"], ["stage2.cla2_adv=false"], ["stage2.has_rec_branch=false"],
+    ["stage2.fake_reflect=true"], ["stage2.random_offset=false"], ["nested_dropout=false"],
+    ["stage2.use_embedding=false", "stage2.unknown_mode=mse", "stage2.fake_reflect=true"],
+    ["labeled_factors=[]"], ["labeled_factors=[]", "stage2.random_ucode=true"],
+    ["labeled_factors=[]", "stage2.random_ucode=true", "stage2.has_rec_branch=false",
+     "stage2.unknown_mode=mse"],
+    ["labeled_factors=null"], ["labeled_factors=null", "stage2.unknown_mode=mse",
+                               "stage2.fake_reflect=true"],
+]
+
+
+@pytest.mark.parametrize("overrides", OPTIONS, ids=lambda o: ",".join(o) or "default")
+def test_every_option_runs(overrides):
+    stage, _ = make(*overrides)
+    batch = batch_for(stage.cfg)
+    for _ in range(3):
+        terms = stage.train_step(batch)
+    assert stage.iteration == 3
+    assert set(terms) == expected_terms(stage)
+    grids = stage.sample_images(batch, n=4)
+    assert grids["reconstruction"].dtype == torch.uint8
+    assert ("swap" in grids) == bool(stage.num_labeled and stage.unknown_size)
+
+    handoff = stage.handoff()
+    assert handoff["stage"] == "stage2" and handoff["iteration"] == 3
+    want = {"generator"}
+    if stage.num_labeled:
+        want.add("embedders" if stage.scfg.use_embedding else "label_encoder")
+    assert set(handoff["weights"]) == want
+    assert all(v.device.type == "cpu" for w in handoff["weights"].values() for v in w.values())
+    models.build_generator(stage.cfg).load_state_dict(handoff["weights"]["generator"])
+
+    images = stage.generate(batch["mu"][:2] if stage.unknown_size else None,
+                            [m[:2] for m in stage.label_means(batch["image"], batch["labels"])])
+    assert images.shape == (2, *batch["image"].shape[1:])
+
+
+def test_fixed_batch_lowers_rec_loss():
+    stage, _ = make("stage2.lr=1e-3", "stage2.emb_lr=1e-3")
+    batch = batch_for(stage.cfg)
+    history = [stage.train_step(batch)["rec"] for _ in range(30)]
+    first, last = sum(history[:5]) / 5, sum(history[-5:]) / 5
+    assert last < first - 0.1, history
+
+
+def test_cross_codes_roll_each_factor_with_its_labels():
+    stage, _ = make("nested_dropout=false")
+    n, m_u = 8, stage.unknown_size
+    size = stage.keep.shape[0]
+    rows = torch.arange(n, dtype=torch.float32)
+    code = rows[:, None].repeat(1, size)
+    y = torch.arange(n)[:, None].repeat(1, stage.num_labeled)
+    for _ in range(10):
+        code_alt, mask_alt, y_alt, u_cross, target = stage._cross_codes(code, torch.ones_like(code),
+                                                                         y, code[:, :m_u])
+        assert (y_alt != y).all()
+        assert torch.equal(code_alt[:, :m_u], code[:, :m_u])  # u is not rolled
+        for k in range(stage.num_labeled):
+            cols = (stage.segment == k + 1).nonzero().squeeze(1)
+            assert torch.equal(code_alt[:, cols], y_alt[:, k:k + 1].float().expand(n, len(cols)))
+
+
+def _params(module) -> list[torch.nn.Parameter]:
+    return list(module.parameters())
+
+
+def _no_grad(module) -> bool:
+    return all(p.grad is None or not p.grad.any() for p in module.parameters())
+
+
+@pytest.mark.parametrize("mode", ["dis", "mse"])
+def test_gradient_routing(mode):
+    stage, upstream = make(f"stage2.unknown_mode={mode}", "stage2.fake_reflect=true")
+    batch = stage.to_device(batch_for(stage.cfg))
+    d, r, g, b = stage.discriminator, stage.classifier, stage.generator, stage.embedders
+    frozen = [m for m in (stage.generator1, stage.embedders1, stage.encoder) if m is not None]
+    assert frozen and all(not p.requires_grad for m in frozen for p in m.parameters())
+
+    # Generator terms reach G2 and B2 only; D and R run detached for them.
+    terms = stage.loss_terms(batch)
+    generator_terms = ["rec", "g_dis", "g_cla", "lcode"] + (["match"] if mode == "mse" else [])
+    sum(terms[t] for t in generator_terms).backward()
+    assert _no_grad(d) and _no_grad(r)
+    assert not _no_grad(g) and not _no_grad(b)
+    assert all(p.grad is None for m in frozen for p in m.parameters())
+    stage.optimizers["main"].zero_grad(set_to_none=True)
+
+    # The adversarial generator term alone: G2 gets a gradient, D none.
+    stage.loss_terms(batch)["g_dis"].backward()
+    assert _no_grad(d) and not _no_grad(g)
+    stage.optimizers["main"].zero_grad(set_to_none=True)
+
+    # D and R terms reach D and R only (fakes are detached for them).
+    terms = stage.loss_terms(batch)
+    (terms["d_real"] + terms["d_fake"] + terms["r_real"] + terms["r_fake"]).backward()
+    assert _no_grad(g) and _no_grad(b)
+    assert not _no_grad(d) and not _no_grad(r)
+    assert all(p.grad is None for m in frozen for p in m.parameters())
+
+
+@pytest.mark.parametrize("overrides", [["stage2.unknown_mode=dis"], ["stage2.unknown_mode=mse"],
+                                       ["stage2.cla2_adv=false"]], ids=lambda o: o[0])
+def test_frozen_networks_stay_fixed(overrides):
+    stage, upstream = make(*overrides)
+    w1 = upstream["stage1"]["weights"]
+    batch = batch_for(stage.cfg)
+    r_before = {k: v.clone() for k, v in stage.classifier.state_dict().items()}
+    for _ in range(3):
+        stage.train_step(batch)
+    stage.sample_images(batch, n=2)
+    fixed = {"generator": stage.generator1, "embedders": stage.embedders1, "encoder": stage.encoder}
+    for name, module in fixed.items():
+        if module is None:
+            continue
+        assert not module.training
+        assert all(p.grad is None for p in module.parameters())
+        for key, value in module.state_dict().items():
+            assert torch.equal(value, w1[name][key]), (name, key)
+    # G2 started from G1 and has moved.
+    assert not all(torch.equal(v, w1["generator"][k]) for k, v in stage.generator.state_dict().items())
+    r_changed = not all(torch.equal(v, r_before[k]) for k, v in stage.classifier.state_dict().items())
+    assert r_changed == stage.scfg.cla2_adv
+
+
+@pytest.mark.parametrize("overrides", [[], ["stage2.use_embedding=false", "stage2.random_ucode=true",
+                                            "stage2.unknown_mode=mse"]], ids=["default", "S-mse"])
+def test_checkpoint_round_trip(overrides):
+    stage, upstream = make(*overrides)
+    batch = batch_for(stage.cfg)
+    for _ in range(3):
+        stage.train_step(batch)
+    buffer = io.BytesIO()
+    torch.save(stage.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    expected = [stage.train_step(batch) for _ in range(2)]
+
+    torch.manual_seed(123)  # the resumed stage must not depend on the RNG it was built with
+    resumed = Stage2(stage.cfg, tiny_factors(stage.cfg), upstream, device="cpu")
+    resumed.load_state_dict(state)
+    assert resumed.iteration == 3
+    got = [resumed.train_step(batch) for _ in range(2)]
+    assert got == expected
+
+
+def test_non_finite_loss_raises():
+    stage, _ = make()
+    batch = batch_for(stage.cfg)
+    stage.train_step(batch)
+    batch["image"][0, 0, 0, 0] = float("nan")
+    before = {k: v.clone() for k, v in stage.models["generator"].state_dict().items()}
+    with pytest.raises(NonFiniteLossError) as info:
+        stage.train_step(batch)
+    err = info.value
+    assert err.stage == "stage2" and err.iteration == 1
+    after = stage.models["generator"].state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "a bad step reached the weights"
+    assert err.term in expected_terms(stage)
+    assert "stage2" in str(err) and err.term in str(err)
+
+
+def test_upstream_is_checked():
+    cfg = tiny_config()
+    upstream = upstream_for(cfg)
+    with pytest.raises(ValueError, match="classifier"):
+        Stage2(cfg, tiny_factors(cfg), dict(upstream, classifier=None), device="cpu")
+    cfg = tiny_config("stage2.random_ucode=true")
+    with pytest.raises(ValueError, match="code_stats"):
+        Stage2(cfg, tiny_factors(cfg), dict(upstream_for(cfg), code_stats=None), device="cpu")
