@@ -302,7 +302,7 @@ def _deep_merge(base: dict, top: dict) -> dict:
     return out
 
 
-def _read_yaml(path: Path, what: str) -> dict:
+def read_yaml(path: Path, what: str) -> dict:
     try:
         text = Path(path).read_text()
     except OSError as exc:
@@ -345,7 +345,7 @@ def dataset_defaults(name: str) -> dict:
     if not path.exists():
         raise ConfigError(f"dataset: no defaults for {name!r} "
                           f"(known datasets: {', '.join(available_datasets())})")
-    return _read_yaml(path, "dataset defaults")
+    return read_yaml(path, "dataset defaults")
 
 
 def layered_dict(user: dict | None = None, overrides: list[str] | tuple = ()) -> dict:
@@ -357,21 +357,29 @@ def layered_dict(user: dict | None = None, overrides: list[str] | tuple = ()) ->
     name = over.get("dataset", user.get("dataset", Config.dataset))
     if not isinstance(name, str):
         raise ConfigError(f"dataset: expected a string, got {name!r}")
-    return _deep_merge(_deep_merge(dataset_defaults(name), user), over)
+    layers = [dataset_defaults(name), user, over]
+    # Expand each layer's all_stages into its own stage sections first, so a
+    # later layer's all_stages beats an earlier layer's stage section.
+    merged: dict = {}
+    for layer in layers:
+        merged = _deep_merge(merged, _merge_all_stages(layer, keep_sections_only=True))
+    return merged
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (),
                 data_factors: dict[str, int] | None = None) -> Config:
     """Load, layer, validate and resolve a config. See :func:`resolve` for data_factors."""
-    user = _read_yaml(Path(path), "config file") if path else {}
+    user = read_yaml(Path(path), "config file") if path else {}
     return resolve(layered_dict(user, overrides), data_factors)
 
 
 # --------------------------------------------------------------- resolution
 
 
-def _merge_all_stages(raw: dict) -> dict:
-    """Apply ``all_stages`` under every stage section that has the key."""
+def _merge_all_stages(raw: dict, keep_sections_only: bool = False) -> dict:
+    """Apply ``all_stages`` under every stage section that has the key (the
+    stage section wins). ``keep_sections_only``: leave ``all_stages`` empty
+    and add stage sections only where they receive keys."""
     common = raw.get("all_stages") or {}
     if not isinstance(common, dict):
         raise ConfigError(f"all_stages: expected a mapping, got {common!r}")
@@ -385,7 +393,11 @@ def _merge_all_stages(raw: dict) -> dict:
         section = raw.get(stage) or {}
         if not isinstance(section, dict):
             raise ConfigError(f"{stage}: expected a mapping, got {section!r}")
-        raw[stage] = {**{k: v for k, v in common.items() if k in names}, **section}
+        merged = {**{k: v for k, v in common.items() if k in names}, **section}
+        if merged or not keep_sections_only:
+            raw[stage] = merged
+    if keep_sections_only and "all_stages" in raw:
+        raw["all_stages"] = {}
     return raw
 
 
@@ -590,7 +602,7 @@ def config_from_dict(data: dict) -> Config:
 
 def load_resolved(path: str | Path) -> Config:
     """Reload a config written by :func:`save_config` (no dataset layering)."""
-    return resolve(_read_yaml(Path(path), "resolved config"))
+    return resolve(read_yaml(Path(path), "resolved config"))
 
 
 def flat_params(cfg: Config) -> dict[str, str]:

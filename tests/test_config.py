@@ -142,3 +142,15 @@ def test_scientific_notation_is_a_number(tmp_path):
     user.write_text("stage1:\n  lr: 3e-4\n")
     cfg = load_config(user, ["stage2.lr=1e-5"])
     assert cfg.stage1.lr == 3e-4 and cfg.stage2.lr == 1e-5
+
+
+def test_later_all_stages_beats_earlier_stage_section(tmp_path):
+    """mnist.yaml sets stage1.iterations; the user's all_stages.iterations wins,
+    and the user's own stage section still beats the user's all_stages."""
+    user = tmp_path / "user.yaml"
+    user.write_text("dataset: mnist\nall_stages: {iterations: 20}\nlenc: {iterations: 5}\n")
+    cfg = load_config(user)
+    assert (cfg.stage1.iterations, cfg.classifier.iterations, cfg.stage2.iterations,
+            cfg.lenc.iterations) == (20, 20, 20, 5)
+    cfg = load_config(user, ["all_stages.iterations=3"])
+    assert cfg.lenc.iterations == 3
