@@ -189,6 +189,8 @@ def train_stage(stage, source: BatchSource, stage_dir: Path, plot_batch: dict,
             sums[k] = sums.get(k, 0.0) + v
         count += 1
         it = stage.iteration
+        if it % s.checkpoint_interval == 0 or stage.done:
+            atomic_save(stage.state_dict(), ckpt)
         if it % s.report_interval == 0 or stage.done:
             mean = {k: v / count for k, v in sums.items()}
             mean["images_per_s"] = progress.report(it, mean)
@@ -200,8 +202,6 @@ def train_stage(stage, source: BatchSource, stage_dir: Path, plot_batch: dict,
         if hasattr(stage, "sample_images") and (it % s.sample_interval == 0 or stage.done):
             for key, grid in stage.sample_images(plot_batch).items():
                 save_png(grid, stage_dir / "samples" / f"{key}_{it:07d}.png")
-        if it % s.checkpoint_interval == 0 or stage.done:
-            atomic_save(stage.state_dict(), ckpt)
 
 
 def distill_codes(cfg: Config, handoff: dict, train: InMemoryDataset, test: InMemoryDataset,
@@ -217,7 +217,8 @@ def distill_codes(cfg: Config, handoff: dict, train: InMemoryDataset, test: InMe
 
 
 def run(cfg: Config, out: Path, log: Callable[[str], None] = print,
-        stages: list[str] | None = None) -> dict:
+        stages: list[str] | None = None,
+        on_report: Callable[[str, int, dict], None] | None = None) -> dict:
     """Run every active stage in order, resuming what DIR already holds.
     Returns ``{stage: handoff}`` plus ``"codes"``."""
     out = Path(out)
@@ -250,8 +251,9 @@ def run(cfg: Config, out: Path, log: Callable[[str], None] = print,
                 plot_batch2 = BatchSource(cfg, test, min(8, len(test)), cfg.seed, plot_codes).batch(0)
             torch.manual_seed(cfg.seed + len(results))
             try:
+                report = (lambda it, m, _n=name: on_report(_n, it, m)) if on_report else None
                 train_stage(stage, source, stage_dir,
-                            plot_batch2 if name == "stage2" else plot_batch, log)
+                            plot_batch2 if name == "stage2" else plot_batch, log, report)
             except NonFiniteLossError:
                 log(f"[{name}] stopped; the last good checkpoint is {stage_dir / 'checkpoint.pt'}")
                 raise

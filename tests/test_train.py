@@ -1,0 +1,99 @@
+"""The single-process runner: end to end, resume, refusal of bad input, NaN stop."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsu_models import train
+from dsu_models.config import ConfigError
+from dsu_models.stages.common import NonFiniteLossError
+
+FAST = ["image_size=8", "architecture.conv_channels=[8]", "architecture.fc_features=16",
+        "num_samples=160", "all_stages.iterations=12", "all_stages.checkpoint_interval=4",
+        "all_stages.report_interval=4", "all_stages.sample_interval=6", "all_stages.batch_size=8"]
+
+
+def config(*extra: str):
+    return train.build_config("tiny", FAST + list(extra))
+
+
+def weights(out: Path, stage: str) -> dict:
+    return train.load(out / stage / "handoff.pt")["weights"]
+
+
+def test_end_to_end_writes_every_stage(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(["--config", "tiny", "--out", str(out)] + FAST) == 0
+    printed = capsys.readouterr().out
+    assert "[stage1] 4/12" in printed and "img/s" in printed
+    for stage in ("stage1", "classifier", "stage2", "lenc"):
+        assert (out / stage / "handoff.pt").exists()
+        assert (out / stage / "metrics.jsonl").read_text().count("\n") == 3
+    assert (out / "stage2" / "samples" / "swap_0000012.png").exists()
+    assert (out / "stage1" / "codes.pt").exists() and (out / "config.yaml").exists()
+    # Re-running skips everything and changes nothing.
+    before = weights(out, "stage2")
+    assert train.main(["--config", "tiny", "--out", str(out)] + FAST) == 0
+    assert "already finished" in capsys.readouterr().out
+    after = weights(out, "stage2")
+    assert all(torch.equal(before["generator"][k], after["generator"][k]) for k in before["generator"])
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
+    cfg = config()
+    train.run(cfg, tmp_path / "straight", stages=["stage1"], log=lambda s: None)
+
+    def stop_at_8(stage, iteration, metrics):
+        if iteration == 8:
+            raise Interrupt
+
+    out = tmp_path / "interrupted"
+    with pytest.raises(Interrupt):
+        train.run(cfg, out, stages=["stage1"], log=lambda s: None, on_report=stop_at_8)
+    assert not (out / "stage1" / "handoff.pt").exists()
+    assert train.load(out / "stage1" / "checkpoint.pt")["iteration"] == 8
+    lines = []
+    train.run(cfg, out, stages=["stage1"], log=lines.append)
+    assert "[stage1] resuming from iteration 8" in lines
+    a, b = weights(tmp_path / "straight", "stage1"), weights(out, "stage1")
+    for module in a:
+        for key in a[module]:
+            assert torch.allclose(a[module][key], b[module][key], atol=1e-6), (module, key)
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+    from dsu_models.stages.stage1 import Stage1
+    original = Stage1.train_step
+
+    def poisoned(self, batch):
+        if self.iteration == 6:
+            batch = dict(batch, image=batch["image"] * float("nan"))
+        return original(self, batch)
+
+    monkeypatch.setattr(Stage1, "train_step", poisoned)
+    out = tmp_path / "nan"
+    with pytest.raises(NonFiniteLossError, match="stage1: loss term .* at iteration 6"):
+        train.run(config(), out, stages=["stage1"], log=lambda s: None)
+    state = train.load(out / "stage1" / "checkpoint.pt")
+    assert state["iteration"] == 4
+    assert all(torch.isfinite(v).all() for v in state["models"]["generator"].values())
+
+
+def test_bad_inputs_refused_before_work(tmp_path, capsys):
+    assert train.main(["--config", "tiny", "--out", str(tmp_path / "x"), "stage1.cla1_mode=bogus"]) == 2
+    assert "stage1.cla1_mode: 'bogus'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(ConfigError, match="no such preset"):
+        train.build_config("nonexistent", [])
+    with pytest.raises(ConfigError, match="set data_path"):
+        train.load_data(train.build_config(None, ["dataset=mnist"]))
+    out = tmp_path / "run"
+    train.check_out_dir(config(), out)
+    with pytest.raises(ConfigError, match="different config .*stage1.cla1_weight"):
+        train.check_out_dir(config("stage1.cla1_weight=0.1"), out)
