@@ -1,0 +1,78 @@
+"""The prepared-dataset manifest: what a prepared directory holds.
+
+``manifest.json`` records the format version, dataset name and source, image
+size and channels, the factor table (name, classes, class names, per-split
+counts and frequencies), rows and shard files per split, the resolved
+options and a content hash of inputs + options. It is written last, so a
+directory without it is not a prepared dataset.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .base import FactorInfo
+from .errors import DataError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+# options that change where inputs live or how work is cut up, not the content
+LAYOUT_OPTIONS = ("chunk_size", "download", "root", "path", "csv")
+
+
+def content_hash(source: str, image_size: int, options: dict, fingerprint: dict) -> str:
+    """sha256 over the format version, source, content-relevant options and input fingerprint."""
+    doc = {"format_version": FORMAT_VERSION, "source": source, "image_size": int(image_size),
+           "options": {k: v for k, v in options.items() if k not in LAYOUT_OPTIONS},
+           "inputs": fingerprint}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def build(name: str, source: str, image_size: int, channels: int, factors: list[FactorInfo],
+          counts: dict[str, list[np.ndarray]], rows: dict[str, int], files: dict[str, list[str]],
+          options: dict,
+          digest: str) -> dict:
+    """counts[split][j]: (classes_j,) label counts of factor j on that split."""
+    table = []
+    for j, f in enumerate(factors):
+        c = {s: [int(x) for x in counts[s][j]] for s in counts}
+        freq = {s: [x / max(sum(v), 1) for x in v] for s, v in c.items()}
+        table.append({"name": f.name, "classes": f.classes, "class_names": list(f.names()),
+                      "counts": c, "frequencies": freq})
+    return {
+        "format_version": FORMAT_VERSION, "name": name, "source": source,
+        "image_size": int(image_size), "channels": int(channels), "factors": table,
+        "splits": {s: {"rows": int(rows[s]), "files": files.get(s, [])} for s in rows},
+        "content_hash": digest,
+        "options": json.loads(json.dumps(options, default=str)),
+    }
+
+
+def write(directory: Path, manifest: dict) -> None:
+    (Path(directory) / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+def read_manifest(directory) -> dict:
+    """The manifest of a prepared directory; DataError if it is not one."""
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise DataError(f"{directory} is not a prepared dataset (no {MANIFEST}); "
+                        f"run pipelines/prepare_data.py SOURCE --out {directory}")
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: unreadable manifest: {e}") from e
+    if m.get("format_version") != FORMAT_VERSION:
+        raise DataError(f"{path}: format version {m.get('format_version')!r}, this code reads "
+                        f"{FORMAT_VERSION}; prepare the dataset again")
+    return m
+
+
+def factor_infos(manifest: dict) -> list[FactorInfo]:
+    """Factor table with the train split's frequencies (METHOD.md section 1)."""
+    return [FactorInfo(f["name"], f["classes"], tuple(f["class_names"]),
+                       tuple(f["frequencies"].get("train", ())))
+            for f in manifest["factors"]]

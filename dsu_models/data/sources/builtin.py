@@ -1,0 +1,63 @@
+"""Built-in datasets generated straight into memory (no files): ``shapes3d``,
+``sprites`` and ``digits``, for tests and quick runs.
+
+Same drawing, ids and seeded split as preparing them to disk; rendering is
+vectorised over chunks of 2,048 images.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..base import InMemoryDataset
+from ..errors import DataError
+from ._common import TEST, TRAIN, test_mask
+from . import make_plan
+
+BUILTIN = ("shapes3d", "sprites", "digits")
+DEFAULT_SAMPLES = {"shapes3d": 20_000, "sprites": 20_000}
+
+
+def load_builtin(name: str, image_size: int = 32, num_samples: int | None = None, seed: int = 0,
+                 test_portion: float = 0.1) -> tuple[InMemoryDataset, InMemoryDataset]:
+    """(train, test) in memory. images (N, C, S, S) uint8; labels (N, F) int64.
+
+    num_samples: None = 20,000 seeded distinct grid points (shapes3d, sprites;
+    capped at the grid) or all 1,797 digits; otherwise a seeded subset without
+    repetition. Train frequencies are measured; test carries the same table.
+    """
+    if name not in BUILTIN:
+        raise DataError(f"load_builtin: {name!r} is not built in; choose from {BUILTIN} "
+                        f"(prepare other sources with pipelines/prepare_data.py)")
+    opts = {"image_size": image_size, "seed": seed, "test_portion": test_portion, "chunk_size": 2048}
+    if name != "digits":
+        from . import SOURCES
+
+        full = int(np.prod([c for _, c in SOURCES[name].FACTORS]))
+        opts["num_samples"] = min(num_samples or DEFAULT_SAMPLES[name], full) if num_samples is None \
+            else num_samples
+    plan = make_plan(name, opts)
+    chunks = [c for t in plan.tasks for c in plan.read(t)]
+    split = np.concatenate([c.split for c in chunks])
+    ids = np.concatenate([c.ids for c in chunks])
+    images = np.concatenate([c.images for c in chunks]).transpose(0, 3, 1, 2)
+    labels = np.concatenate([c.labels for c in chunks])
+    if name == "digits" and num_samples is not None:
+        if not 1 <= num_samples <= len(ids):
+            raise DataError(f"digits: num_samples must be in [1, {len(ids)}], got {num_samples}")
+        keep = np.sort(np.random.default_rng([seed, 0x6121D]).choice(len(ids), num_samples, replace=False))
+        ids, images, labels = ids[keep], images[keep], labels[keep]
+        split = np.where(test_mask(num_samples, test_portion, seed), TEST, TRAIN)
+
+    def part(code: int) -> InMemoryDataset:
+        sel = split == code
+        return InMemoryDataset(torch.from_numpy(np.ascontiguousarray(images[sel])),
+                               torch.from_numpy(labels[sel]), plan.factors,
+                               torch.from_numpy(ids[sel]), name)
+
+    train = part(TRAIN).with_measured_frequencies()
+    if len(train) == 0 or (split == TEST).sum() == 0:
+        raise DataError(f"{name}: {len(ids)} samples with test_portion {test_portion} leave an "
+                        f"empty split")
+    test = part(TEST)
+    return train, InMemoryDataset(test.images, test.labels, train.factors, test.ids, name)

@@ -1,0 +1,65 @@
+"""Training-side reader of prepared datasets with Ray Data, for Ray Train.
+
+``train_dataset(dir)`` is ``read_parquet`` -> PNG decode in ``map_batches`` ->
+columns ``id`` int64, ``image`` float32 (C, H, W) in [-1, 1] at the wanted
+size and ``labels`` int64 (F,) in manifest factor order. Pass it as
+``TorchTrainer(datasets={"train": ds})``; Ray Train gives each worker a
+disjoint share per epoch (``streaming_split``). On the worker,
+``iter_epochs(ray.train.get_dataset_shard("train"), batch_size)`` repeats
+epochs, reshuffling each one (block order + a local shuffle buffer). The
+plain single-process reader is ``dsu_models.data.read_split``.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Iterator
+
+import numpy as np
+import ray
+import torch
+
+from dsu_models.data import decode_batch, read_manifest, resize_batch, split_files
+
+DTYPES = {"id": torch.int64, "image": torch.float32, "labels": torch.int64}
+
+
+class _Decode:
+    """PNG column -> float images in [-1, 1]; factor columns -> one labels array."""
+
+    def __init__(self, channels: int, size: int, factors: list[str]):
+        self.channels, self.size, self.factors = channels, size, factors
+
+    def __call__(self, batch: dict) -> dict:
+        images = resize_batch(decode_batch(batch["image"], self.channels), self.size)
+        return {"id": batch["id"].astype(np.int64),
+                "image": images.astype(np.float32) * np.float32(2 / 255) - np.float32(1),
+                "labels": np.stack([batch[f] for f in self.factors], 1).astype(np.int64)}
+
+
+def train_dataset(directory, split: str = "train", image_size: int | None = None,
+                  shuffle_blocks: bool = True, batch_size: int = 256) -> ray.data.Dataset:
+    """A prepared split as a Ray Dataset: ``id`` (), ``image`` (C, S, S) float32, ``labels`` (F,)."""
+    m = read_manifest(directory)
+    files = [str(p) for p in split_files(directory, split)]
+    ds = ray.data.read_parquet(files)
+    if shuffle_blocks:
+        ds = ds.randomize_block_order()
+    fn = _Decode(m["channels"], int(image_size or m["image_size"]), [f["name"] for f in m["factors"]])
+    return ds.map_batches(fn, batch_size=batch_size, batch_format="numpy")
+
+
+def iter_epochs(shard, batch_size: int, epochs: int | None = None, shuffle_buffer: int = 2048,
+                seed: int = 0, drop_last: bool = True, device: str | None = None
+                ) -> Iterator[tuple[int, dict]]:
+    """(epoch, batch) over ``epochs`` passes (None = forever); batch tensors as in DTYPES.
+
+    Each pass re-reads the shard; rows are shuffled through a buffer of
+    ``shuffle_buffer`` rows with a per-epoch seed (0 = no shuffling).
+    """
+    for epoch in (itertools.count() if epochs is None else range(epochs)):
+        kwargs = {}
+        if shuffle_buffer:
+            kwargs = {"local_shuffle_buffer_size": shuffle_buffer, "local_shuffle_seed": seed + epoch}
+        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=drop_last,
+                                              dtypes=DTYPES, device=device or "cpu", **kwargs):
+            yield epoch, batch
