@@ -73,8 +73,9 @@ where it has one):
   the random code itself.
 - B2 starts as an exact copy of B1, class frequencies included (both come
   from the same train split); S starts fresh (``stage2.zero_init``).
-- As in stage 1, the optimizer steps before the non-finite check, so the
-  error names the iteration count after the failed step.
+- As in stage 1, the non-finite check runs after the backward pass and
+  before the optimizer step, so a bad loss never reaches the weights; the
+  error names the index of the failed iteration.
 - The stratified noise of the unknown and labeled codes is drawn jointly over
   all their dimensions (each dimension is still stratified on its own); each
   labeled factor draws its own nested-dropout level per sample.
