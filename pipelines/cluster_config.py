@@ -1,0 +1,75 @@
+"""Offline check of a Ray cluster-launcher YAML (``ray_cluster.yaml``).
+
+    python pipelines/cluster_config.py ray_cluster.yaml   # prints OK or the error
+
+Runs the same steps ``ray up`` runs on the file before it talks to the cloud:
+fill in the provider's defaults, then check the result against Ray's
+``ray-schema.json`` and its cross-field rules (head type among the node types,
+``min_workers`` within ``max_workers``). It contacts no cloud: for AWS the
+defaults come from a YAML file shipped inside the ``ray`` package. It catches
+unknown top-level keys, wrong types and node types missing ``resources``; it
+does not catch typos inside ``provider`` (the schema allows extra keys there)
+or instance types and images that do not exist, which only ``ray up`` finds.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import yaml
+
+
+class ClusterConfigError(ValueError):
+    """The cluster YAML is not one Ray's cluster launcher would accept."""
+
+
+def validate_cluster_yaml(path: str | Path) -> dict:
+    """Load and validate a cluster-launcher YAML; return it with Ray's defaults filled in.
+
+    Raises ``ClusterConfigError`` naming the offending key for anything Ray's
+    launcher would refuse.
+
+    Ray has no public validator (``ray up`` validates only after contacting
+    the provider), so this is the one place that uses the private
+    ``ray.autoscaler._private.util`` functions ``prepare_config`` (merges the
+    provider's defaults.yaml, setup commands and per-type worker limits) and
+    ``validate_config`` (JSON schema plus cross-field checks). If a Ray
+    upgrade moves them, only this function changes.
+    """
+    import jsonschema
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    path = Path(path)
+    with open(path) as f:
+        raw = yaml.safe_load(f)
+    if not isinstance(raw, dict):
+        raise ClusterConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        config = prepare_config(raw)
+        validate_config(config)
+    except jsonschema.ValidationError as e:
+        where = ".".join(str(p) for p in e.absolute_path) or "<top level>"
+        raise ClusterConfigError(f"{path}: {where}: {e.message}") from None
+    # prepare_config indexes and asserts before the schema runs, so a missing
+    # `provider` or an unknown provider type surfaces as one of these.
+    except (ValueError, KeyError, TypeError, AssertionError, NotImplementedError, RuntimeError) as e:
+        raise ClusterConfigError(f"{path}: {type(e).__name__}: {e}") from None
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python pipelines/cluster_config.py CLUSTER_YAML", file=sys.stderr)
+        return 2
+    try:
+        validate_cluster_yaml(argv[0])
+    except (ClusterConfigError, OSError, yaml.YAMLError) as e:
+        print(f"INVALID: {e}")
+        return 1
+    print(f"OK: {argv[0]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
