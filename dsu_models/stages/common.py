@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import random
+from typing import Callable
 
 import numpy as np
 import torch
@@ -136,6 +137,9 @@ class Stage:
         self.iteration = 0
         self.models: dict[str, nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        # Data-parallel runners set this: called once per iteration, after the
+        # backward pass and before the optimizer steps (e.g. one all-reduce).
+        self.grad_sync: Callable[["Stage"], None] | None = None
 
     # ------------------------------------------------------------ steps
 
@@ -147,7 +151,10 @@ class Stage:
 
         Call it after ``backward()`` and before the optimizer steps, while
         ``self.iteration`` is still the index of the iteration being computed,
-        so a non-finite loss never reaches the weights."""
+        so a non-finite loss never reaches the weights. Runs ``grad_sync``
+        first when a data-parallel runner set it."""
+        if self.grad_sync is not None:
+            self.grad_sync(self)
         names = list(terms)
         values = torch.stack([terms[n].detach().float().reshape(()) for n in names]).tolist()
         for n, v in zip(names, values):
@@ -185,6 +192,10 @@ class Stage:
         self.iteration = int(state["iteration"])
         if restore_random:
             restore_rng(rng_state_from_tensors(state["rng"]))
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Every parameter some optimizer of this stage updates, in a fixed order."""
+        return [p for opt in self.optimizers.values() for g in opt.param_groups for p in g["params"]]
 
     def weights(self, *names: str) -> dict:
         return {n: {k: v.detach().cpu() for k, v in self.models[n].state_dict().items()} for n in names}
