@@ -6,7 +6,7 @@ size and ``labels`` int64 (F,) in manifest factor order. Pass it as
 ``TorchTrainer(datasets={"train": ds})``; Ray Train gives each worker a
 disjoint share per epoch (``streaming_split``). On the worker,
 ``iter_epochs(ray.train.get_dataset_shard("train"), batch_size)`` repeats
-epochs, reshuffling each one (block order + a local shuffle buffer). The
+epochs, reshuffling each one (file order + a local shuffle buffer). The
 plain single-process reader is ``dsu_models.data.read_split``.
 """
 from __future__ import annotations
@@ -41,9 +41,9 @@ def train_dataset(directory, split: str = "train", image_size: int | None = None
     """A prepared split as a Ray Dataset: ``id`` (), ``image`` (C, S, S) float32, ``labels`` (F,)."""
     m = read_manifest(directory)
     files = [str(p) for p in split_files(directory, split)]
-    ds = ray.data.read_parquet(files)
-    if shuffle_blocks:
-        ds = ds.randomize_block_order()
+    # shuffling the file order streams; randomize_block_order() is an all-to-all
+    # step that would hold every block of the split in the object store at once
+    ds = ray.data.read_parquet(files, shuffle="files" if shuffle_blocks else None)
     fn = _Decode(m["channels"], int(image_size or m["image_size"]), [f["name"] for f in m["factors"]])
     return ds.map_batches(fn, batch_size=batch_size, batch_format="numpy")
 

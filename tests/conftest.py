@@ -19,7 +19,7 @@ def ray_session():
 
     temp_dir = tempfile.mkdtemp(prefix="dsu-ray-", dir="/tmp")
     os.environ.pop("RAY_ADDRESS", None)
-    ray.init(num_cpus=2, num_gpus=0, _temp_dir=temp_dir, include_dashboard=False,
+    ray.init(num_cpus=2, num_gpus=0, _temp_dir=temp_dir, dashboard_host="127.0.0.1",
              log_to_driver=True, configure_logging=False)
     try:
         yield ray

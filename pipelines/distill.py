@@ -1,0 +1,108 @@
+"""Distil the unknown codes after stage 1, as a Ray Data batch-inference job.
+
+    python pipelines/distill.py --parent RUN_ID --stage1-run RUN_ID [--data DIR] [options]
+
+An actor pool (GPU when asked for) encodes every train and test image with
+stage 1's encoder E and writes ``(id, mu, sigma)`` as Parquet; the driver then
+streams the train codes through ``CodeStatsAccumulator`` to get the float64
+code statistics (METHOD.md section 7). Both are logged to the ``distill``
+MLflow run as ``codes/<split>/*.parquet`` and ``stats.pt``; stage 2 joins the
+codes to images by ``id``.
+"""
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dsu_models.codes import CodeStatsAccumulator, code_statistics
+from dsu_models.config import Config, config_from_dict
+from dsu_models.models import build_encoder
+from pipelines import tracking
+
+
+class EncodeUnknown:
+    """Actor: image batch -> ``id``, ``mu``, ``sigma`` (fixed-size float32 lists)."""
+
+    def __init__(self, cfg: dict, weights: dict, use_gpu: bool):
+        config = config_from_dict(cfg)
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.encoder = build_encoder(config, [config.unknown_size], config.stage1.zero_init)
+        if not isinstance(weights, dict):  # an ObjectRef: the weights are shared, not copied per actor
+            import ray
+            weights = ray.get(weights)
+        self.encoder.load_state_dict(weights)
+        self.encoder.to(self.device).eval()
+        self.size = config.unknown_size
+
+    @torch.no_grad()
+    def __call__(self, batch: dict) -> pa.Table:
+        images = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(self.device)
+        ((mu, sigma),) = self.encoder(images)
+
+        def column(t: torch.Tensor):
+            return pa.FixedSizeListArray.from_arrays(pa.array(t.float().cpu().numpy().ravel()), self.size)
+
+        return pa.table({"id": pa.array(batch["id"], pa.int64()), "mu": column(mu), "sigma": column(sigma)})
+
+
+def code_stats_from_parquet(directory: Path, size: int) -> dict:
+    """Float64 statistics of the codes in ``directory``, streamed batch by batch."""
+    acc = CodeStatsAccumulator()
+    for path in sorted(Path(directory).glob("*.parquet")):
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=65536, columns=["mu", "sigma"]):
+            mu = batch.column(0).flatten().to_numpy().reshape(-1, size)
+            sigma = batch.column(1).flatten().to_numpy().reshape(-1, size)
+            acc.update(torch.from_numpy(mu), torch.from_numpy(sigma))
+    return acc.finalize()
+
+
+def run_distill(cfg: Config, data_dir: str, stage1_run: str, run_id: str, tracking_uri: str,
+                use_gpu: bool = False, actors: int = 1, batch_size: int = 512) -> dict:
+    """Encode every image, log codes and statistics to ``run_id``; returns the statistics."""
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.data_loading import train_dataset
+
+    client = MlflowClient(tracking_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if cfg.unknown_size == 0:
+            stats = code_statistics(torch.zeros(1, 0), torch.zeros(1, 0))  # nothing unknown
+        else:
+            handoff = torch.load(tracking.download(stage1_run, "handoff.pt", tracking_uri, tmp / "in"),
+                                 map_location="cpu", weights_only=True)
+            weights = ray.put(handoff["weights"]["encoder"])
+            for split in ("train", "test"):
+                ds = train_dataset(data_dir, split, cfg.image_size, shuffle_blocks=False)
+                codes = ds.map_batches(
+                    EncodeUnknown, batch_size=batch_size, batch_format="numpy",
+                    compute=ray.data.ActorPoolStrategy(size=actors),
+                    num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1,
+                    fn_constructor_kwargs={"cfg": cfg.to_dict(), "weights": weights, "use_gpu": use_gpu})
+                codes.write_parquet(str(tmp / "codes" / split))
+            stats = code_stats_from_parquet(tmp / "codes" / "train", cfg.unknown_size)
+            client.log_artifacts(run_id, str(tmp / "codes"), artifact_path="codes")
+        torch.save(stats, tmp / "stats.pt")
+        client.log_artifact(run_id, str(tmp / "stats.pt"))
+        if cfg.unknown_size:
+            from mlflow.entities import Metric
+            now = int(time.time() * 1000)
+            client.log_batch(run_id, metrics=[Metric(f"variance_ratio_{j}", float(v), now, 0)
+                                              for j, v in enumerate(stats["variance_ratio"])])
+    return stats
+
+
+if __name__ == "__main__":
+    from pipelines.cli import stage_main
+    sys.exit(stage_main("distill"))

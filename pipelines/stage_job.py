@@ -1,0 +1,306 @@
+"""One training stage as a Ray Train job (``TorchTrainer``, data parallel).
+
+The stage modules of ``dsu_models.stages`` do the math; this file adds:
+
+- **Data**: each worker reads its share of the prepared dataset through
+  ``ray.train.get_dataset_shard("train")``, with epochs repeated and
+  reshuffled; the per-worker batch is ``batch_size / workers`` so the global
+  batch matches the config. Stage 2 joins the distilled codes to images by ``id``.
+- **Gradients**: one all-reduce per iteration. A stage iteration runs one
+  backward pass over several losses; instead of DDP wrapping (which would hook
+  every backward of every wrapped module) :func:`allreduce_gradients` averages
+  all gradients in one flat buffer between the backward pass and the optimizer
+  steps (``Stage.grad_sync``); parameters are broadcast from rank 0 at start.
+- **Checkpoints**: every ``checkpoint_interval`` rank 0 reports the full stage
+  state with ``ray.train.report``; with ``FailureConfig(max_failures)`` a dead
+  worker restarts the group from that state and the iteration count continues.
+- **Tracking**: rank 0 logs metrics and sample grids to the stage's MLflow run
+  and, at the end, the hand-off (weights + config) as the ``handoff.pt``
+  artifact. Every rank reports to Ray Train.
+
+Upstream inputs come only from MLflow artifacts, downloaded by run id on each
+worker (:func:`load_upstream`), so stages can run on different nodes.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+
+from dsu_models.config import Config, config_from_dict
+from dsu_models.data.base import FactorInfo, to_float
+from dsu_models.train import make_stage
+from pipelines import tracking
+
+HANDOFF = "handoff.pt"
+STATE_FILE = "state.pt"
+
+
+# ----------------------------------------------------------------- gradients
+
+
+def allreduce_gradients(stage) -> None:
+    """Average every trainable parameter's gradient over the workers, in one
+    flat all-reduce. Parameters without a gradient this step are skipped (the
+    same ones on every rank: all ranks run the same code path)."""
+    params = [p for p in stage.trainable_parameters() if p.grad is not None]
+    if not params:
+        return
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for p in params:
+        n = p.grad.numel()
+        p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+        offset += n
+
+
+def broadcast_state(stage) -> None:
+    """Rank 0's parameters and buffers to every rank (identical start)."""
+    for module in stage.models.values():
+        for tensor in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(tensor.data, src=0)
+
+
+# ----------------------------------------------------------------- upstream
+
+
+def load_codes(directory: Path) -> dict:
+    """Distilled codes written by the distill job: ``ids`` sorted, ``mu``, ``sigma``."""
+    tables = [pq.read_table(p) for p in sorted(Path(directory).glob("*.parquet"))]
+    ids = np.concatenate([t["id"].to_numpy() for t in tables])
+
+    def matrix(col):
+        parts = []
+        for t in tables:
+            c = t[col].combine_chunks()
+            parts.append(c.flatten().to_numpy(zero_copy_only=False).reshape(len(t), -1))
+        return np.concatenate(parts).astype(np.float32)
+
+    mu, sigma = matrix("mu"), matrix("sigma")
+    order = np.argsort(ids)
+    return {"ids": torch.from_numpy(ids[order]), "mu": torch.from_numpy(mu[order]),
+            "sigma": torch.from_numpy(sigma[order])}
+
+
+def lookup_codes(codes: dict, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Join by id: (mu, sigma) rows for ``ids``; error naming a missing id."""
+    ids = ids.cpu()
+    pos = torch.searchsorted(codes["ids"], ids).clamp(max=len(codes["ids"]) - 1)
+    missing = codes["ids"][pos] != ids
+    if missing.any():
+        raise KeyError(f"no distilled unknown code for image id {int(ids[missing][0])}; "
+                       f"was the distill run made from this dataset?")
+    return codes["mu"][pos], codes["sigma"][pos]
+
+
+def load_upstream(stage: str, runs: dict, tracking_uri: str, workdir: Path, need_codes: bool) -> dict:
+    """Hand-offs, code statistics (and stage 2's codes) from upstream runs' artifacts."""
+    def handoff(key):
+        if not runs.get(key):
+            return None
+        path = tracking.download(runs[key], HANDOFF, tracking_uri, workdir / key)
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    out: dict = {"stage1": handoff("stage1"), "classifier": handoff("classifier"),
+                 "stage2": handoff("stage2"), "code_stats": None, "codes": None}
+    if runs.get("distill"):
+        stats = tracking.download(runs["distill"], "stats.pt", tracking_uri, workdir / "distill")
+        out["code_stats"] = torch.load(stats, map_location="cpu", weights_only=True)
+        if need_codes:
+            codes_dir = tracking.download(runs["distill"], "codes", tracking_uri, workdir / "distill")
+            out["codes"] = {split: load_codes(codes_dir / split) if (codes_dir / split).exists() else None
+                            for split in ("train", "test")}
+    return out
+
+
+# ----------------------------------------------------------------- worker
+
+
+def _batch_from(row_batch: dict, label_columns: list[int], codes: dict | None, unknown_size: int) -> dict:
+    batch = {"image": row_batch["image"], "labels": row_batch["labels"][:, label_columns]}
+    if codes is not None:
+        batch["mu"], batch["sigma"] = lookup_codes(codes, row_batch["id"])
+    elif unknown_size == 0:
+        n = row_batch["image"].shape[0]
+        batch["mu"] = batch["sigma"] = torch.zeros(n, 0)
+    return batch
+
+
+def _save_state(stage, directory: Path):
+    tmp = directory / (STATE_FILE + ".tmp")
+    torch.save(stage.state_dict(), tmp)
+    os.replace(tmp, directory / STATE_FILE)
+
+
+def train_loop(config: dict):
+    """Ray Train worker: runs one stage to the end. ``config`` is built by :func:`run_stage`."""
+    import ray.train
+    import ray.train.torch
+    from mlflow.tracking import MlflowClient
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(config["threads"])
+    cfg: Config = config_from_dict(config["cfg"])
+    name = config["stage"]
+    scfg = getattr(cfg, name)
+    device = ray.train.torch.get_device()
+    workdir = Path(tempfile.mkdtemp(prefix=f"dsu-{name}-"))
+    factors = [FactorInfo.from_dict(d) for d in config["factors"]]
+    upstream = load_upstream(name, config["upstream"], config["tracking_uri"], workdir,
+                             need_codes=name == "stage2")
+    torch.manual_seed(cfg.seed)
+    stage = make_stage(name, cfg, factors, upstream, device)
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=True)
+        stage.load_state_dict(state, restore_random=False)
+        if rank == 0:
+            print(f"[{name}] resuming from iteration {stage.iteration}", flush=True)
+    # Different noise per rank; deterministic given the iteration we start from.
+    torch.manual_seed(cfg.seed * 7919 + rank * 104729 + stage.iteration)
+    if world > 1:
+        broadcast_state(stage)
+        stage.grad_sync = allreduce_gradients
+
+    codes = upstream["codes"]["train"] if upstream.get("codes") else None
+    plot_codes = upstream["codes"]["test"] if upstream.get("codes") else None
+    plot = config["plot"]
+    plot_batch = _batch_from({"image": to_float(plot["images"]), "labels": plot["labels"],
+                              "id": plot["ids"]}, config["label_columns"], plot_codes, cfg.unknown_size)
+    client = MlflowClient(config["tracking_uri"]) if rank == 0 else None
+    run_id = config["run_id"]
+    fail_at, marker = config.get("fail_at"), config.get("fail_marker")
+
+    from pipelines.data_loading import iter_epochs
+    shard = ray.train.get_dataset_shard("train")
+    per_worker = scfg.batch_size // world
+    sums, count, last_time, last_it = {}, 0, time.perf_counter(), stage.iteration
+    batches = iter_epochs(shard, per_worker, seed=cfg.seed * 31 + rank, device="cpu")
+    while not stage.done:
+        _, rows = next(batches)
+        if fail_at is not None and stage.iteration == fail_at and rank == world - 1 \
+                and not Path(marker).exists():
+            Path(marker).write_text("failed once")
+            raise RuntimeError(f"test hook: simulated worker failure at iteration {fail_at}")
+        metrics = stage.train_step(_batch_from(rows, config["label_columns"], codes, cfg.unknown_size))
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + v
+        count += 1
+        it = stage.iteration
+        if it % scfg.report_interval and it % scfg.checkpoint_interval and not stage.done:
+            continue
+        now = time.perf_counter()
+        mean = {k: v / count for k, v in sums.items()}
+        mean["images_per_s"] = (it - last_it) * scfg.batch_size / max(now - last_time, 1e-9)
+        sums, count, last_time, last_it = {}, 0, now, it
+        ckpt_dir = None
+        if rank == 0:
+            print(f"[{name}] {it}/{scfg.iterations} | "
+                  + " ".join(f"{k} {v:.4g}" for k, v in mean.items()), flush=True)
+            client.log_batch(run_id, metrics=[_metric(k, v, it) for k, v in mean.items()])
+            if it % scfg.sample_interval == 0 or stage.done:
+                _log_grids(client, run_id, stage, plot_batch, it)
+            if it % scfg.checkpoint_interval == 0 or stage.done:
+                ckpt_dir = Path(tempfile.mkdtemp(prefix="dsu-ckpt-", dir=workdir))
+                _save_state(stage, ckpt_dir)
+        report = {"iteration": it, **mean}
+        if ckpt_dir is not None:
+            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(str(ckpt_dir)))
+        else:
+            ray.train.report(report)
+    if rank == 0:
+        path = workdir / HANDOFF
+        handoff = stage.handoff()
+        handoff["upstream_runs"] = {k: v for k, v in config["upstream"].items() if v}
+        torch.save(handoff, path)
+        client.log_artifact(run_id, str(path))
+
+
+def _metric(key: str, value: float, step: int):
+    from mlflow.entities import Metric
+    return Metric(key, float(value), int(time.time() * 1000), step)
+
+
+def _log_grids(client, run_id: str, stage, plot_batch: dict, step: int):
+    if not hasattr(stage, "sample_images"):
+        return
+    for key, grid in stage.sample_images(plot_batch).items():
+        array = grid.permute(1, 2, 0).numpy()
+        client.log_image(run_id, array[..., 0] if array.shape[2] == 1 else array,
+                         key=f"{stage.name}_{key}", step=step)
+
+
+# ----------------------------------------------------------------- driver
+
+
+def plot_rows(data_dir: str, cfg: Config, n: int = 8) -> dict:
+    """A few plot-split images (uint8), their labels (all factors) and ids."""
+    from dsu_models.data import read_split
+    plot = read_split(data_dir, "plot", image_size=cfg.image_size)
+    n = min(n, len(plot))
+    return {"images": plot.images[:n].clone(), "labels": plot.labels[:n].clone(),
+            "ids": plot.ids[:n].clone()}
+
+
+def labeled_infos(manifest: dict, cfg: Config) -> tuple[list[dict], list[int]]:
+    """Labeled factors' infos (train frequencies) and their column indices, config order."""
+    names = [f["name"] for f in manifest["factors"]]
+    columns = [names.index(n) for n in cfg.labeled_factors]
+    infos = []
+    for j in columns:
+        f = manifest["factors"][j]
+        infos.append(FactorInfo(f["name"], int(f["classes"]), tuple(f["class_names"]),
+                                tuple(f["frequencies"]["train"])).to_dict())
+    return infos, columns
+
+
+def run_stage(stage: str, cfg: Config, data_dir: str, run_id: str, upstream: dict,
+              tracking_uri: str, workers: int = 1, use_gpu: bool = False,
+              cpus_per_worker: float | None = None, max_failures: int = 2,
+              storage_path: str | None = None, test_hooks: dict | None = None):
+    """Fit the stage as a TorchTrainer; resumes from the latest checkpoint of the
+    same MLflow run (the Ray run name is the run id). Returns the Ray Result."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from dsu_models.data import read_manifest
+    from pipelines.data_loading import train_dataset
+
+    scfg = getattr(cfg, stage)
+    if scfg.batch_size % workers:
+        raise ValueError(f"{stage}.batch_size {scfg.batch_size} is not divisible by {workers} workers")
+    if cpus_per_worker is None:
+        total = ray.cluster_resources().get("CPU", 1)
+        # leave CPU for Ray Data's decoding (see RAY_NOTES: CPU starvation)
+        cpus_per_worker = max(0.5, (total - 1) / workers) if not use_gpu else 1
+    infos, columns = labeled_infos(read_manifest(data_dir), cfg)
+    loop_config = {
+        "stage": stage, "cfg": cfg.to_dict(), "factors": infos, "label_columns": columns,
+        "upstream": upstream, "tracking_uri": tracking_uri, "run_id": run_id,
+        "threads": max(1, int(cpus_per_worker)), "plot": plot_rows(data_dir, cfg),
+        **(test_hooks or {}),
+    }
+    storage = storage_path or str(tracking.dsu_home() / "ray_results")
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cpus_per_worker}),
+        run_config=RunConfig(storage_path=storage, name=f"{stage}-{run_id}",
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             failure_config=FailureConfig(max_failures=max_failures)),
+        datasets={"train": train_dataset(data_dir, "train", cfg.image_size)},
+    )
+    return trainer.fit()

@@ -1,0 +1,118 @@
+"""MLflow bookkeeping for the pipeline: stores, parent/child runs, hand-offs.
+
+One parent run per pipeline; one nested child run per stage (tag
+``dsu.stage``), holding the resolved config as params, metrics, sample grids
+and the stage's outputs as artifacts. A child that finished carries
+``dsu.complete = true``; ``--resume`` skips those. Stages read their inputs
+only through :func:`download`, by run id, never from a path an upstream job
+happened to write.
+
+The default store is local: ``sqlite:///<home>/mlflow.db`` plus an artifact
+folder, where ``<home>`` is ``$DSU_HOME`` or ``~/.disunknown`` (absolute, so
+it survives ``ray job submit`` running the script in a temporary copy).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from dsu_models.config import Config, flat_params, save_config
+
+STAGE_TAG, COMPLETE_TAG, PIPELINE_TAG = "dsu.stage", "dsu.complete", "dsu.pipeline"
+
+
+def dsu_home() -> Path:
+    return Path(os.environ.get("DSU_HOME", Path.home() / ".disunknown")).expanduser().resolve()
+
+
+def default_tracking_uri() -> str:
+    home = dsu_home()
+    home.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{home / 'mlflow.db'}"
+
+
+def setup(tracking_uri: str | None, experiment: str) -> str:
+    """Point MLflow at the store and make sure the experiment exists; returns its id.
+    Local stores get their artifacts under ``<home>/artifacts/<experiment>``."""
+    uri = tracking_uri or default_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if uri.startswith("sqlite:") or uri.startswith("file:"):
+        location = (dsu_home() / "artifacts" / experiment).as_uri()
+    return client.create_experiment(experiment, artifact_location=location)
+
+
+def ui_hint(tracking_uri: str) -> str:
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"MLflow UI: {tracking_uri}"
+    return f"MLflow UI: mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
+
+
+def log_config(client: MlflowClient, run_id: str, cfg: Config):
+    """Resolved config as params (batched, MLflow takes at most 100 per call) and as a file."""
+    params = [mlflow.entities.Param(k, v[:6000]) for k, v in flat_params(cfg).items()]
+    for i in range(0, len(params), 100):
+        client.log_batch(run_id, params=params[i:i + 100])
+    with tempfile.TemporaryDirectory() as tmp:
+        client.log_artifact(run_id, str(save_config(cfg, Path(tmp) / "config.yaml")))
+
+
+def start_parent(client: MlflowClient, experiment_id: str, cfg: Config, name: str | None = None) -> str:
+    run = client.create_run(experiment_id, run_name=name or f"disunknown-{cfg.dataset}",
+                            tags={PIPELINE_TAG: "true"})
+    log_config(client, run.info.run_id, cfg)
+    return run.info.run_id
+
+
+def child_runs(client: MlflowClient, parent_id: str) -> dict[str, mlflow.entities.Run]:
+    """The parent's stage runs by stage name (the newest one per stage)."""
+    parent = client.get_run(parent_id)
+    runs = client.search_runs([parent.info.experiment_id],
+                              filter_string=f"tags.mlflow.parentRunId = '{parent_id}'",
+                              order_by=["attributes.start_time ASC"])
+    return {r.data.tags[STAGE_TAG]: r for r in runs if STAGE_TAG in r.data.tags}
+
+
+def stage_run(client: MlflowClient, parent_id: str, stage: str, cfg: Config) -> tuple[str, bool]:
+    """(run id, complete) of the parent's run for ``stage``: an existing one is
+    re-entered (resume), else a new nested run is created with the config logged."""
+    existing = child_runs(client, parent_id).get(stage)
+    if existing is not None:
+        return existing.info.run_id, existing.data.tags.get(COMPLETE_TAG) == "true"
+    parent = client.get_run(parent_id)
+    run = client.create_run(parent.info.experiment_id, run_name=stage,
+                            tags={"mlflow.parentRunId": parent_id, STAGE_TAG: stage,
+                                  COMPLETE_TAG: "false"})
+    log_config(client, run.info.run_id, cfg)
+    return run.info.run_id, False
+
+
+def mark_complete(client: MlflowClient, run_id: str):
+    client.set_tag(run_id, COMPLETE_TAG, "true")
+    client.set_terminated(run_id, "FINISHED")
+
+
+def download(run_id: str, artifact_path: str, tracking_uri: str, dst: str | Path) -> Path:
+    """One upstream artifact (file or folder) by run id into ``dst``."""
+    mlflow.set_tracking_uri(tracking_uri)
+    Path(dst).mkdir(parents=True, exist_ok=True)
+    return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path,
+                                                    dst_path=str(dst)))
+
+
+def require_complete(client: MlflowClient, run_id: str, stage: str):
+    """An upstream run id given by the user must be a finished run of ``stage``."""
+    run = client.get_run(run_id)
+    tags = run.data.tags
+    if tags.get(STAGE_TAG) != stage:
+        raise ValueError(f"run {run_id} is a {tags.get(STAGE_TAG, 'non-stage')!r} run, not {stage!r}")
+    if tags.get(COMPLETE_TAG) != "true":
+        raise ValueError(f"run {run_id} ({stage}) has not finished; resume its pipeline first")
