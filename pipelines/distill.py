@@ -88,7 +88,8 @@ def run_distill(cfg: Config, data_dir: str, stage1_run: str, run_id: str, tracki
                 codes = ds.map_batches(
                     EncodeUnknown, batch_size=batch_size, batch_format="numpy",
                     compute=ray.data.ActorPoolStrategy(size=actors),
-                    num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1,
+                    # half a CPU per actor leaves room for the read/decode tasks
+                    num_gpus=1 if use_gpu else 0, num_cpus=0.5,
                     fn_constructor_kwargs={"cfg": cfg.to_dict(), "weights": weights, "use_gpu": use_gpu})
                 codes.write_parquet(str(tmp / "codes" / split))
             stats = code_stats_from_parquet(tmp / "codes" / "train", cfg.unknown_size)

@@ -1,0 +1,171 @@
+"""The Ray pipeline end to end (slow tier): two workers, a worker failure,
+resume, a real MLflow server, ``ray job submit``, refusal before Ray starts."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from dsu_models import models
+from dsu_models.config import config_from_dict
+from pipelines import tracking
+from pipelines.cli import full_main
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--config", "tiny", "image_size=8", "architecture.conv_channels=[8]",
+        "architecture.fc_features=16", "num_samples=240", "all_stages.iterations=6",
+        "all_stages.report_interval=2", "all_stages.checkpoint_interval=2",
+        "all_stages.sample_interval=6", "all_stages.batch_size=8"]
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("DSU_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _parent_ids(client: MlflowClient) -> list[str]:
+    exp = client.get_experiment_by_name("disunknown")
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.`dsu.pipeline` = 'true'")
+    return [r.info.run_id for r in runs]
+
+
+def _steps(client, run_id: str, key: str) -> list[int]:
+    return sorted({m.step for m in client.get_metric_history(run_id, key)})
+
+
+def test_pipeline_two_workers_failure_and_resume(ray_session, home, tmp_path, capsys):
+    marker = tmp_path / "failed-once"
+    hooks = {"stage1": {"fail_at": 3, "fail_marker": str(marker)}}
+    assert full_main(TINY + ["--workers", "2", "--cpus-per-worker", "0.5", "--stages", "stage1"],
+                     test_hooks=hooks) == 0
+    assert marker.exists(), "the test hook did not fire"
+    client = MlflowClient(tracking.default_tracking_uri())
+    (parent,) = _parent_ids(client)
+    stage1 = tracking.child_runs(client, parent)["stage1"]
+    # Restarted from the checkpoint at iteration 2: the count continued to 6.
+    assert _steps(client, stage1.info.run_id, "total") == [2, 4, 6]
+    capsys.readouterr()
+
+    # The "interrupted" pipeline (only stage 1 ran) resumes: stage 1 is skipped.
+    assert full_main(TINY + ["--workers", "2", "--cpus-per-worker", "0.5", "--resume", parent]) == 0
+    out = capsys.readouterr().out
+    assert f"[stage1] complete in run {stage1.info.run_id}; skipped" in out
+    children = tracking.child_runs(client, parent)
+    assert set(children) == {"stage1", "distill", "classifier", "stage2", "lenc"}
+    for name, run in children.items():
+        assert run.data.tags[tracking.COMPLETE_TAG] == "true", name
+        files = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert "config.yaml" in files, name
+        assert ({"codes", "stats.pt"} if name == "distill" else {"handoff.pt"}) <= files, (name, files)
+        assert run.data.params["stage1.cla1_weight"] == "0.5"
+    assert client.get_metric_history(children["stage2"].info.run_id, "rec")
+    assert any(a.path.startswith("images") for a in client.list_artifacts(children["stage2"].info.run_id))
+
+    # The final weights load and generate images of the right shape.
+    handoff = torch.load(tracking.download(children["stage2"].info.run_id, "handoff.pt",
+                                           tracking.default_tracking_uri(), tmp_path / "dl"),
+                         weights_only=True)
+    cfg = config_from_dict(handoff["config"])
+    generator = models.build_generator(cfg)
+    generator.load_state_dict(handoff["weights"]["generator"])
+    size = models.generator_code_size(cfg)
+    images, _ = generator(torch.cat([torch.randn(3, size), torch.zeros(3, size)], 1))
+    assert images.shape == (3, cfg.image_channels, 8, 8)
+    assert handoff["upstream_runs"]["stage1"] == stage1.info.run_id
+
+
+def test_against_a_real_mlflow_server(ray_session, home, tmp_path):
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        uri = f"http://127.0.0.1:{port}"
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        assert full_main(TINY + ["--stages", "stage1", "--tracking-uri", uri]) == 0
+        client = MlflowClient(uri)
+        (parent,) = _parent_ids(client)
+        run = tracking.child_runs(client, parent)["stage1"]
+        assert "handoff.pt" in {a.path for a in client.list_artifacts(run.info.run_id)}
+        # uploaded through the server into its artifact store, not written locally
+        assert list((tmp_path / "server-artifacts").rglob("handoff.pt"))
+        assert not (home / "artifacts").exists()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_bad_config_or_missing_data_fails_before_ray(tmp_path):
+    env = dict(os.environ, DSU_HOME=str(tmp_path / "home"))
+    env.pop("RAY_ADDRESS", None)
+    cases = [(["stage1.cla1_mode=bogus"], "stage1.cla1_mode: 'bogus'"),
+             (["--dataset", "mnist"], "pass --data"),
+             (["--data", str(tmp_path / "nowhere")], "nowhere")]
+    for args, fragment in cases:
+        done = subprocess.run([sys.executable, "pipelines/full.py", *args], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2, done.stderr
+        assert fragment in done.stderr
+        assert "Started a local Ray instance" not in done.stdout + done.stderr
+        assert not (tmp_path / "home" / "mlflow.db").exists()
+
+
+def test_ray_job_submit_against_a_local_head(home, tmp_path):
+    """`ray start --head` on 127.0.0.1 (stopped afterwards), then `ray job submit`."""
+    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    env.pop("RAY_ADDRESS", None)
+    dash = _free_port()
+    temp_dir = tempfile.mkdtemp(prefix="dsu-head-", dir="/tmp")
+    head = subprocess.Popen(
+        ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+         f"--port={_free_port()}", "--num-cpus=2", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dash}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        address = f"http://127.0.0.1:{dash}"
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{address}/api/version", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        runtime_env = '{"env_vars": {"DSU_HOME": "%s"}}' % home
+        done = subprocess.run(
+            ["ray", "job", "submit", "--address", address, "--working-dir", str(REPO),
+             "--runtime-env-json", runtime_env, "--",
+             "python", "pipelines/full.py", *TINY, "--stages", "stage1"],
+            env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert "finished pipeline run" in done.stdout
+        client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+        (parent,) = _parent_ids(client)
+        assert tracking.child_runs(client, parent)["stage1"].data.tags[tracking.COMPLETE_TAG] == "true"
+    finally:
+        head.terminate()
+        head.wait(timeout=60)
+        shutil.rmtree(temp_dir, ignore_errors=True)
