@@ -41,6 +41,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _wait_for(url: str, seconds: float = 60):
+    """Poll ``url`` until it answers (a server started by the test)."""
+    for _ in range(int(seconds * 2)):
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {seconds} s")
+
+
 def _parent_ids(client: MlflowClient) -> list[str]:
     exp = client.get_experiment_by_name("disunknown")
     runs = client.search_runs([exp.experiment_id], filter_string="tags.`dsu.pipeline` = 'true'")
@@ -92,6 +103,26 @@ def test_pipeline_two_workers_failure_and_resume(ray_session, home, tmp_path, ca
     assert handoff["upstream_runs"]["stage1"] == stage1.info.run_id
 
 
+def test_killed_pipeline_resumes_the_unfinished_stage_from_its_checkpoint(ray_session, home, tmp_path):
+    """A stage that dies with no retries left stops the pipeline; ``--resume``
+    continues that stage from its last checkpoint instead of restarting it."""
+    hooks = {"stage1": {"fail_at": 3, "fail_marker": str(tmp_path / "died")}}
+    with pytest.raises(Exception):
+        full_main(TINY + ["--stages", "stage1", "--max-failures", "0"], test_hooks=hooks)
+    client = MlflowClient(tracking.default_tracking_uri())
+    (parent,) = _parent_ids(client)
+    run = tracking.child_runs(client, parent)["stage1"]
+    assert run.data.tags[tracking.COMPLETE_TAG] == "false"
+    assert len(client.get_metric_history(run.info.run_id, "total")) == 1  # step 2 only
+
+    assert full_main(TINY + ["--stages", "stage1", "--resume", parent]) == 0
+    run = tracking.child_runs(client, parent)["stage1"]
+    assert run.data.tags[tracking.COMPLETE_TAG] == "true"
+    history = client.get_metric_history(run.info.run_id, "total")
+    # continued at iteration 2: steps 4 and 6 were added, step 2 was not redone
+    assert sorted(m.step for m in history) == [2, 4, 6]
+
+
 def test_against_a_real_mlflow_server(ray_session, home, tmp_path):
     port = _free_port()
     server = subprocess.Popen(
@@ -101,12 +132,7 @@ def test_against_a_real_mlflow_server(ray_session, home, tmp_path):
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         uri = f"http://127.0.0.1:{port}"
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.5)
+        _wait_for(f"{uri}/health")
         assert full_main(TINY + ["--stages", "stage1", "--tracking-uri", uri]) == 0
         client = MlflowClient(uri)
         (parent,) = _parent_ids(client)
@@ -148,12 +174,7 @@ def test_ray_job_submit_against_a_local_head(home, tmp_path):
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         address = f"http://127.0.0.1:{dash}"
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"{address}/api/version", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.5)
+        _wait_for(f"{address}/api/version", seconds=120)
         runtime_env = '{"env_vars": {"DSU_HOME": "%s"}}' % home
         done = subprocess.run(
             ["ray", "job", "submit", "--address", address, "--working-dir", str(REPO),

@@ -7,7 +7,13 @@ changes of position, scale and angle stay visible at 32 px.
 """
 from __future__ import annotations
 
+import functools
+from typing import Callable, Iterator
+
 import numpy as np
+
+from ..base import FactorInfo
+from ._common import TEST, TRAIN, Chunk, SourcePlan, ranges, test_mask
 
 
 def grid(size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -122,3 +128,25 @@ def render_in_slices(draw, labels: np.ndarray, size: int, channels: int) -> np.n
     for a in range(0, len(labels), RENDER_SLICE):
         out[a:a + RENDER_SLICE] = draw(labels[a:a + RENDER_SLICE], size)
     return out
+
+
+def grid_plan(name: str, factors, infos: list[FactorInfo], channels: int, default_size: int,
+              version: int, render: Callable, opts: dict) -> SourcePlan:
+    """Plan a procedural dataset: a seeded subset of the factor grid, split by
+    ``test_portion``, cut into chunks that :func:`grid_read` renders."""
+    size = int(opts["image_size"] or default_size)
+    ids = subset_ids(factors, opts["num_samples"], int(opts["seed"]), name)
+    is_test = test_mask(len(ids), float(opts["test_portion"]), int(opts["seed"]))
+    tasks = [{"ids": ids[a:b], "test": is_test[a:b], "size": size}
+             for a, b in ranges(len(ids), int(opts["chunk_size"]))]
+    read = functools.partial(grid_read, factors, render)  # picklable: module-level functions
+    return SourcePlan(name, infos, channels, size, size, tasks, read, opts,
+                      {"generator": f"{name}-v{version}"})
+
+
+def grid_read(factors, render: Callable, task: dict) -> Iterator[Chunk]:
+    """One chunk of a procedural dataset: labels from grid ids, rendered pixels."""
+    ids = task["ids"]
+    labels = grid_indices(factors, ids)
+    split = np.where(task["test"], TEST, TRAIN).astype(np.int8)
+    yield Chunk(split, ids, render(labels, task["size"]), labels)

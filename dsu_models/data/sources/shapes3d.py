@@ -11,13 +11,11 @@ function of the factor values, vectorised over a batch; any even size works.
 """
 from __future__ import annotations
 
-from typing import Iterator
-
 import numpy as np
 
 from ..base import FactorInfo
 from . import _procedural as P
-from ._common import SourcePlan, Chunk, TEST, TRAIN, ranges, test_mask
+from ._common import SourcePlan
 
 NAME = "shapes3d"
 FACTORS = [("floor_hue", 10), ("wall_hue", 10), ("object_hue", 10), ("scale", 8),
@@ -107,17 +105,5 @@ def _draw(labels: np.ndarray, size: int) -> np.ndarray:
 
 
 def plan(opts: dict) -> SourcePlan:
-    size = int(opts["image_size"] or DEFAULT_IMAGE_SIZE)
-    ids = P.subset_ids(FACTORS, opts["num_samples"], int(opts["seed"]), NAME)
-    is_test = test_mask(len(ids), float(opts["test_portion"]), int(opts["seed"]))
-    tasks = [{"ids": ids[a:b], "test": is_test[a:b], "size": size}
-             for a, b in ranges(len(ids), int(opts["chunk_size"]))]
-    return SourcePlan(NAME, factor_infos(), CHANNELS, size, size, tasks, read, opts,
-                      {"generator": f"{NAME}-v{GENERATOR_VERSION}"})
-
-
-def read(task: dict) -> Iterator[Chunk]:
-    ids = task["ids"]
-    labels = P.grid_indices(FACTORS, ids)
-    split = np.where(task["test"], TEST, TRAIN).astype(np.int8)
-    yield Chunk(split, ids, render(labels, task["size"]), labels)
+    return P.grid_plan(NAME, FACTORS, factor_infos(), CHANNELS, DEFAULT_IMAGE_SIZE,
+                       GENERATOR_VERSION, render, opts)
