@@ -93,7 +93,7 @@ def naive_stage1_step(st: Stage1, batch: dict):
         p.grad = g  # the adversary must not train G's conv part
     opt.step()
     st.iteration += 1
-    return float(main), float(adv), float(nll)
+    return float(main.detach()), float(adv.detach()), float(nll.detach())
 
 
 def naive_stage2_step(st: Stage2, batch: dict):
@@ -164,4 +164,4 @@ def naive_stage2_step(st: Stage2, batch: dict):
         p.grad = g
     opt.step()
     st.iteration += 1
-    return float(g_loss), float(d_loss)
+    return float(g_loss.detach()), float(d_loss.detach())

@@ -20,6 +20,8 @@ Choices where METHOD.md is silent (written down here once):
   all-zero label embedders).
 - ``random_offset`` defaults to true (augmentation for D and classifiers).
 - A factor without a code size in the dataset defaults gets ``min(classes, 16)``.
+- ``compile`` defaults to false: on CPU it costs minutes of compile time per
+  stage for a modest speed-up (see ``benchmarks/stage_throughput.py --compile``).
 """
 from __future__ import annotations
 
@@ -179,6 +181,7 @@ class Config:
     nested_dropout: bool = True
     seed: int = 0
     device: str = "auto"
+    compile: bool = False  # torch.compile the networks in place (stages/common.py); keys unchanged
     architecture: ArchConfig = field(default_factory=ArchConfig)
     all_stages: dict[str, Any] = field(default_factory=dict)
     stage1: Stage1Config = field(default_factory=Stage1Config)

@@ -38,17 +38,26 @@ def _raw_weight(shape: tuple[int, ...], dims: tuple[int, ...]) -> nn.Parameter:
     return nn.Parameter(weight / torch.linalg.vector_norm(weight, dim=dims, keepdim=True))
 
 
-def _normalised(weight: Tensor, dims: tuple[int, ...], scale: Tensor | None,
-                gain: float, unit_dim: int) -> Tensor:
-    """``weight`` with every output unit's vector (reduced over ``dims``) at norm
-    ``gain * scale``; ``unit_dim`` is the weight dimension that indexes units."""
-    norm = torch.linalg.vector_norm(weight, dim=dims, keepdim=True)
-    factor = gain / norm
-    if scale is not None:
-        shape = [1] * weight.dim()
-        shape[unit_dim] = -1
-        factor = factor * scale.view(shape)
-    return weight * factor
+def _normalised(weight: Tensor, scale: Tensor | None, gain: float, unit_dim: int) -> Tensor:
+    """``weight`` with every output unit's vector (all dims but ``unit_dim``) at
+    norm ``gain * scale``.
+
+    ``torch._weight_norm`` computes ``v * (g / ||v||)`` in one fused kernel (and a
+    fused backward) for ``unit_dim`` 0, about 3x faster on CPU than the same
+    formula as separate norm/div/mul ops; for other dims it falls back to that
+    formula. ``g`` is ``gain * scale`` (or the constant ``gain``).
+    """
+    shape = [1] * weight.dim()
+    shape[unit_dim] = weight.shape[unit_dim]
+    if scale is None:
+        g = weight.new_full(shape, gain)
+    else:
+        g = scale.view(shape) if gain == 1.0 else scale.view(shape) * gain
+    return torch._weight_norm(weight, g, unit_dim)
+
+
+def _with_extra(bias: Tensor, extra: Tensor | None) -> Tensor:
+    return bias if extra is None else bias + extra
 
 
 class WNLinear(nn.Module):
@@ -66,10 +75,12 @@ class WNLinear(nn.Module):
         self.scale = nn.Parameter(torch.ones(out_f)) if affine else None
 
     def normalised_weight(self) -> Tensor:
-        return _normalised(self.weight, (1,), self.scale, 1.0, 0)
+        return _normalised(self.weight, self.scale, 1.0, 0)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.normalised_weight(), self.bias)
+    def forward(self, x: Tensor, extra_bias: Tensor | None = None) -> Tensor:
+        """``extra_bias``: ``(out_f,)`` added to the bias (a following activation's
+        input shift, folded in to save a pass over the output)."""
+        return F.linear(x, self.normalised_weight(), _with_extra(self.bias, extra_bias))
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, affine={self.scale is not None}"
@@ -92,10 +103,12 @@ class WNConv2d(nn.Module):
         self.scale = nn.Parameter(torch.ones(out_ch)) if affine else None
 
     def normalised_weight(self) -> Tensor:
-        return _normalised(self.weight, (1, 2, 3), self.scale, 1.0, 0)
+        return _normalised(self.weight, self.scale, 1.0, 0)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return F.conv2d(x, self.normalised_weight(), self.bias, self.stride, self.padding)
+    def forward(self, x: Tensor, extra_bias: Tensor | None = None) -> Tensor:
+        """``extra_bias``: ``(out_ch,)`` added to the bias (see ``WNLinear``)."""
+        return F.conv2d(x, self.normalised_weight(), _with_extra(self.bias, extra_bias),
+                        self.stride, self.padding)
 
     def extra_repr(self) -> str:
         out_ch, in_ch, kh, kw = self.weight.shape
@@ -124,10 +137,11 @@ class WNConvTranspose2d(nn.Module):
         self.scale = nn.Parameter(torch.ones(out_ch)) if affine else None
 
     def normalised_weight(self) -> Tensor:
-        return _normalised(self.weight, (0, 2, 3), self.scale, self.gain, 1)
+        return _normalised(self.weight, self.scale, self.gain, 1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return F.conv_transpose2d(x, self.normalised_weight(), self.bias,
+    def forward(self, x: Tensor, extra_bias: Tensor | None = None) -> Tensor:
+        """``extra_bias``: ``(out_ch,)`` added to the bias (see ``WNLinear``)."""
+        return F.conv_transpose2d(x, self.normalised_weight(), _with_extra(self.bias, extra_bias),
                                   self.stride, self.padding)
 
     def extra_repr(self) -> str:
@@ -141,6 +155,99 @@ def _channel_view(v: Tensor, ndim: int) -> Tensor:
     return v.view(-1, *([1] * (ndim - 2)))
 
 
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_VAR_FLOOR = 1e-8
+
+
+def _moment_terms(b: Tensor, a: Tensor) -> dict[str, Tensor]:
+    """Analytic moments of ``prelu(z + b; a)``, ``z ~ N(0, 1)``, per channel, and
+    the pieces their derivatives need (see ``SNPReLU.output_moments``)."""
+    cdf = torch.special.ndtr(b)
+    pdf = torch.exp(-0.5 * b * b) * _INV_SQRT_2PI
+    pos_mean = b * cdf + pdf
+    pos_sq = (b * b + 1.0) * cdf + b * pdf
+    neg_mean = b - pos_mean
+    neg_sq = b * b + 1.0 - pos_sq
+    mean = pos_mean + a * neg_mean
+    var = pos_sq + a * a * neg_sq - mean * mean
+    # var -> 0 only for a ~ 0 and b << 0 (a dead unit); keep the division finite.
+    std = var.clamp_min(_VAR_FLOOR).sqrt()
+    return dict(cdf=cdf, pos_mean=pos_mean, neg_mean=neg_mean, neg_sq=neg_sq,
+                mean=mean, var=var, std=std)
+
+
+def _reduce_dims(t: Tensor) -> tuple[int, ...]:
+    return (0,) + tuple(range(2, t.dim()))
+
+
+class _SNPReLUFunction(torch.autograd.Function):
+    """``(prelu(t; a) - mean(b, a)) / std(b, a)`` with a hand-written backward.
+
+    ``t = x + b`` is the already shifted input (the caller adds ``b``, often by
+    folding it into the previous layer's bias), so the gradient returned for
+    ``b`` is only the part through the moments; the direct part reaches ``b``
+    through ``t``. Compared with autograd over ``prelu`` + the ~20 small ops of
+    the moments, this makes 2 passes over the big tensor forward and ~8
+    backward, and the per-channel work runs without building a graph.
+
+    Derivatives (``P1 = E[t+]``, ``N1 = E[t-]``, ``Phi = ndtr(b)``):
+    ``dP1/db = Phi``, ``dE[t+^2]/db = 2 P1``, ``dN1/db = 1 - Phi``,
+    ``dE[t-^2]/db = 2 N1``; hence ``dm/db = Phi + a (1 - Phi)``, ``dm/da = N1``,
+    ``dvar/db = 2 P1 + 2 a^2 N1 - 2 m dm/db``, ``dvar/da = 2 a E[t-^2] - 2 m N1``.
+    Checked against autograd of the plain formula by ``gradcheck`` in
+    ``tests/test_perf_equivalence.py``.
+    """
+
+    @staticmethod
+    def forward(ctx, t: Tensor, b: Tensor, a: Tensor) -> Tensor:
+        m = _moment_terms(b, a)
+        inv_std = 1.0 / m["std"]
+        n = t.dim()
+        out = F.prelu(t, a)
+        torch.addcmul(_channel_view(-m["mean"] * inv_std, n), out, _channel_view(inv_std, n), out=out)
+        ctx.save_for_backward(t, out, b, a)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        t, out, b, a = ctx.saved_tensors
+        m = _moment_terms(b, a)
+        std, mean, var = m["std"], m["mean"], m["var"]
+        inv_std = 1.0 / std
+        n, dims = t.dim(), _reduce_dims(t)
+        grad_t = None
+        if ctx.needs_input_grad[0]:
+            grad_t = grad * torch.where(t > 0, _channel_view(inv_std, n),
+                                        _channel_view(a * inv_std, n))
+        if not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
+            return grad_t, None, None
+        sum_g = grad.sum(dims)
+        sum_g_out = (grad * out).sum(dims)          # = sum(g * (y - mean)) * inv_std
+        sum_g_neg = (grad * t.clamp_max(0.0)).sum(dims)  # sum(g * dy/da)
+        d_mean = -inv_std * sum_g
+        # d/d inv_std = sum(g (y - mean)) = std * sum_g_out; inv_std = var^(-1/2).
+        d_var = -0.5 * sum_g_out * inv_std * inv_std * (var >= _VAR_FLOOR).to(var.dtype)
+        dm_db = m["cdf"] + a * (1.0 - m["cdf"])
+        dvar_db = 2.0 * m["pos_mean"] + 2.0 * a * a * m["neg_mean"] - 2.0 * mean * dm_db
+        dvar_da = 2.0 * a * m["neg_sq"] - 2.0 * mean * m["neg_mean"]
+        grad_b = d_mean * dm_db + d_var * dvar_db
+        grad_a = inv_std * sum_g_neg + d_mean * m["neg_mean"] + d_var * dvar_da
+        return grad_t, grad_b, grad_a
+
+
+def snprelu(t: Tensor, bias: Tensor, slope: Tensor) -> Tensor:
+    """Self-normalising PReLU of an input that already includes the shift:
+    ``t = x + bias`` (``(B, C)`` or ``(B, C, H, W)``) -> ``(prelu(t; slope) - mean) / std``.
+
+    Eager: the hand-written ``_SNPReLUFunction``. Under ``torch.compile`` the plain
+    formula, which the compiler fuses and differentiates itself."""
+    if torch.compiler.is_compiling():
+        m = _moment_terms(bias, slope)
+        n = t.dim()
+        return (F.prelu(t, slope) - _channel_view(m["mean"], n)) / _channel_view(m["std"], n)
+    return _SNPReLUFunction.apply(t, bias, slope)
+
+
 class SNPReLU(nn.Module):
     """Self-normalising PReLU: ``(prelu(x + b; a) - mean) / std`` per channel.
 
@@ -149,6 +256,8 @@ class SNPReLU(nn.Module):
     ``prelu(z + b; a)`` for ``z ~ N(0, 1)`` (see ``output_moments``), so
     standard-normal input gives zero-mean, unit-variance output.
     Input ``(B, C)`` or ``(B, C, H, W)``; the channel dim is 1.
+    ``forward_shifted(t)`` takes ``t = x + b`` already shifted (a preceding
+    layer folds ``b`` into its bias: one pass over the big tensor fewer).
     """
 
     def __init__(self, channels: int):
@@ -165,28 +274,43 @@ class SNPReLU(nn.Module):
         ``t+ * t- = 0``, ``E[y] = E[t+] + a*E[t-]`` and
         ``E[y^2] = E[t+^2] + a^2*E[t-^2]``.
         """
-        b, a = self.bias, self.slope
-        cdf = torch.special.ndtr(b)
-        pdf = torch.exp(-0.5 * b * b) / math.sqrt(2.0 * math.pi)
-        pos_mean = b * cdf + pdf
-        pos_sq = (b * b + 1.0) * cdf + b * pdf
-        neg_mean = b - pos_mean
-        neg_sq = b * b + 1.0 - pos_sq
-        mean = pos_mean + a * neg_mean
-        var = pos_sq + a * a * neg_sq - mean * mean
-        # var -> 0 only for a ~ 0 and b << 0 (a dead unit); keep the division finite.
-        return mean, var.clamp_min(1e-8).sqrt()
+        m = _moment_terms(self.bias, self.slope)
+        return m["mean"], m["std"]
 
     def forward(self, x: Tensor) -> Tensor:
-        mean, std = self.output_moments()
-        inv_std = 1.0 / std
-        # Moments are C-sized; the big tensor sees one add, the prelu and one addcmul.
-        y = F.prelu(x + _channel_view(self.bias, x.dim()), self.slope)
-        return torch.addcmul(_channel_view(-mean * inv_std, x.dim()), y,
-                             _channel_view(inv_std, x.dim()))
+        return snprelu(x + _channel_view(self.bias, x.dim()), self.bias, self.slope)
+
+    def forward_shifted(self, t: Tensor) -> Tensor:
+        """``t = x + self.bias`` (the caller added the bias) -> the activation of ``x``."""
+        return snprelu(t, self.bias, self.slope)
 
     def extra_repr(self) -> str:
         return f"{self.bias.numel()}"
+
+
+def layer_act(layer: nn.Module, act: SNPReLU, x: Tensor) -> Tensor:
+    """``act(layer(x))`` for a weight-normalised ``layer``, with the activation's
+    shift folded into the layer's bias (one pass over the output fewer)."""
+    return act.forward_shifted(layer(x, act.bias))
+
+
+class Chain(nn.Sequential):
+    """``nn.Sequential`` (same indices, same ``state_dict`` keys) that runs each
+    weight-normalised layer directly followed by an ``SNPReLU`` as ``layer_act``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        mods = list(self)
+        i = 0
+        while i < len(mods):
+            mod = mods[i]
+            nxt = mods[i + 1] if i + 1 < len(mods) else None
+            if isinstance(nxt, SNPReLU) and isinstance(mod, (WNLinear, WNConv2d, WNConvTranspose2d)):
+                x = layer_act(mod, nxt, x)
+                i += 2
+            else:
+                x = mod(x)
+                i += 1
+        return x
 
 
 class ResidualAdd(nn.Module):

@@ -44,8 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dsu_models.nn.layers import (ResidualAdd, SNPReLU, WNConv2d, WNConvTranspose2d,
-                                  WNLinear)
+from dsu_models.nn.layers import (Chain, ResidualAdd, SNPReLU, WNConv2d, WNConvTranspose2d,
+                                  WNLinear, layer_act)
 
 _CHANNELS_BY_LEVELS = {
     0: [], 1: [16], 2: [16, 32], 3: [32, 64, 128], 4: [32, 64, 128, 256],
@@ -122,7 +122,7 @@ class ConvBlock(nn.Module):
         self.add = ResidualAdd(channels, ratio)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.add(x, self.act(self.conv(x)))
+        return self.add(x, layer_act(self.conv, self.act, x))
 
 
 class FCBlock(nn.Module):
@@ -136,7 +136,7 @@ class FCBlock(nn.Module):
         self.add = ResidualAdd(features, 0.0)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.add(x, self.act(self.linear(x)))
+        return self.add(x, layer_act(self.linear, self.act, x))
 
 
 class DownBlock(nn.Module):
@@ -155,7 +155,7 @@ class DownBlock(nn.Module):
         shortcut = F.avg_pool2d(x, 2, padding=self.pad, count_include_pad=True)
         if self.project is not None:
             shortcut = self.project(shortcut)
-        return self.add(shortcut, self.act(self.conv(x)))
+        return self.add(shortcut, layer_act(self.conv, self.act, x))
 
 
 class UpBlock(nn.Module):
@@ -177,12 +177,12 @@ class UpBlock(nn.Module):
         if self.crop:
             c = self.crop
             shortcut = shortcut[:, :, c:-c, c:-c]
-        return self.add(shortcut, self.act(self.conv(x)))
+        return self.add(shortcut, layer_act(self.conv, self.act, x))
 
 
-def _fc_stack(in_features: int, features: int, layers: int) -> nn.Sequential:
+def _fc_stack(in_features: int, features: int, layers: int) -> Chain:
     """``WNLinear(in, features) + act`` followed by ``layers`` FC residual blocks."""
-    return nn.Sequential(WNLinear(in_features, features), SNPReLU(features),
+    return Chain(WNLinear(in_features, features), SNPReLU(features),
                          *[FCBlock(features) for _ in range(layers)])
 
 
@@ -210,7 +210,7 @@ class Trunk(nn.Module):
                 levels.append(DownBlock(in_ch, out_ch, level.pad, 1.0 / (i + 1)))
             levels += [ConvBlock(out_ch, 0.0) for _ in range(n - 1)]
             in_ch = out_ch
-        self.conv = nn.Sequential(*levels)
+        self.conv = Chain(*levels)
         top_size = plan[-1].out_size if plan else image_size
         self.fc = _fc_stack(in_ch * top_size * top_size, fc_features, fc_layers)
 
@@ -271,7 +271,7 @@ class GeneratorFC(nn.Module):
         self.std_head = WNLinear(fc_features, 1, affine=True)
         top_features = math.prod(top_shape)
         if has_conv:
-            self.top = nn.Sequential(WNLinear(fc_features, top_features), SNPReLU(top_features))
+            self.top = Chain(WNLinear(fc_features, top_features), SNPReLU(top_features))
         else:
             self.top = nn.Sequential(WNLinear(fc_features, top_features, affine=True), nn.Tanh())
 
@@ -300,7 +300,7 @@ class GeneratorConv(nn.Module):
             else:
                 levels += [WNConvTranspose2d(ch, image_channels, 6, 2, 2 + plan[0].pad,
                                              affine=True), nn.Tanh()]
-        self.levels = nn.Sequential(*levels)
+        self.levels = Chain(*levels)
 
     def forward(self, top: Tensor) -> Tensor:
         return self.levels(top)

@@ -32,7 +32,7 @@ from dsu_models.data.base import FactorInfo
 from dsu_models.distill import image_batches
 from dsu_models.models import build_image_classifier, check_factors
 from dsu_models.nn.layers import random_offset
-from dsu_models.stages.common import Stage, adam, params
+from dsu_models.stages.common import Stage, adam, compile_networks, params
 
 
 class ClassifierStage(Stage):
@@ -52,6 +52,8 @@ class ClassifierStage(Stage):
         self.models = {"classifier": self.classifier}
         self.optimizers = {"classifier": adam([{"params": params(self.classifier),
                                                 "lr": self.scfg.lr}], self.scfg.betas)}
+        if cfg.compile:
+            compile_networks(self.classifier)
 
     def train_step(self, batch: dict) -> dict[str, float]:
         """batch: ``image`` (B, C, H, W) in [-1, 1], ``labels`` (B, K) int64."""

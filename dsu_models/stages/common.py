@@ -84,6 +84,41 @@ def detached_call(module: nn.Module, *args, method: str = "forward", **kwargs):
     return functional_call(_MethodCall(module, method), frozen, args, kwargs)
 
 
+def compile_networks(*modules: nn.Module | None):
+    """``torch.compile`` the networks' big regions in place (``Config.compile``).
+
+    Compiled in place with ``nn.Module.compile()``, so module trees and
+    ``state_dict`` keys stay as they are. The regions are the parts stages call
+    as modules: each trunk's conv levels and FC stack, the generator's FC part
+    and conv part, the code classifier's MLP; heads and the loss glue stay eager
+    (stages call ``forward_fc`` / ``trunk.conv`` / ``head`` separately, so a
+    whole network is not one call). Works on CPU and CUDA.
+
+    Every ``Chain`` instance shares one ``forward`` code object, and dynamo's
+    recompile limit (default 8) counts graphs per code object: with more than 8
+    regions (or grad / no-grad / detached-parameter variants of them) the rest
+    silently ran eager, which is why compiling such submodules gained little.
+    The limit is raised to cover every region and its variants.
+    """
+    import torch._dynamo
+
+    from dsu_models.nn.layers import Chain
+    from dsu_models.nn.networks import GeneratorFC
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    torch._dynamo.config.accumulated_recompile_limit = max(
+        torch._dynamo.config.accumulated_recompile_limit, 1024)
+    for root in modules:
+        if root is None:
+            continue
+        inside: set[int] = set()
+        for m in root.modules():
+            if id(m) in inside or not isinstance(m, (Chain, GeneratorFC)):
+                continue
+            m.compile(dynamic=False)
+            inside.update(id(sub) for sub in m.modules())
+
+
 def capture_rng() -> dict:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
              "python": random.getstate()}

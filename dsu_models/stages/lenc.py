@@ -55,7 +55,7 @@ from dsu_models.distill import image_batches
 from dsu_models.embedder import nearest_class
 from dsu_models.grids import rows_grid
 from dsu_models.models import build_embedders, build_encoder, build_generator
-from dsu_models.stages.common import Stage, adam, params
+from dsu_models.stages.common import Stage, adam, compile_networks, params
 from dsu_models.stages.stage1 import rolled_labels
 
 GENERATED_WEIGHT = 0.5
@@ -90,6 +90,8 @@ class LencStage(Stage):
         self.models = {"label_encoder": self.encoder}
         self.optimizers = {"label_encoder": adam([{"params": params(self.encoder),
                                                    "lr": self.scfg.lr}], self.scfg.betas)}
+        if cfg.compile:
+            compile_networks(self.encoder, self.generator)
 
     def _frozen_upstream(self, cfg: Config, factors: list[FactorInfo], upstream: dict):
         handoff = upstream["stage2"]

@@ -42,7 +42,8 @@ from dsu_models.grids import rows_grid, swap_matrix
 from dsu_models.models import (build_embedders, build_encoder, build_generator,
                                build_stage1_classifier)
 from dsu_models.nn.layers import random_offset
-from dsu_models.stages.common import Stage, adam, detached_call, params, ramp
+from dsu_models.stages.common import (Stage, adam, compile_networks, detached_call, params,
+                                      ramp)
 
 
 def keep_tensor(keep: list[float] | None, device) -> Tensor | None:
@@ -91,6 +92,8 @@ class Stage1(Stage):
         if self.classifier is not None:
             self.optimizers["classifier"] = adam([{"params": params(self.classifier), "lr": s.lr}],
                                                  s.betas)
+        if cfg.compile:
+            compile_networks(*self.models.values())
 
     # ---------------------------------------------------------------- step
 

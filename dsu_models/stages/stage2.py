@@ -92,7 +92,7 @@ from dsu_models.grids import rows_grid, swap_matrix
 from dsu_models.models import (build_discriminator, build_embedders, build_encoder,
                                build_generator, build_image_classifier, check_factors)
 from dsu_models.nn.layers import sample_offsets, shift_images
-from dsu_models.stages.common import Stage, adam, detached_call, params
+from dsu_models.stages.common import Stage, adam, compile_networks, detached_call, params
 
 
 def _weights(handoff: dict | None, stage: str) -> dict:
@@ -152,6 +152,8 @@ class Stage2(Stage):
             if s.cla2_adv:
                 groups.append({"params": params(self.classifier), "lr": s.lr})
         self.optimizers = {"main": adam(groups, s.betas)}
+        if cfg.compile:
+            compile_networks(*self.models.values(), self.generator1, self.encoder)
 
     # ------------------------------------------------------------ setup
 
