@@ -39,6 +39,7 @@ class ClassifierStage(Stage):
     """``ClassifierStage(cfg, factors)``; ``factors``: labeled factors' infos in config order."""
 
     name = "classifier"
+    handoff_models = ("classifier",)  # R with n_k + 1 outputs per factor, as stage 2 needs it
 
     def __init__(self, cfg: Config, factors: list[FactorInfo], device=None):
         super().__init__(cfg, device)
@@ -110,7 +111,3 @@ class ClassifierStage(Stage):
         accuracy = (correct.double() / max(seen, 1)).tolist()
         return {f"acc_{name}": a for name, a in zip(self.factor_names, accuracy)}
 
-    def handoff(self) -> dict:
-        """R's weights (``n_k + 1`` outputs per factor) for stage 2, with config and iteration."""
-        return {"stage": self.name, "config": self.cfg.to_dict(), "iteration": self.iteration,
-                "weights": self.weights("classifier")}

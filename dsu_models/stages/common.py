@@ -235,5 +235,11 @@ class Stage:
     def weights(self, *names: str) -> dict:
         return {n: {k: v.detach().cpu() for k, v in self.models[n].state_dict().items()} for n in names}
 
+    # Models a finished stage hands on (those present in ``self.models``).
+    handoff_models: tuple[str, ...] = ()
+
     def handoff(self) -> dict:
-        raise NotImplementedError
+        """Self-describing output: the hand-on weights (CPU), resolved config, iteration."""
+        names = [n for n in self.handoff_models if n in self.models]
+        return {"stage": self.name, "config": self.cfg.to_dict(), "iteration": self.iteration,
+                "weights": self.weights(*names)}

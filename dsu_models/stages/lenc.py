@@ -73,6 +73,7 @@ class LencStage(Stage):
     """
 
     name = "lenc"
+    handoff_models = ("label_encoder",)
 
     def __init__(self, cfg: Config, factors: list[FactorInfo], upstream: dict, device=None):
         if not cfg.labeled_factors:
@@ -208,6 +209,3 @@ class LencStage(Stage):
         true = [mean for mean, _ in self.targets(y)]
         return {"labels_read": rows_grid([x, self.generate(u, read), self.generate(u, true)])}
 
-    def handoff(self) -> dict:
-        return {"stage": self.name, "config": self.cfg.to_dict(), "iteration": self.iteration,
-                "weights": self.weights("label_encoder")}

@@ -63,6 +63,7 @@ class Stage1(Stage):
     """``Stage1(cfg, factors)``; ``factors``: labeled factors' infos in config order."""
 
     name = "stage1"
+    handoff_models = ("encoder", "generator", "embedders")
 
     def __init__(self, cfg: Config, factors: list[FactorInfo], device=None):
         super().__init__(cfg, device)
@@ -197,11 +198,6 @@ class Stage1(Stage):
         return random_offset(x_cross) if s.random_offset else x_cross
 
     # ------------------------------------------------------------ outputs
-
-    def handoff(self) -> dict:
-        names = [n for n in ("encoder", "generator", "embedders") if n in self.models]
-        return {"stage": self.name, "config": self.cfg.to_dict(), "iteration": self.iteration,
-                "weights": self.weights(*names)}
 
     @torch.no_grad()
     def generate(self, u: Tensor | None, label_means: list[Tensor]) -> Tensor:

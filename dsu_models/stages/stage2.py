@@ -122,6 +122,7 @@ class Stage2(Stage):
     """
 
     name = "stage2"
+    handoff_models = ("generator", "embedders", "label_encoder")
 
     def __init__(self, cfg: Config, factors: list[FactorInfo], upstream: dict, device=None):
         super().__init__(cfg, device)
@@ -448,11 +449,6 @@ class Stage2(Stage):
                                                        targets.flatten())
 
     # ------------------------------------------------------------ outputs
-
-    def handoff(self) -> dict:
-        names = [n for n in ("generator", "embedders", "label_encoder") if n in self.models]
-        return {"stage": self.name, "config": self.cfg.to_dict(), "iteration": self.iteration,
-                "weights": self.weights(*names)}
 
     @torch.no_grad()
     def generate(self, u: Tensor | None, label_codes: list[Tensor]) -> Tensor:
