@@ -19,6 +19,16 @@ shared libraries in every worker, the object store mapped by several processes):
   RssShmem of any process, i.e. the raylet's mapping), reported apart;
 * for comparison, the old figure: summed RSS of the whole tree.
 
+Measured (2 CPUs shared with other runs, 64 px, 150,016 images streamed from
+train splits of 235 and 20 Parquet files, the file counts of 480k and 40k
+prepared images): Ray 2.60's default V2 Parquet reader lists files with a
+pool of ``FooterReader`` actors, one process each: 26 worker processes,
+summed USS 3.82 GiB, largest worker 1.80 GiB RSS at 235 files. Reading
+through the V1 datasource (``pipelines/data_loading.py``) keeps 4 worker
+processes and summed USS 1.95 GiB (largest worker 1.13 GiB RSS) at 235
+files and 1.94 GiB at 20 files (before: 2.22 GiB, 5 processes), at the same
+~2,500 img/s.
+
 Memory is bounded here by a fixed object store (``--object-store-mb``), small
 Ray Data blocks and an object-store budget for Ray Data's streaming executor;
 drawing is sliced inside the renderer. With ``RAY_ADDRESS`` set the benchmark

@@ -10,12 +10,21 @@ CPU, 2 threads, seeded.
   shape .988, orientation .994. It takes ~2-3 min on 2 busy cores, over the
   90 s aimed for; a smaller trunk (16/32/32 channels, 3,000 samples, 8 epochs,
   53 s) reached shape .917 and orientation .937 only.
-* sprites: NOT YET MET, so not asserted here (the data issue stays open). x and y have 32 classes 0.6 px apart at
-  32 px and orientation 39 classes 9.2 degrees apart. Measured (generator v2,
-  small trunk, 3,000 samples, 8 epochs): shape .46, scale .47, orientation
-  .02, x .55 (.96 within one class), y .61 (.97). Shape at .46 on three very
-  different silhouettes points at the classifier (translation over the whole
-  image with few samples) as much as at the renderer.
+* sprites at 32 px: >= 0.95 is NOT met for orientation, x and y, so
+  ``test_sprites_readable_at_32px`` asserts what is reached, with margins far
+  above chance that a broken renderer would fail (the data issue stays open).
+  x and y have 32 classes 0.6 px apart and orientation 39 classes 9.2 degrees
+  apart on sprites 8-13 px across. With ``MultiHead`` (flattened features,
+  3,000 samples, 8 epochs): shape .46, scale .47, orientation .02, x .55
+  (.96 within one class), y .61 (.97): the classifier failed at shape, which
+  has to be learnt anew at every position. With ``PoolHead`` (global pooling
+  plus coordinate channels; generator v2, 6,000 samples, 8 epochs),
+  exact (within one class): width 32 (the test's): shape 1.0 (1.0), scale
+  .950 (1.0), orientation .157 (.392), x .720 (.958), y .697 (.968); width
+  48: shape .998, scale .955, orientation .167 (.428), x .702 (.962), y .703
+  (.970), 179 s on 2 cores shared with other runs (width 32 needs ~0.45x the
+  multiply-adds). Orientation is the factor the renderer leaves hardest
+  (chance .026); position is read to about one class.
 """
 from __future__ import annotations
 
@@ -48,16 +57,48 @@ class MultiHead(nn.Module):
         return self.heads(self.trunk(x)).split(self.classes, 1)
 
 
-def oracle_accuracy(name: str, size: int, samples: int, epochs: int, seed: int = 0) -> dict:
+class PoolHead(nn.Module):
+    """Conv trunk on the image plus two coordinate channels, globally average- and
+    max-pooled, then an MLP with one linear head per factor.
+
+    For sprites, where a small object moves over the whole image: pooling makes
+    shape, scale and orientation features translation invariant (the flattening
+    ``MultiHead`` had to learn each at every position, and read shape at .46),
+    while the coordinate channels let conv features carry the object's position
+    into the pooled vector; the average of the image itself measures its area
+    (scale) exactly, thanks to the antialiased edges.
+    """
+
+    def __init__(self, channels: int, size: int, classes: list[int], width: int = 32):
+        super().__init__()
+        w = width
+        self.trunk = nn.Sequential(
+            nn.Conv2d(channels + 2, w, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(w, w, 3, padding=1, stride=2), nn.ReLU(),
+            nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1, stride=2), nn.ReLU())
+        self.mlp = nn.Sequential(nn.Linear(4 * w, 256), nn.ReLU())
+        self.heads = nn.Linear(256, sum(classes))
+        self.classes = classes
+        c = torch.linspace(-1, 1, size)
+        self.register_buffer("coords", torch.stack(torch.meshgrid(c, c, indexing="ij"))[None])
+
+    def forward(self, x):
+        h = self.trunk(torch.cat([x, self.coords.expand(len(x), -1, -1, -1)], 1))
+        return self.heads(self.mlp(torch.cat([h.mean((2, 3)), h.amax((2, 3))], 1))).split(self.classes, 1)
+
+
+def oracle_accuracy(name: str, size: int, samples: int, epochs: int, seed: int = 0,
+                    model: type[nn.Module] = MultiHead, pct_start: float = 0.2) -> dict:
     """Per factor: (exact test accuracy, share of test predictions within one class)."""
     torch.manual_seed(seed)
     train, test = load_builtin(name, image_size=size, num_samples=samples, seed=seed)
     classes = [f.classes for f in train.factors]
-    net = MultiHead(train.channels, size, classes)
+    net = model(train.channels, size, classes)
     x, y = to_float(train.images), train.labels
     steps = epochs * (len(x) // 64)
     opt = torch.optim.Adam(net.parameters(), 2e-3)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=steps, pct_start=0.2)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=steps, pct_start=pct_start)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         perm = torch.randperm(len(x), generator=gen)
@@ -94,13 +135,26 @@ def test_shapes3d_every_factor_readable_at_32px():
         assert exact >= 0.95, (name, acc)
 
 
+@pytest.mark.slow
+def test_sprites_readable_at_32px():
+    """Shape and scale >= 0.95; orientation, x and y at the levels reached so far
+    (see the module docstring), each many times chance and near-perfect within one class."""
+    acc = oracle_accuracy("sprites", 32, samples=6000, epochs=8, model=PoolHead, pct_start=0.15)
+    print(acc)
+    floors = {"shape": (0.95, 0.99), "scale": (0.90, 0.99), "orientation": (0.10, 0.30),
+              "x": (0.55, 0.90), "y": (0.55, 0.90)}   # (exact, within one class); chance 1/classes
+    for name, (exact, near) in acc.items():
+        assert exact >= floors[name][0] and near >= floors[name][1], (name, acc)
+
+
 if __name__ == "__main__":
     import sys
     import time
 
     torch.set_num_threads(2)
     name, size, n, ep = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    model = {"multihead": MultiHead, "poolhead": PoolHead}[sys.argv[5] if len(sys.argv) > 5 else "multihead"]
     t0 = time.time()
-    res = oracle_accuracy(name, size, n, ep)
+    res = oracle_accuracy(name, size, n, ep, model=model)
     print(name, size, n, ep, f"{time.time() - t0:.1f}s",
           {k: f"{a:.3f}/{b:.3f}" for k, (a, b) in res.items()})
