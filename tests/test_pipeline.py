@@ -176,11 +176,15 @@ def test_ray_job_submit_against_a_local_head(home, tmp_path):
         address = f"http://127.0.0.1:{dash}"
         _wait_for(f"{address}/api/version", seconds=120)
         runtime_env = '{"env_vars": {"DSU_HOME": "%s"}}' % home
-        done = subprocess.run(
-            ["ray", "job", "submit", "--address", address, "--working-dir", str(REPO),
-             "--runtime-env-json", runtime_env, "--",
-             "python", "pipelines/full.py", *TINY, "--stages", "stage1"],
-            env=env, capture_output=True, text=True, timeout=900)
+        for _ in range(30):  # the dashboard answers before its job agent is up
+            done = subprocess.run(
+                ["ray", "job", "submit", "--address", address, "--working-dir", str(REPO),
+                 "--runtime-env-json", runtime_env, "--",
+                 "python", "pipelines/full.py", *TINY, "--stages", "stage1"],
+                env=env, capture_output=True, text=True, timeout=900)
+            if "No available agent" not in done.stdout + done.stderr:
+                break
+            time.sleep(2)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         assert "finished pipeline run" in done.stdout
         client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
