@@ -35,6 +35,23 @@ def swap_matrix(content: Tensor, sources: Tensor, cells: Tensor, pad: int = 2) -
     return to_uint8(make_grid(images, nrow=n_s + 1, padding=pad, pad_value=1.0, normalize=False))
 
 
+def sample_grids(x: Tensor, u: Tensor | None, label_codes: list[Tensor], generate) -> dict[str, Tensor]:
+    """The stages' sample grids. ``x``: (n, C, H, W) real images; ``u``: their
+    unknown codes (or None); ``label_codes``: their labeled codes; ``generate(u,
+    codes) -> images``. ``reconstruction``: rows real / generated from the
+    image's own codes; ``swap`` (when there are both unknown and labeled codes):
+    row i keeps image i's unknown, column j takes image j's labels, all n*n
+    cells generated in one batch."""
+    grids = {"reconstruction": rows_grid([x, generate(u, label_codes)])}
+    if label_codes and u is not None:
+        n = x.shape[0]
+        rows = torch.arange(n, device=x.device).repeat_interleave(n)
+        cols = torch.arange(n, device=x.device).repeat(n)
+        cells = generate(u[rows], [c[cols] for c in label_codes])
+        grids["swap"] = swap_matrix(x, x, cells.reshape(n, n, *x.shape[1:]))
+    return grids
+
+
 def save_png(grid: Tensor, path: str | Path) -> Path:
     """Write a uint8 (C, H, W) grid as PNG, atomically (temp name, then rename)."""
     path = Path(path)

@@ -28,7 +28,6 @@ CPU, 2 threads, seeded.
 """
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from torch import nn

@@ -38,7 +38,7 @@ from torch import Tensor
 from dsu_models import codes, losses
 from dsu_models.config import Config
 from dsu_models.data.base import FactorInfo
-from dsu_models.grids import rows_grid, swap_matrix
+from dsu_models.grids import sample_grids
 from dsu_models.models import (build_embedders, build_encoder, build_generator,
                                build_stage1_classifier)
 from dsu_models.nn.layers import random_offset
@@ -214,14 +214,8 @@ class Stage1(Stage):
         self.train(False)
         batch = self.to_device({k: v[:n] for k, v in batch.items()})
         x, y = batch["image"], batch["labels"]
-        n = x.shape[0]
         u = self.encoder(x)[0][0] if self.encoder is not None else None
         means = [emb(y[:, k])[0] for k, emb in enumerate(self.embedders)]
-        grids = {"reconstruction": rows_grid([x, self.generate(u, means)])}
-        if self.num_labeled and u is not None:
-            rows = torch.arange(n, device=x.device).repeat_interleave(n)
-            cols = torch.arange(n, device=x.device).repeat(n)
-            cells = self.generate(u[rows], [m[cols] for m in means])
-            grids["swap"] = swap_matrix(x, x, cells.reshape(n, n, *x.shape[1:]))
+        grids = sample_grids(x, u, means, self.generate)
         self.train(True)
         return grids

@@ -88,7 +88,7 @@ from torch import Tensor, nn
 from dsu_models import codes, losses
 from dsu_models.config import Config
 from dsu_models.data.base import FactorInfo
-from dsu_models.grids import rows_grid, swap_matrix
+from dsu_models.grids import sample_grids
 from dsu_models.models import (build_discriminator, build_embedders, build_encoder,
                                build_generator, build_image_classifier, check_factors)
 from dsu_models.nn.layers import sample_offsets, shift_images
@@ -478,14 +478,7 @@ class Stage2(Stage):
         self.train(False)
         batch = self.to_device({k: v[:n] for k, v in batch.items()})
         x, y = batch["image"], batch["labels"]
-        n = x.shape[0]
         u = batch["mu"] if self.unknown_size else None
-        means = self.label_means(x, y)
-        grids = {"reconstruction": rows_grid([x, self.generate(u, means)])}
-        if means and u is not None:
-            rows = torch.arange(n, device=x.device).repeat_interleave(n)
-            cols = torch.arange(n, device=x.device).repeat(n)
-            cells = self.generate(u[rows], [m[cols] for m in means])
-            grids["swap"] = swap_matrix(x, x, cells.reshape(n, n, *x.shape[1:]))
+        grids = sample_grids(x, u, self.label_means(x, y), self.generate)
         self.train(True)
         return grids
