@@ -107,15 +107,18 @@ def test_killed_pipeline_resumes_the_unfinished_stage_from_its_checkpoint(ray_se
     """A stage that dies with no retries left stops the pipeline; ``--resume``
     continues that stage from its last checkpoint instead of restarting it."""
     hooks = {"stage1": {"fail_at": 3, "fail_marker": str(tmp_path / "died")}}
+    # half a CPU per worker: the failed run's placement group may linger a moment,
+    # and Ray Data must still find a CPU for decoding
+    half = ["--cpus-per-worker", "0.5"]
     with pytest.raises(Exception):
-        full_main(TINY + ["--stages", "stage1", "--max-failures", "0"], test_hooks=hooks)
+        full_main(TINY + half + ["--stages", "stage1", "--max-failures", "0"], test_hooks=hooks)
     client = MlflowClient(tracking.default_tracking_uri())
     (parent,) = _parent_ids(client)
     run = tracking.child_runs(client, parent)["stage1"]
     assert run.data.tags[tracking.COMPLETE_TAG] == "false"
     assert len(client.get_metric_history(run.info.run_id, "total")) == 1  # step 2 only
 
-    assert full_main(TINY + ["--stages", "stage1", "--resume", parent]) == 0
+    assert full_main(TINY + half + ["--stages", "stage1", "--resume", parent]) == 0
     run = tracking.child_runs(client, parent)["stage1"]
     assert run.data.tags[tracking.COMPLETE_TAG] == "true"
     history = client.get_metric_history(run.info.run_id, "total")
