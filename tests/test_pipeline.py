@@ -165,7 +165,14 @@ def test_bad_config_or_missing_data_fails_before_ray(tmp_path):
 
 
 def test_ray_job_submit_against_a_local_head(home, tmp_path):
-    """`ray start --head` on 127.0.0.1 (stopped afterwards), then `ray job submit`."""
+    """`ray start --head` on 127.0.0.1 (stopped afterwards), then `ray job submit`.
+
+    The session's own local Ray instance is shut down first: with two local
+    instances on one machine the new head's job agent never comes up ("No
+    available agent"). This is the last test of the session that uses Ray."""
+    import ray
+    if ray.is_initialized():
+        ray.shutdown()
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
     env.pop("RAY_ADDRESS", None)
     dash = _free_port()
