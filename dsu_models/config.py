@@ -159,6 +159,25 @@ class LencConfig(StageConfig):
     zero_init: bool = True
 
 
+@dataclass
+class EvaluateConfig:
+    """Evaluation of a finished model (``dsu_models.evaluation``, METHOD.md section 11).
+
+    Oracles (one small CNN per ground-truth factor, trained on real training
+    images, cached by dataset content) judge generated images; ``pairs`` seeded
+    test pairs (a, b) measure swaps; a logistic-regression probe on up to
+    ``probe_samples`` unknown-code means measures leakage.
+    """
+
+    pairs: int = 2000
+    batch_size: int = 256
+    oracle_epochs: int = 10
+    oracle_samples: int | None = 20000  # training images the oracles see (None: all)
+    oracle_width: int = 32              # oracle trunk channels (2x in its second half)
+    probe_samples: int | None = 10000   # train codes for the leakage probe (None: all)
+    seed: int = 0
+
+
 STAGE_CLASSES = {"stage1": Stage1Config, "classifier": ClassifierConfig,
                  "stage2": Stage2Config, "lenc": LencConfig}
 
@@ -188,6 +207,7 @@ class Config:
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     stage2: Stage2Config = field(default_factory=Stage2Config)
     lenc: LencConfig = field(default_factory=LencConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     # ------------------------------------------------------------ views
 
@@ -553,6 +573,11 @@ def _resolve_stages(cfg: Config):
         raise ConfigError(f"stage1.cla1_ramp: {s1.cla1_ramp!r} (need [t1, t2] with 0 <= t1 <= t2)")
     if s2.random_ucode and cfg.unknown_size == 0:
         raise ConfigError("stage2.random_ucode: true needs an unknown code (unknown_size is 0)")
+    ev = cfg.evaluate
+    for key in ("pairs", "batch_size", "oracle_epochs", "oracle_width", "oracle_samples", "probe_samples"):
+        value = getattr(ev, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"evaluate.{key}: {value} (must be positive)")
 
 
 def _check_device(device: str):
