@@ -1,7 +1,9 @@
-"""Sample grids (METHOD.md section 11): reconstruction rows and swap matrices.
+"""Sample grids (METHOD.md section 11): reconstruction rows, swap matrices and
+class sweeps.
 
 All inputs are float images in [-1, 1]; outputs are uint8 ``(3 or 1, H, W)``
-grids ready to save as PNG or log as an image.
+CHW tensors ready to save as PNG or log as an image (``dsu_models.plots``
+returns its figures in the same form).
 """
 from __future__ import annotations
 
@@ -50,6 +52,43 @@ def sample_grids(x: Tensor, u: Tensor | None, label_codes: list[Tensor], generat
         cells = generate(u[rows], [c[cols] for c in label_codes])
         grids["swap"] = swap_matrix(x, x, cells.reshape(n, n, *x.shape[1:]))
     return grids
+
+
+MAX_SWEEP_CLASSES = 64  # wider rows are unreadable; larger factors show an even subset
+
+
+def sweep_classes(classes: int, limit: int = MAX_SWEEP_CLASSES) -> Tensor:
+    """The classes a sweep shows: all of them, or ``limit`` evenly spaced ones. (c,) int64."""
+    if classes <= limit:
+        return torch.arange(classes)
+    return torch.linspace(0, classes - 1, limit).round().long().unique()
+
+
+def class_sweeps(x: Tensor, u: Tensor | None, labels: Tensor, embed, generate,
+                 factors: list[tuple[str, int]], limit: int = MAX_SWEEP_CLASSES) -> dict[str, Tensor]:
+    """Per labeled factor k, ``sweep_<name>``: row i is the content image ``x[i]``,
+    then ``generate(u[i], embed(labels[i] with factor k set to c))`` for every
+    class c of factor k (:func:`sweep_classes`) in class order; the other factors
+    keep image i's own labels, so the cell of image i's own class is its
+    reconstruction.
+
+    x: (r, C, H, W); u: (r, m_u) or None; labels: (r, K) int64 of the labeled
+    factors; ``embed(labels (B, K)) -> [(B, m_k)]`` code means; ``generate(u,
+    codes) -> (B, C, H, W)``; factors: ``[(name, classes)]`` in label-column
+    order. Each factor's cells are generated in one batch."""
+    r = x.shape[0]
+    out = {}
+    for k, (name, classes) in enumerate(factors):
+        shown = sweep_classes(classes, limit).to(labels.device)
+        c = shown.numel()
+        swept = labels.repeat_interleave(c, dim=0).clone()
+        swept[:, k] = shown.repeat(r)
+        cells = generate(None if u is None else u.repeat_interleave(c, dim=0), embed(swept))
+        images = torch.cat([torch.cat([x[i:i + 1].to(cells.device), cells[i * c:(i + 1) * c]])
+                            for i in range(r)])
+        out[f"sweep_{name}"] = to_uint8(make_grid(images.detach().float().cpu(), nrow=c + 1,
+                                                  padding=2, pad_value=1.0, normalize=False))
+    return out
 
 
 def save_png(grid: Tensor, path: str | Path) -> Path:

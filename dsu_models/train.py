@@ -9,7 +9,8 @@
     DIR/<stage>/checkpoint.pt       latest full state (models, optimizers, iteration, RNG)
     DIR/<stage>/handoff.pt          finished stage's weights + config (what the next stage reads)
     DIR/<stage>/metrics.jsonl       one line per report
-    DIR/<stage>/samples/*.png       reconstruction and swap grids
+    DIR/<stage>/samples/*.png       pictures: reconstruction, swap and class-sweep grids,
+                                    code scatter and label-embedding plots (dsu_models.plots)
     DIR/stage1/codes.pt             distilled unknown codes and their statistics
 
 Re-running with the same DIR resumes: finished stages (with ``handoff.pt``)
@@ -36,6 +37,7 @@ from dsu_models.config import (CONFIG_DIR, Config, ConfigError, layered_dict, lo
 from dsu_models.data.base import InMemoryDataset
 from dsu_models.grids import save_png
 from dsu_models.models import build_encoder
+from dsu_models.plots import scatter_subset
 from dsu_models.stages.common import NonFiniteLossError, resolve_device
 
 BUILTIN = ("shapes3d", "sprites", "digits")
@@ -171,9 +173,16 @@ def make_stage(name: str, cfg: Config, factors, upstream: dict, device):
 
 def train_stage(stage, source: BatchSource, stage_dir: Path, plot_batch: dict,
                 log: Callable[[str], None] = print,
-                on_report: Callable[[int, dict], None] | None = None):
+                on_report: Callable[[int, dict], None] | None = None,
+                plot_set: InMemoryDataset | None = None):
     """Run ``stage`` from its current iteration to the end, with reports,
-    sample grids and checkpoints. Resumes from ``stage_dir/checkpoint.pt``."""
+    pictures and checkpoints. Resumes from ``stage_dir/checkpoint.pt``.
+
+    Pictures: whatever ``stage.pictures(plot_batch, plot_set)`` says is due
+    after an iteration (stages decide by their intervals; see
+    ``dsu_models.plots``), saved as ``samples/<key>_<iteration>.png``.
+    ``plot_set``: a fixed set of test images with every factor's labels for the
+    code scatter plots."""
     s = stage.scfg
     ckpt = stage_dir / "checkpoint.pt"
     if ckpt.exists():
@@ -199,9 +208,9 @@ def train_stage(stage, source: BatchSource, stage_dir: Path, plot_batch: dict,
             if on_report:
                 on_report(it, mean)
             sums, count = {}, 0
-        if hasattr(stage, "sample_images") and (it % s.sample_interval == 0 or stage.done):
-            for key, grid in stage.sample_images(plot_batch).items():
-                save_png(grid, stage_dir / "samples" / f"{key}_{it:07d}.png")
+        if hasattr(stage, "pictures"):
+            for key, image in stage.pictures(plot_batch, plot_set).items():
+                save_png(image, stage_dir / "samples" / f"{key}_{it:07d}.png")
 
 
 def distill_codes(cfg: Config, handoff: dict, train: InMemoryDataset, test: InMemoryDataset,
@@ -231,6 +240,7 @@ def run(cfg: Config, out: Path, log: Callable[[str], None] = print,
         f"unknown size {cfg.unknown_size}; device {device}")
     _, factors = labeled_view(cfg, train)
     plot_batch = BatchSource(cfg, test, min(8, len(test)), cfg.seed).batch(0)
+    plot_set = scatter_subset(test, seed=cfg.seed)
     results: dict = {}
     for name in stages or cfg.active_stages():
         stage_dir = out / name
@@ -253,7 +263,7 @@ def run(cfg: Config, out: Path, log: Callable[[str], None] = print,
             try:
                 report = (lambda it, m, _n=name: on_report(_n, it, m)) if on_report else None
                 train_stage(stage, source, stage_dir,
-                            plot_batch2 if name == "stage2" else plot_batch, log, report)
+                            plot_batch2 if name == "stage2" else plot_batch, log, report, plot_set)
             except NonFiniteLossError:
                 log(f"[{name}] stopped; the last good checkpoint is {stage_dir / 'checkpoint.pt'}")
                 raise

@@ -14,9 +14,10 @@ The stage modules of ``dsu_models.stages`` do the math; this file adds:
 - **Checkpoints**: every ``checkpoint_interval`` rank 0 reports the full stage
   state with ``ray.train.report``; with ``FailureConfig(max_failures)`` a dead
   worker restarts the group from that state and the iteration count continues.
-- **Tracking**: rank 0 logs metrics and sample grids to the stage's MLflow run
-  and, at the end, the hand-off (weights + config) as the ``handoff.pt``
-  artifact. Every rank reports to Ray Train.
+- **Tracking**: rank 0 logs metrics and pictures (the stage's ``pictures``:
+  sample grids, class sweeps, code scatter and embedding plots, each at its
+  interval) to the stage's MLflow run and, at the end, the hand-off (weights +
+  config) as the ``handoff.pt`` artifact. Every rank reports to Ray Train.
 
 Upstream inputs come only from MLflow artifacts, downloaded by run id on each
 worker (:func:`load_upstream`), so stages can run on different nodes.
@@ -34,7 +35,8 @@ import torch
 import torch.distributed as dist
 
 from dsu_models.config import Config, config_from_dict
-from dsu_models.data.base import FactorInfo, to_float
+from dsu_models.data.base import FactorInfo, InMemoryDataset, to_float
+from dsu_models.plots import SCATTER_POINTS
 from dsu_models.train import make_stage
 from pipelines import tracking
 
@@ -176,8 +178,10 @@ def train_loop(config: dict):
     codes = upstream["codes"]["train"] if upstream.get("codes") else None
     plot_codes = upstream["codes"]["test"] if upstream.get("codes") else None
     plot = config["plot"]
-    plot_batch = _batch_from({"image": to_float(plot["images"]), "labels": plot["labels"],
-                              "id": plot["ids"]}, config["label_columns"], plot_codes, cfg.unknown_size)
+    plot_batch = _batch_from({"image": to_float(plot["images"][:8]), "labels": plot["labels"][:8],
+                              "id": plot["ids"][:8]}, config["label_columns"], plot_codes, cfg.unknown_size)
+    plot_set = InMemoryDataset(plot["images"], plot["labels"],
+                               [FactorInfo.from_dict(d) for d in config["all_factors"]], plot["ids"])
     client = MlflowClient(config["tracking_uri"]) if rank == 0 else None
     run_id = config["run_id"]
     fail_at, marker = config.get("fail_at"), config.get("fail_marker")
@@ -194,6 +198,8 @@ def train_loop(config: dict):
             Path(marker).write_text("failed once")
             raise RuntimeError(f"test hook: simulated worker failure at iteration {fail_at}")
         metrics = stage.train_step(_batch_from(rows, config["label_columns"], codes, cfg.unknown_size))
+        if rank == 0:
+            _log_pictures(client, run_id, stage, plot_batch, plot_set)
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + v
         count += 1
@@ -209,8 +215,6 @@ def train_loop(config: dict):
             print(f"[{name}] {it}/{scfg.iterations} | "
                   + " ".join(f"{k} {v:.4g}" for k, v in mean.items()), flush=True)
             client.log_batch(run_id, metrics=[_metric(k, v, it) for k, v in mean.items()])
-            if it % scfg.sample_interval == 0 or stage.done:
-                _log_grids(client, run_id, stage, plot_batch, it)
             if it % scfg.checkpoint_interval == 0 or stage.done:
                 ckpt_dir = Path(tempfile.mkdtemp(prefix="dsu-ckpt-", dir=workdir))
                 _save_state(stage, ckpt_dir)
@@ -232,20 +236,22 @@ def _metric(key: str, value: float, step: int):
     return Metric(key, float(value), int(time.time() * 1000), step)
 
 
-def _log_grids(client, run_id: str, stage, plot_batch: dict, step: int):
-    if not hasattr(stage, "sample_images"):
+def _log_pictures(client, run_id: str, stage, plot_batch: dict, plot_set: InMemoryDataset):
+    """Log what ``stage.pictures`` says is due after its current iteration (rank 0
+    only) as MLflow image history ``<stage>_<key>`` at that step."""
+    if not hasattr(stage, "pictures"):
         return
-    for key, grid in stage.sample_images(plot_batch).items():
-        array = grid.permute(1, 2, 0).numpy()
+    for key, image in stage.pictures(plot_batch, plot_set).items():
+        array = image.permute(1, 2, 0).numpy()
         client.log_image(run_id, array[..., 0] if array.shape[2] == 1 else array,
-                         key=f"{stage.name}_{key}", step=step)
+                         key=f"{stage.name}_{key}", step=stage.iteration)
 
 
 # ----------------------------------------------------------------- driver
 
 
 def plot_rows(data_dir: str, cfg: Config, n: int = 8) -> dict:
-    """A few plot-split images (uint8), their labels (all factors) and ids."""
+    """Up to ``n`` plot-split images (uint8), their labels (all factors) and ids."""
     from dsu_models.data import read_split
     plot = read_split(data_dir, "plot", image_size=cfg.image_size)
     n = min(n, len(plot))
@@ -276,6 +282,7 @@ def run_stage(stage: str, cfg: Config, data_dir: str, run_id: str, upstream: dic
     from ray.train.torch import TorchTrainer
 
     from dsu_models.data import read_manifest
+    from dsu_models.data.manifest import factor_infos
     from pipelines.data_loading import train_dataset
 
     scfg = getattr(cfg, stage)
@@ -285,11 +292,15 @@ def run_stage(stage: str, cfg: Config, data_dir: str, run_id: str, upstream: dic
         total = ray.cluster_resources().get("CPU", 1)
         # leave CPU for Ray Data's decoding (see RAY_NOTES: CPU starvation)
         cpus_per_worker = max(0.5, (total - 1) / workers) if not use_gpu else 1
-    infos, columns = labeled_infos(read_manifest(data_dir), cfg)
+    manifest = read_manifest(data_dir)
+    infos, columns = labeled_infos(manifest, cfg)
+    all_factors = [f.to_dict() for f in factor_infos(manifest)]
     loop_config = {
         "stage": stage, "cfg": cfg.to_dict(), "factors": infos, "label_columns": columns,
         "upstream": upstream, "tracking_uri": tracking_uri, "run_id": run_id,
-        "threads": max(1, int(cpus_per_worker)), "plot": plot_rows(data_dir, cfg),
+        "threads": max(1, int(cpus_per_worker)),
+        # the first 8 rows are the sample batch, all of them the code-scatter set
+        "plot": plot_rows(data_dir, cfg, n=SCATTER_POINTS), "all_factors": all_factors,
         **(test_hooks or {}),
     }
     storage = storage_path or str(tracking.dsu_home() / "ray_results")

@@ -41,16 +41,17 @@ Metrics per step: ``total``, ``kl_real``, ``kl_gen``. :meth:`evaluate`:
 ``acc_<factor>``, the accuracy of the class whose B2 mean is nearest to S's mean.
 :meth:`sample_images` shows what S reads: real images, then G2 with a fixed
 random unknown and the labeled codes S reads from them, then the same unknown
-with the true labels' B2 means (the last two rows match when S is right).
+with the true labels' B2 means (the last two rows match when S is right);
+:meth:`read_plots` draws S's reading of test images over B2's class codes.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from dsu_models import codes, losses
+from dsu_models import codes, losses, plots
 from dsu_models.config import Config
-from dsu_models.data.base import FactorInfo
+from dsu_models.data.base import FactorInfo, InMemoryDataset
 from dsu_models.distill import image_batches
 from dsu_models.embedder import nearest_class
 from dsu_models.grids import rows_grid
@@ -84,6 +85,7 @@ class LencStage(Stage):
                              "labeled encoder itself and there are no embedders B2 to learn from")
         super().__init__(cfg, device)
         self.factor_names = list(cfg.labeled_factors)
+        self.factors = list(factors)
         self.generator, self.embedders = self._frozen_upstream(cfg, factors, upstream)
         self.code_stats = self._checked_stats(upstream["code_stats"], cfg.unknown_size)
         self.encoder = build_encoder(cfg, [spec.size for _, spec in cfg.labeled()],
@@ -209,3 +211,29 @@ class LencStage(Stage):
         true = [mean for mean, _ in self.targets(y)]
         return {"labels_read": rows_grid([x, self.generate(u, read), self.generate(u, true)])}
 
+    @torch.no_grad()
+    def read_plots(self, data: InMemoryDataset) -> dict[str, Tensor]:
+        """``read_<factor>``: S's means for ``data``'s images (labels for every
+        ground-truth factor, the labeled ones among them), coloured by their true
+        class, drawn over B2's class codes (a point should sit in its class's ellipse)."""
+        columns = [data.factor_index(name) for name in self.factor_names]
+        was_training = self.encoder.training
+        self.encoder.eval()
+        try:
+            reads = [[mean.float().cpu() for mean, _ in self.encoder(x)]
+                     for x in image_batches(data.images, 4 * self.scfg.batch_size, self.device)]
+        finally:
+            self.encoder.train(was_training)
+        points = [(torch.cat([r[k] for r in reads]), data.labels[:, j]) for k, j in enumerate(columns)]
+        return plots.embedding_plots(self.embedders, self.factors, f"lenc it {self.iteration}: S reads, ",
+                                     points, key="read")
+
+    def pictures(self, batch: dict, data: InMemoryDataset | None = None) -> dict[str, Tensor]:
+        """Every ``sample_interval`` and at the end: :meth:`sample_images` of the
+        runner's fixed batch and, given the fixed scatter set ``data``, :meth:`read_plots`."""
+        if not plots.due(self.iteration, self.scfg.sample_interval, self.done):
+            return {}
+        out = self.sample_images(batch)
+        if data is not None and len(data):
+            out.update(self.read_plots(data))
+        return out

@@ -35,9 +35,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dsu_models import codes, losses
+from dsu_models import codes, losses, plots
 from dsu_models.config import Config
-from dsu_models.data.base import FactorInfo
+from dsu_models.data.base import FactorInfo, InMemoryDataset
+from dsu_models.distill import image_batches
 from dsu_models.grids import sample_grids
 from dsu_models.models import (build_embedders, build_encoder, build_generator,
                                build_stage1_classifier)
@@ -70,6 +71,7 @@ class Stage1(Stage):
         s = cfg.stage1
         dev = self.device
         self.num_labeled = len(cfg.labeled_factors)
+        self.factors = list(factors)
         self.encoder = build_encoder(cfg, [cfg.unknown_size], s.zero_init).to(dev) \
             if cfg.unknown_size else None
         self.embedders = build_embedders(cfg, factors).to(dev)
@@ -219,3 +221,48 @@ class Stage1(Stage):
         grids = sample_grids(x, u, means, self.generate)
         self.train(True)
         return grids
+
+    @torch.no_grad()
+    def unknown_means(self, images: Tensor) -> Tensor | None:
+        """E's code means ``(N, m_u)`` on the CPU (None without an unknown code).
+        images: ``(N, C, H, W)`` uint8 or float in [-1, 1]; eval mode, batches of
+        four training batches."""
+        if self.encoder is None:
+            return None
+        was_training = self.encoder.training
+        self.encoder.eval()
+        try:
+            means = [self.encoder(x)[0][0].float().cpu()
+                     for x in image_batches(images, 4 * self.scfg.batch_size, self.device)]
+        finally:
+            self.encoder.train(was_training)
+        return torch.cat(means)
+
+    def code_plots(self, data: InMemoryDataset) -> dict[str, Tensor]:
+        """``codes_<factor>``: E's code means of ``data`` (e.g. a fixed set of test
+        images, labels for every ground-truth factor) coloured by each factor."""
+        if self.encoder is None or len(data) == 0:
+            return {}
+        means = self.unknown_means(data.images)
+        return plots.code_scatters(means, data.labels, data.factors, self.cfg.labeled_factors,
+                                   f"stage 1 it {self.iteration}: unknown code")
+
+    def embedding_plots(self) -> dict[str, Tensor]:
+        """``embedding_<factor>``: B1's normalised class codes."""
+        return plots.embedding_plots(self.embedders, self.factors, f"stage 1 it {self.iteration}: ")
+
+    def pictures(self, batch: dict, data: InMemoryDataset | None = None) -> dict[str, Tensor]:
+        """The pictures due after this iteration: :meth:`sample_images` every
+        ``sample_interval``, :meth:`code_plots` of ``data`` every
+        ``code_plot_interval`` and :meth:`embedding_plots` every
+        ``emb_plot_interval`` (each also at the end). ``batch``: the runner's
+        fixed sample batch; ``data``: its fixed scatter set (None: no scatter)."""
+        s, it, done = self.scfg, self.iteration, self.done
+        out = {}
+        if plots.due(it, s.sample_interval, done):
+            out.update(self.sample_images(batch))
+        if data is not None and plots.due(it, s.code_plot_interval, done):
+            out.update(self.code_plots(data))
+        if plots.due(it, s.emb_plot_interval, done):
+            out.update(self.embedding_plots())
+        return out

@@ -85,7 +85,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from dsu_models import codes, losses
+from dsu_models import codes, losses, plots
 from dsu_models.config import Config
 from dsu_models.data.base import FactorInfo
 from dsu_models.grids import sample_grids
@@ -128,6 +128,7 @@ class Stage2(Stage):
         super().__init__(cfg, device)
         s = cfg.stage2
         check_factors(cfg, factors)
+        self.factors = list(factors)
         self.num_labeled = len(cfg.labeled_factors)
         self.unknown_size = cfg.unknown_size
         self.dis_mode = s.unknown_mode == "dis"
@@ -482,3 +483,41 @@ class Stage2(Stage):
         grids = sample_grids(x, u, self.label_means(x, y), self.generate)
         self.train(True)
         return grids
+
+    @torch.no_grad()
+    def class_sweeps(self, batch: dict, n: int = plots.SWEEP_ROWS) -> dict[str, Tensor]:
+        """``sweep_<factor>`` (with label embedders): row i is image i of
+        ``batch``, then G2(mu_u of image i, B2 means of its labels with the
+        factor set to each class in turn). Nothing without embedders (S reads
+        labels from images; it cannot make a class's code)."""
+        if self.embedders is None:
+            return {}
+        batch = self.to_device({k: v[:n] for k, v in batch.items()})
+        x, y = batch["image"], batch["labels"]
+        u = batch["mu"] if self.unknown_size else None
+
+        def embed(labels: Tensor) -> list[Tensor]:
+            return [emb(labels[:, k])[0] for k, emb in enumerate(self.embedders)]
+
+        return plots.class_sweep_pictures(x, u, y, embed, self.generate, self.factors)
+
+    def embedding_plots(self) -> dict[str, Tensor]:
+        """``embedding_<factor>``: B2's normalised class codes (nothing without B2)."""
+        if self.embedders is None:
+            return {}
+        return plots.embedding_plots(self.embedders, self.factors, f"stage 2 it {self.iteration}: ")
+
+    def pictures(self, batch: dict, data=None) -> dict[str, Tensor]:
+        """The pictures due after this iteration: :meth:`sample_images` and
+        :meth:`class_sweeps` every ``sample_interval``, :meth:`embedding_plots`
+        every ``emb_plot_interval`` (each also at the end). ``batch``: the
+        runner's fixed sample batch with its distilled codes. ``data`` is unused:
+        the unknown codes are fixed in this stage, stage 1 already plotted them."""
+        s, it, done = self.scfg, self.iteration, self.done
+        out = {}
+        if plots.due(it, s.sample_interval, done):
+            out.update(self.sample_images(batch))
+            out.update(self.class_sweeps(batch))
+        if plots.due(it, s.emb_plot_interval, done):
+            out.update(self.embedding_plots())
+        return out
