@@ -1,0 +1,215 @@
+"""Use a trained DisUnknown model from the command line (METHOD.md section 11).
+
+    python -m dsu_models swap --model URI --content in.png [more.png ...] \\
+        --set object_hue=3 --set shape=cube --out out.png
+    python -m dsu_models encode --model URI --images a.png b.png [--out codes.json]
+    python -m dsu_models evaluate --model URI [--data DIR_OR_BUILTIN] [--out metrics.json]
+
+URI: a bundle directory, its model.pt, or an MLflow URI (models:/NAME@ALIAS,
+models:/NAME/VERSION, runs:/RUN_ID/PATH; ``--tracking-uri`` or
+``$MLFLOW_TRACKING_URI`` says which store).
+
+``swap``: ``--set factor=value`` takes a class name or a class id (a name wins
+when a name is also a number); factors not set keep each content image's own
+labels as the model's labeled encoder reads them. One content image: ``--out``
+is the swapped image. Several: ``--out`` is one grid with two rows, the content
+images on top and their swaps below, in the order given. Images of another
+size are resized to the model's (bilinear, antialiased); RGBA/palette PNGs are
+converted to the model's channels.
+
+``encode``: prints, per image, the unknown code means and the labels read,
+with class names; ``--out`` also writes them as JSON.
+
+``evaluate``: the full metric set of ``dsu_models.evaluation.evaluate`` on a
+prepared data directory or a built-in dataset (default: the data the model
+was trained on, per its config); oracles are cached under ``--oracle-cache``.
+
+Errors (bad URI, unreadable image, unknown factor or class) print one line
+``error: ...`` and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from dsu_models.config import ConfigError
+from dsu_models.data.base import to_float
+from dsu_models.grids import rows_grid, save_png
+from dsu_models.inference import DisUnknownModel, ModelLoadError
+
+
+def _parse_sets(items: list[str]) -> dict[str, str]:
+    settings = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise ValueError(f"--set {item!r}: expected factor=value, e.g. --set shape=cube")
+        settings[name.strip()] = value.strip()
+    return settings
+
+
+def _read_images(paths: list[str]) -> list:
+    from PIL import Image, UnidentifiedImageError
+
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                im.load()
+                images.append(im.copy())
+        except FileNotFoundError:
+            raise ValueError(f"{path}: no such image file") from None
+        except (UnidentifiedImageError, OSError) as exc:
+            raise ValueError(f"{path}: cannot read as an image ({exc})") from None
+    return images
+
+
+def _load(args) -> DisUnknownModel:
+    return DisUnknownModel.load(args.model, device=args.device, tracking_uri=args.tracking_uri)
+
+
+def cmd_swap(args) -> int:
+    model = _load(args)
+    settings = _parse_sets(args.set or [])
+    images = _read_images(args.content)
+    swapped = torch.from_numpy(model.swap(images, settings)).permute(0, 3, 1, 2)
+    if len(images) == 1:
+        save_png(swapped[0], args.out)
+        print(f"wrote {args.out}: the swapped image")
+    else:
+        content = model.images(images)
+        content = to_float(content) if content.dtype == torch.uint8 else content
+        grid = rows_grid([content, to_float(swapped.contiguous())])
+        save_png(grid, args.out)
+        print(f"wrote {args.out}: a grid, top row the {len(images)} content images, bottom row "
+              f"their swaps")
+    return 0
+
+
+def cmd_encode(args) -> int:
+    model = _load(args)
+    images = _read_images(args.images)
+    unknown = model.encode_unknown(images)
+    can_read = model.label_encoder is not None and model.embedders is not None
+    labels = model.encode_labels(images) if can_read and model.labeled_factors else None
+    rows = []
+    for i, path in enumerate(args.images):
+        row = {"image": path, "unknown_mean": [round(float(v), 5) for v in unknown[i]]}
+        if labels is not None:
+            row["labels"] = {name: {"id": int(labels[i, k]), "name": model.class_name(name, labels[i, k])}
+                             for k, name in enumerate(model.labeled_factors)}
+        rows.append(row)
+        print(path)
+        print("  unknown:", " ".join(f"{v:+.3f}" for v in row["unknown_mean"]) or "(none)")
+        if labels is not None:
+            print("  labels: ", " ".join(f"{n}={d['name']} ({d['id']})" for n, d in row["labels"].items()))
+        elif model.labeled_factors:
+            print("  labels:  (this model cannot read labels: it has no labeled encoder S "
+                  "or no label embedders)")
+    if args.out:
+        out = Path(args.out)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps({"labeled_factors": model.labeled_factors, "images": rows}, indent=1))
+        tmp.replace(out)
+        print(f"wrote {out}")
+    return 0
+
+
+def _evaluation_data(model: DisUnknownModel, data: str | None):
+    from dsu_models.train import BUILTIN, load_data
+
+    cfg = model.config
+    if data is not None:
+        if Path(data).is_dir():
+            cfg = dataclasses.replace(cfg, data_path=str(Path(data).resolve()))
+        elif data in BUILTIN:
+            cfg = dataclasses.replace(cfg, dataset=data, data_path=None)
+        else:
+            raise ValueError(f"--data {data!r}: not a directory and not a built-in dataset "
+                             f"({', '.join(BUILTIN)})")
+    train, test = load_data(cfg)
+    names = [f.name for f in train.factors]
+    missing = [n for n in model.labeled_factors if n not in names]
+    if missing:
+        raise ValueError(f"--data {data}: lacks the model's labeled factors {missing} (it has {names})")
+    return train, test
+
+
+def cmd_evaluate(args) -> int:
+    from dsu_models import evaluation
+
+    model = _load(args)
+    train, test = _evaluation_data(model, args.data)
+    ecfg = model.config.evaluate
+    if args.pairs is not None:
+        ecfg = dataclasses.replace(ecfg, pairs=args.pairs)
+    cache = Path(args.oracle_cache or Path(os.environ.get("DSU_HOME", "~/.disunknown")) / "oracles")
+    oracles = evaluation.load_or_train_oracles(train, test, ecfg, cache.expanduser(),
+                                               device=str(model.device))
+    metrics = evaluation.evaluate(model, train, test, ecfg, oracles, log=lambda line: None)
+    for key in sorted(metrics):
+        print(f"{key:28s} {metrics[key]:.4f}")
+    if args.out:
+        out = Path(args.out)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(metrics, indent=1, sort_keys=True))
+        tmp.replace(out)
+        print(f"wrote {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m dsu_models", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p):
+        p.add_argument("--model", required=True, help="bundle dir, model.pt, models:/NAME@ALIAS, "
+                                                      "models:/NAME/VERSION or runs:/ID/PATH")
+        p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, ...")
+        p.add_argument("--tracking-uri", default=None, help="MLflow store for models:/ and runs:/ URIs")
+
+    p = sub.add_parser("swap", help="new labels on content images")
+    common(p)
+    p.add_argument("--content", nargs="+", required=True, help="content image file(s)")
+    p.add_argument("--set", action="append", metavar="FACTOR=VALUE",
+                   help="class name or id for a labeled factor (repeatable)")
+    p.add_argument("--out", required=True, help="PNG: the swap (one content) or a 2-row grid (several)")
+    p.set_defaults(func=cmd_swap)
+
+    p = sub.add_parser("encode", help="unknown codes and labels read from images")
+    common(p)
+    p.add_argument("--images", nargs="+", required=True)
+    p.add_argument("--out", help="also write a JSON file")
+    p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("evaluate", help="the full metric set (dsu_models.evaluation)")
+    common(p)
+    p.add_argument("--data", help="prepared data directory or built-in name (default: the model's own)")
+    p.add_argument("--pairs", type=int, help="override evaluate.pairs")
+    p.add_argument("--oracle-cache", help="oracle cache folder (default $DSU_HOME/oracles or "
+                                          "~/.disunknown/oracles)")
+    p.add_argument("--out", help="also write the metrics as JSON")
+    p.set_defaults(func=cmd_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, ModelLoadError, ConfigError, OSError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

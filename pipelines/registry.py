@@ -1,0 +1,178 @@
+"""Log a finished model to MLflow and keep the best one behind an alias
+(METHOD.md section 11: higher ``summary`` = a better model).
+
+:func:`log_and_register` logs a bundle directory (``dsu_models.inference.save_bundle``)
+as an MLflow pyfunc model in a run, from the models-from-code file
+``pipelines/pyfunc_model.py`` with the bundle as its ``bundle`` artifact, a
+tensor signature (``images`` uint8 ``(-1, S, S, C)``, ``labels`` int64
+``(-1, K)`` -> uint8 ``(-1, S, S, C)``) and an input example. It registers the
+model as ``disunknown-<dataset>``, tags the new version with its summary score,
+dataset and run id, and moves ``alias`` (default ``champion``) to the new
+version only when its summary beats the current holder's (strictly), or when
+nothing holds the alias yet. A holder without a recorded summary counts as
+beaten; a non-finite new summary never takes the alias.
+
+Load the champion with ``DisUnknownModel.load("models:/disunknown-<dataset>@champion")``
+or ``mlflow.pyfunc.load_model`` (see ``pyfunc_model.py`` for ``predict``).
+
+Concurrency: two registrations racing for the same alias may both read the
+old holder; the last one to set the alias wins. Register from one driver.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import mlflow
+import numpy as np
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.tracking import MlflowClient
+from mlflow.types.schema import Schema, TensorSpec
+
+from dsu_models.inference import DisUnknownModel
+
+PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
+SUMMARY_TAG, DATASET_TAG, RUN_TAG = "dsu.summary", "dsu.dataset", "dsu.run_id"
+MODEL_PREFIX = "disunknown-"
+_REQUIREMENTS = ("torch", "torchvision", "numpy", "pillow", "pyyaml", "mlflow")
+
+
+@dataclass
+class Registration:
+    """What :func:`log_and_register` did."""
+
+    name: str
+    version: str
+    summary: float
+    promoted: bool
+    previous_version: str | None   # the alias holder before (None: there was none)
+    previous_summary: float | None
+    model_uri: str                 # MLflow URI of the logged model (models:/m-...)
+
+
+def model_name(dataset: str) -> str:
+    return f"{MODEL_PREFIX}{dataset}"
+
+
+def signature_for(model: DisUnknownModel) -> tuple[ModelSignature, dict]:
+    """The pyfunc's tensor signature and a matching two-image input example."""
+    size, channels = model.config.image_size, model.config.image_channels
+    k = len(model.labeled_factors)
+    specs = [TensorSpec(np.dtype(np.uint8), (-1, size, size, channels), "images")]
+    example = {"images": np.zeros((2, size, size, channels), np.uint8)}
+    if k:
+        specs.append(TensorSpec(np.dtype(np.int64), (-1, k), "labels"))
+        example["labels"] = np.zeros((2, k), np.int64)
+    outputs = Schema([TensorSpec(np.dtype(np.uint8), (-1, size, size, channels))])
+    return ModelSignature(inputs=Schema(specs), outputs=outputs), example
+
+
+def _requirements() -> list[str]:
+    out = []
+    for name in _REQUIREMENTS:
+        try:
+            out.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            out.append(name)
+    return out
+
+
+@contextlib.contextmanager
+def _tracking(client: MlflowClient):
+    """Point MLflow's fluent tracking API (``log_model``, ``start_run``) at the
+    client's store for the duration, then put back what was there, including
+    "not set". The registry is used only through ``client``."""
+    was_set, old = mlflow.tracking.is_tracking_uri_set(), mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(client.tracking_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(old if was_set else None)
+
+
+@contextlib.contextmanager
+def _in_run(client: MlflowClient, run_id: str):
+    """Make ``run_id`` the active run (it may already be); ending it restores its status."""
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id == run_id:
+        yield
+        return
+    status = client.get_run(run_id).info.status
+    mlflow.start_run(run_id=run_id, nested=active is not None)
+    try:
+        yield
+    finally:
+        mlflow.end_run(status=status)
+
+
+def _register(client: MlflowClient, name: str, info, run_id: str, tags: dict):
+    """A new version of ``name`` (created if missing) for the logged model, via
+    ``client`` so that its registry, not a process-wide default, is used."""
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    return client.create_model_version(name, source=info.model_uri, run_id=run_id, tags=tags,
+                                       model_id=info.model_id)
+
+
+def _summary_of(version) -> float | None:
+    text = (version.tags or {}).get(SUMMARY_TAG)
+    try:
+        return float(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+def beats(summary: float, has_holder: bool, holder_summary: float | None) -> bool:
+    """Whether a new version with ``summary`` takes the alias: a finite summary
+    strictly above the holder's; any finite one when there is no holder or the
+    holder has no finite recorded summary."""
+    if not math.isfinite(summary):
+        return False
+    if not has_holder or holder_summary is None or not math.isfinite(holder_summary):
+        return True
+    return summary > holder_summary
+
+
+def _alias_holder(client: MlflowClient, name: str, alias: str):
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def log_and_register(client: MlflowClient | str, run_id: str, bundle_dir: str | Path, dataset: str,
+                     summary: float, alias: str = "champion", artifact_name: str = "model") -> Registration:
+    """Log ``bundle_dir`` as a pyfunc model in run ``run_id``, register it as
+    ``disunknown-<dataset>`` and move ``alias`` to it if its ``summary`` is better.
+
+    client: an ``MlflowClient`` or a tracking URI (e.g. ``sqlite:////abs/mlflow.db``).
+    """
+    client = client if isinstance(client, MlflowClient) else MlflowClient(client)
+    bundle_dir = Path(bundle_dir).resolve()
+    model = DisUnknownModel.load(bundle_dir, device="cpu")  # fails early on a bad bundle
+    signature, example = signature_for(model)
+    name = model_name(dataset)
+    summary = float(summary)
+    with _tracking(client), _in_run(client, run_id):
+        info = mlflow.pyfunc.log_model(name=artifact_name, python_model=str(PYFUNC_FILE),
+                                       artifacts={"bundle": str(bundle_dir)}, signature=signature,
+                                       input_example=example, pip_requirements=_requirements())
+    tags = {SUMMARY_TAG: repr(summary), DATASET_TAG: dataset, RUN_TAG: run_id}
+    with _tracking(client):  # the registry looks the logged model up through the tracking URI
+        version = str(_register(client, name, info, run_id, tags).version)
+
+    holder = _alias_holder(client, name, alias)
+    previous_summary = _summary_of(holder) if holder is not None else None
+    better = beats(summary, holder is not None, previous_summary)
+    if better:
+        client.set_registered_model_alias(name, alias, version)
+    return Registration(name, version, summary, better,
+                        str(holder.version) if holder is not None else None, previous_summary,
+                        info.model_uri)

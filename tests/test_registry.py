@@ -1,0 +1,147 @@
+"""pipelines.registry against a SQLite MLflow store in a temp folder: the pyfunc
+model is logged and registered, the alias moves only to better models, and the
+champion loads through DisUnknownModel.load, mlflow.pyfunc and the CLI."""
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from dsu_models.__main__ import main
+from dsu_models.inference import DisUnknownModel, ModelLoadError, to_hwc_uint8
+from pipelines.registry import SUMMARY_TAG, beats, log_and_register
+from tiny_model import shared_tiny
+
+NAME = "disunknown-shapes3d"
+CHAMPION = f"models:/{NAME}@champion"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return shared_tiny(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A store with one run and three registrations: summaries 0.5, 0.3, 0.7."""
+    d = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{d / 'mlflow.db'}"
+    assert uri.startswith("sqlite:////")
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("registry-test", artifact_location=(d / "artifacts").as_uri())
+    run_id = client.create_run(experiment).info.run_id
+    return {"uri": uri, "client": client, "run_id": run_id, "dir": d, "registrations": []}
+
+
+@pytest.fixture(scope="module")
+def registered(tiny, store):
+    was_set = mlflow.tracking.is_tracking_uri_set()
+    for client, summary in ((store["client"], 0.5), (store["uri"], 0.3), (store["client"], 0.7)):
+        store["registrations"].append(
+            log_and_register(client, store["run_id"], tiny["bundle_dir"], "shapes3d", summary))
+    store["tracking_was_set"] = (was_set, mlflow.tracking.is_tracking_uri_set())
+    return store
+
+
+def test_alias_moves_only_to_a_better_summary(registered):
+    first, worse, better = registered["registrations"]
+    client = registered["client"]
+    assert [r.version for r in (first, worse, better)] == ["1", "2", "3"]
+    assert first.promoted and first.previous_version is None
+    assert not worse.promoted and worse.previous_version == "1" and worse.previous_summary == 0.5
+    assert better.promoted and better.previous_version == "1" and better.previous_summary == 0.5
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == "3"
+    tags = client.get_model_version(NAME, "2").tags
+    assert float(tags[SUMMARY_TAG]) == 0.3 and tags["dsu.dataset"] == "shapes3d"
+    assert tags["dsu.run_id"] == registered["run_id"]
+    assert client.get_model_version(NAME, "2").run_id == registered["run_id"]
+
+
+def test_registration_leaves_the_run_and_mlflow_settings_alone(registered):
+    run = registered["client"].get_run(registered["run_id"])
+    assert run.info.status == "RUNNING"              # it was RUNNING before
+    before, after = registered["tracking_was_set"]
+    assert before == after
+    assert mlflow.active_run() is None
+
+
+@pytest.mark.parametrize("summary, has_holder, holder_summary, expect", [
+    (0.1, False, None, True),                 # no holder: any finite score
+    (0.6, True, 0.5, True),
+    (0.5, True, 0.5, False),                  # ties keep the holder
+    (0.4, True, 0.5, False),
+    (0.1, True, None, True),                  # holder without a recorded score
+    (0.1, True, float("nan"), True),
+    (float("nan"), False, None, False),       # a NaN score never takes the alias
+    (float("inf"), True, 0.5, False),
+])
+def test_promotion_rule(summary, has_holder, holder_summary, expect):
+    assert beats(summary, has_holder, holder_summary) is expect
+
+
+def test_champion_loads_with_disunknown_model(tiny, registered):
+    local = DisUnknownModel.load(tiny["bundle_dir"], device="cpu")
+    x = tiny["test"].images[:4]
+    y = torch.tensor([[1, 2, 3, 0]] * 4)
+    logged = registered["registrations"][0].model_uri
+    assert logged.startswith("models:/m-")
+    for uri in (CHAMPION, f"models:/{NAME}/2", logged):
+        remote = DisUnknownModel.load(uri, device="cpu", tracking_uri=registered["uri"])
+        assert torch.equal(remote.swap_labels(x, y), local.swap_labels(x, y)), uri
+        assert remote.factors[3].class_names == ("cube", "sphere", "cone", "pill")
+
+
+def test_runs_uri_loads_a_bundle_logged_as_run_artifacts(tiny, registered):
+    client = registered["client"]
+    client.log_artifacts(registered["run_id"], str(tiny["bundle_dir"]), "bundle")
+    model = DisUnknownModel.load(f"runs:/{registered['run_id']}/bundle", device="cpu",
+                                 tracking_uri=registered["uri"])
+    assert model.labeled_factors == ["floor_hue", "wall_hue", "object_hue", "shape"]
+
+
+def test_bad_registry_uris_raise_one_clear_error(registered):
+    with pytest.raises(ModelLoadError, match="models:/disunknown-nope@champion: could not download"):
+        DisUnknownModel.load("models:/disunknown-nope@champion", tracking_uri=registered["uri"])
+    with pytest.raises(ModelLoadError, match=f"models:/{NAME}@nobody"):
+        DisUnknownModel.load(f"models:/{NAME}@nobody", tracking_uri=registered["uri"])
+
+
+def test_pyfunc_predict_swaps_labels(tiny, registered):
+    was_set, old = mlflow.tracking.is_tracking_uri_set(), mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(registered["uri"])
+    try:
+        pyfunc = mlflow.pyfunc.load_model(CHAMPION)
+    finally:
+        mlflow.set_tracking_uri(old if was_set else None)
+    inputs = pyfunc.metadata.get_input_schema().inputs
+    assert [(s.name, s.type, s.shape) for s in inputs] == [
+        ("images", np.dtype(np.uint8), (-1, 16, 16, 3)), ("labels", np.dtype(np.int64), (-1, 4))]
+
+    local = DisUnknownModel.load(tiny["bundle_dir"], device="cpu")
+    x = tiny["test"].images[:4]
+    hwc = x.permute(0, 2, 3, 1).numpy()
+    labels = np.array([[1, 2, 3, 0], [0, 0, 0, 1], [9, 9, 9, 3], [-1, -1, 5, -1]], dtype=np.int64)
+    out = pyfunc.predict({"images": hwc, "labels": labels})
+    assert out.shape == (4, 16, 16, 3) and out.dtype == np.uint8
+    assert np.array_equal(out, to_hwc_uint8(local.swap_labels(x, torch.from_numpy(labels))))
+    assert np.array_equal(out[3:], local.swap(x[3:], {"object_hue": 5}))   # -1: S's reading
+    with pytest.raises(MlflowException, match="dtype"):
+        pyfunc.predict({"images": hwc.astype(np.float32), "labels": labels})
+
+
+def test_cli_reads_the_champion_from_the_store(tiny, registered, tmp_path, capsys):
+    from PIL import Image
+
+    png = tmp_path / "in.png"
+    Image.fromarray(tiny["test"].images[0].permute(1, 2, 0).numpy()).save(png)
+    rc = main(["encode", "--model", CHAMPION, "--tracking-uri", registered["uri"], "--device", "cpu",
+               "--images", str(png)])
+    assert rc == 0 and "shape=" in capsys.readouterr().out
+    rc = main(["encode", "--model", "models:/disunknown-nope/7", "--tracking-uri", registered["uri"],
+               "--images", str(png)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: models:/disunknown-nope/7: could not download")
+    assert err.count("\n") == 1
