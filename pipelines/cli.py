@@ -1,7 +1,7 @@
 """Command lines of the Ray pipeline: the full chain and each stage alone.
 
 Order: prepare (or reuse) the data -> stage1 -> distill -> classifier ->
-stage2 -> lenc. Everything that can be checked is checked before Ray starts:
+stage2 -> lenc -> evaluate -> register. Everything that can be checked is checked before Ray starts:
 the config (unknown keys, types, values), the dataset's presence, upstream
 run ids. Each stage is one nested MLflow run under the pipeline's parent run;
 ``--resume PARENT_RUN_ID`` skips finished stages and continues an unfinished
@@ -20,14 +20,15 @@ from dsu_models.data import DataError
 from dsu_models.train import build_config
 from pipelines import tracking
 
-STAGE_ORDER = ("stage1", "distill", "classifier", "stage2", "lenc")
+STAGE_ORDER = ("stage1", "distill", "classifier", "stage2", "lenc", "evaluate", "register")
 UPSTREAM = {"stage1": (), "distill": ("stage1",), "classifier": (),
-            "stage2": ("stage1", "classifier", "distill"), "lenc": ("stage2", "distill")}
+            "stage2": ("stage1", "classifier", "distill"), "lenc": ("stage2", "distill"),
+            "evaluate": ("stage1", "distill", "stage2", "lenc"), "register": ("evaluate",)}
 BUILTIN = ("shapes3d", "sprites", "digits")
 
 
 def pipeline_stages(cfg: Config) -> list[str]:
-    active = set(cfg.active_stages()) | {"distill"}
+    active = set(cfg.active_stages()) | {"distill", "evaluate", "register"}
     return [s for s in STAGE_ORDER if s in active]
 
 
@@ -46,6 +47,8 @@ def add_common(parser: argparse.ArgumentParser):
                         help="MLflow store; default sqlite:///$DSU_HOME/mlflow.db (~/.disunknown)")
     parser.add_argument("--num-cpus", type=int, default=None,
                         help="CPUs of a local Ray instance (ignored when joining RAY_ADDRESS)")
+    parser.add_argument("--alias", default="champion",
+                        help="registry alias the model takes when its evaluation summary beats the holder's")
 
 
 def overrides_of(args) -> list[str]:
@@ -126,6 +129,14 @@ def execute(stage: str, cfg: Config, data_dir: str, parent_id: str, runs: dict, 
         from pipelines.distill import run_distill
         run_distill(cfg, data_dir, upstream["stage1"], run_id, tracking_uri, use_gpu=args.gpu,
                     actors=max(1, args.workers))
+    elif stage == "evaluate":
+        from pipelines.evaluate_job import run_evaluate
+        run_evaluate(cfg, data_dir, upstream, run_id, tracking_uri, use_gpu=args.gpu,
+                     num_cpus=args.cpus_per_worker or 1)
+    elif stage == "register":
+        from pipelines.evaluate_job import run_register
+        outcome = run_register(cfg, upstream, run_id, tracking_uri, alias=args.alias)
+        print(f"[register] {outcome}", flush=True)
     else:
         from pipelines.stage_job import run_stage
         hooks = (test_hooks or {}).get(stage)

@@ -12,6 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -26,7 +27,9 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = ["--config", "tiny", "image_size=8", "architecture.conv_channels=[8]",
         "architecture.fc_features=16", "num_samples=240", "all_stages.iterations=6",
         "all_stages.report_interval=2", "all_stages.checkpoint_interval=2",
-        "all_stages.sample_interval=6", "all_stages.batch_size=8"]
+        "all_stages.sample_interval=6", "all_stages.batch_size=8",
+        "evaluate.oracle_epochs=1", "evaluate.oracle_samples=200", "evaluate.pairs=32",
+        "evaluate.probe_samples=200", "evaluate.batch_size=64"]
 
 
 @pytest.fixture
@@ -80,12 +83,13 @@ def test_pipeline_two_workers_failure_and_resume(ray_session, home, tmp_path, ca
     out = capsys.readouterr().out
     assert f"[stage1] complete in run {stage1.info.run_id}; skipped" in out
     children = tracking.child_runs(client, parent)
-    assert set(children) == {"stage1", "distill", "classifier", "stage2", "lenc"}
+    assert set(children) == {"stage1", "distill", "classifier", "stage2", "lenc", "evaluate", "register"}
+    produced = {"distill": {"codes", "stats.pt"}, "evaluate": {"model", "pictures"}, "register": set()}
     for name, run in children.items():
         assert run.data.tags[tracking.COMPLETE_TAG] == "true", name
         files = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert "config.yaml" in files, name
-        assert ({"codes", "stats.pt"} if name == "distill" else {"handoff.pt"}) <= files, (name, files)
+        assert produced.get(name, {"handoff.pt"}) <= files, (name, files)
         assert run.data.params["stage1.cla1_weight"] == "0.5"
     assert client.get_metric_history(children["stage2"].info.run_id, "rec")
     assert any(a.path.startswith("images") for a in client.list_artifacts(children["stage2"].info.run_id))
@@ -101,6 +105,20 @@ def test_pipeline_two_workers_failure_and_resume(ray_session, home, tmp_path, ca
     images, _ = generator(torch.cat([torch.randn(3, size), torch.zeros(3, size)], 1))
     assert images.shape == (3, cfg.image_channels, 8, 8)
     assert handoff["upstream_runs"]["stage1"] == stage1.info.run_id
+
+    # evaluate logged the metric set; register made it the champion of the registry
+    metrics = children["evaluate"].data.metrics
+    for key in ("swap_acc_mean", "preserve_mean", "leak_excess_mean", "recon_psnr", "frechet", "summary"):
+        assert key in metrics, key
+    assert 0.0 <= metrics["swap_acc_mean"] <= 1.0
+    version = client.get_model_version_by_alias("disunknown-shapes3d", "champion")
+    from dsu_models.inference import DisUnknownModel
+    model = DisUnknownModel.load("models:/disunknown-shapes3d@champion",
+                                 tracking_uri=tracking.default_tracking_uri(), device="cpu")
+    assert model.labeled_factors == cfg.labeled_factors
+    swapped = model.swap(np.zeros((2, 8, 8, 3), np.uint8), {"shape": 1})
+    assert swapped.shape == (2, 8, 8, 3) and swapped.dtype == np.uint8
+    assert version.run_id in {children["register"].info.run_id, children["evaluate"].info.run_id}
 
 
 def test_killed_pipeline_resumes_the_unfinished_stage_from_its_checkpoint(ray_session, home, tmp_path):
