@@ -1,0 +1,222 @@
+"""One Ray Tune trial: a stage trained in-process and judged as it goes (METHOD.md sections 7, 8, 11).
+
+A function trainable (:func:`run_trial`), one per sampled configuration:
+
+- **Config**: the sweep's base config (a user-level YAML in the sweep folder)
+  with the trial's sampled values layered on as overrides, resolved by
+  ``dsu_models.train.build_config``.
+- **Training**: the stage module runs in this process on the plain in-memory
+  loader (``BatchSource``), like the single-process runner. Stage 2 reuses the
+  finished stage 1, classifier and distilled codes the driver loaded once
+  (``ctx["upstream"]``); codes are joined to images by id.
+- **Reports**: every ``report_every`` iterations (and at the end) the trial
+  judges the stage as a model: stage 1 by ``evaluate_stage1`` ->
+  ``stage1_objective``; stage 2 by ``evaluate`` with the oracles the driver
+  cached -> ``summary``. It then reports ``{iteration, objective, losses,
+  metrics}`` to Tune with a checkpoint of the full stage state, so ASHA can
+  stop it and a resumed sweep continues it from that iteration.
+- **Tracking**: each trial is a nested MLflow run under the sweep run (tag
+  ``dsu.tune.trial``), found again on resume: sampled values (``sampled.*``)
+  and the resolved config as params, metrics with ``step = iteration``, the
+  sample grids at each report. Only this process and the driver talk to MLflow.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from dsu_models.batches import BatchSource, labeled_view
+from dsu_models.config import Config
+from dsu_models.train import build_config, load_data, make_stage
+from pipelines import tracking
+from pipelines.stage_job import STATE_FILE, _metric, _save_state, lookup_codes
+from pipelines.tune_space import Space
+
+TRIAL_TAG, SWEEP_TAG = "dsu.tune.trial", "dsu.tune.sweep"
+BASE_FILE, BEST_FILE = "base_config.yaml", "best_config.yaml"  # in the sweep folder
+RESUMED_TAG = "dsu.tune.resumed_from"
+
+
+def trial_dirname(trial) -> str:
+    """Short trial folder names (Tune's default spells out every sampled value)."""
+    return trial.trial_id
+
+
+def trial_config(base_config: str, sampled: dict) -> Config:
+    """The resolved config of one trial: base YAML + sampled values."""
+    return build_config(base_config, Space.overrides(sampled))
+
+
+# ----------------------------------------------------------------- judging
+
+
+class Judge:
+    """``judge(stage) -> metrics``: the finished-model metrics of the stage so far."""
+
+    def __init__(self, ctx: dict, cfg: Config, train, test, factors, device):
+        self.stage_name, self.cfg, self.train, self.test = ctx["stage"], cfg, train, test
+        self.factors, self.device, self.upstream = factors, device, ctx.get("upstream") or {}
+        self.oracles = None
+        if self.stage_name == "stage2":
+            from dsu_models.evaluation import OracleWarning, load_or_train_oracles
+            # The driver trained them before the trials started (and warned if they are
+            # weak): this is a cache hit.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", OracleWarning)
+                self.oracles = load_or_train_oracles(train, test, cfg.evaluate, ctx["oracle_cache"],
+                                                     device=device, log=_quiet)
+
+    def __call__(self, stage) -> dict[str, float]:
+        from dsu_models import evaluation
+        from dsu_models.inference import DisUnknownModel
+        common = {"factors": self.factors, "all_factors": list(self.train.factors), "device": self.device}
+        if self.stage_name == "stage1":
+            model = DisUnknownModel.from_handoffs(stage1=stage.handoff(), **common)
+            metrics = evaluation.evaluate_stage1(model, self.train, self.test, self.cfg.evaluate, log=_quiet)
+        else:
+            # The stage-1 weights under this trial's config: the bundle wants one config,
+            # and the trial's differs from stage 1's only in stage-2 keys (checked by the driver).
+            stage1 = {**self.upstream["stage1"], "config": self.cfg.to_dict()}
+            model = DisUnknownModel.from_handoffs(stage1=stage1, stage2=stage.handoff(),
+                                                  code_stats=self.upstream["code_stats"], **common)
+            metrics = evaluation.evaluate(model, self.train, self.test, self.cfg.evaluate, self.oracles,
+                                          log=_quiet)
+        return {k: float(v) for k, v in metrics.items()}
+
+
+def _quiet(*_args, **_kwargs):
+    """Evaluation chatter stays out of the sweep's one-line-per-report output."""
+
+
+# ----------------------------------------------------------------- MLflow
+
+
+def trial_run(client, ctx: dict, trial_id: str, sampled: dict, cfg: Config) -> str:
+    """The trial's nested run under the sweep run: re-entered on resume, else created
+    with the sampled values and the resolved config as params."""
+    sweep = client.get_run(ctx["sweep_run_id"])
+    found = client.search_runs([sweep.info.experiment_id],
+                               filter_string=f"tags.mlflow.parentRunId = '{ctx['sweep_run_id']}' "
+                                             f"and tags.`{TRIAL_TAG}` = '{trial_id}'")
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    run = client.create_run(sweep.info.experiment_id, run_name=trial_id,
+                            tags={"mlflow.parentRunId": ctx["sweep_run_id"], TRIAL_TAG: trial_id,
+                                  SWEEP_TAG: ctx["sweep_name"]})
+    from mlflow.entities import Param
+    client.log_batch(run.info.run_id, params=[Param(f"sampled.{k}", str(v)[:6000])
+                                              for k, v in Space.plain(sampled).items()])
+    tracking.log_config(client, run.info.run_id, cfg)
+    return run.info.run_id
+
+
+def log_samples(client, run_id: str, stage, plot_batch: dict):
+    """The stage's sample grids now, as MLflow image history ``<stage>_<key>`` at
+    ``step = iteration``: the last one is the trial's final grid, also for a
+    trial that ASHA stopped."""
+    for key, grid in stage.sample_images(plot_batch).items():
+        array = grid.permute(1, 2, 0).numpy()  # uint8 CHW -> HWC
+        client.log_image(run_id, array[..., 0] if array.shape[2] == 1 else array,
+                         key=f"{stage.name}_{key}", step=stage.iteration)
+
+
+# ----------------------------------------------------------------- data
+
+
+def stage_sources(ctx: dict, cfg: Config, train, test) -> tuple[BatchSource, dict]:
+    """Training batches and the fixed plot batch (stage 2: with the distilled codes)."""
+    batch_size = getattr(cfg, ctx["stage"]).batch_size
+    codes = {"train": None, "test": None}
+    if ctx["stage"] == "stage2":
+        distilled = ctx["upstream"]["codes"]
+        for split, data in (("train", train), ("test", test)):
+            if distilled is None:  # no unknown code: nothing was distilled
+                mu = sigma = torch.zeros(len(data), 0)
+            else:
+                mu, sigma = lookup_codes(distilled[split], data.ids)
+            codes[split] = {"mu": mu, "sigma": sigma}
+    source = BatchSource(cfg, train, batch_size, cfg.seed, codes["train"])
+    plot_batch = BatchSource(cfg, test, min(8, len(test)), cfg.seed, codes["test"]).batch(0)
+    return source, plot_batch
+
+
+def _device(ctx: dict) -> torch.device:
+    import ray
+    return torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
+
+
+def _test_hook(ctx: dict, iteration: int):
+    """Tests: the first trial to reach ``fail_at["iteration"]`` fails, once per sweep."""
+    hook = ctx.get("fail_at")
+    if not hook or iteration != hook["iteration"]:
+        return
+    try:
+        os.close(os.open(hook["marker"], os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return
+    raise RuntimeError(f"test hook: simulated trial failure at iteration {iteration}")
+
+
+# ----------------------------------------------------------------- trainable
+
+
+def run_trial(sampled: dict, ctx: dict):
+    """Tune function trainable. ``sampled``: ``{dotted key: value}``; ``ctx``: the
+    sweep's fixed settings (see ``pipelines/tune.py``), shared through ``tune.with_parameters``."""
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # a line per checkpoint otherwise
+    torch.set_num_threads(ctx["threads"])
+    cfg = trial_config(ctx["base_config"], sampled)
+    device = _device(ctx)
+    train, test = load_data(cfg)
+    _, factors = labeled_view(cfg, train)
+    torch.manual_seed(cfg.seed)
+    stage = make_stage(ctx["stage"], cfg, factors, ctx.get("upstream") or {}, device)
+    source, plot_batch = stage_sources(ctx, cfg, train, test)
+    judge = Judge(ctx, cfg, train, test, factors, device)
+
+    trial_id = tune.get_context().get_trial_id()
+    client = MlflowClient(ctx["tracking_uri"])
+    run_id = trial_run(client, ctx, trial_id, sampled, cfg)
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:  # CPU: the RNG state must stay a CPU tensor
+            stage.load_state_dict(torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True))
+        client.set_tag(run_id, RESUMED_TAG, str(stage.iteration))
+
+    sums: dict[str, float] = {}
+    count = 0
+    while not stage.done:
+        _test_hook(ctx, stage.iteration)
+        for k, v in stage.train_step(source.batch(stage.iteration)).items():
+            sums[k] = sums.get(k, 0.0) + v
+        count += 1
+        if stage.iteration % ctx["report_every"] == 0 or stage.done:
+            metrics = {f"loss_{k}": v / count for k, v in sums.items()}
+            sums, count = {}, 0
+            metrics.update(judge(stage))
+            report(stage, metrics, client, run_id, plot_batch)
+    client.set_terminated(run_id, "FINISHED")
+
+
+def report(stage, metrics: dict[str, float], client, run_id: str, plot_batch: dict):
+    """Metrics and sample grids to MLflow at ``step = iteration``, then the Tune
+    report with a checkpoint of the full stage state."""
+    from ray import tune
+
+    it = stage.iteration
+    client.log_batch(run_id, metrics=[_metric(k, v, it) for k, v in metrics.items()])
+    log_samples(client, run_id, stage, plot_batch)
+    # Saved after judging, so a resumed trial's random stream matches an uninterrupted one.
+    with tempfile.TemporaryDirectory(prefix="dsu-tune-ckpt-") as d:
+        _save_state(stage, Path(d))
+        tune.report({"iteration": it, **metrics}, checkpoint=tune.Checkpoint.from_directory(d))
