@@ -1,0 +1,211 @@
+"""Evaluate a DisUnknown model with oracles and a leakage probe (METHOD.md section 11).
+
+``model`` is anything with the :class:`dsu_models.inference.DisUnknownModel`
+methods (duck typed): ``labeled_factors``, ``encode_unknown``, ``embed_labels``,
+``generate``, ``encode_labels`` and ``label_encoder`` (None when the model has no S).
+``train``/``test`` carry labels for every ground-truth factor; factors the model
+does not label are *hidden*.
+
+Metrics (all floats; ``<k>`` a labeled factor, ``<h>`` a hidden one):
+
+- swap (``ecfg.pairs`` seeded test pairs (a, b), drawn with replacement): the
+  image ``G(u of a, labels of b)``; ``swap_acc_<k>`` = share the oracle reads as
+  b's class, ``preserve_<h>`` = share it reads as a's class; ``swap_acc_mean``,
+  ``preserve_mean``;
+- ``frechet``: Frechet distance in oracle feature space between the swapped
+  images and as many distinct real test images (all of them if fewer), plus
+  ``frechet_rel`` (divided by the real features' total variance) and ``realism``;
+- leakage: ``leak_<k>`` / ``leak_chance_<k>``, the probe's balanced accuracy and
+  chance level (see :mod:`~dsu_models.evaluation.metrics`), fitted on up to
+  ``ecfg.probe_samples`` seeded train codes and scored on up to as many test
+  codes; ``leak_excess_mean`` (mean of accuracy minus chance);
+- reconstruction of the distinct real test images above: ``recon_mse``,
+  ``recon_psnr`` (peak-to-peak 2), ``recon_explained``;
+- ``lenc_acc_<k>``, ``lenc_acc_mean``: the labeled encoder S on the same images
+  (only when the model has S);
+- ``oracle_acc_<factor>``: the oracles' own test accuracy;
+- the summary terms ``swap_score``, ``preserve_score``, ``disentangle_score``,
+  and ``summary`` (see :func:`~dsu_models.evaluation.metrics.summary_score`).
+
+Degenerate cases: K = 0 has no swap, leakage or lenc keys except
+``leak_excess_mean`` = 0 (preservation covers every factor); m_u = 0 has no
+leakage (each ``leak_<k>`` is its chance level, excess 0). Without hidden
+factors there are no preservation keys.
+
+Everything runs in batches of ``ecfg.batch_size`` images: the model on its own
+device, the oracles on theirs; generated images are never all held at once.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from dsu_models.config import EvaluateConfig
+from dsu_models.data.base import InMemoryDataset, to_float
+from dsu_models.evaluation import metrics as M
+from dsu_models.evaluation.oracles import OracleSet
+
+
+def _columns(model, data: InMemoryDataset) -> tuple[list[int], list[int]]:
+    """Dataset columns of the model's labeled factors (model order) and of the hidden ones."""
+    names = [f.name for f in data.factors]
+    missing = [k for k in model.labeled_factors if k not in names]
+    if missing:
+        raise ValueError(f"evaluate: the model's labeled factors {missing} are not factors of dataset "
+                         f"{data.name!r} (its factors: {names})")
+    labeled = [names.index(k) for k in model.labeled_factors]
+    return labeled, [j for j in range(len(names)) if j not in labeled]
+
+
+def _subset(n: int, limit: int | None, seed: int) -> Tensor:
+    """Seeded distinct indices: min(limit, n) of range(n) (all of them, in order, when limit is None)."""
+    if limit is None or limit >= n:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit]
+
+
+def _unknown(model, images: Tensor, batch_size: int) -> Tensor:
+    """(N, m_u) unknown-code means of uint8 images (N, C, H, W), batched."""
+    parts = [model.encode_unknown(x).float().cpu() for x in images.split(batch_size)]
+    return torch.cat(parts) if parts else torch.zeros(0, model.unknown_size)
+
+
+def _generate(model, unknown: Tensor, labels: Tensor) -> Tensor:
+    """One batch: G(unknown (B, m_u), label codes of labels (B, K)) -> (B, C, H, W) in [-1, 1], CPU."""
+    codes = model.embed_labels(labels) if labels.shape[1] else []
+    return model.generate(unknown, codes).float().cpu()
+
+
+def _chunks(n: int, batch_size: int):
+    for start in range(0, n, batch_size):
+        yield slice(start, min(n, start + batch_size))
+
+
+def _leakage(model, train, test, labeled: list[int], ecfg: EvaluateConfig) -> dict[str, float]:
+    """Probe keys ``leak_<k>``, ``leak_chance_<k>``, ``leak_excess_mean``, ``disentangle_score``."""
+    out = {}
+    if not labeled:
+        return {"leak_excess_mean": 0.0, "disentangle_score": 1.0}
+    names = [train.factors[j].name for j in labeled]
+    tr = _subset(len(train), ecfg.probe_samples, ecfg.seed)
+    te = _subset(len(test), ecfg.probe_samples, ecfg.seed + 1)
+    tr_labels, te_labels = train.labels[tr][:, labeled], test.labels[te][:, labeled]
+    if model.unknown_size == 0:
+        results = [(1.0 / len(te_labels[:, k].unique()),) * 2 for k in range(len(labeled))]
+    else:
+        results = M.probe_leakage(_unknown(model, train.images[tr], ecfg.batch_size), tr_labels,
+                                  _unknown(model, test.images[te], ecfg.batch_size), te_labels)
+    for name, (acc, chance) in zip(names, results):
+        out[f"leak_{name}"], out[f"leak_chance_{name}"] = acc, chance
+    out["leak_excess_mean"] = sum(acc - chance for acc, chance in results) / len(results)
+    out["disentangle_score"] = 1.0 - sum(M.normalised(acc, 1.0 / chance) for acc, chance in results) / len(results)
+    return out
+
+
+def _reconstruction(model, images: Tensor, labels: Tensor, batch_size: int) -> dict[str, float]:
+    """recon_mse / recon_psnr / recon_explained of G(u of x, labels of x) on uint8 images (N, C, H, W).
+
+    The real images' per-pixel variance is accumulated in float64 batch by batch
+    (sums and sums of squares), so no float copy of all images is held.
+    """
+    sq_err, total = 0.0, 0
+    px_sum = px_sq = 0.0
+    for s in _chunks(len(images), batch_size):
+        x = to_float(images[s])
+        x_hat = _generate(model, _unknown(model, images[s], batch_size), labels[s])
+        sq_err += float((x_hat - x).double().square().sum())
+        total += x.numel()
+        px_sum = px_sum + x.double().sum(0)
+        px_sq = px_sq + x.double().square().sum(0)
+    mse = sq_err / total
+    n = len(images)
+    variance = float((px_sq / n - (px_sum / n).square()).clamp_min(0).mean())
+    return {"recon_mse": mse, "recon_psnr": M.psnr(mse),
+            "recon_explained": min(1.0, max(0.0, 1.0 - mse / max(variance, 1e-12)))}
+
+
+def _label_encoder(model, images: Tensor, truth: Tensor, names: list[str], batch_size: int) -> dict:
+    pred = torch.cat([model.encode_labels(images[s]).cpu() for s in _chunks(len(images), batch_size)])
+    acc = (pred == truth).double().mean(0)
+    out = {f"lenc_acc_{name}": float(a) for name, a in zip(names, acc)}
+    out["lenc_acc_mean"] = float(acc.mean())
+    return out
+
+
+def _swaps(model, test, labeled, hidden, oracles: OracleSet, ecfg: EvaluateConfig):
+    """Swap pairs -> (swap hits (P, K) bool, preserve hits (P, H) bool, oracle features (P, D))."""
+    gen = torch.Generator().manual_seed(ecfg.seed)
+    a = torch.randint(len(test), (ecfg.pairs,), generator=gen)
+    b = torch.randint(len(test), (ecfg.pairs,), generator=gen)
+    swap_hits, keep_hits, feats = [], [], []
+    for s in _chunks(ecfg.pairs, ecfg.batch_size):
+        u = _unknown(model, test.images[a[s]], ecfg.batch_size)
+        fake = _generate(model, u, test.labels[b[s]][:, labeled])
+        pred, f = oracles.read(fake)
+        swap_hits.append(pred[:, labeled] == test.labels[b[s]][:, labeled])
+        keep_hits.append(pred[:, hidden] == test.labels[a[s]][:, hidden])
+        feats.append(f)
+    return torch.cat(swap_hits), torch.cat(keep_hits), torch.cat(feats)
+
+
+def _check_oracles(oracles: OracleSet, test: InMemoryDataset):
+    names = [f.name for f in test.factors]
+    if oracles.factor_names != names:
+        raise ValueError(f"evaluate: oracles read factors {oracles.factor_names}, dataset {test.name!r} "
+                         f"has {names}; train oracles on this dataset")
+
+
+def evaluate(model, train: InMemoryDataset, test: InMemoryDataset, ecfg: EvaluateConfig,
+             oracles: OracleSet, log: Callable[[str], None] = print) -> dict[str, float]:
+    """The full metric set of the module docstring, including ``summary``."""
+    _check_oracles(oracles, test)
+    labeled, hidden = _columns(model, test)
+    names = [f.name for f in test.factors]
+    out = {f"oracle_acc_{k}": float(v) for k, v in oracles.test_accuracy.items()}
+
+    swap_hits, keep_hits, fake_feats = _swaps(model, test, labeled, hidden, oracles, ecfg)
+    if labeled:
+        acc = swap_hits.double().mean(0)
+        out.update({f"swap_acc_{names[j]}": float(v) for j, v in zip(labeled, acc)})
+        out["swap_acc_mean"] = float(acc.mean())
+        out["swap_score"] = sum(M.normalised(float(v), test.factors[j].classes)
+                                for j, v in zip(labeled, acc)) / len(labeled)
+    if hidden:
+        acc = keep_hits.double().mean(0)
+        out.update({f"preserve_{names[j]}": float(v) for j, v in zip(hidden, acc)})
+        out["preserve_mean"] = float(acc.mean())
+        out["preserve_score"] = sum(M.normalised(float(v), test.factors[j].classes)
+                                    for j, v in zip(hidden, acc)) / len(hidden)
+
+    real = _subset(len(test), ecfg.pairs, ecfg.seed)
+    real_feats = oracles.features(test.images[real])
+    out["frechet"] = M.frechet_distance(real_feats, fake_feats)
+    spread = M.feature_spread(real_feats)
+    out["frechet_rel"] = out["frechet"] / max(spread, 1e-12)
+    out["realism"] = M.realism(out["frechet"], spread)
+
+    out.update(_leakage(model, train, test, labeled, ecfg))
+    out.update(_reconstruction(model, test.images[real], test.labels[real][:, labeled], ecfg.batch_size))
+    if labeled and getattr(model, "label_encoder", None) is not None:
+        out.update(_label_encoder(model, test.images[real], test.labels[real][:, labeled],
+                                  [names[j] for j in labeled], ecfg.batch_size))
+    out["summary"] = M.summary_score(out)
+    log("evaluation: " + ", ".join(f"{k} {v:.4g}" for k, v in out.items()))
+    return out
+
+
+def evaluate_stage1(model, train: InMemoryDataset, test: InMemoryDataset, ecfg: EvaluateConfig,
+                    log: Callable[[str], None] = print) -> dict[str, float]:
+    """Leakage and reconstruction keys plus ``stage1_objective`` (no oracles needed).
+
+    ``model``: a stage-1 model (G1 and B1 as its generator and embedders).
+    """
+    labeled, _ = _columns(model, test)
+    out = _leakage(model, train, test, labeled, ecfg)
+    real = _subset(len(test), ecfg.pairs, ecfg.seed)
+    out.update(_reconstruction(model, test.images[real], test.labels[real][:, labeled], ecfg.batch_size))
+    out["stage1_objective"] = M.stage1_objective(out)
+    log("stage-1 evaluation: " + ", ".join(f"{k} {v:.4g}" for k, v in out.items()))
+    return out
