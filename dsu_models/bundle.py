@@ -39,7 +39,12 @@ FORMAT = "disunknown-model"
 FORMAT_VERSION = 1
 BUNDLE_FILE = "model.pt"
 _STAT_KEYS = ("mean", "std", "variance_ratio", "eigenvalues", "eigenvectors")
-# Config keys that do not change the weights: hand-offs may differ in them.
+# What the hand-offs of one model must agree on: the data and every network's
+# shape (top-level keys) and whether stage 2 kept embeddings. Stage sections may
+# differ otherwise (stage 2 re-run or swept with new loss weights on one stage 1),
+# and so may settings that do not change the weights.
+_SHARED_SECTIONS = ("architecture", "factors")
+_SHARED_STAGE_KEYS = ("stage2.use_embedding",)
 _RUNTIME_KEYS = ("device", "compile")
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")
 
@@ -71,6 +76,7 @@ def make_bundle(stage1: dict, stage2: dict | None = None, lenc: dict | None = No
         raise ValueError("make_bundle: a lenc hand-off needs the stage2 hand-off it was trained on")
     given = {n: h for n, h in handoffs.items() if h is not None}
     cfg = _common_config(given)
+    last = lenc if lenc is not None else stage2 if stage2 is not None else stage1  # newest settings
     weights = _final_weights(cfg, stage1, stage2, lenc)
     factors = list(factors) if factors is not None else _config_factors(cfg, weights.get("embedders"))
     check_factors(cfg, factors)
@@ -82,7 +88,7 @@ def make_bundle(stage1: dict, stage2: dict | None = None, lenc: dict | None = No
         if missing:
             raise ValueError(f"make_bundle: code_stats lacks {missing}")
         stats = {k: code_stats[k].detach().cpu() for k in _STAT_KEYS}
-    return {"format": FORMAT, "format_version": FORMAT_VERSION, "config": stage1["config"],
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "config": last["config"],
             "weights": weights, "factors": [f.to_dict() for f in factors],
             "all_factors": [f.to_dict() for f in all_factors], "code_stats": stats,
             "generator_stage": "stage2" if stage2 is not None else "stage1",
@@ -103,12 +109,22 @@ def bundle_from_run(results: dict, train=None) -> dict:
                        factors, all_factors)
 
 
+def _shared(key: str) -> bool:
+    """Must hand-offs agree on this flat config key (see ``_SHARED_SECTIONS``)?"""
+    if key in _RUNTIME_KEYS:
+        return False
+    head = key.split(".", 1)[0]
+    if "." not in key or head in _SHARED_SECTIONS:
+        return True
+    return key in _SHARED_STAGE_KEYS
+
+
 def _common_config(handoffs: dict[str, dict]) -> Config:
     flats = {n: flat_params(config_from_dict(h["config"])) for n, h in handoffs.items()}
     first, ref = next(iter(flats.items()))
     for name, flat in flats.items():
         diff = sorted(k for k in ref.keys() | flat.keys()
-                      if ref.get(k) != flat.get(k) and k not in _RUNTIME_KEYS)
+                      if ref.get(k) != flat.get(k) and _shared(k))
         if diff:
             raise ValueError(f"make_bundle: the {first} and {name} hand-offs have different configs "
                              f"(keys: {', '.join(diff[:8])})")

@@ -79,10 +79,7 @@ class Judge:
             model = DisUnknownModel.from_handoffs(stage1=stage.handoff(), **common)
             metrics = evaluation.evaluate_stage1(model, self.train, self.test, self.cfg.evaluate, log=_quiet)
         else:
-            # The stage-1 weights under this trial's config: the bundle wants one config,
-            # and the trial's differs from stage 1's only in stage-2 keys (checked by the driver).
-            stage1 = {**self.upstream["stage1"], "config": self.cfg.to_dict()}
-            model = DisUnknownModel.from_handoffs(stage1=stage1, stage2=stage.handoff(),
+            model = DisUnknownModel.from_handoffs(stage1=self.upstream["stage1"], stage2=stage.handoff(),
                                                   code_stats=self.upstream["code_stats"], **common)
             metrics = evaluation.evaluate(model, self.train, self.test, self.cfg.evaluate, self.oracles,
                                           log=_quiet)

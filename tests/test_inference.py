@@ -109,6 +109,19 @@ def test_make_bundle_refuses_inconsistent_handoffs(tiny):
     other = dict(r["stage2"], config=dict(r["stage2"]["config"], seed=123))
     with pytest.raises(ValueError, match="different configs.*seed"):
         make_bundle(r["stage1"], other)
+    arch = dict(r["stage2"]["config"], architecture=dict(r["stage2"]["config"]["architecture"],
+                                                          fc_features=999))
+    with pytest.raises(ValueError, match="different configs.*architecture.fc_features"):
+        make_bundle(r["stage1"], dict(r["stage2"], config=arch))
+
+
+def test_make_bundle_accepts_a_stage2_rerun_with_other_loss_weights(tiny):
+    """A stage 2 swept or re-run on one stage 1 differs in stage-2 keys only: the
+    bundle takes it, and records the newest stage's settings."""
+    r = tiny["results"]
+    cfg2 = dict(r["stage2"]["config"], stage2=dict(r["stage2"]["config"]["stage2"], dis_weight=3.5))
+    bundle = make_bundle(r["stage1"], dict(r["stage2"], config=cfg2))
+    assert bundle["config"]["stage2"]["dis_weight"] == 3.5
 
 
 # ------------------------------------------------------------------ shapes and inputs
