@@ -29,10 +29,9 @@ from torch import Tensor
 from dsu_models import losses
 from dsu_models.config import Config
 from dsu_models.data.base import FactorInfo
-from dsu_models.distill import image_batches
 from dsu_models.models import build_image_classifier, check_factors
 from dsu_models.nn.layers import random_offset
-from dsu_models.stages.common import Stage, adam, compile_networks, params
+from dsu_models.stages.common import Stage, adam, batched_accuracy, compile_networks, params
 
 
 class ClassifierStage(Stage):
@@ -92,22 +91,9 @@ class ClassifierStage(Stage):
         No augmentation, eval mode (restored afterwards), batches of ``batch_size``
         (default: the stage's batch size).
         """
-        batch_size = batch_size or self.scfg.batch_size
-        was_training = self.classifier.training
-        self.classifier.eval()
-        correct = torch.zeros(len(self.class_counts), dtype=torch.int64, device=self.device)
-        seen = 0
-        try:
-            for x in image_batches(images, batch_size, self.device):
-                y = labels[seen:seen + x.shape[0]].to(self.device)
-                logits = self.classifier(x)
-                correct += torch.stack([(lg[:, :n].argmax(1) == y[:, k]).sum()
-                                        for k, (lg, n) in enumerate(zip(logits, self.class_counts))])
-                seen += x.shape[0]
-        finally:
-            self.classifier.train(was_training)
-        if seen != labels.shape[0]:
-            raise ValueError(f"evaluate: {seen} images but {labels.shape[0]} label rows")
-        accuracy = (correct.double() / max(seen, 1)).tolist()
-        return {f"acc_{name}": a for name, a in zip(self.factor_names, accuracy)}
+        def predict(x: Tensor) -> list[Tensor]:
+            return [lg[:, :n].argmax(1) for lg, n in zip(self.classifier(x), self.class_counts)]
+
+        return batched_accuracy(self.classifier, predict, images, labels, self.factor_names,
+                                batch_size or self.scfg.batch_size, self.device)
 

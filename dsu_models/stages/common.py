@@ -119,6 +119,33 @@ def compile_networks(*modules: nn.Module | None):
             inside.update(id(sub) for sub in m.modules())
 
 
+@torch.no_grad()
+def batched_accuracy(network: nn.Module, predict: Callable[[Tensor], list[Tensor]], images, labels: Tensor,
+                     names: list[str], batch_size: int, device) -> dict[str, float]:
+    """Per-factor accuracy of ``predict(x) -> [(b,) class ids per factor]`` over
+    ``images`` (``(N, C, H, W)`` uint8 or float in [-1, 1], or batches; see
+    :func:`dsu_models.distill.image_batches`) against ``labels`` ``(N, K)``:
+    ``{"acc_<name>": float in [0, 1]}``. ``network`` is put in eval mode for the
+    pass and restored afterwards."""
+    from dsu_models.distill import image_batches
+
+    was_training = network.training
+    network.eval()
+    correct = torch.zeros(len(names), dtype=torch.int64, device=device)
+    seen = 0
+    try:
+        for x in image_batches(images, batch_size, device):
+            y = labels[seen:seen + x.shape[0]].to(device)
+            correct += torch.stack([(p == y[:, k]).sum() for k, p in enumerate(predict(x))])
+            seen += x.shape[0]
+    finally:
+        network.train(was_training)
+    if seen != labels.shape[0]:
+        raise ValueError(f"evaluate: {seen} images but {labels.shape[0]} label rows")
+    accuracy = (correct.double() / max(seen, 1)).tolist()
+    return {f"acc_{name}": a for name, a in zip(names, accuracy)}
+
+
 def capture_rng() -> dict:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
              "python": random.getstate()}

@@ -56,7 +56,7 @@ from dsu_models.distill import image_batches
 from dsu_models.embedder import nearest_class
 from dsu_models.grids import rows_grid
 from dsu_models.models import build_embedders, build_encoder, build_generator
-from dsu_models.stages.common import Stage, adam, compile_networks, params
+from dsu_models.stages.common import Stage, adam, batched_accuracy, compile_networks, params
 from dsu_models.stages.stage1 import rolled_labels
 
 GENERATED_WEIGHT = 0.5
@@ -175,25 +175,11 @@ class LencStage(Stage):
         Eval mode (restored afterwards), batches of ``batch_size`` (default: the
         stage's batch size).
         """
-        batch_size = batch_size or self.scfg.batch_size
-        was_training = self.encoder.training
-        self.encoder.eval()
-        correct = torch.zeros(len(self.embedders), dtype=torch.int64, device=self.device)
-        seen = 0
-        try:
-            for x in image_batches(images, batch_size, self.device):
-                y = labels[seen:seen + x.shape[0]].to(self.device)
-                predictions = self.encoder(x)
-                correct += torch.stack([(nearest_class(emb, mean) == y[:, k]).sum()
-                                        for k, (emb, (mean, _)) in
-                                        enumerate(zip(self.embedders, predictions))])
-                seen += x.shape[0]
-        finally:
-            self.encoder.train(was_training)
-        if seen != labels.shape[0]:
-            raise ValueError(f"evaluate: {seen} images but {labels.shape[0]} label rows")
-        accuracy = (correct.double() / max(seen, 1)).tolist()
-        return {f"acc_{name}": a for name, a in zip(self.factor_names, accuracy)}
+        def predict(x: Tensor) -> list[Tensor]:
+            return [nearest_class(emb, mean) for emb, (mean, _) in zip(self.embedders, self.encoder(x))]
+
+        return batched_accuracy(self.encoder, predict, images, labels, self.factor_names,
+                                batch_size or self.scfg.batch_size, self.device)
 
     @torch.no_grad()
     def sample_images(self, batch: dict, n: int = 8) -> dict[str, Tensor]:
