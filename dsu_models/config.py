@@ -172,7 +172,7 @@ class EvaluateConfig:
     pairs: int = 2000
     batch_size: int = 256
     oracle_epochs: int = 6
-    oracle_samples: int | None = 5000   # training images the oracles see (None: all)
+    oracle_samples: int | None = 4000   # training images the oracles see (None: all)
     oracle_width: int = 16              # oracle trunk channels (2x, then 4x, deeper down)
     probe_samples: int | None = 10000   # train codes for the leakage probe (None: all)
     seed: int = 0

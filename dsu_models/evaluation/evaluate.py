@@ -85,9 +85,9 @@ def _chunks(n: int, batch_size: int):
 
 def _leakage(model, train, test, labeled: list[int], ecfg: EvaluateConfig) -> dict[str, float]:
     """Probe keys ``leak_<k>``, ``leak_chance_<k>``, ``leak_excess_mean``, ``disentangle_score``."""
-    out = {}
     if not labeled:
         return {"leak_excess_mean": 0.0, "disentangle_score": 1.0}
+    out = {}
     names = [train.factors[j].name for j in labeled]
     tr = _subset(len(train), ecfg.probe_samples, ecfg.seed)
     te = _subset(len(test), ecfg.probe_samples, ecfg.seed + 1)
@@ -100,7 +100,8 @@ def _leakage(model, train, test, labeled: list[int], ecfg: EvaluateConfig) -> di
     for name, (acc, chance) in zip(names, results):
         out[f"leak_{name}"], out[f"leak_chance_{name}"] = acc, chance
     out["leak_excess_mean"] = sum(acc - chance for acc, chance in results) / len(results)
-    out["disentangle_score"] = 1.0 - sum(M.normalised(acc, 1.0 / chance) for acc, chance in results) / len(results)
+    leak = [M.normalised(acc, 1.0 / chance) for acc, chance in results]
+    out["disentangle_score"] = 1.0 - sum(leak) / len(leak)
     return out
 
 

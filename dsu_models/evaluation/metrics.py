@@ -55,10 +55,12 @@ def frechet_distance(real: Tensor, fake: Tensor) -> float:
     eigendecomposition (eigenvalues clamped at 0), so it stays real and >= 0.
     """
     if len(real) < 2 or len(fake) < 2:
-        raise ValueError(f"frechet_distance needs at least 2 samples per set, got {len(real)} and {len(fake)}")
+        raise ValueError(f"frechet_distance needs at least 2 samples per set, "
+                         f"got {len(real)} and {len(fake)}")
     real, fake = real.double(), fake.double()
     mu_r, mu_f = real.mean(0), fake.mean(0)
-    cov_r, cov_f = torch.cov(real.T).reshape(real.shape[1], -1), torch.cov(fake.T).reshape(fake.shape[1], -1)
+    d = real.shape[1]
+    cov_r, cov_f = torch.cov(real.T).reshape(d, d), torch.cov(fake.T).reshape(d, d)  # (D, D) even for D = 1
     val, vec = torch.linalg.eigh(cov_r)
     root_r = (vec * val.clamp_min(0).sqrt()) @ vec.T
     inner = root_r @ cov_f @ root_r

@@ -8,15 +8,23 @@ readings of generated images can be trusted.
 Choices where METHOD.md is silent:
 
 - One network with a shared trunk and one linear head per factor
-  (:class:`OracleNet`): a conv trunk on the image plus two coordinate channels
-  that halves the image down to at most 4 x 4, then an MLP on the final map's
-  global mean and max (translation invariant: sprites move over the whole
-  image) together with the flattened map (where things are: shapes3d's shape
-  and orientation). It grew out of the ``PoolHead`` of
-  tests/test_procedural_readable.py; the flattened map and BatchNorm after
-  every convolution are what let it converge in the few epochs a CPU budget
-  allows (shapes3d at 32 px, 3,000 images x 6 epochs: shape .84 and
-  orientation .89 with pooling alone, .97 and .997 with the flattened map).
+  (:class:`OracleNet`): a full-resolution convolution on the image plus two
+  coordinate channels, stride-2 convolutions down to at most 4 x 4, then an MLP
+  on the final map's global mean and max (translation invariant: sprites move
+  over the whole image) together with the flattened map (where things are:
+  shapes3d's shape and orientation). It grew out of the ``PoolHead`` of
+  tests/test_procedural_readable.py. Measured at 32 px on one CPU thread with
+  the defaults (4,000 train images x 6 epochs, width 16): shapes3d reads every
+  factor at >= .98 (shape .983 with seeds 0 and 1, the rest >= .998) in about
+  16-18 s of CPU time (two threads on a busy 2-core machine took far longer:
+  leave the thread count to the caller). Sprites needs more: with the defaults
+  it reads scale, x and y at >= .99 but shape at .70-.95 and orientation at
+  .36-.41 (seeds 0, 1); with 8,000 images x 8 epochs every factor reads at
+  >= .998 (seeds 0 and 1, about 45 s of CPU time), so its dataset defaults
+  should raise ``evaluate.oracle_samples`` / ``oracle_epochs``.
+  What did worse for the same time: pooling alone without the flattened map
+  (shapes3d shape .84), a stride-2 first convolution (sprites scale .52), an
+  extra stride-1 convolution per level (slower; sprites x .73), no BatchNorm.
 - Training: Adam with a one-cycle learning-rate schedule, cross entropy summed
   over factors, batch :data:`TRAIN_BATCH`, on up to ``oracle_samples`` seeded
   training images for ``oracle_epochs`` epochs. No augmentation: the oracle is
@@ -24,8 +32,9 @@ Choices where METHOD.md is silent:
 - The cache key is a SHA-256 of the train and test images, labels and factor
   table plus the oracle settings (epochs, samples, width, seed) and
   :data:`ORACLE_VERSION` (bump it when the network or training changes). The
-  file ``oracle-<first 32 hex digits of the key>.pt`` holds only tensors, numbers, strings, lists and
-  dicts (``torch.load(weights_only=True)``) and is written atomically.
+  file ``oracle-<first 32 hex digits of the key>.pt`` holds only tensors,
+  numbers, strings, lists and dicts (``torch.load(weights_only=True)``) and is
+  written atomically.
 - Under 95% test accuracy on a built-in dataset is a bug (the procedural
   datasets are made to be readable): every such factor is logged as a warning
   and raised as a :class:`OracleWarning`.
@@ -50,7 +59,7 @@ from dsu_models.data.base import FactorInfo, InMemoryDataset
 from dsu_models.data.sources.builtin import BUILTIN as BUILTIN_DATASETS
 from dsu_models.distill import image_batches
 
-ORACLE_VERSION = 1
+ORACLE_VERSION = 2
 TRAIN_BATCH = 64
 MIN_BUILTIN_ACCURACY = 0.95
 FEATURES = 256
@@ -64,11 +73,12 @@ class OracleNet(nn.Module):
     """Shared trunk, one head per factor.
 
     x: (B, C, S, S) float in [-1, 1] -> per factor logits (B, n_f); ``features``
-    gives the (B, 256) penultimate activations. The trunk (a stride-2 first
-    convolution above 16 px) halves the image until it is at most 4 x 4
-    (channels w, 2w, then 4w); the MLP sees the final map's
-    global mean and max (translation invariant) and the flattened map itself (where
-    things are). Every convolution is followed by BatchNorm and ReLU.
+    gives the (B, 256) penultimate activations. The trunk is a full-resolution
+    convolution (sprites' small objects need every pixel), then stride-2
+    convolutions down to at most 4 x 4 (channels w, 2w, then 4w); the MLP sees
+    the final map's global mean and max (translation invariant) and the flattened
+    map itself (where things are). Every convolution is followed by BatchNorm
+    and ReLU.
     """
 
     def __init__(self, channels: int, size: int, classes: list[int], width: int = 16):
@@ -78,11 +88,10 @@ class OracleNet(nn.Module):
             return [nn.Conv2d(cin, cout, 3, padding=1, stride=stride, bias=False),
                     nn.BatchNorm2d(cout), nn.ReLU()]
 
-        stem = 2 if size > 16 else 1        # above 16 px a stride-2 first conv costs 1/4 and reads as well
-        layers, c, s, level = conv(channels + 2, width, stem), width, (size + stem - 1) // stem, 0
+        layers, c, s, level = conv(channels + 2, width, 1), width, size, 0
         while s > 4:
             out = width * 2 ** min(level, 2)
-            layers += (conv(c, out, 1) if level else []) + conv(out, out, 2)
+            layers += conv(c, out, 2)
             c, s, level = out, (s + 1) // 2, level + 1
         self.trunk = nn.Sequential(*layers)
         self.mlp = nn.Sequential(nn.Linear(c * (2 + s * s), FEATURES), nn.ReLU())
@@ -147,7 +156,8 @@ class OracleSet:
         preds, feats = [], []
         for x in self._batches(images):
             f = self.net.features(x)
-            preds.append(torch.stack([o.argmax(1) for o in self.net.heads(f).split(self.net.classes, 1)], 1).cpu())
+            logits = self.net.heads(f).split(self.net.classes, 1)
+            preds.append(torch.stack([o.argmax(1) for o in logits], 1).cpu())
             feats.append(f.float().cpu())
         if not preds:
             return torch.zeros(0, len(self.factors), dtype=torch.int64), torch.zeros(0, FEATURES)
