@@ -48,7 +48,7 @@ def test_registry_declares_defaults():
 
 
 @pytest.mark.parametrize("name,channels,factors", [
-    ("shapes3d", 3, [10, 10, 10, 8, 4, 15]), ("sprites", 1, [3, 6, 39, 32, 32]), ("digits", 1, [10])])
+    ("shapes3d", 3, [10, 10, 10, 8, 4, 15]), ("sprites", 1, [3, 6, 12, 16, 16]), ("digits", 1, [10])])
 def test_load_builtin(name, channels, factors):
     train, test = load_builtin(name, image_size=16, num_samples=1000 if name != "digits" else None)
     assert train.images.shape[1:] == (channels, 16, 16) and train.images.dtype == torch.uint8
@@ -85,6 +85,29 @@ def test_every_factor_changes_the_image():
             other[0, j] += 1
             diff = np.abs(mod.render(other, 32).astype(int) - ref).sum()
             assert diff > 255 * 2, (mod.NAME, name, diff)
+
+
+def test_sprites_centroid_area_and_front_mark():
+    """At 64 px, for every shape and orientation: the white area's centroid is the
+    position (within 0.1 px), its size is the same for the three shapes at one
+    scale (within 3%), and it grows by the scale step; the images of one shape
+    at its 12 orientations all differ (the front mark breaks every symmetry)."""
+    size, mid = 64, len(sprites.POSITIONS) // 2
+    labels = np.array([[s, k, t, mid, mid] for s in range(3) for k in (0, 5) for t in range(12)])
+    img = sprites.render(labels, size)[..., 0].astype(np.float64) / 255
+    c = (np.arange(size) + 0.5) / size
+    area = img.sum((1, 2))
+    cx, cy = (img * c[None, None, :]).sum((1, 2)) / area, (img * c[None, :, None]).sum((1, 2)) / area
+    assert np.abs(cx - sprites.POSITIONS[mid]).max() * size < 0.1
+    assert np.abs(cy - sprites.POSITIONS[mid]).max() * size < 0.1
+    by = area.reshape(3, 2, 12)
+    assert by[:, 0].max() / by[:, 0].min() < 1.03 and by[:, 1].max() / by[:, 1].min() < 1.03
+    assert by[:, 1].min() / by[:, 0].max() > 0.97 * (sprites.SCALES[5] / sprites.SCALES[0]) ** 2
+    flat = img.reshape(3, 2, 12, -1)
+    for s in range(3):
+        for k in range(2):
+            d = np.abs(flat[s, k, :, None] - flat[s, k, None, :]).sum(-1)
+            assert d[~np.eye(12, dtype=bool)].min() > 10, (sprites.SHAPES[s], k)
 
 
 def _tiny_cnn_accuracy(name: str, n: int, epochs: int) -> dict[str, float]:

@@ -10,21 +10,19 @@ CPU, 2 threads, seeded.
   shape .988, orientation .994. It takes ~2-3 min on 2 busy cores, over the
   90 s aimed for; a smaller trunk (16/32/32 channels, 3,000 samples, 8 epochs,
   53 s) reached shape .917 and orientation .937 only.
-* sprites at 32 px: >= 0.95 is NOT met for orientation, x and y, so
-  ``test_sprites_readable_at_32px`` asserts what is reached, with margins far
-  above chance that a broken renderer would fail (the data issue stays open).
-  x and y have 32 classes 0.6 px apart and orientation 39 classes 9.2 degrees
-  apart on sprites 8-13 px across. With ``MultiHead`` (flattened features,
-  3,000 samples, 8 epochs): shape .46, scale .47, orientation .02, x .55
-  (.96 within one class), y .61 (.97): the classifier failed at shape, which
-  has to be learnt anew at every position. With ``PoolHead`` (global pooling
-  plus coordinate channels; generator v2, 6,000 samples, 8 epochs),
-  exact (within one class): width 32 (the test's): shape 1.0 (1.0), scale
-  .950 (1.0), orientation .157 (.392), x .720 (.958), y .697 (.968); width
-  48: shape .998, scale .955, orientation .167 (.428), x .702 (.962), y .703
-  (.970), 179 s on 2 cores shared with other runs (width 32 needs ~0.45x the
-  multiply-adds). Orientation is the factor the renderer leaves hardest
-  (chance .026); position is read to about one class.
+* sprites at 32 px (generator v3): every factor >= 0.95 with ``PoolHead``
+  (global pooling plus coordinate channels; 6,000 samples, 8 epochs, 3.3-4.5
+  min on 2 cores shared with other runs, as before). Measured, exact (within
+  one class): shape .993 (.998), scale 1.000 (1.000), orientation .993
+  (.998), x .990 (.995), y .988 (.998). What made it readable (see the
+  sources/sprites.py docstring): 12 orientations and 16 positions instead of 39
+  and 32, one front notch on every shape, rotation about the area centroid,
+  equal areas at one scale.
+  Generator v2 (39 orientations 9.2 degrees apart, 32 positions 0.6 px apart,
+  no mark on the heart, rotation about the shape's frame centre) read shape
+  1.0, scale .950, orientation .157 (.392), x .720 (.958), y .697 (.968); with
+  ``MultiHead`` (flattened features) shape .46: it has to learn shape anew at
+  every position.
 """
 from __future__ import annotations
 
@@ -136,14 +134,10 @@ def test_shapes3d_every_factor_readable_at_32px():
 
 @pytest.mark.slow
 def test_sprites_readable_at_32px():
-    """Shape and scale >= 0.95; orientation, x and y at the levels reached so far
-    (see the module docstring), each many times chance and near-perfect within one class."""
     acc = oracle_accuracy("sprites", 32, samples=6000, epochs=8, model=PoolHead, pct_start=0.15)
     print(acc)
-    floors = {"shape": (0.95, 0.99), "scale": (0.90, 0.99), "orientation": (0.10, 0.30),
-              "x": (0.55, 0.90), "y": (0.55, 0.90)}   # (exact, within one class); chance 1/classes
-    for name, (exact, near) in acc.items():
-        assert exact >= floors[name][0] and near >= floors[name][1], (name, acc)
+    for name, (exact, _) in acc.items():
+        assert exact >= 0.95, (name, acc)
 
 
 if __name__ == "__main__":
@@ -154,6 +148,6 @@ if __name__ == "__main__":
     name, size, n, ep = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     model = {"multihead": MultiHead, "poolhead": PoolHead}[sys.argv[5] if len(sys.argv) > 5 else "multihead"]
     t0 = time.time()
-    res = oracle_accuracy(name, size, n, ep, model=model)
+    res = oracle_accuracy(name, size, n, ep, model=model, pct_start=0.15 if model is PoolHead else 0.2)
     print(name, size, n, ep, f"{time.time() - t0:.1f}s",
           {k: f"{a:.3f}/{b:.3f}" for k, (a, b) in res.items()})
