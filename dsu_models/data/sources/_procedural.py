@@ -67,22 +67,6 @@ def sd_triangle(u, v, r):
     return d
 
 
-def sd_heart(u, v, r):
-    """Heart pointing to +u (its tip), size ~ r; union of two discs and a wedge."""
-    # heart in local coords with tip at +u: lobes at -u side
-    lobe = 0.5 * r
-    d1 = np.hypot(u + 0.35 * r, v - 0.42 * r) - lobe
-    d2 = np.hypot(u + 0.35 * r, v + 0.42 * r) - lobe
-    # wedge: triangle from lobes to tip at (0.95r, 0)
-    tip = 0.95 * r
-    n = np.array([0.62, 0.78], dtype=np.float32)  # normal of the upper edge
-    e1 = (u - tip) * n[0] + v * n[1]
-    e2 = (u - tip) * n[0] - v * n[1]
-    e3 = -(u + 0.35 * r)
-    wedge = np.maximum(np.maximum(e1, e2), e3)
-    return np.minimum(np.minimum(d1, d2), wedge)
-
-
 def hsv_to_rgb(h, s, v):
     """Vectorised HSV -> RGB; inputs broadcast, output (..., 3) in [0, 1]."""
     h = np.asarray(h, dtype=np.float32) % 1.0
