@@ -17,14 +17,16 @@ Choices where METHOD.md is silent:
   the defaults (4,000 train images x 6 epochs, width 16): shapes3d reads every
   factor at >= .98 (shape .983 with seeds 0 and 1, the rest >= .998) in about
   16-18 s of CPU time (two threads on a busy 2-core machine took far longer:
-  leave the thread count to the caller). Sprites needs more: with the defaults
-  it reads scale, x and y at >= .99 but shape at .70-.95 and orientation at
-  .36-.41 (seeds 0, 1); with 8,000 images x 8 epochs every factor reads at
-  >= .998 (seeds 0 and 1, about 45 s of CPU time), so its dataset defaults
-  should raise ``evaluate.oracle_samples`` / ``oracle_epochs``.
-  What did worse for the same time: pooling alone without the flattened map
-  (shapes3d shape .84), a stride-2 first convolution (sprites scale .52), an
-  extra stride-1 convolution per level (slower; sprites x .73), no BatchNorm.
+  leave the thread count to the caller). Sprites (generator v3: 12
+  orientations, 16 x and y positions) needs more: with the defaults it reads
+  scale, x and y at >= .99 but shape at .70-.84 and orientation at .34-.41
+  (seeds 0, 1); with 8,000 images x 8 epochs every factor reads at >= .998
+  (seeds 0 and 1, about 41-45 s of CPU time), so its dataset defaults should
+  raise ``evaluate.oracle_samples`` / ``oracle_epochs``. What did worse:
+  pooling alone without the flattened map (shapes3d shape .84 against .97 for
+  the same time); an extra stride-1 convolution per level (about the same
+  accuracy per image for 1.3-1.5x the time); a stride-2 first convolution
+  (cheaper, but sprites generator v2 scale .52-.83 against .96).
 - Training: Adam with a one-cycle learning-rate schedule, cross entropy summed
   over factors, batch :data:`TRAIN_BATCH`, on up to ``oracle_samples`` seeded
   training images for ``oracle_epochs`` epochs. No augmentation: the oracle is
