@@ -42,6 +42,7 @@ from dsu_models.stages.common import NonFiniteLossError, resolve_device
 
 BUILTIN = ("shapes3d", "sprites", "digits")
 PRESET_DIR = CONFIG_DIR / "presets"
+AFTER_TRAINING = ("evaluate.",)  # config keys a resumed run may change: they do not touch training
 
 
 # ------------------------------------------------------------------ config and data
@@ -116,8 +117,11 @@ def check_out_dir(cfg: Config, out: Path):
         if old != cfg:
             flat_old, flat_new = _flat(old.to_dict()), _flat(cfg.to_dict())
             diff = sorted(k for k in flat_old.keys() | flat_new.keys() if flat_old.get(k) != flat_new.get(k))
-            raise ConfigError(f"{out}: holds a run with a different config (keys differ: "
-                              f"{', '.join(diff[:8])}); use another --out to start afresh")
+            training = [k for k in diff if not k.startswith(AFTER_TRAINING)]
+            if training:
+                raise ConfigError(f"{out}: holds a run with a different config (keys differ: "
+                                  f"{', '.join(training[:8])}); use another --out to start afresh")
+            save_config(cfg, path)  # only evaluation settings changed: the training is still valid
     else:
         save_config(cfg, path)
 

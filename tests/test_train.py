@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dsu_models import train
-from dsu_models.config import ConfigError
+from dsu_models.config import ConfigError, load_resolved
 from dsu_models.stages.common import NonFiniteLossError
 
 FAST = ["image_size=8", "architecture.conv_channels=[8]", "architecture.fc_features=16",
@@ -97,3 +97,6 @@ def test_bad_inputs_refused_before_work(tmp_path, capsys):
     train.check_out_dir(config(), out)
     with pytest.raises(ConfigError, match="different config .*stage1.cla1_weight"):
         train.check_out_dir(config("stage1.cla1_weight=0.1"), out)
+    # evaluation settings do not touch training: accepted, and the saved config follows them
+    train.check_out_dir(config("evaluate.pairs=77"), out)
+    assert load_resolved(out / "config.yaml").evaluate.pairs == 77
