@@ -55,13 +55,7 @@ def make_split(n: int, seed: int, name: str = "shapes3d-subset") -> InMemoryData
     return InMemoryDataset(render(labels), labels, factors, name=name)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny networks gain nothing from a second thread on a shared 2-core machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -19,12 +19,7 @@ from tiny import tiny_batch, tiny_config, tiny_factors
 SIZE = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def painted(value: int) -> float:

@@ -14,13 +14,7 @@ from dsu_models.stages.stage2 import Stage2
 from tiny import tiny_batch, tiny_config, tiny_factors
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny ops on a shared 2-core machine: intra-op threads only add contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def upstream_for(cfg) -> dict:

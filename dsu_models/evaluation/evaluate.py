@@ -158,6 +158,18 @@ def _check_oracles(oracles: OracleSet, test: InMemoryDataset):
                          f"has {names}; train oracles on this dataset")
 
 
+def _hit_rates(prefix: str, score_key: str, hits: Tensor, columns: list[int],
+               data: InMemoryDataset) -> dict[str, float]:
+    """``hits`` (N, len(columns)) bool -> ``<prefix>_<factor>`` rates, their mean
+    ``<prefix>_mean`` and ``score_key``: the mean of the chance-normalised rates."""
+    acc = hits.double().mean(0).tolist()
+    factors = [data.factors[j] for j in columns]
+    out = {f"{prefix}_{f.name}": v for f, v in zip(factors, acc)}
+    out[f"{prefix}_mean"] = sum(acc) / len(acc)
+    out[score_key] = sum(M.normalised(v, f.classes) for f, v in zip(factors, acc)) / len(acc)
+    return out
+
+
 def evaluate(model, train: InMemoryDataset, test: InMemoryDataset, ecfg: EvaluateConfig,
              oracles: OracleSet, log: Callable[[str], None] = print) -> dict[str, float]:
     """The full metric set of the module docstring, including ``summary``."""
@@ -168,17 +180,9 @@ def evaluate(model, train: InMemoryDataset, test: InMemoryDataset, ecfg: Evaluat
 
     swap_hits, keep_hits, fake_feats = _swaps(model, test, labeled, hidden, oracles, ecfg)
     if labeled:
-        acc = swap_hits.double().mean(0)
-        out.update({f"swap_acc_{names[j]}": float(v) for j, v in zip(labeled, acc)})
-        out["swap_acc_mean"] = float(acc.mean())
-        out["swap_score"] = sum(M.normalised(float(v), test.factors[j].classes)
-                                for j, v in zip(labeled, acc)) / len(labeled)
+        out.update(_hit_rates("swap_acc", "swap_score", swap_hits, labeled, test))
     if hidden:
-        acc = keep_hits.double().mean(0)
-        out.update({f"preserve_{names[j]}": float(v) for j, v in zip(hidden, acc)})
-        out["preserve_mean"] = float(acc.mean())
-        out["preserve_score"] = sum(M.normalised(float(v), test.factors[j].classes)
-                                    for j, v in zip(hidden, acc)) / len(hidden)
+        out.update(_hit_rates("preserve", "preserve_score", keep_hits, hidden, test))
 
     real = _subset(len(test), ecfg.pairs, ecfg.seed)
     real_feats = oracles.features(test.images[real])
