@@ -105,7 +105,7 @@ def _from_numpy(a: np.ndarray, channels: int, size: int) -> Tensor:
 
 def _resized(x: Tensor, size: int) -> Tensor:
     """uint8 (B, C, H, W) -> (B, C, size, size), bilinear with antialiasing (the
-    resampling ``dsu_models.data.prepared.resize_batch`` uses when preparing data)."""
+    resampling ``dsu_models.data.codec.resize_batch`` uses when preparing data)."""
     if tuple(x.shape[2:]) == (size, size):
         return x
     y = F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)

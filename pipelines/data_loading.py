@@ -15,26 +15,13 @@ import contextlib
 import itertools
 from typing import Iterator
 
-import numpy as np
 import ray
 import torch
 
-from dsu_models.data import decode_batch, read_manifest, resize_batch, split_files
+from dsu_models.data import read_manifest, split_files
+from pipelines.decode import Decode
 
 DTYPES = {"id": torch.int64, "image": torch.float32, "labels": torch.int64}
-
-
-class _Decode:
-    """PNG column -> float images in [-1, 1]; factor columns -> one labels array."""
-
-    def __init__(self, channels: int, size: int, factors: list[str]):
-        self.channels, self.size, self.factors = channels, size, factors
-
-    def __call__(self, batch: dict) -> dict:
-        images = resize_batch(decode_batch(batch["image"], self.channels), self.size)
-        return {"id": batch["id"].astype(np.int64),
-                "image": images.astype(np.float32) * np.float32(2 / 255) - np.float32(1),
-                "labels": np.stack([batch[f] for f in self.factors], 1).astype(np.int64)}
 
 
 def train_dataset(directory, split: str = "train", image_size: int | None = None,
@@ -46,7 +33,7 @@ def train_dataset(directory, split: str = "train", image_size: int | None = None
     # step that would hold every block of the split in the object store at once
     with _parquet_reader_v1():
         ds = ray.data.read_parquet(files, shuffle="files" if shuffle_blocks else None)
-    fn = _Decode(m["channels"], int(image_size or m["image_size"]), [f["name"] for f in m["factors"]])
+    fn = Decode(m["channels"], int(image_size or m["image_size"]), [f["name"] for f in m["factors"]])
     return ds.map_batches(fn, batch_size=batch_size, batch_format="numpy")
 
 

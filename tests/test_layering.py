@@ -16,3 +16,19 @@ def test_dsu_models_imports_neither_ray_nor_mlflow():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert int(done.stdout.split()[0]) > 20  # it really imported the whole package
+
+
+def test_ray_data_decode_step_does_not_import_torch():
+    """Ray Data's decode workers import ``pipelines.decode`` (by reference) and run it;
+    torch there would cost every worker process about 0.3 GiB."""
+    code = ("import sys, numpy as np\n"
+            "from pipelines.decode import Decode\n"
+            "from dsu_models.data.codec import encode_png\n"
+            "img = (np.arange(48, dtype=np.uint8) * 5).reshape(4, 4, 3)\n"
+            "out = Decode(3, 4, ['a'])({'id': np.array([7]), 'image': [encode_png(img)], 'a': np.array([2])})\n"
+            "assert out['image'].shape == (1, 3, 4, 4) and out['labels'].tolist() == [[2]]\n"
+            "assert abs(out['image'][0, 0, 0, 0] + 1) < 1e-6, out['image'][0, 0, 0, 0]\n"
+            "print(sorted(n for n in sys.modules if n.split('.')[0] == 'torch')[:3])\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip() == "[]", done.stdout

@@ -5,14 +5,35 @@ Public API (no Ray here; the Ray jobs live in ``pipelines/``):
 - :func:`load_builtin` — shapes3d / sprites / digits generated in memory;
 - :func:`prepare` — any source -> a prepared, versioned directory;
 - :func:`read_manifest`, :func:`read_split` — read a prepared directory back.
-"""
-from .base import FactorInfo, InMemoryDataset, measured_frequencies, to_float, to_uint8
-from .errors import DataError
-from .manifest import FORMAT_VERSION, read_manifest
-from .prepared import decode_batch, encode_png, prepare, read_split, resize_batch, split_files
-from .sources import SOURCES, get_source
-from .sources.builtin import load_builtin
 
-__all__ = ["FactorInfo", "InMemoryDataset", "measured_frequencies", "to_float", "to_uint8",
-           "DataError", "FORMAT_VERSION", "read_manifest", "prepare", "read_split", "split_files",
-           "decode_batch", "encode_png", "resize_batch", "SOURCES", "get_source", "load_builtin"]
+The names below are imported on first use (PEP 562), so that importing a
+light submodule such as ``dsu_models.data.codec`` (what Ray Data's decode
+workers need) does not pull in torch through the rest of the package.
+"""
+from __future__ import annotations
+
+import importlib
+
+_HOMES = {
+    ".base": ["FactorInfo", "InMemoryDataset", "measured_frequencies", "to_float", "to_uint8"],
+    ".errors": ["DataError"],
+    ".manifest": ["FORMAT_VERSION", "read_manifest"],
+    ".codec": ["decode_batch", "encode_png", "resize_batch"],
+    ".prepared": ["prepare", "read_split", "split_files"],
+    ".sources": ["SOURCES", "get_source"],
+    ".sources.builtin": ["load_builtin"],
+}
+_WHERE = {name: module for module, names in _HOMES.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

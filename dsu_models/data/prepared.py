@@ -20,7 +20,6 @@ the target name, and its staging directory is removed by the next run.
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
 import shutil
 import uuid
@@ -31,47 +30,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-import torch.nn.functional as F
-from PIL import Image
 
 from . import manifest as mf
+from .codec import decode_batch, encode_png, resize_batch
 from .base import FactorInfo, InMemoryDataset
 from .errors import DataError
 from .sources import SourcePlan, make_plan
 from .sources._common import SPLITS, check_labels
-
-PNG_LEVEL = 1   # fastest zlib level; PNG is lossless at every level
-
-
-# ---------------------------------------------------------------- images
-def encode_png(image: np.ndarray) -> bytes:
-    """(H, W, C) uint8, C in {1, 3} -> PNG bytes."""
-    buf = io.BytesIO()
-    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(
-        buf, format="PNG", compress_level=PNG_LEVEL)
-    return buf.getvalue()
-
-
-def decode_png(data: bytes, channels: int) -> np.ndarray:
-    """PNG bytes -> (H, W, C) uint8."""
-    with Image.open(io.BytesIO(data)) as im:
-        arr = np.asarray(im.convert("L" if channels == 1 else "RGB"))
-    return arr[..., None] if arr.ndim == 2 else arr
-
-
-def decode_batch(blobs, channels: int) -> np.ndarray:
-    """Sequence of PNG bytes -> (n, C, H, W) uint8."""
-    return np.stack([decode_png(b, channels) for b in blobs]).transpose(0, 3, 1, 2)
-
-
-def resize_batch(images: np.ndarray, size: int) -> np.ndarray:
-    """(n, C, H, W) uint8 -> (n, C, size, size) uint8, bilinear with antialiasing."""
-    if images.shape[-1] == size and images.shape[-2] == size:
-        return images
-    x = torch.from_numpy(np.ascontiguousarray(images)).float()
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return x.round_().clamp_(0, 255).to(torch.uint8).numpy()
-
 
 # ---------------------------------------------------------------- writing
 def _schema(factors: list[FactorInfo]) -> pa.Schema:

@@ -1,0 +1,25 @@
+"""The decode step Ray Data runs in its worker processes (``map_batches``).
+
+Kept free of torch (numpy, PIL and ``dsu_models.data.codec`` only): Ray ships
+``Decode`` to its workers by module reference, so each worker imports this
+module, and torch would add about 0.3 GiB to every one of them.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from dsu_models.data.codec import decode_batch, resize_batch
+
+
+class Decode:
+    """A batch of prepared rows -> ``id`` (n,) int64, ``image`` (n, C, S, S)
+    float32 in [-1, 1] at ``size``, ``labels`` (n, F) int64 in ``factors`` order."""
+
+    def __init__(self, channels: int, size: int, factors: list[str]):
+        self.channels, self.size, self.factors = channels, size, factors
+
+    def __call__(self, batch: dict) -> dict:
+        images = resize_batch(decode_batch(batch["image"], self.channels), self.size)
+        return {"id": batch["id"].astype(np.int64),
+                "image": images.astype(np.float32) * np.float32(2 / 255) - np.float32(1),
+                "labels": np.stack([batch[f] for f in self.factors], 1).astype(np.int64)}
