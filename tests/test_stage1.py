@@ -142,3 +142,48 @@ def test_handoff_carries_weights_and_config():
     torch.save(handoff, buffer)
     buffer.seek(0)
     assert torch.load(buffer, weights_only=True)["stage"] == "stage1"
+
+
+def _two_pass_classifier_losses(stage: Stage1):
+    """The straightforward routing: C on detached inputs for its NLL, then C again
+    with detached parameters for the adversarial loss (what one pass must equal)."""
+    from dsu_models import losses
+    from dsu_models.stages.common import detached_call
+
+    def fn(x, y, u, u_mask, weight):
+        s = stage.scfg
+        x_cross = stage._cross_image(u, u_mask, y) if s.cla1_mode != "code" else None
+        nll = sum(-lp.gather(1, y[:, k:k + 1]).mean()
+                  for k, lp in enumerate(stage.classifier(
+                      x_cross.detach() if x_cross is not None else None, u.detach(), u_mask)))
+        adv = sum(losses.adversarial_nlu(lp, y[:, k], stage.freqs[k]) if s.cla1_adv_mode == "nlu"
+                  else losses.adversarial_ll(lp, y[:, k])
+                  for k, lp in enumerate(detached_call(stage.classifier, x_cross, u, u_mask)))
+        return nll, adv.detach(), x.new_zeros(()), weight * adv
+    return fn
+
+
+@pytest.mark.parametrize("overrides", [[], ["stage1.cla1_mode=image"], ["stage1.cla1_mode=code"],
+                                       ["stage1.cla1_adv_mode=ll", "stage1.gen_conv_adv=true"],
+                                       ["stage1.gen_fc_adv=false"]],
+                         ids=lambda o: ",".join(o) or "default")
+def test_one_classifier_pass_equals_two(overrides, monkeypatch):
+    """Same losses and the same gradient on every parameter as running C twice."""
+    def step(two_pass: bool):
+        stage = make("stage1.cla1_weight=0.7", *overrides, seed=3)
+        if two_pass:
+            stage._classifier_losses = _two_pass_classifier_losses(stage)
+        for opt in stage.optimizers.values():
+            monkeypatch.setattr(opt, "step", lambda *a, **k: None)
+        torch.manual_seed(11)
+        metrics = stage.train_step(tiny_batch(stage.cfg))
+        grads = {f"{m}.{n}": p.grad.clone() for m, module in stage.models.items()
+                 for n, p in module.named_parameters() if p.grad is not None}
+        return metrics, grads
+
+    (m1, g1), (m2, g2) = step(False), step(True)
+    for key in ("rec", "cla_nll", "adv", "total"):
+        assert m1[key] == pytest.approx(m2[key], rel=1e-5, abs=1e-6), key
+    assert g1.keys() == g2.keys() and len(g1) > 10
+    for name in g1:
+        torch.testing.assert_close(g1[name], g2[name], rtol=1e-4, atol=1e-6, msg=name)
