@@ -32,13 +32,6 @@ from pipelines import tracking
 MODEL_DIR = "model"
 
 
-def _handoff(run_id: str | None, tracking_uri: str, workdir: Path, key: str) -> dict | None:
-    if not run_id:
-        return None
-    path = tracking.download(run_id, "handoff.pt", tracking_uri, workdir / key)
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def evaluate_in_process(cfg: Config, data_dir: str, runs: dict, run_id: str, tracking_uri: str,
                         device: str = "cpu", log=print) -> dict[str, float]:
     """Bundle, evaluate and log to ``run_id``; returns the metrics."""
@@ -49,38 +42,38 @@ def evaluate_in_process(cfg: Config, data_dir: str, runs: dict, run_id: str, tra
     from dsu_models.bundle import make_bundle, save_bundle
     from dsu_models.inference import DisUnknownModel
     from dsu_models.plots import evaluation_pictures
+    from pipelines.stage_job import load_upstream
 
     client = MlflowClient(tracking_uri)
-    workdir = Path(tempfile.mkdtemp(prefix="dsu-evaluate-"))
-    handoffs = {k: _handoff(runs.get(k), tracking_uri, workdir, k) for k in ("stage1", "stage2", "lenc")}
-    stats = None
-    if runs.get("distill"):
-        path = tracking.download(runs["distill"], "stats.pt", tracking_uri, workdir / "distill")
-        stats = torch.load(path, map_location="cpu", weights_only=True)
-    train = read_split(data_dir, "train", image_size=cfg.image_size)
-    test = read_split(data_dir, "test", image_size=cfg.image_size)
-    by_name = {f.name: f for f in train.factors}
-    bundle = make_bundle(handoffs["stage1"], handoffs["stage2"], handoffs["lenc"], stats,
-                         [by_name[n] for n in cfg.labeled_factors], list(train.factors))
-    model = DisUnknownModel(bundle, device=device)
+    with tempfile.TemporaryDirectory(prefix="dsu-evaluate-") as tmp:
+        workdir = Path(tmp)
+        handoffs = load_upstream(runs, tracking_uri, workdir, need_codes=False,
+                                 handoffs=("stage1", "stage2", "lenc"))
+        stats = handoffs["code_stats"]
+        train = read_split(data_dir, "train", image_size=cfg.image_size)
+        test = read_split(data_dir, "test", image_size=cfg.image_size)
+        by_name = {f.name: f for f in train.factors}
+        bundle = make_bundle(handoffs["stage1"], handoffs["stage2"], handoffs["lenc"], stats,
+                             [by_name[n] for n in cfg.labeled_factors], list(train.factors))
+        model = DisUnknownModel(bundle, device=device)
 
-    started = time.perf_counter()
-    oracles = load_or_train_oracles(train, test, cfg.evaluate, tracking.dsu_home() / "oracles",
-                                    device=model.device, log=log)
-    log(f"[evaluate] oracles ready in {time.perf_counter() - started:.0f} s: "
-        + ", ".join(f"{k} {v:.3f}" for k, v in oracles.test_accuracy.items()))
-    metrics = evaluate(model, train, test, cfg.evaluate, oracles, log=log)
-    from mlflow.entities import Metric
-    now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
-    for name, image in evaluation_pictures(model, test, seed=cfg.evaluate.seed).items():
-        client.log_image(run_id, _hwc(image), artifact_file=f"pictures/{name}.png")
-    bundle_dir = save_bundle(bundle, workdir / MODEL_DIR)
-    client.log_artifacts(run_id, str(bundle_dir), artifact_path=MODEL_DIR)
-    log("[evaluate] " + ", ".join(f"{k} {metrics[k]:.3f}" for k in
-                                  ("swap_acc_mean", "preserve_mean", "leak_excess_mean", "recon_psnr",
-                                   "frechet", "summary") if k in metrics))
-    return metrics
+        started = time.perf_counter()
+        oracles = load_or_train_oracles(train, test, cfg.evaluate, tracking.dsu_home() / "oracles",
+                                        device=model.device, log=log)
+        log(f"[evaluate] oracles ready in {time.perf_counter() - started:.0f} s: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in oracles.test_accuracy.items()))
+        metrics = evaluate(model, train, test, cfg.evaluate, oracles, log=log)
+        from mlflow.entities import Metric
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+        for name, image in evaluation_pictures(model, test, seed=cfg.evaluate.seed).items():
+            client.log_image(run_id, _hwc(image), artifact_file=f"pictures/{name}.png")
+        bundle_dir = save_bundle(bundle, workdir / MODEL_DIR)
+        client.log_artifacts(run_id, str(bundle_dir), artifact_path=MODEL_DIR)
+        log("[evaluate] " + ", ".join(f"{k} {metrics[k]:.3f}" for k in
+                                      ("swap_acc_mean", "preserve_mean", "leak_excess_mean", "recon_psnr",
+                                       "frechet", "summary") if k in metrics))
+        return metrics
 
 
 def _hwc(image):
@@ -120,6 +113,6 @@ def run_register(cfg: Config, runs: dict, run_id: str, tracking_uri: str, alias:
     summary = evaluate_run.data.metrics.get("summary")
     if summary is None:
         raise ValueError(f"evaluate run {runs['evaluate']} has no 'summary' metric")
-    workdir = Path(tempfile.mkdtemp(prefix="dsu-register-"))
-    bundle_dir = tracking.download(runs["evaluate"], MODEL_DIR, tracking_uri, workdir)
-    return log_and_register(tracking_uri, run_id, bundle_dir, cfg.dataset, summary, alias=alias)
+    with tempfile.TemporaryDirectory(prefix="dsu-register-") as tmp:
+        bundle_dir = tracking.download(runs["evaluate"], MODEL_DIR, tracking_uri, Path(tmp))
+        return log_and_register(tracking_uri, run_id, bundle_dir, cfg.dataset, summary, alias=alias)

@@ -25,6 +25,7 @@ worker (:func:`load_upstream`), so stages can run on different nodes.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -103,16 +104,18 @@ def lookup_codes(codes: dict, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return codes["mu"][pos], codes["sigma"][pos]
 
 
-def load_upstream(stage: str, runs: dict, tracking_uri: str, workdir: Path, need_codes: bool) -> dict:
-    """Hand-offs, code statistics (and stage 2's codes) from upstream runs' artifacts."""
+def load_upstream(runs: dict, tracking_uri: str, workdir: Path, need_codes: bool,
+                  handoffs: tuple[str, ...] = ("stage1", "classifier", "stage2")) -> dict:
+    """The ``handoffs`` of upstream runs (None where ``runs`` has no such run), the
+    code statistics (``code_stats``) and, with ``need_codes``, stage 2's codes."""
     def handoff(key):
         if not runs.get(key):
             return None
         path = tracking.download(runs[key], HANDOFF, tracking_uri, workdir / key)
         return torch.load(path, map_location="cpu", weights_only=True)
 
-    out: dict = {"stage1": handoff("stage1"), "classifier": handoff("classifier"),
-                 "stage2": handoff("stage2"), "code_stats": None, "codes": None}
+    out: dict = {key: handoff(key) for key in handoffs}
+    out.update(code_stats=None, codes=None)
     if runs.get("distill"):
         stats = tracking.download(runs["distill"], "stats.pt", tracking_uri, workdir / "distill")
         out["code_stats"] = torch.load(stats, map_location="cpu", weights_only=True)
@@ -143,7 +146,14 @@ def _save_state(stage, directory: Path):
 
 
 def train_loop(config: dict):
-    """Ray Train worker: runs one stage to the end. ``config`` is built by :func:`run_stage`."""
+    """Ray Train worker: runs one stage to the end. ``config`` is built by :func:`run_stage`.
+    Downloads, checkpoints and the hand-off are written under a temporary directory
+    that is removed when the stage ends (Ray has copied what it keeps by then)."""
+    with tempfile.TemporaryDirectory(prefix=f"dsu-{config['stage']}-") as tmp:
+        _train_in(config, Path(tmp))
+
+
+def _train_in(config: dict, workdir: Path):
     import ray.train
     import ray.train.torch
     from mlflow.tracking import MlflowClient
@@ -155,9 +165,8 @@ def train_loop(config: dict):
     name = config["stage"]
     scfg = getattr(cfg, name)
     device = ray.train.torch.get_device()
-    workdir = Path(tempfile.mkdtemp(prefix=f"dsu-{name}-"))
     factors = [FactorInfo.from_dict(d) for d in config["factors"]]
-    upstream = load_upstream(name, config["upstream"], config["tracking_uri"], workdir,
+    upstream = load_upstream(config["upstream"], config["tracking_uri"], workdir,
                              need_codes=name == "stage2")
     torch.manual_seed(cfg.seed)
     stage = make_stage(name, cfg, factors, upstream, device)
@@ -220,7 +229,9 @@ def train_loop(config: dict):
                 _save_state(stage, ckpt_dir)
         report = {"iteration": it, **mean}
         if ckpt_dir is not None:
+            # the default (synchronous) upload has copied it to storage on return
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(str(ckpt_dir)))
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
         else:
             ray.train.report(report)
     if rank == 0:

@@ -50,7 +50,7 @@ def pipeline_runs(client, pipeline_run: str | None, named: dict[str, str | None]
 
 
 def from_mlflow(runs: dict[str, str], tracking_uri: str, workdir: Path) -> dict:
-    up = load_upstream("stage2", runs, tracking_uri, workdir, need_codes=False)
+    up = load_upstream(runs, tracking_uri, workdir, need_codes=False)
     up["codes"] = None
     if config_from_dict(up["stage1"]["config"]).unknown_size:
         codes_dir = tracking.download(runs["distill"], "codes", tracking_uri, workdir / "distill")
