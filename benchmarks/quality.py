@@ -1,11 +1,11 @@
 """Quality bar: does the method disentangle shapes3d on this CPU, and how fast?
 
-    python benchmarks/quality.py [--config quick] [--scale 1.0] [--out DIR] [key=value ...]
+    python benchmarks/quality.py [--config quality] [--scale 1.0] [--out DIR] [key=value ...]
 
 Trains every stage with the single-process runner (``dsu_models.train.run``;
 the same stage modules the Ray pipeline runs) on the built-in ``shapes3d`` at
 32 px with labeled = floor_hue, wall_hue, object_hue, shape and unknown =
-scale, orientation (the ``quick`` preset), each stage's iterations multiplied
+scale, orientation (the ``quality`` preset by default), each stage's iterations multiplied
 by ``--scale``, then evaluates the final model (``dsu_models.evaluation``) and
 prints the figures next to the bar of the evaluation issue:
 
@@ -61,7 +61,7 @@ def stage_seconds(cfg, out: Path) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="quick", help="preset or YAML (default: quick)")
+    parser.add_argument("--config", default="quality", help="preset or YAML (default: quality)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every stage's iterations")
     parser.add_argument("--out", help="run directory (default: a temporary one)")
     parser.add_argument("--cache", default=str(Path.home() / ".disunknown" / "oracles"),

@@ -3,7 +3,7 @@
     python -m dsu_models.train --config FILE --out DIR [key=value ...]
 
 ``--config`` takes a YAML file or a preset name from ``dsu_models/configs/presets``
-(``quick``, ``tiny``). Output directory layout::
+(``quick``, ``quality``, ``tiny``). Output directory layout::
 
     DIR/config.yaml                 resolved config
     DIR/<stage>/checkpoint.pt       latest full state (models, optimizers, iteration, RNG)
@@ -288,7 +288,7 @@ def run(cfg: Config, out: Path, log: Callable[[str], None] = print,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML file or preset name (quick, tiny)")
+    parser.add_argument("--config", help="YAML file or preset name (quick, quality, tiny)")
     parser.add_argument("--out", required=True, help="output directory (resumed if it exists)")
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. stage1.cla1_weight=0.3")
     args = parser.parse_args(argv)

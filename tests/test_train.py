@@ -100,3 +100,10 @@ def test_bad_inputs_refused_before_work(tmp_path, capsys):
     # evaluation settings do not touch training: accepted, and the saved config follows them
     train.check_out_dir(config("evaluate.pairs=77"), out)
     assert load_resolved(out / "config.yaml").evaluate.pairs == 77
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in train.PRESET_DIR.glob("*.yaml")))
+def test_every_preset_resolves(name):
+    """Presets are data checked against the config (a typo in one is an error)."""
+    cfg = train.build_config(name, [])
+    assert cfg.dataset == "shapes3d" and cfg.stage1.iterations > 0
