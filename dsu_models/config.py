@@ -201,6 +201,9 @@ class Config:
     seed: int = 0
     device: str = "auto"
     compile: bool = False  # torch.compile the networks in place (stages/common.py); keys unchanged
+    # Ray Train workers keep their decoded share of the training split in memory after
+    # the first epoch when it fits in this many MiB (0 = always stream from Ray Data)
+    worker_cache_mb: int = 1024
     architecture: ArchConfig = field(default_factory=ArchConfig)
     all_stages: dict[str, Any] = field(default_factory=dict)
     stage1: Stage1Config = field(default_factory=Stage1Config)
@@ -600,6 +603,8 @@ def resolve(raw: dict, data_factors: dict[str, int] | None = None) -> Config:
         raise ConfigError(f"image_channels: {cfg.image_channels} (must be at least 1)")
     if not 0.0 < cfg.test_portion < 1.0:
         raise ConfigError(f"test_portion: {cfg.test_portion} (must be within (0, 1))")
+    if cfg.worker_cache_mb < 0:
+        raise ConfigError(f"worker_cache_mb: {cfg.worker_cache_mb} (must be >= 0; 0 turns the cache off)")
     if cfg.num_samples is not None and cfg.num_samples < 2:
         raise ConfigError(f"num_samples: {cfg.num_samples} (must be at least 2)")
     _check_device(cfg.device)

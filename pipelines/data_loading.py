@@ -6,13 +6,15 @@ size and ``labels`` int64 (F,) in manifest factor order. Pass it as
 ``TorchTrainer(datasets={"train": ds})``; Ray Train gives each worker a
 disjoint share per epoch (``streaming_split``). On the worker,
 ``iter_epochs(ray.train.get_dataset_shard("train"), batch_size)`` repeats
-epochs, reshuffling each one (file order + a local shuffle buffer). The
+epochs, reshuffling each one (file order + a local shuffle buffer), or with
+``cache=True`` serves epochs after the first from the worker's memory. The
 plain single-process reader is ``dsu_models.data.read_split``.
 """
 from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 from typing import Iterator
 
 import ray
@@ -59,18 +61,58 @@ def _parquet_reader_v1():
         ctx.use_datasource_v2 = old
 
 
+def shard_fits_in_memory(manifest: dict, split: str, image_size: int, workers: int,
+                         budget_mb: float) -> bool:
+    """Whether one worker's share of ``split``, decoded (float32 images, int64 ids and
+    labels), fits in ``budget_mb`` MiB. Every rank computes the same answer."""
+    rows = manifest["splits"][split]["rows"]
+    row_bytes = 4 * manifest["channels"] * image_size ** 2 + 8 * (1 + len(manifest["factors"]))
+    return budget_mb > 0 and math.ceil(rows / workers) * row_bytes <= budget_mb * 2 ** 20
+
+
 def iter_epochs(shard, batch_size: int, epochs: int | None = None, shuffle_buffer: int = 2048,
-                seed: int = 0, drop_last: bool = True, device: str | None = None
-                ) -> Iterator[tuple[int, dict]]:
+                seed: int = 0, drop_last: bool = True, device: str | None = None,
+                cache: bool = False) -> Iterator[tuple[int, dict]]:
     """(epoch, batch) over ``epochs`` passes (None = forever); batch tensors as in DTYPES.
 
     Each pass re-reads the shard; rows are shuffled through a buffer of
     ``shuffle_buffer`` rows with a per-epoch seed (0 = no shuffling).
+
+    ``cache=True`` keeps the rows of the first pass in memory and serves every
+    later epoch from them in a fresh random order (a permutation per epoch, seeded
+    by ``seed + epoch``): no re-reading and no decoding after the first epoch, so
+    the Ray Data workers stop competing with training for the CPU. The worker
+    keeps the same share of rows every epoch. Only for shards that fit (see
+    :func:`shard_fits_in_memory`); all workers must make the same choice.
     """
+    table = None
     for epoch in (itertools.count() if epochs is None else range(epochs)):
+        if table is not None:
+            yield from _cached_epoch(table, epoch, batch_size, seed + epoch, drop_last)
+            continue
         kwargs = {}
         if shuffle_buffer:
             kwargs = {"local_shuffle_buffer_size": shuffle_buffer, "local_shuffle_seed": seed + epoch}
-        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=drop_last,
+        stored = []
+        # when caching, the last partial batch is read too (kept, not yielded under drop_last)
+        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=drop_last and not cache,
                                               dtypes=DTYPES, device=device or "cpu", **kwargs):
+            if cache:
+                stored.append({k: batch[k].clone() for k in DTYPES})
+                if drop_last and len(batch["id"]) < batch_size:
+                    continue
             yield epoch, batch
+        if cache:
+            if not stored:
+                raise ValueError("iter_epochs: the shard is empty")
+            table = {k: torch.cat([b[k] for b in stored]) for k in DTYPES}
+
+
+def _cached_epoch(table: dict, epoch: int, batch_size: int, seed: int, drop_last: bool
+                  ) -> Iterator[tuple[int, dict]]:
+    n = len(table["id"])
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    end = n - n % batch_size if drop_last else n
+    for start in range(0, end, batch_size):
+        index = order[start:start + batch_size].to(table["id"].device)
+        yield epoch, {k: v.index_select(0, index) for k, v in table.items()}

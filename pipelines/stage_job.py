@@ -199,7 +199,8 @@ def _train_in(config: dict, workdir: Path):
     shard = ray.train.get_dataset_shard("train")
     per_worker = scfg.batch_size // world
     sums, count, last_time, last_it = {}, 0, time.perf_counter(), stage.iteration
-    batches = iter_epochs(shard, per_worker, seed=cfg.seed * 31 + rank, device="cpu")
+    batches = iter_epochs(shard, per_worker, seed=cfg.seed * 31 + rank, device="cpu",
+                          cache=config["cache"])
     while not stage.done:
         _, rows = next(batches)
         if fail_at is not None and stage.iteration == fail_at and rank == world - 1 \
@@ -294,7 +295,7 @@ def run_stage(stage: str, cfg: Config, data_dir: str, run_id: str, upstream: dic
 
     from dsu_models.data import read_manifest
     from dsu_models.data.manifest import factor_infos
-    from pipelines.data_loading import train_dataset
+    from pipelines.data_loading import shard_fits_in_memory, train_dataset
 
     scfg = getattr(cfg, stage)
     if scfg.batch_size % workers:
@@ -310,6 +311,7 @@ def run_stage(stage: str, cfg: Config, data_dir: str, run_id: str, upstream: dic
         "stage": stage, "cfg": cfg.to_dict(), "factors": infos, "label_columns": columns,
         "upstream": upstream, "tracking_uri": tracking_uri, "run_id": run_id,
         "threads": max(1, int(cpus_per_worker)),
+        "cache": shard_fits_in_memory(manifest, "train", cfg.image_size, workers, cfg.worker_cache_mb),
         # the first 8 rows are the sample batch, all of them the code-scatter set
         "plot": plot_rows(data_dir, cfg, n=SCATTER_POINTS), "all_factors": all_factors,
         **(test_hooks or {}),

@@ -29,7 +29,7 @@ from pipelines.stage_job import HANDOFF, load_codes, load_upstream
 NEEDED = ("stage1", "distill", "classifier")
 # Config parts a stage-2 sweep may set differently from the stage 1 it reuses.
 FREE_PREFIXES = ("stage2.", "lenc.", "evaluate.", "all_stages.")
-FREE_KEYS = ("device", "compile")
+FREE_KEYS = ("device", "compile", "worker_cache_mb")
 
 
 def pipeline_runs(client, pipeline_run: str | None, named: dict[str, str | None]) -> dict[str, str]:

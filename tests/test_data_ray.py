@@ -10,9 +10,63 @@ import torch
 
 from dsu_models.data import prepare, read_manifest, read_split
 
-pytestmark = pytest.mark.slow
 
 
+class FakeShard:
+    """Stands in for a Ray Data shard: rows 0..n-1 in order, image and label made
+    from the id so a test can see that rows stay whole; counts the passes."""
+
+    def __init__(self, n: int):
+        self.n, self.passes = n, 0
+
+    def iter_torch_batches(self, batch_size, drop_last, dtypes, device, **shuffle):
+        self.passes += 1
+        end = self.n - self.n % batch_size if drop_last else self.n
+        for start in range(0, end, batch_size):
+            ids = torch.arange(start, min(start + batch_size, end))
+            yield {"id": ids, "image": ids.float().view(-1, 1, 1, 1).expand(-1, 1, 2, 2).contiguous(),
+                   "labels": (ids % 3).view(-1, 1)}
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_cached_epochs_read_the_shard_once(drop_last):
+    from pipelines.data_loading import iter_epochs
+
+    shard, seen = FakeShard(70), {}
+    for epoch, batch in iter_epochs(shard, 16, epochs=4, seed=3, drop_last=drop_last, cache=True):
+        assert torch.equal(batch["image"][:, 0, 1, 1], batch["id"].float())
+        assert torch.equal(batch["labels"][:, 0], batch["id"] % 3)
+        assert len(batch["id"]) == 16 or not drop_last
+        seen.setdefault(epoch, []).append(batch["id"])
+    assert shard.passes == 1
+    epochs = [torch.cat(seen[e]).tolist() for e in range(4)]
+    for e, ids in enumerate(epochs):
+        assert len(ids) == len(set(ids)) == (64 if drop_last else 70)
+    assert epochs[1] != epochs[2] != epochs[3]                     # reshuffled every epoch
+    if drop_last:   # the partial batch of the first pass is kept for later epochs
+        assert set(epochs[1] + epochs[2] + epochs[3]) - set(epochs[0]) == set(range(64, 70))
+
+
+def test_uncached_epochs_reread_the_shard():
+    from pipelines.data_loading import iter_epochs
+
+    shard = FakeShard(40)
+    assert sum(1 for _ in iter_epochs(shard, 16, epochs=3, shuffle_buffer=0)) == 6
+    assert shard.passes == 3
+
+
+def test_shard_fits_in_memory():
+    from pipelines.data_loading import shard_fits_in_memory
+
+    manifest = {"channels": 3, "factors": [{}] * 5, "splits": {"train": {"rows": 1000}}}
+    row = 4 * 3 * 32 * 32 + 8 * 6
+    assert shard_fits_in_memory(manifest, "train", 32, 2, 500 * row / 2 ** 20)
+    assert not shard_fits_in_memory(manifest, "train", 32, 2, 499 * row / 2 ** 20)
+    assert not shard_fits_in_memory(manifest, "train", 32, 1, 999 * row / 2 ** 20)
+    assert not shard_fits_in_memory(manifest, "train", 32, 2, 0)
+
+
+@pytest.mark.slow
 def test_ray_prepare_matches_plain(ray_session, tmp_path):
     from pipelines.prepare_data import prepare_with_ray
 
@@ -28,6 +82,7 @@ def test_ray_prepare_matches_plain(ray_session, tmp_path):
     assert prepare_with_ray("shapes3d", tmp_path / "ray", **opts) == a     # reused
 
 
+@pytest.mark.slow
 def test_train_dataset_columns(ray_session, tmp_path):
     from pipelines.data_loading import train_dataset
 
@@ -39,7 +94,9 @@ def test_train_dataset_columns(ray_session, tmp_path):
     assert row["labels"].shape == (5,) and row["labels"].dtype == np.int64
 
 
-def test_two_workers_get_disjoint_covering_shards(ray_session, tmp_path):
+@pytest.mark.slow
+@pytest.mark.parametrize("cache", [False, True])
+def test_two_workers_get_disjoint_covering_shards(ray_session, tmp_path, cache):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -54,7 +111,8 @@ def test_two_workers_get_disjoint_covering_shards(ray_session, tmp_path):
         shard = ray.train.get_dataset_shard("train")
         seen = {0: [], 1: []}
         for epoch, batch in iter_epochs(shard, batch_size=16, epochs=2, drop_last=False,
-                                        shuffle_buffer=32, seed=ray.train.get_context().get_world_rank()):
+                                        shuffle_buffer=32, seed=ray.train.get_context().get_world_rank(),
+                                        cache=config["cache"]):
             assert batch["image"].shape[1:] == (1, 16, 16) and batch["image"].dtype == torch.float32
             seen[epoch] += batch["id"].tolist()
         rank = ray.train.get_context().get_world_rank()
@@ -66,7 +124,7 @@ def test_two_workers_get_disjoint_covering_shards(ray_session, tmp_path):
     ids = set(read_split(out, "train").ids.tolist())
     assert len(ids) == 180
     trainer = TorchTrainer(
-        worker, train_loop_config={"out": str(tmp_path)},
+        worker, train_loop_config={"out": str(tmp_path), "cache": cache},
         # fractional CPUs leave room for Ray Data on a 2-CPU node (RAY_NOTES.md)
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
         run_config=RunConfig(storage_path=str(tmp_path / "runs"), name="shards"),
@@ -78,3 +136,6 @@ def test_two_workers_get_disjoint_covering_shards(ray_session, tmp_path):
         assert len(a) == len(set(a)) and len(b) == len(set(b))
         assert set(a).isdisjoint(b)
         assert set(a) | set(b) == ids
+    if cache:   # each worker keeps its share, in a new order
+        for r in (0, 1):
+            assert set(seen[r]["0"]) == set(seen[r]["1"]) and seen[r]["0"] != seen[r]["1"]
