@@ -95,8 +95,9 @@ def iter_epochs(shard, batch_size: int, epochs: int | None = None, shuffle_buffe
             kwargs = {"local_shuffle_buffer_size": shuffle_buffer, "local_shuffle_seed": seed + epoch}
         stored = []
         # when caching, the last partial batch is read too (kept, not yielded under drop_last)
-        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=drop_last and not cache,
-                                              dtypes=DTYPES, device=device or "cpu", **kwargs):
+        for arrays in shard.iter_batches(batch_size=batch_size, drop_last=drop_last and not cache,
+                                         batch_format="numpy", **kwargs):
+            batch = _to_torch(arrays, device)
             if cache:
                 stored.append({k: batch[k].clone() for k in DTYPES})
                 if drop_last and len(batch["id"]) < batch_size:
@@ -106,6 +107,27 @@ def iter_epochs(shard, batch_size: int, epochs: int | None = None, shuffle_buffe
             if not stored:
                 raise ValueError("iter_epochs: the shard is empty")
             table = {k: torch.cat([b[k] for b in stored]) for k in DTYPES}
+
+
+def _to_torch(arrays: dict, device: str | None) -> dict:
+    """Numpy batch -> tensors as in DTYPES, in the calling thread.
+
+    Ray's ``iter_torch_batches`` would build the tensors in its own formatting
+    threads; a torch op large enough to go parallel there gives that long-lived
+    thread an OpenMP team of its own, and libgomp, seeing more threads than
+    CPUs, then wakes the training thread's team by sleeping and signalling
+    instead of spinning: on 2 cores stage 1 ran about 25% slower
+    (``benchmarks/ray_overhead.py``). Here the conversion is a zero-copy
+    ``from_numpy`` (Decode already emits these dtypes) in the training thread.
+    With ``device`` set to a GPU the host-to-device copy also happens here.
+    """
+    out = {}
+    for key, dtype in DTYPES.items():
+        array = arrays[key]
+        # Ray may hand out read-only views of its buffers; torch wants to own writable memory
+        tensor = torch.from_numpy(array if array.flags.writeable else array.copy())
+        out[key] = tensor.to(device=device or "cpu", dtype=dtype)
+    return out
 
 
 def _cached_epoch(table: dict, epoch: int, batch_size: int, seed: int, drop_last: bool

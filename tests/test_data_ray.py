@@ -19,13 +19,14 @@ class FakeShard:
     def __init__(self, n: int):
         self.n, self.passes = n, 0
 
-    def iter_torch_batches(self, batch_size, drop_last, dtypes, device, **shuffle):
+    def iter_batches(self, batch_size, drop_last, batch_format, **shuffle):
         self.passes += 1
         end = self.n - self.n % batch_size if drop_last else self.n
         for start in range(0, end, batch_size):
-            ids = torch.arange(start, min(start + batch_size, end))
-            yield {"id": ids, "image": ids.float().view(-1, 1, 1, 1).expand(-1, 1, 2, 2).contiguous(),
-                   "labels": (ids % 3).view(-1, 1)}
+            ids = np.arange(start, min(start + batch_size, end))
+            yield {"id": ids, "image": np.broadcast_to(ids.astype(np.float32).reshape(-1, 1, 1, 1),
+                                                       (len(ids), 1, 2, 2)).copy(),
+                   "labels": (ids % 3).reshape(-1, 1)}
 
 
 @pytest.mark.parametrize("drop_last", [True, False])
