@@ -1,13 +1,14 @@
 """Training-side reader of prepared datasets with Ray Data, for Ray Train.
 
 ``train_dataset(dir)`` is ``read_parquet`` -> PNG decode in ``map_batches`` ->
-columns ``id`` int64, ``image`` float32 (C, H, W) in [-1, 1] at the wanted
-size and ``labels`` int64 (F,) in manifest factor order. Pass it as
+columns ``id`` int64, ``image`` uint8 (C, H, W) at the wanted size and
+``labels`` int64 (F,) in manifest factor order. Pass it as
 ``TorchTrainer(datasets={"train": ds})``; Ray Train gives each worker a
 disjoint share per epoch (``streaming_split``). On the worker,
 ``iter_epochs(ray.train.get_dataset_shard("train"), batch_size)`` repeats
 epochs, reshuffling each one (file order + a local shuffle buffer), or with
-``cache=True`` serves epochs after the first from the worker's memory. The
+``cache=True`` serves epochs after the first from the worker's memory; it
+yields images as float32 in [-1, 1]. The
 plain single-process reader is ``dsu_models.data.read_split``.
 """
 from __future__ import annotations
@@ -20,15 +21,17 @@ from typing import Iterator
 import ray
 import torch
 
-from dsu_models.data import read_manifest, split_files
+from dsu_models.data import read_manifest, split_files, to_float
 from pipelines.decode import Decode
 
-DTYPES = {"id": torch.int64, "image": torch.float32, "labels": torch.int64}
+# columns as Ray Data delivers them (and as the epoch cache keeps them);
+# iter_epochs hands out images as float32 in [-1, 1]
+DTYPES = {"id": torch.int64, "image": torch.uint8, "labels": torch.int64}
 
 
 def train_dataset(directory, split: str = "train", image_size: int | None = None,
                   shuffle_blocks: bool = True, batch_size: int = 256) -> ray.data.Dataset:
-    """A prepared split as a Ray Dataset: ``id`` (), ``image`` (C, S, S) float32, ``labels`` (F,)."""
+    """A prepared split as a Ray Dataset: ``id`` (), ``image`` (C, S, S) uint8, ``labels`` (F,)."""
     m = read_manifest(directory)
     files = [str(p) for p in split_files(directory, split)]
     # shuffling the file order streams; randomize_block_order() is an all-to-all
@@ -63,17 +66,18 @@ def _parquet_reader_v1():
 
 def shard_fits_in_memory(manifest: dict, split: str, image_size: int, workers: int,
                          budget_mb: float) -> bool:
-    """Whether one worker's share of ``split``, decoded (float32 images, int64 ids and
+    """Whether one worker's share of ``split``, decoded (uint8 images, int64 ids and
     labels), fits in ``budget_mb`` MiB. Every rank computes the same answer."""
     rows = manifest["splits"][split]["rows"]
-    row_bytes = 4 * manifest["channels"] * image_size ** 2 + 8 * (1 + len(manifest["factors"]))
+    row_bytes = manifest["channels"] * image_size ** 2 + 8 * (1 + len(manifest["factors"]))
     return budget_mb > 0 and math.ceil(rows / workers) * row_bytes <= budget_mb * 2 ** 20
 
 
 def iter_epochs(shard, batch_size: int, epochs: int | None = None, shuffle_buffer: int = 2048,
                 seed: int = 0, drop_last: bool = True, device: str | None = None,
                 cache: bool = False) -> Iterator[tuple[int, dict]]:
-    """(epoch, batch) over ``epochs`` passes (None = forever); batch tensors as in DTYPES.
+    """(epoch, batch) over ``epochs`` passes (None = forever): ``id`` (B,) int64,
+    ``image`` (B, C, H, W) float32 in [-1, 1], ``labels`` (B, F) int64, on ``device``.
 
     Each pass re-reads the shard; rows are shuffled through a buffer of
     ``shuffle_buffer`` rows with a per-epoch seed (0 = no shuffling).
@@ -88,7 +92,8 @@ def iter_epochs(shard, batch_size: int, epochs: int | None = None, shuffle_buffe
     table = None
     for epoch in (itertools.count() if epochs is None else range(epochs)):
         if table is not None:
-            yield from _cached_epoch(table, epoch, batch_size, seed + epoch, drop_last)
+            for batch in _cached_epoch(table, batch_size, seed + epoch, drop_last):
+                yield epoch, _for_training(batch, device)
             continue
         kwargs = {}
         if shuffle_buffer:
@@ -97,20 +102,20 @@ def iter_epochs(shard, batch_size: int, epochs: int | None = None, shuffle_buffe
         # when caching, the last partial batch is read too (kept, not yielded under drop_last)
         for arrays in shard.iter_batches(batch_size=batch_size, drop_last=drop_last and not cache,
                                          batch_format="numpy", **kwargs):
-            batch = _to_torch(arrays, device)
+            batch = _to_torch(arrays)
             if cache:
                 stored.append({k: batch[k].clone() for k in DTYPES})
                 if drop_last and len(batch["id"]) < batch_size:
                     continue
-            yield epoch, batch
+            yield epoch, _for_training(batch, device)
         if cache:
             if not stored:
                 raise ValueError("iter_epochs: the shard is empty")
             table = {k: torch.cat([b[k] for b in stored]) for k in DTYPES}
 
 
-def _to_torch(arrays: dict, device: str | None) -> dict:
-    """Numpy batch -> tensors as in DTYPES, in the calling thread.
+def _to_torch(arrays: dict) -> dict:
+    """Numpy batch -> CPU tensors as in DTYPES, in the calling thread.
 
     Ray's ``iter_torch_batches`` would build the tensors in its own formatting
     threads; a torch op large enough to go parallel there gives that long-lived
@@ -119,22 +124,28 @@ def _to_torch(arrays: dict, device: str | None) -> dict:
     instead of spinning: on 2 cores stage 1 ran about 25% slower
     (``benchmarks/ray_overhead.py``). Here the conversion is a zero-copy
     ``from_numpy`` (Decode already emits these dtypes) in the training thread.
-    With ``device`` set to a GPU the host-to-device copy also happens here.
     """
     out = {}
     for key, dtype in DTYPES.items():
         array = arrays[key]
         # Ray may hand out read-only views of its buffers; torch wants to own writable memory
         tensor = torch.from_numpy(array if array.flags.writeable else array.copy())
-        out[key] = tensor.to(device=device or "cpu", dtype=dtype)
+        out[key] = tensor.to(dtype=dtype)
     return out
 
 
-def _cached_epoch(table: dict, epoch: int, batch_size: int, seed: int, drop_last: bool
-                  ) -> Iterator[tuple[int, dict]]:
+def _for_training(batch: dict, device: str | None) -> dict:
+    """Moves the batch to ``device`` (uint8 images: a quarter of the bytes to copy
+    to a GPU) and maps the images to float32 in [-1, 1] there."""
+    out = {k: v.to(device=device or "cpu") for k, v in batch.items()}
+    out["image"] = to_float(out["image"])
+    return out
+
+
+def _cached_epoch(table: dict, batch_size: int, seed: int, drop_last: bool) -> Iterator[dict]:
     n = len(table["id"])
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     end = n - n % batch_size if drop_last else n
     for start in range(0, end, batch_size):
         index = order[start:start + batch_size].to(table["id"].device)
-        yield epoch, {k: v.index_select(0, index) for k, v in table.items()}
+        yield {k: v.index_select(0, index) for k, v in table.items()}

@@ -26,6 +26,7 @@ if __package__ in (None, ""):
 
 from dsu_models.codes import CodeStatsAccumulator, code_statistics
 from dsu_models.config import Config, config_from_dict
+from dsu_models.data import to_float
 from dsu_models.models import build_encoder
 from pipelines import tracking
 
@@ -46,7 +47,7 @@ class EncodeUnknown:
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> pa.Table:
-        images = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(self.device)
+        images = to_float(torch.from_numpy(np.ascontiguousarray(batch["image"])).to(self.device))
         ((mu, sigma),) = self.encoder(images)
 
         def column(t: torch.Tensor):

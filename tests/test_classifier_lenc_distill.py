@@ -271,6 +271,25 @@ def test_distill_codes_match_direct_encoder_call():
     assert torch.allclose(mu, result["codes"]["test"]["mu"], atol=1e-6)
 
 
+def test_ray_distill_actor_reads_uint8_rows_like_the_runner():
+    """The Ray Data actor of pipelines/distill.py gets Decode's uint8 rows and must
+    give the codes the single-process distillation gives."""
+    import numpy as np
+
+    from pipelines.distill import EncodeUnknown
+
+    cfg = tiny_config()
+    encoder = random_encoder(cfg)
+    splits = tiny_splits(cfg)
+    data = splits["test"]
+    actor = EncodeUnknown(cfg.to_dict(), encoder.state_dict(), use_gpu=False)
+    table = actor({"id": data.ids.numpy(), "image": data.images.numpy()})
+    mu = torch.from_numpy(np.stack(table.column("mu").to_pylist())).float()
+    expected = distill(encoder, splits, batch_size=4, device=CPU)["codes"]["test"]
+    assert table.column("id").to_pylist() == data.ids.tolist()
+    assert torch.allclose(mu, expected["mu"], atol=1e-5)
+
+
 def test_distill_stats_equal_all_at_once():
     cfg = tiny_config()
     result = distill(random_encoder(cfg), tiny_splits(cfg), batch_size=4, device=CPU)

@@ -3,6 +3,8 @@ two Ray Train workers get disjoint shards that together cover the split."""
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import numpy as np
 import pytest
@@ -24,7 +26,7 @@ class FakeShard:
         end = self.n - self.n % batch_size if drop_last else self.n
         for start in range(0, end, batch_size):
             ids = np.arange(start, min(start + batch_size, end))
-            yield {"id": ids, "image": np.broadcast_to(ids.astype(np.float32).reshape(-1, 1, 1, 1),
+            yield {"id": ids, "image": np.broadcast_to(ids.astype(np.uint8).reshape(-1, 1, 1, 1),
                                                        (len(ids), 1, 2, 2)).copy(),
                    "labels": (ids % 3).reshape(-1, 1)}
 
@@ -35,7 +37,8 @@ def test_cached_epochs_read_the_shard_once(drop_last):
 
     shard, seen = FakeShard(70), {}
     for epoch, batch in iter_epochs(shard, 16, epochs=4, seed=3, drop_last=drop_last, cache=True):
-        assert torch.equal(batch["image"][:, 0, 1, 1], batch["id"].float())
+        assert batch["image"].dtype == torch.float32    # cached as uint8, served in [-1, 1]
+        assert torch.allclose((batch["image"][:, 0, 1, 1] + 1) * 127.5, batch["id"].float(), atol=1e-4)
         assert torch.equal(batch["labels"][:, 0], batch["id"] % 3)
         assert len(batch["id"]) == 16 or not drop_last
         seen.setdefault(epoch, []).append(batch["id"])
@@ -52,15 +55,17 @@ def test_uncached_epochs_reread_the_shard():
     from pipelines.data_loading import iter_epochs
 
     shard = FakeShard(40)
-    assert sum(1 for _ in iter_epochs(shard, 16, epochs=3, shuffle_buffer=0)) == 6
-    assert shard.passes == 3
+    batches = list(iter_epochs(shard, 16, epochs=3, shuffle_buffer=0))
+    assert len(batches) == 6 and shard.passes == 3
+    for _, batch in batches:
+        assert torch.allclose((batch["image"][:, 0, 0, 0] + 1) * 127.5, batch["id"].float(), atol=1e-4)
 
 
 def test_shard_fits_in_memory():
     from pipelines.data_loading import shard_fits_in_memory
 
     manifest = {"channels": 3, "factors": [{}] * 5, "splits": {"train": {"rows": 1000}}}
-    row = 4 * 3 * 32 * 32 + 8 * 6
+    row = 3 * 32 * 32 + 8 * 6      # uint8 pixels, int64 id and labels
     assert shard_fits_in_memory(manifest, "train", 32, 2, 500 * row / 2 ** 20)
     assert not shard_fits_in_memory(manifest, "train", 32, 2, 499 * row / 2 ** 20)
     assert not shard_fits_in_memory(manifest, "train", 32, 1, 999 * row / 2 ** 20)
@@ -83,6 +88,33 @@ def test_ray_prepare_matches_plain(ray_session, tmp_path):
     assert prepare_with_ray("shapes3d", tmp_path / "ray", **opts) == a     # reused
 
 
+def _torch_in_decode_workers(directory) -> dict[int, bool]:
+    """{pid: torch imported} of the worker processes that run the training
+    reader's decode step on ``directory`` (a probe after Decode)."""
+    from pipelines.data_loading import train_dataset
+
+    def probe(batch):
+        import sys as _sys
+        n = len(batch["id"])
+        return {"pid": np.full(n, os.getpid()), "torch": np.full(n, "torch" in _sys.modules)}
+
+    rows = train_dataset(directory).map_batches(probe, batch_format="numpy").take_all()
+    return {int(r["pid"]): bool(r["torch"]) for r in rows}
+
+
+@pytest.mark.slow
+def test_preparation_leaves_no_torch_in_the_decode_workers(ray_session, tmp_path):
+    """Preparation renders with torch (0.3 GiB per process); the torch-free decode
+    tasks that stream to training must not run in its processes afterwards."""
+    from pipelines.prepare_data import prepare_with_ray
+
+    first = prepare("sprites", tmp_path / "plain", num_samples=200, image_size=16)
+    before = _torch_in_decode_workers(first)      # workers other tests left behind
+    out = prepare_with_ray("sprites", tmp_path / "p", num_samples=400, image_size=16, chunk_size=50)
+    after = _torch_in_decode_workers(out)
+    assert [pid for pid, has in after.items() if has and not before.get(pid)] == []
+
+
 @pytest.mark.slow
 def test_train_dataset_columns(ray_session, tmp_path):
     from pipelines.data_loading import train_dataset
@@ -90,8 +122,14 @@ def test_train_dataset_columns(ray_session, tmp_path):
     out = prepare("sprites", tmp_path / "p", num_samples=100, image_size=16)
     ds = train_dataset(out, image_size=8)
     row = ds.take(1)[0]
-    assert row["image"].shape == (1, 8, 8) and row["image"].dtype == np.float32
-    assert -1.0 <= row["image"].min() and row["image"].max() <= 1.0
+    # uint8 through the object store; iter_epochs maps it to [-1, 1]
+    assert row["image"].shape == (1, 8, 8) and row["image"].dtype == np.uint8
+    assert row["image"].max() > row["image"].min()
+    # at the prepared size the pixels are exactly the plain reader's
+    plain = read_split(out, "train")
+    by_id = {int(i): k for k, i in enumerate(plain.ids)}
+    for row in train_dataset(out).take(5):
+        assert np.array_equal(row["image"], plain.images[by_id[int(row["id"])]].numpy())
     assert row["labels"].shape == (5,) and row["labels"].dtype == np.int64
 
 
@@ -115,6 +153,7 @@ def test_two_workers_get_disjoint_covering_shards(ray_session, tmp_path, cache):
                                         shuffle_buffer=32, seed=ray.train.get_context().get_world_rank(),
                                         cache=config["cache"]):
             assert batch["image"].shape[1:] == (1, 16, 16) and batch["image"].dtype == torch.float32
+            assert -1 <= batch["image"].min() < batch["image"].max() <= 1
             seen[epoch] += batch["id"].tolist()
         rank = ray.train.get_context().get_world_rank()
         with open(f"{config['out']}/rank{rank}.json", "w") as f:
