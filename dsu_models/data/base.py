@@ -5,13 +5,17 @@ ground truth, plus the factor table (METHOD.md section 1 and 10): names,
 class counts, class names and class frequencies on the training split.
 Images are kept as uint8 ``(N, C, H, W)`` so a full split stays small in
 memory; :func:`to_float` converts a batch to ``[-1, 1]`` floats on demand.
+
+torch is imported where it is used, not at module level: the preparation code
+(sources, ``prepared.run_task``) imports this module for :class:`FactorInfo`
+and runs in Ray worker processes that would otherwise each load torch (about
+0.3 GiB) without needing it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,8 @@ class FactorInfo:
         return self.class_names or tuple(str(c) for c in range(self.classes))
 
     def freq_tensor(self) -> torch.Tensor:
+        import torch
+
         if self.frequencies:
             return torch.tensor(self.frequencies, dtype=torch.float32)
         return torch.full((self.classes,), 1.0 / self.classes)
@@ -75,6 +81,8 @@ class InMemoryDataset:
     name: str = "dataset"
 
     def __post_init__(self):
+        import torch
+
         if self.ids is None:
             self.ids = torch.arange(len(self.images), dtype=torch.int64)
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
@@ -120,4 +128,6 @@ def to_float(images_uint8: torch.Tensor) -> torch.Tensor:
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """float (B, C, H, W) in [-1, 1] -> uint8, clamped."""
+    import torch
+
     return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

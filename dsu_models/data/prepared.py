@@ -29,7 +29,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import torch
 
 from . import manifest as mf
 from .codec import decode_batch, encode_png, resize_batch
@@ -231,6 +230,8 @@ def read_split(directory, split: str, image_size: int | None = None) -> InMemory
     images = images[order]
     if image_size is not None:
         images = resize_batch(images, int(image_size))
+    import torch  # here, not at module level: Ray workers run run_task without torch (see base.py)
+
     return InMemoryDataset(torch.from_numpy(np.ascontiguousarray(images)),
                            torch.from_numpy(labels[order].astype(np.int64)), factors,
                            torch.from_numpy(ids[order].astype(np.int64)), m["name"])

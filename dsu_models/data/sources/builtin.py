@@ -7,7 +7,6 @@ vectorised over chunks of 2,048 images.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from ..base import InMemoryDataset
 from ..errors import DataError
@@ -48,6 +47,8 @@ def load_builtin(name: str, image_size: int = 32, num_samples: int | None = None
         keep = np.sort(np.random.default_rng([seed, 0x6121D]).choice(len(ids), num_samples, replace=False))
         ids, images, labels = ids[keep], images[keep], labels[keep]
         split = np.where(test_mask(num_samples, test_portion, seed), TEST, TRAIN)
+
+    import torch  # here, not at module level: preparation imports this package (see base.py)
 
     def part(code: int) -> InMemoryDataset:
         sel = split == code

@@ -10,8 +10,6 @@ from __future__ import annotations
 from typing import Iterator
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from ..base import FactorInfo
 from ._common import SourcePlan, Chunk, TEST, TRAIN, test_mask
@@ -25,6 +23,8 @@ OPTIONS: dict = {}
 
 def load(size: int) -> tuple[np.ndarray, np.ndarray]:
     """All 1,797 digits: images (N, size, size, 1) uint8, labels (N, 1) int64."""
+    import torch  # here: the sources package stays torch-free to import (see ..base)
+    import torch.nn.functional as F
     from sklearn.datasets import load_digits
 
     d = load_digits()
