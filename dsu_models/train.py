@@ -32,6 +32,7 @@ import torch
 
 from dsu_models import distill as distill_mod
 from dsu_models.batches import BatchSource, labeled_view
+from dsu_models.data.sources.builtin import BUILTIN
 from dsu_models.config import (CONFIG_DIR, Config, ConfigError, layered_dict, load_resolved, resolve,
                                save_config, read_yaml)
 from dsu_models.data.base import InMemoryDataset
@@ -40,7 +41,6 @@ from dsu_models.models import build_encoder
 from dsu_models.plots import scatter_subset
 from dsu_models.stages.common import NonFiniteLossError, resolve_device
 
-BUILTIN = ("shapes3d", "sprites", "digits")
 PRESET_DIR = CONFIG_DIR / "presets"
 AFTER_TRAINING = ("evaluate.",)  # config keys a resumed run may change: they do not touch training
 

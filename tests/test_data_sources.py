@@ -45,10 +45,12 @@ def test_registry_declares_defaults():
             assert hasattr(m, attr), (name, attr)
     assert [f for f, _ in SOURCES["shapes3d"].FACTORS] == [f for f, _ in SOURCES["3dshapes"].FACTORS]
     assert [f for f, _ in SOURCES["sprites"].FACTORS] == [f for f, _ in SOURCES["dsprites"].FACTORS]
+    assert SOURCES["sprites_full"].FACTORS == SOURCES["dsprites"].FACTORS   # dSprites' own grid
 
 
 @pytest.mark.parametrize("name,channels,factors", [
-    ("shapes3d", 3, [10, 10, 10, 8, 4, 15]), ("sprites", 1, [3, 6, 12, 16, 16]), ("digits", 1, [10])])
+    ("shapes3d", 3, [10, 10, 10, 8, 4, 15]), ("sprites", 1, [3, 6, 12, 16, 16]),
+    ("sprites_full", 1, [3, 6, 39, 32, 32]), ("digits", 1, [10])])
 def test_load_builtin(name, channels, factors):
     train, test = load_builtin(name, image_size=16, num_samples=1000 if name != "digits" else None)
     assert train.images.shape[1:] == (channels, 16, 16) and train.images.dtype == torch.uint8
@@ -313,3 +315,32 @@ def test_digits_prepared_matches_memory(tmp_path):
     assert torch.equal(got.images, train.images) and torch.equal(got.labels, train.labels)
     assert got.factors == train.factors
 
+
+
+def test_sprites_full_draws_the_sprites_on_the_dsprites_grid():
+    """sprites_full shares the sprites drawing: where the two grids meet (angle 0,
+    the outermost positions) the images are identical; at its default 64 px every
+    class step of every factor changes the image, and one shape's 39 orientations
+    all differ."""
+    from dsu_models.data.sources import sprites_full
+
+    full = sprites.DSPRITES
+    assert sprites_full.DEFAULT_IMAGE_SIZE == 64 and [c for _, c in full.factors] == [3, 6, 39, 32, 32]
+    same = sprites.render(np.array([[2, 4, 0, 0, 15]]), 64)
+    assert np.array_equal(sprites.render(np.array([[2, 4, 0, 0, 31]]), 64, full), same)
+    assert np.array_equal(sprites.render(np.array([[2, 4, 13, 0, 31]]), 64, full),     # 13/39 = 4/12
+                          sprites.render(np.array([[2, 4, 4, 0, 15]]), 64))
+    base = np.array([[c // 2 for _, c in full.factors]])
+    ref = sprites.render(base, 64, full).astype(int)
+    for j, (name, c) in enumerate(full.factors):
+        other = base.copy()
+        other[0, j] += 1
+        diff = np.abs(sprites.render(other, 64, full).astype(int) - ref).sum()
+        assert diff > 255 * 2, (name, diff)
+    for s in range(3):
+        labels = np.array([[s, 0, t, 16, 16] for t in range(39)])      # the smallest scale
+        flat = sprites.render(labels, 64, full).reshape(39, -1).astype(int)
+        d = np.abs(flat[:, None] - flat[None, :]).sum(-1)
+        assert d[~np.eye(39, dtype=bool)].min() > 255, sprites.SHAPES[s]
+    train, _ = load_builtin("sprites_full", image_size=64, num_samples=50)
+    assert train.images.shape[1:] == (1, 64, 64)

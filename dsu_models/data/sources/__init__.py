@@ -11,10 +11,10 @@ from types import ModuleType
 from ..errors import DataError
 from ._common import COMMON_OPTIONS, Chunk, SourcePlan, resolve_options
 from . import (chairs3d, cifar10, digits, dsprites, fashion_mnist, image_folder, mnist, qmnist,
-               shapes3d, shapes3d_h5, sprites, svhn)
+               shapes3d, shapes3d_h5, sprites, sprites_full, svhn)
 
 SOURCES: dict[str, ModuleType] = {m.NAME: m for m in (
-    shapes3d, sprites, digits, mnist, fashion_mnist, qmnist, svhn, cifar10, dsprites,
+    shapes3d, sprites, sprites_full, digits, mnist, fashion_mnist, qmnist, svhn, cifar10, dsprites,
     shapes3d_h5, chairs3d, image_folder)}
 
 __all__ = ["SOURCES", "get_source", "make_plan", "Chunk", "SourcePlan", "COMMON_OPTIONS"]

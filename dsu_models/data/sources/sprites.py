@@ -8,7 +8,8 @@ heart), scale (6, geometric from 0.65 to 1 of the largest size), orientation
 Drawn so that every factor reads from the pixels at 32 px: a small CNN reaches
 >= 0.95 exact test accuracy on each (tests/test_procedural_readable.py).
 
-* Fewer classes than dSprites' 39 orientations and 32 positions. Those
+* Fewer classes than dSprites' 39 orientations and 32 positions (the
+  ``sprites_full`` source draws these sprites on that grid, at 64 px). Those
   positions are 2 px apart at 64 px; at 32 px they would be 0.6 px apart, and
   9.2 degree steps turn the edge of an 8-13 px sprite by under a pixel (generator
   v2 had them: the CNN read orientation .16 and position .72 exact). Here
@@ -30,6 +31,7 @@ Drawn so that every factor reads from the pixels at 32 px: a small CNN reaches
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -38,7 +40,6 @@ from . import _procedural as P
 from ._common import SourcePlan
 
 NAME = "sprites"
-FACTORS = [("shape", 3), ("scale", 6), ("orientation", 12), ("x", 16), ("y", 16)]
 DEFAULT_IMAGE_SIZE = 32
 CHANNELS = 1
 OPTIONS = {"num_samples": None}   # None = the full grid (55,296) when preparing
@@ -46,25 +47,56 @@ GENERATOR_VERSION = 3
 
 SHAPES = ("square", "ellipse", "heart")
 SCALES = np.geomspace(0.65, 1.0, 6).astype(np.float32)
-ANGLES = (2 * np.pi * np.arange(12) / 12).astype(np.float32)
-POSITIONS = np.linspace(0.22, 0.78, 16, dtype=np.float32)
 AREA_R = 0.16       # every largest sprite has the area of a disc this radius (image sides): 5.1 px at 32 px
 NOTCH = 0.2         # half width of the square's and ellipse's slot, in shape radii
 CLEFT_DEG = 15.0    # half angle of the heart's V cleft
-CLASS_NAMES = {
-    "shape": SHAPES, "scale": tuple(f"{s:.2f}" for s in SCALES),
-    "orientation": tuple(f"{a:.3f}" for a in ANGLES),
-    "x": tuple(f"{p:.3f}" for p in POSITIONS), "y": tuple(f"{p:.3f}" for p in POSITIONS),
-}
 
 
-def factor_infos() -> list[FactorInfo]:
-    return [FactorInfo(n, c, CLASS_NAMES[n]) for n, c in FACTORS]
+@dataclass(frozen=True)
+class Grid:
+    """The orientation and position classes: ``orientations`` angles ``2*pi*t/n``
+    and ``positions`` centres evenly from 0.22 to 0.78 of the side, on x and y.
+    This source uses :data:`READABLE`; ``sprites_full`` draws the same sprites
+    on dSprites' grid (:data:`DSPRITES`)."""
+
+    orientations: int
+    positions: int
+
+    @property
+    def angles(self) -> np.ndarray:
+        return (2 * np.pi * np.arange(self.orientations) / self.orientations).astype(np.float32)
+
+    @property
+    def centres(self) -> np.ndarray:
+        return np.linspace(0.22, 0.78, self.positions, dtype=np.float32)
+
+    @property
+    def factors(self) -> list[tuple[str, int]]:
+        return [("shape", 3), ("scale", len(SCALES)), ("orientation", self.orientations),
+                ("x", self.positions), ("y", self.positions)]
+
+    def class_names(self) -> dict[str, tuple[str, ...]]:
+        centres = tuple(f"{p:.3f}" for p in self.centres)
+        return {"shape": SHAPES, "scale": tuple(f"{s:.2f}" for s in SCALES),
+                "orientation": tuple(f"{a:.3f}" for a in self.angles), "x": centres, "y": centres}
 
 
-def render(labels: np.ndarray, size: int = DEFAULT_IMAGE_SIZE) -> np.ndarray:
-    """labels: (n, 5) class indices -> images (n, size, size, 1) uint8 (drawn in slices)."""
-    return P.render_in_slices(_draw, labels, size, CHANNELS)
+READABLE = Grid(orientations=12, positions=16)
+DSPRITES = Grid(orientations=39, positions=32)   # dSprites' counts without its duplicate 40th angle
+FACTORS = READABLE.factors
+ANGLES, POSITIONS = READABLE.angles, READABLE.centres
+CLASS_NAMES = READABLE.class_names()
+
+
+def factor_infos(grid: Grid = READABLE) -> list[FactorInfo]:
+    names = grid.class_names()
+    return [FactorInfo(n, c, names[n]) for n, c in grid.factors]
+
+
+def render(labels: np.ndarray, size: int = DEFAULT_IMAGE_SIZE, grid: Grid = READABLE) -> np.ndarray:
+    """labels: (n, 5) class indices on ``grid`` -> images (n, size, size, 1) uint8
+    (drawn in slices)."""
+    return P.render_in_slices(functools.partial(_draw, grid=grid), labels, size, CHANNELS)
 
 
 def _sd_heart(u, v, r):
@@ -111,16 +143,17 @@ def _geometry() -> tuple[np.ndarray, np.ndarray]:
     return np.array(gain, np.float32), np.array(centre, np.float32)
 
 
-def _draw(labels: np.ndarray, size: int) -> np.ndarray:
-    """labels: (n, 5) class indices -> images (n, size, size, 1) uint8."""
+def _draw(labels: np.ndarray, size: int, grid: Grid) -> np.ndarray:
+    """labels: (n, 5) class indices on ``grid`` -> images (n, size, size, 1) uint8."""
     labels = np.asarray(labels, dtype=np.int64)
     gain, centre = _geometry()
     x, y = P.grid(size)
     shape = labels[:, 0]
     r = (AREA_R * SCALES[labels[:, 1]] * gain[shape])[:, None, None]
     # angle 0: front pointing up; counter-clockwise on screen
-    angle = -ANGLES[labels[:, 2]] - np.pi / 2
-    u, v = P.rotate(x, y, POSITIONS[labels[:, 3]], POSITIONS[labels[:, 4]], angle)
+    centres = grid.centres
+    angle = -grid.angles[labels[:, 2]] - np.pi / 2
+    u, v = P.rotate(x, y, centres[labels[:, 3]], centres[labels[:, 4]], angle)
     u = u + centre[shape][:, None, None] * r          # the centroid sits on the position
     sd = np.empty(u.shape, np.float32)
     for k in range(len(SHAPES)):
@@ -134,3 +167,9 @@ def _draw(labels: np.ndarray, size: int) -> np.ndarray:
 def plan(opts: dict) -> SourcePlan:
     return P.grid_plan(NAME, FACTORS, factor_infos(), CHANNELS, DEFAULT_IMAGE_SIZE,
                        GENERATOR_VERSION, render, opts)
+
+
+def grid_source_plan(name: str, grid: Grid, default_size: int, version: int, opts: dict) -> SourcePlan:
+    """Plan for these sprites drawn on another ``grid`` (``sprites_full``)."""
+    return P.grid_plan(name, grid.factors, factor_infos(grid), CHANNELS, default_size, version,
+                       functools.partial(render, grid=grid), opts)
