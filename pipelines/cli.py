@@ -17,6 +17,7 @@ from pathlib import Path
 
 from dsu_models.config import Config, ConfigError
 from dsu_models.data import DataError
+from dsu_models.data.sources.builtin import BUILTIN
 from dsu_models.train import build_config
 from pipelines import tracking
 
@@ -24,7 +25,6 @@ STAGE_ORDER = ("stage1", "distill", "classifier", "stage2", "lenc", "evaluate", 
 UPSTREAM = {"stage1": (), "distill": ("stage1",), "classifier": (),
             "stage2": ("stage1", "classifier", "distill"), "lenc": ("stage2", "distill"),
             "evaluate": ("stage1", "distill", "stage2", "lenc"), "register": ("evaluate",)}
-BUILTIN = ("shapes3d", "sprites", "digits")
 
 
 def pipeline_stages(cfg: Config) -> list[str]:
