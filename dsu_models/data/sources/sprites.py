@@ -165,11 +165,10 @@ def _draw(labels: np.ndarray, size: int, grid: Grid) -> np.ndarray:
 
 
 def plan(opts: dict) -> SourcePlan:
-    return P.grid_plan(NAME, FACTORS, factor_infos(), CHANNELS, DEFAULT_IMAGE_SIZE,
-                       GENERATOR_VERSION, render, opts)
+    return grid_source_plan(NAME, READABLE, DEFAULT_IMAGE_SIZE, GENERATOR_VERSION, opts)
 
 
 def grid_source_plan(name: str, grid: Grid, default_size: int, version: int, opts: dict) -> SourcePlan:
-    """Plan for these sprites drawn on another ``grid`` (``sprites_full``)."""
+    """Plan for these sprites drawn on ``grid`` (this source and ``sprites_full``)."""
     return P.grid_plan(name, grid.factors, factor_infos(grid), CHANNELS, default_size, version,
                        functools.partial(render, grid=grid), opts)
