@@ -61,9 +61,10 @@ def code_stats_from_parquet(directory: Path, size: int) -> dict:
     acc = CodeStatsAccumulator()
     for path in sorted(Path(directory).glob("*.parquet")):
         for batch in pq.ParquetFile(path).iter_batches(batch_size=65536, columns=["mu", "sigma"]):
-            mu = batch.column(0).flatten().to_numpy().reshape(-1, size)
-            sigma = batch.column(1).flatten().to_numpy().reshape(-1, size)
-            acc.update(torch.from_numpy(mu), torch.from_numpy(sigma))
+            # pyarrow's zero-copy arrays are read-only; torch.tensor copies them
+            mu = torch.tensor(batch.column(0).flatten().to_numpy().reshape(-1, size))
+            sigma = torch.tensor(batch.column(1).flatten().to_numpy().reshape(-1, size))
+            acc.update(mu, sigma)
     return acc.finalize()
 
 

@@ -290,6 +290,29 @@ def test_ray_distill_actor_reads_uint8_rows_like_the_runner():
     assert torch.allclose(mu, expected["mu"], atol=1e-5)
 
 
+def test_code_stats_from_parquet_equal_all_at_once(tmp_path):
+    """The statistics the Ray distillation computes from its Parquet codes
+    (read in batches, without a read-only-array warning) equal code_statistics."""
+    import warnings
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipelines.distill import code_stats_from_parquet
+
+    g = torch.Generator().manual_seed(0)
+    mu, sigma = torch.randn(50, 3, generator=g), torch.rand(50, 3, generator=g) + 0.1
+    for part, rows in enumerate((slice(0, 20), slice(20, 50))):
+        column = lambda t: pa.FixedSizeListArray.from_arrays(pa.array(t[rows].numpy().ravel()), 3)  # noqa: E731
+        pq.write_table(pa.table({"mu": column(mu), "sigma": column(sigma)}), tmp_path / f"p{part}.parquet")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        got = code_stats_from_parquet(tmp_path, 3)
+    expected = codes.code_statistics(mu, sigma)
+    for key in ("mean", "std", "variance_ratio"):
+        assert torch.allclose(got[key].double(), expected[key].double(), atol=1e-6), key
+
+
 def test_distill_stats_equal_all_at_once():
     cfg = tiny_config()
     result = distill(random_encoder(cfg), tiny_splits(cfg), batch_size=4, device=CPU)
