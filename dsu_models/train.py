@@ -32,10 +32,10 @@ import torch
 
 from dsu_models import distill as distill_mod
 from dsu_models.batches import BatchSource, labeled_view
-from dsu_models.data.sources.builtin import BUILTIN
 from dsu_models.config import (CONFIG_DIR, Config, ConfigError, layered_dict, load_resolved, resolve,
                                save_config, read_yaml)
 from dsu_models.data.base import InMemoryDataset
+from dsu_models.data.sources.builtin import BUILTIN
 from dsu_models.grids import save_png
 from dsu_models.models import build_encoder
 from dsu_models.plots import scatter_subset

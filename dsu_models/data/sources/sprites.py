@@ -84,8 +84,7 @@ class Grid:
 READABLE = Grid(orientations=12, positions=16)
 DSPRITES = Grid(orientations=39, positions=32)   # dSprites' counts without its duplicate 40th angle
 FACTORS = READABLE.factors
-ANGLES, POSITIONS = READABLE.angles, READABLE.centres
-CLASS_NAMES = READABLE.class_names()
+POSITIONS = READABLE.centres
 
 
 def factor_infos(grid: Grid = READABLE) -> list[FactorInfo]:

@@ -18,17 +18,13 @@ with 24,000.
 from __future__ import annotations
 
 from ._common import SourcePlan
-from .sprites import CHANNELS, DSPRITES, factor_infos as _factor_infos, grid_source_plan
+from .sprites import CHANNELS, DSPRITES, grid_source_plan
 
 NAME = "sprites_full"
 FACTORS = DSPRITES.factors
 DEFAULT_IMAGE_SIZE = 64
 OPTIONS = {"num_samples": None}   # None = the full grid (737,280) when preparing
 GENERATOR_VERSION = 1
-
-
-def factor_infos():
-    return _factor_infos(DSPRITES)
 
 
 def plan(opts: dict) -> SourcePlan:
