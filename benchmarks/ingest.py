@@ -177,13 +177,9 @@ class MemoryMonitor:
 
 def init_bounded_ray(object_store_mb: int, num_cpus: int | None):
     """Start (or join) Ray with a fixed object store and small Ray Data blocks."""
-    import ray
+    from pipelines.local_ray import init_ray
 
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False,
-                 object_store_memory=object_store_mb * MiB)
+    ray = init_ray(num_cpus, dashboard=False, object_store_memory=object_store_mb * MiB)
     ctx = ray.data.DataContext.get_current()
     # blocks of at most 16 MiB (default 128 MiB); the streaming executor may keep
     # at most half the object store in flight, so it backs off instead of spilling

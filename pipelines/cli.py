@@ -20,6 +20,7 @@ from dsu_models.data import DataError
 from dsu_models.data.sources.builtin import BUILTIN
 from dsu_models.train import build_config
 from pipelines import tracking
+from pipelines.local_ray import init_ray
 
 STAGE_ORDER = ("stage1", "distill", "classifier", "stage2", "lenc", "evaluate", "register")
 UPSTREAM = {"stage1": (), "distill": ("stage1",), "classifier": (),
@@ -88,19 +89,6 @@ def builtin_options(cfg: Config) -> dict:
     if cfg.dataset != "digits":
         opts["num_samples"] = cfg.num_samples
     return opts
-
-
-def init_ray(num_cpus: int | None):
-    """Join ``RAY_ADDRESS`` (``ray job submit``, a cluster) or start a local instance."""
-    import ray
-    if ray.is_initialized():
-        return ray
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-    else:
-        # the dashboard (bound to 127.0.0.1) also serves Train's placement-group cleaner
-        ray.init(num_cpus=num_cpus or os.cpu_count(), dashboard_host="127.0.0.1")
-    return ray
 
 
 def ensure_data(cfg: Config, config_arg, overrides: list[str]) -> tuple[Config, str]:

@@ -17,7 +17,6 @@ import argparse
 import dataclasses
 import gc
 import json
-import os
 import pickle
 import sys
 import time
@@ -27,18 +26,7 @@ import numpy as np
 
 from dsu_models.data import DataError, get_source, prepare
 from dsu_models.data.prepared import abort, begin, finish, run_task
-
-
-def init_ray(num_cpus: int | None = None):
-    """Join a running cluster (RAY_ADDRESS) or start a local one; no-op if already up."""
-    import ray
-
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init()
-        else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False)
-    return ray
+from pipelines.local_ray import init_ray
 
 
 class _RunTasks:
@@ -153,7 +141,7 @@ def main(argv=None) -> int:
         if a.no_ray:
             out = prepare(a.source, a.out, overwrite=a.overwrite, **opts)
         else:
-            init_ray(a.num_cpus)
+            init_ray(a.num_cpus, dashboard=False)
             out = prepare_with_ray(a.source, a.out, overwrite=a.overwrite, **opts)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)

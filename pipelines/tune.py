@@ -48,7 +48,8 @@ from dsu_models.config import Config, ConfigError, layered_dict, read_yaml  # no
 from dsu_models.data import DataError  # noqa: E402
 from dsu_models.train import build_config, config_path, load_data  # noqa: E402
 from pipelines import tracking, tune_upstream  # noqa: E402
-from pipelines.cli import check_data, init_ray, overrides_of  # noqa: E402
+from pipelines.cli import check_data, overrides_of  # noqa: E402
+from pipelines.local_ray import init_ray  # noqa: E402
 from pipelines.tune_space import Space, load_space  # noqa: E402
 from pipelines.tune_trial import BASE_FILE, SWEEP_TAG, run_trial, trial_dirname  # noqa: E402
 

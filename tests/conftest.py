@@ -15,12 +15,13 @@ import pytest
 
 @pytest.fixture(scope="session")
 def ray_session():
-    import ray
+    from pipelines.local_ray import init_ray
 
     temp_dir = tempfile.mkdtemp(prefix="dsu-ray-", dir="/tmp")
     os.environ.pop("RAY_ADDRESS", None)
-    ray.init(num_cpus=2, num_gpus=0, _temp_dir=temp_dir, dashboard_host="127.0.0.1",
-             log_to_driver=True, configure_logging=False)
+    # started like the pipelines start a local Ray
+    ray = init_ray(2, num_gpus=0, _temp_dir=temp_dir, log_to_driver=True,
+                   configure_logging=False)
     try:
         yield ray
     finally:
