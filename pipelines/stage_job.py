@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -145,6 +146,14 @@ def _save_state(stage, directory: Path):
     os.replace(tmp, directory / STATE_FILE)
 
 
+def say(line: str):
+    """One line on the worker's stdout, which Ray shows on the driver's console.
+    Not ``print``: Ray Train patches it in its workers to log through the root
+    logger *and* echo to the wrapped stdout, so every line reached the console twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def train_loop(config: dict):
     """Ray Train worker: runs one stage to the end. ``config`` is built by :func:`run_stage`.
     Downloads, checkpoints and the hand-off are written under a temporary directory
@@ -177,7 +186,7 @@ def _train_in(config: dict, workdir: Path):
             state = torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=True)
         stage.load_state_dict(state, restore_random=False)
         if rank == 0:
-            print(f"[{name}] resuming from iteration {stage.iteration}", flush=True)
+            say(f"[{name}] resuming from iteration {stage.iteration}")
     # Different noise per rank; deterministic given the iteration we start from.
     torch.manual_seed(cfg.seed * 7919 + rank * 104729 + stage.iteration)
     if world > 1:
@@ -222,8 +231,8 @@ def _train_in(config: dict, workdir: Path):
         sums, count, last_time, last_it = {}, 0, now, it
         ckpt_dir = None
         if rank == 0:
-            print(f"[{name}] {it}/{scfg.iterations} | "
-                  + " ".join(f"{k} {v:.4g}" for k, v in mean.items()), flush=True)
+            say(f"[{name}] {it}/{scfg.iterations} | "
+                + " ".join(f"{k} {v:.4g}" for k, v in mean.items()))
             client.log_batch(run_id, metrics=[_metric(k, v, it) for k, v in mean.items()])
             if it % scfg.checkpoint_interval == 0 or stage.done:
                 ckpt_dir = Path(tempfile.mkdtemp(prefix="dsu-ckpt-", dir=workdir))

@@ -65,6 +65,20 @@ def _steps(client, run_id: str, key: str) -> list[int]:
     return sorted({m.step for m in client.get_metric_history(run_id, key)})
 
 
+def _lines_per_worker(fragment: str) -> dict[str, int]:
+    """{worker pid: lines holding ``fragment`` in its stdout and stderr logs} for
+    the session's Ray, workers with none left out."""
+    import ray
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    counts: dict[str, int] = {}
+    for path in logs.glob("worker-*.[oe][ur][tr]"):
+        pid = path.stem.rsplit("-", 1)[-1]
+        n = sum(fragment in line for line in path.read_text(errors="replace").splitlines())
+        if n:
+            counts[pid] = counts.get(pid, 0) + n
+    return counts
+
+
 def test_pipeline_two_workers_failure_and_resume(ray_session, home, tmp_path, capsys):
     marker = tmp_path / "failed-once"
     hooks = {"stage1": {"fail_at": 3, "fail_marker": str(marker)}}
@@ -76,6 +90,10 @@ def test_pipeline_two_workers_failure_and_resume(ray_session, home, tmp_path, ca
     stage1 = tracking.child_runs(client, parent)["stage1"]
     # Restarted from the checkpoint at iteration 2: the count continued to 6.
     assert _steps(client, stage1.info.run_id, "total") == [2, 4, 6]
+    # rank 0's progress lines reach the console once each (Ray Train's patched
+    # print both logs and echoes, so printed lines came out twice)
+    copies = _lines_per_worker("[stage1] 4/6 | ")
+    assert copies and max(copies.values()) == 1, copies
     capsys.readouterr()
 
     # The "interrupted" pipeline (only stage 1 ran) resumes: stage 1 is skipped.
