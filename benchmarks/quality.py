@@ -37,9 +37,20 @@ LABELED = "labeled_factors=[floor_hue, wall_hue, object_hue, shape]"
 
 
 def scaled_overrides(cfg, scale: float) -> list[str]:
-    """Each active stage's iterations times ``scale`` (at least 1)."""
-    return [f"{s}.iterations={max(1, math.ceil(getattr(cfg, s).iterations * scale))}"
-            for s in cfg.active_stages()]
+    """Each active stage's iterations times ``scale`` (at least 1), and stage 1's
+    schedule with them (the adversary's ramp, the encoder and embedder freezes),
+    so a shorter run keeps the schedule's shape."""
+    def times(n: int) -> int:
+        return max(1, math.ceil(n * scale))
+
+    out = [f"{s}.iterations={times(getattr(cfg, s).iterations)}" for s in cfg.active_stages()]
+    if "stage1" in cfg.active_stages():
+        s1 = cfg.stage1
+        if s1.cla1_ramp is not None:
+            out.append(f"stage1.cla1_ramp=[{', '.join(str(times(t)) for t in s1.cla1_ramp)}]")
+        out += [f"stage1.{key}={times(getattr(s1, key))}" for key in ("enc_freeze", "emb_freeze")
+                if getattr(s1, key)]
+    return out
 
 
 def stage_seconds(cfg, out: Path) -> dict[str, float]:
