@@ -157,7 +157,7 @@ def paired(cfg, rounds: int, window: int):
     alone = run(plain, rounds)
     key = secrets.token_bytes(16)
     listener = Listener(("127.0.0.1", 0), authkey=key)
-    init_ray(3)
+    ray = init_ray(3)
     storage = tempfile.mkdtemp(prefix="dsu-bench-train-")
     trainer = TorchTrainer(
         _train_worker, scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 2}),
@@ -174,7 +174,7 @@ def paired(cfg, rounds: int, window: int):
         in_worker += run(worker, 1)
     worker.send("stop")
     fit.join()
-    import ray
+    listener.close()
     ray.shutdown()
     shutil.rmtree(storage, ignore_errors=True)
     after = run(plain, rounds)
