@@ -26,11 +26,15 @@ def _plain_snprelu(x, b, a):
 
 
 @pytest.mark.parametrize("shape", [(5, 3), (4, 3, 5, 6)])
-def test_snprelu_gradcheck(shape):
+@pytest.mark.parametrize("frozen", [False, True], ids=["trained", "frozen"])
+def test_snprelu_gradcheck(shape, frozen):
+    """``frozen``: the activation's own parameters need no gradient (a frozen
+    network that gradients only pass through), the path that skips the
+    per-channel coefficients."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
-    b = (torch.randn(shape[1], generator=g, dtype=torch.float64) * 0.7).requires_grad_()
-    a = (torch.rand(shape[1], generator=g, dtype=torch.float64) * 1.4 - 0.2).requires_grad_()
+    b = (torch.randn(shape[1], generator=g, dtype=torch.float64) * 0.7).requires_grad_(not frozen)
+    a = (torch.rand(shape[1], generator=g, dtype=torch.float64) * 1.4 - 0.2).requires_grad_(not frozen)
 
     def fn(x, b, a):
         view = [1, -1] + [1] * (x.dim() - 2)
@@ -40,8 +44,9 @@ def test_snprelu_gradcheck(shape):
     out, plain = fn(x, b, a), _plain_snprelu(x, b, a)
     torch.testing.assert_close(out, plain)
     w = torch.randn_like(out)
-    grads = torch.autograd.grad((out * w).sum(), (x, b, a))
-    plain_grads = torch.autograd.grad((plain * w).sum(), (x, b, a))
+    inputs = (x,) if frozen else (x, b, a)
+    grads = torch.autograd.grad((out * w).sum(), inputs)
+    plain_grads = torch.autograd.grad((plain * w).sum(), inputs)
     for got, want in zip(grads, plain_grads):
         torch.testing.assert_close(got, want)
 
