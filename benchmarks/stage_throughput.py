@@ -8,6 +8,11 @@ Configs (default architecture and batch size for the image size):
   rgb32    32 px RGB, 3 labeled factors of 4 classes, unknown 7 (batch 64)
   shapes64 64 px RGB, 5 labeled factors (3D Shapes without orientation), unknown 2 (batch 32)
 
+``lenc`` is the stage as configured (S also learns from a generated swap batch,
+``lenc.generated_weight: 0.5``: G2 on B images and S on 2B per step of batch
+B); ``lenc_real`` is the same stage with ``lenc.generated_weight: 0``, S on
+the real batch only, which is the reference implementation's math.
+
 For stage 1 and stage 2 it also times a straightforward implementation of the
 same networks and math (``benchmarks/naive.py``) in the same run and prints
 the ratio (both use the same, already optimised, layers: the ratio measures
@@ -21,6 +26,7 @@ not depend on pixel values.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from pathlib import Path
@@ -48,9 +54,9 @@ CONFIGS = {
 }
 
 
-def build(name: str, device: str, compile_: bool = False):
+def build(name: str, device: str, compile_: bool = False, more: tuple[str, ...] = ()):
     overrides, data_factors = CONFIGS[name]
-    extra = [f"device={device}", f"compile={str(compile_).lower()}"]
+    extra = [f"device={device}", f"compile={str(compile_).lower()}", *more]
     cfg = resolve(layered_dict({}, overrides + extra), data_factors)
     factors = [FactorInfo(n, spec.classes, (), tuple([1.0 / spec.classes] * spec.classes))
                for n, spec in cfg.labeled()]
@@ -98,8 +104,13 @@ def stages_for(cfg, factors, device):
     stats = codes.code_statistics(torch.randn(512, cfg.unknown_size), torch.rand(512, cfg.unknown_size) + 0.1)
     s2 = Stage2(cfg, factors, {"stage1": s1.handoff(), "classifier": cla.handoff(), "code_stats": stats},
                 device)
-    lenc = LencStage(cfg, factors, {"stage2": s2.handoff(), "code_stats": stats}, device)
-    return {"stage1": s1, "classifier": cla, "stage2": s2, "lenc": lenc}
+    lenc_upstream = {"stage2": s2.handoff(), "code_stats": stats}
+    lenc = LencStage(cfg, factors, lenc_upstream, device)
+    # the reference's lenc math: S on real images only (no generated half, see stages/lenc.py)
+    real_only = copy.deepcopy(cfg)
+    real_only.lenc.generated_weight = 0.0
+    lenc_real = LencStage(real_only, factors, lenc_upstream, device)
+    return {"stage1": s1, "classifier": cla, "stage2": s2, "lenc": lenc, "lenc_real": lenc_real}
 
 
 def main():
@@ -121,7 +132,7 @@ def main():
         cfg, factors = build(name, str(device), args.compile)
         stages = stages_for(cfg, factors, device)
         for stage_name, stage in stages.items():
-            bs = getattr(cfg, stage_name).batch_size
+            bs = stage.scfg.batch_size
             batch = batch_for(cfg, bs, stage_name == "stage2")
             rate, warm = timed(stage.train_step, batch, args.steps, device, args.repeats)
             base_col = ratio_col = ""

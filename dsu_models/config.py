@@ -20,6 +20,8 @@ Choices where METHOD.md is silent (written down here once):
   all-zero label embedders).
 - ``random_offset`` defaults to true (augmentation for D and classifiers).
 - A factor without a code size in the dataset defaults gets ``min(classes, 16)``.
+- ``lenc.generated_weight`` defaults to 0.5: the labeled encoder also learns
+  from G2's swaps (``stages/lenc.py``); 0 trains it on real images only.
 - ``compile`` defaults to false: on CPU it costs minutes of compile time per
   stage for a modest speed-up (see ``benchmarks/stage_throughput.py --compile``).
 """
@@ -157,6 +159,7 @@ class Stage2Config(StageConfig):
 class LencConfig(StageConfig):
     iterations: int = 100000
     zero_init: bool = True
+    generated_weight: float = 0.5   # share of the loss from G2's swaps (stages/lenc.py); 0: real images only
 
 
 @dataclass
@@ -575,6 +578,9 @@ def _resolve_stages(cfg: Config):
     _check_choice(s2.unknown_mode, ("dis", "mse"), "stage2.unknown_mode")
     if s1.cla1_ramp is not None and (len(s1.cla1_ramp) != 2 or not 0 <= s1.cla1_ramp[0] <= s1.cla1_ramp[1]):
         raise ConfigError(f"stage1.cla1_ramp: {s1.cla1_ramp!r} (need [t1, t2] with 0 <= t1 <= t2)")
+    if not 0.0 <= cfg.lenc.generated_weight < 1.0:
+        raise ConfigError(f"lenc.generated_weight: {cfg.lenc.generated_weight} (must be within [0, 1): "
+                          f"real images always keep a share)")
     if s2.random_ucode and cfg.unknown_size == 0:
         raise ConfigError("stage2.random_ucode: true needs an unknown code (unknown_size is 0)")
     ev = cfg.evaluate

@@ -7,7 +7,8 @@ import io
 import pytest
 import torch
 
-from dsu_models import codes, models
+from dsu_models import codes, losses, models
+from dsu_models.config import ConfigError
 from dsu_models.data.base import FactorInfo, InMemoryDataset, to_float, to_uint8
 from dsu_models.distill import distill, encode_unknown, load_codes, save_codes
 from dsu_models.stages.classifier import ClassifierStage
@@ -188,6 +189,35 @@ def test_lenc_generated_half_uses_frozen_g2():
     assert images.shape == (8, cfg.image_channels, cfg.image_size, cfg.image_size)
     assert images.abs().max() <= 1.0 and not images.requires_grad
     assert [m.shape for m, _ in targets] == [(8, spec.size) for _, spec in cfg.labeled()]
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.25])
+def test_lenc_generated_weight(weight):
+    """``lenc.generated_weight`` sets the generated half's share of the loss; at 0
+    the step trains S on the real batch alone and never runs G2."""
+    cfg, factors, upstream = lenc_setup(f"lenc.generated_weight={weight}")
+    torch.manual_seed(0)
+    stage = LencStage(cfg, factors, upstream, device=CPU)
+    batch = tiny_batch(cfg, 8)
+    calls = []
+    stage.generator.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        direct = losses.labeled_encoder_loss(stage.targets(batch["labels"]), stage.encoder(batch["image"]))
+    metrics = stage.train_step(batch)
+    if weight == 0.0:
+        assert not calls and set(metrics) == {"total", "kl_real"}
+        assert metrics["total"] == pytest.approx(float(direct), rel=1e-5)
+    else:
+        assert calls
+        assert metrics["kl_real"] == pytest.approx(float(direct), rel=1e-5)
+        assert metrics["total"] == pytest.approx(0.75 * metrics["kl_real"] + 0.25 * metrics["kl_gen"],
+                                                 rel=1e-5)
+
+
+@pytest.mark.parametrize("weight", ["1.0", "-0.1"])
+def test_lenc_generated_weight_range(weight):
+    with pytest.raises(ConfigError, match=rf"lenc.generated_weight: {weight}"):
+        tiny_config(f"lenc.generated_weight={weight}")
 
 
 def test_lenc_sample_images_leave_global_rng_alone():

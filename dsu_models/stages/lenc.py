@@ -24,11 +24,13 @@ stage's inputs; the reference implementation trains on real images only):
   (not the mean) because G2 was trained on sampled codes; the target is still the
   whole Gaussian ``B2(y_gen)``, as for real images, where only the class is known.
 
-``loss = (1 - GENERATED_WEIGHT) * KL_real + GENERATED_WEIGHT * KL_gen`` with
-``GENERATED_WEIGHT = 0.5``: the two halves have the same batch size and the same
-target form, so an even split keeps the loss on the scale of a single KL while
-giving real images (the ground truth) and swaps (where S is used) equal say.
-Both halves go through S in one forward pass.
+``loss = (1 - w) * KL_real + w * KL_gen`` with ``w = lenc.generated_weight``
+(default 0.5): the two halves have the same batch size and the same target
+form, so an even split keeps the loss on the scale of a single KL while giving
+real images (the ground truth) and swaps (where S is used) equal say. Both
+halves go through S in one forward pass. With ``w = 0`` the generated half is
+not built at all (no G2 pass, S on the real batch only): METHOD.md's loss on
+real images alone, about a third of the work per image.
 
 No random offset on S's input, whatever ``lenc.random_offset`` says: S must read
 the image as it is, and for position factors (dSprites ``x``/``y``) a shift
@@ -37,7 +39,7 @@ changes the true label.
 Exists only with labeled factors (K > 0) and ``stage2.use_embedding: true``
 (otherwise stage 2 trains S itself); building it otherwise raises ValueError.
 
-Metrics per step: ``total``, ``kl_real``, ``kl_gen``. :meth:`evaluate`:
+Metrics per step: ``total``, ``kl_real``, ``kl_gen`` (not with ``w = 0``). :meth:`evaluate`:
 ``acc_<factor>``, the accuracy of the class whose B2 mean is nearest to S's mean.
 :meth:`sample_images` shows what S reads: real images, then G2 with a fixed
 random unknown and the labeled codes S reads from them, then the same unknown
@@ -58,8 +60,6 @@ from dsu_models.grids import rows_grid
 from dsu_models.models import build_embedders, build_encoder, build_generator
 from dsu_models.stages.common import Stage, adam, batched_accuracy, compile_networks, params
 from dsu_models.stages.stage1 import rolled_labels
-
-GENERATED_WEIGHT = 0.5
 
 _STAT_KEYS = ("mean", "std", "eigenvalues", "eigenvectors")
 
@@ -148,18 +148,24 @@ class LencStage(Stage):
         b = x.shape[0]
         self.train(True)
         self.set_lrs()
+        w = self.scfg.generated_weight
         with torch.no_grad():
             real_targets = self.targets(y)
-        x_gen, gen_targets = self.generated_batch(y, x.dtype)
-        predictions = self.encoder(torch.cat([x, x_gen]))
-        kl_real = losses.labeled_encoder_loss(real_targets, [(m[:b], s[:b]) for m, s in predictions])
-        kl_gen = losses.labeled_encoder_loss(gen_targets, [(m[b:], s[b:]) for m, s in predictions])
-        total = (1.0 - GENERATED_WEIGHT) * kl_real + GENERATED_WEIGHT * kl_gen
+        if w == 0.0:
+            kl_real = losses.labeled_encoder_loss(real_targets, self.encoder(x))
+            total, parts = kl_real, {"kl_real": kl_real}
+        else:
+            x_gen, gen_targets = self.generated_batch(y, x.dtype)
+            predictions = self.encoder(torch.cat([x, x_gen]))
+            kl_real = losses.labeled_encoder_loss(real_targets, [(m[:b], s[:b]) for m, s in predictions])
+            kl_gen = losses.labeled_encoder_loss(gen_targets, [(m[b:], s[b:]) for m, s in predictions])
+            total = (1.0 - w) * kl_real + w * kl_gen
+            parts = {"kl_real": kl_real, "kl_gen": kl_gen}
 
         opt = self.optimizers["label_encoder"]
         opt.zero_grad(set_to_none=True)
         total.backward()
-        metrics = self.finish({"total": total, "kl_real": kl_real, "kl_gen": kl_gen})
+        metrics = self.finish({"total": total, **parts})
         opt.step()
         self.iteration += 1
         return metrics
