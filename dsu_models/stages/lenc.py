@@ -30,7 +30,8 @@ form, so an even split keeps the loss on the scale of a single KL while giving
 real images (the ground truth) and swaps (where S is used) equal say. Both
 halves go through S in one forward pass. With ``w = 0`` the generated half is
 not built at all (no G2 pass, S on the real batch only): METHOD.md's loss on
-real images alone, about a third of the work per image.
+real images alone, at twice the images/s (benchmarks/stage_throughput.py,
+``lenc_real``).
 
 No random offset on S's input, whatever ``lenc.random_offset`` says: S must read
 the image as it is, and for position factors (dSprites ``x``/``y``) a shift
