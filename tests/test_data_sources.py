@@ -344,3 +344,19 @@ def test_sprites_full_draws_the_sprites_on_the_dsprites_grid():
         assert d[~np.eye(39, dtype=bool)].min() > 255, sprites.SHAPES[s]
     train, _ = load_builtin("sprites_full", image_size=64, num_samples=50)
     assert train.images.shape[1:] == (1, 64, 64)
+
+
+@pytest.mark.parametrize("name", ["shapes3d", "sprites", "sprites_full"])
+def test_load_builtin_defaults_match_the_dataset_config(name):
+    """Called without a size or count, load_builtin draws what the dataset's
+    config defaults ask for (the runner passes the config's values)."""
+    from dsu_models.config import dataset_defaults
+    from dsu_models.data.sources.builtin import DEFAULT_SAMPLES
+
+    defaults = dataset_defaults(name)
+    assert SOURCES[name].DEFAULT_IMAGE_SIZE == defaults["image_size"]
+    if "num_samples" in defaults:
+        assert DEFAULT_SAMPLES[name] == defaults["num_samples"]
+    if name == "sprites_full":
+        train, test = load_builtin(name, num_samples=40)
+        assert train.images.shape[1:] == (1, 64, 64) and len(train) + len(test) == 40

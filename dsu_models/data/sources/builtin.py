@@ -14,16 +14,20 @@ from ._common import TEST, TRAIN, test_mask
 from . import make_plan
 
 BUILTIN = ("shapes3d", "sprites", "sprites_full", "digits")
-DEFAULT_SAMPLES = {"shapes3d": 20_000, "sprites": 20_000, "sprites_full": 20_000}
+# the same counts as the datasets' config defaults (configs/datasets/*.yaml
+# ``num_samples``; tests/test_data_sources.py checks they agree)
+DEFAULT_SAMPLES = {"shapes3d": 20_000, "sprites": 20_000, "sprites_full": 40_000}
 
 
-def load_builtin(name: str, image_size: int = 32, num_samples: int | None = None, seed: int = 0,
+def load_builtin(name: str, image_size: int | None = None, num_samples: int | None = None, seed: int = 0,
                  test_portion: float = 0.1) -> tuple[InMemoryDataset, InMemoryDataset]:
     """(train, test) in memory. images (N, C, S, S) uint8; labels (N, F) int64.
 
-    num_samples: None = 20,000 seeded distinct grid points (shapes3d, sprites,
-    sprites_full; capped at the grid) or all 1,797 digits; otherwise a seeded subset without
-    repetition. Train frequencies are measured; test carries the same table.
+    image_size: None = the source's default (64 px for sprites_full, 32 px for
+    the others). num_samples: None = :data:`DEFAULT_SAMPLES` seeded distinct grid
+    points (shapes3d, sprites, sprites_full; capped at the grid) or all 1,797
+    digits; otherwise a seeded subset without repetition. Train frequencies are
+    measured; test carries the same table.
     """
     if name not in BUILTIN:
         raise DataError(f"load_builtin: {name!r} is not built in; choose from {BUILTIN} "
