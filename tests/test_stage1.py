@@ -150,9 +150,9 @@ def _two_pass_classifier_losses(stage: Stage1):
     from dsu_models import losses
     from dsu_models.stages.common import detached_call
 
-    def fn(x, y, u, u_mask, weight):
+    def fn(x, y, u, u_mask, weight, z_cross, top_cross):
         s = stage.scfg
-        x_cross = stage._cross_image(u, u_mask, y) if s.cla1_mode != "code" else None
+        x_cross = stage._cross_image(z_cross, top_cross) if s.cla1_mode != "code" else None
         nll = sum(-lp.gather(1, y[:, k:k + 1]).mean()
                   for k, lp in enumerate(stage.classifier(
                       x_cross.detach() if x_cross is not None else None, u.detach(), u_mask)))
@@ -161,6 +161,36 @@ def _two_pass_classifier_losses(stage: Stage1):
                   for k, lp in enumerate(detached_call(stage.classifier, x_cross, u, u_mask)))
         return nll, adv.detach(), x.new_zeros(()), weight * adv
     return fn
+
+
+@pytest.mark.parametrize("overrides", [[], ["stage1.cla1_mode=image"], ["stage1.gen_conv_adv=true"],
+                                       ["stage1.random_offset=false"]],
+                         ids=lambda o: ",".join(o) or "default")
+def test_shared_fc_pass_equals_two_passes(overrides, monkeypatch):
+    """The reconstruction and the cross image through G's FC part as one batch:
+    the same losses and the same gradient on every parameter as two passes."""
+    calls = []
+
+    def step(shared: bool):
+        stage = make("stage1.cla1_weight=0.7", *overrides, seed=3)
+        stage.share_fc_pass = shared
+        stage.generator.fc.register_forward_hook(lambda m, i, o: calls.append((shared, i[0].shape[0])))
+        for opt in stage.optimizers.values():
+            monkeypatch.setattr(opt, "step", lambda *a, **k: None)
+        torch.manual_seed(11)
+        metrics = stage.train_step(tiny_batch(stage.cfg))
+        grads = {f"{m}.{n}": p.grad.clone() for m, module in stage.models.items()
+                 for n, p in module.named_parameters() if p.grad is not None}
+        return metrics, grads
+
+    (m1, g1), (m2, g2) = step(True), step(False)
+    b = tiny_batch(make(seed=3).cfg)["image"].shape[0]
+    assert calls == [(True, 2 * b), (False, b), (False, b)]
+    for key in ("rec", "cla_nll", "adv", "total"):
+        assert m1[key] == pytest.approx(m2[key], rel=1e-5, abs=1e-6), key
+    assert g1.keys() == g2.keys() and len(g1) > 10
+    for name in g1:
+        torch.testing.assert_close(g1[name], g2[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("overrides", [[], ["stage1.cla1_mode=image"], ["stage1.cla1_mode=code"],

@@ -10,7 +10,10 @@ the stage-1 classifier C. One iteration:
 3. Labeled codes from ``B(y)`` (and ``B(y_alt)``), dropout + sample; embedder
    code loss and batch loss.
 4. Reconstruction ``G(u, l)``; Gaussian NLL with G's predicted std.
-5. Cross image ``G(u, l_alt)``.
+5. Cross image ``G(u, l_alt)``. When the adversary trains G's FC part
+   (``gen_fc_adv``, the default) both codes go through that part as one
+   batch of 2B; the conv part runs apart (detached for the cross image
+   unless ``gen_conv_adv``).
 6. C reads the *true* labels ``y`` from the detached cross image and/or ``u``.
 7. The adversarial loss (``nlu`` or ``ll``) x ``cla1_weight`` (ramped by
    ``cla1_ramp``) flows back through the cross image and ``u``.
@@ -80,6 +83,9 @@ class Stage1(Stage):
         self.embedders = build_embedders(cfg, factors).to(dev)
         self.generator = build_generator(cfg).to(dev)
         self.adversarial = self.num_labeled > 0 and cfg.unknown_size > 0
+        # the reconstruction and the cross image share G's FC pass when both train
+        # it (off only to test that sharing changes nothing)
+        self.share_fc_pass = True
         self.classifier = build_stage1_classifier(cfg).to(dev) if self.adversarial else None
         self.freqs = [f.freq_tensor().to(dev) for f in factors]
         self.keep_u = keep_tensor(cfg.unknown_keep_prob, dev)
@@ -144,16 +150,30 @@ class Stage1(Stage):
             terms["ubatch"] = codes.batch_loss(mu, sigma, self.keep_u)
         l_codes, l_masks = self._labeled_codes(y, terms)
 
-        x_hat, noise_std = self.generator(codes.generator_input(u_codes + l_codes, u_masks + l_masks))
+        z = codes.generator_input(u_codes + l_codes, u_masks + l_masks)
+        weight = self.adversarial_weight()
+        z_cross = top_cross = None
+        if self.adversarial and s.cla1_mode != "code":
+            with torch.set_grad_enabled(weight > 0):
+                z_cross = self._cross_input(u_codes[0], u_masks[0], y)
+        if z_cross is not None and weight > 0 and s.gen_fc_adv and self.share_fc_pass:
+            # both train G's FC part: the reconstruction's and the cross image's
+            # codes go through it as one batch (same values, one pass fewer)
+            top_both, noise_both = self.generator.forward_fc(torch.cat([z, z_cross]))
+            b = x.shape[0]
+            top_cross, noise_std = top_both[b:], noise_both[:b]
+            x_hat = self.generator.forward_conv(top_both[:b])
+        else:
+            x_hat, noise_std = self.generator(z)
         terms["rec"] = losses.reconstruction_nll(x_hat, x, noise_std)
         total = (s.rec_weight * terms["rec"] + s.ucode_weight * terms["ucode"]
                  + s.ubatch_weight * terms["ubatch"] + s.lcode_weight * terms["lcode"]
                  + s.lbatch_weight * terms["lbatch"])
 
-        weight = self.adversarial_weight()
         to_backward = total
         if self.adversarial:
-            nll, adv, accuracy, injected = self._classifier_losses(x, y, u_codes[0], u_masks[0], weight)
+            nll, adv, accuracy, injected = self._classifier_losses(x, y, u_codes[0], u_masks[0], weight,
+                                                                   z_cross, top_cross)
             terms.update(cla_nll=nll, adv=adv, cla_acc=accuracy)
             total = total + nll + weight * adv
             to_backward = to_backward + nll + injected
@@ -169,7 +189,8 @@ class Stage1(Stage):
         metrics["adv_weight"] = weight
         return metrics
 
-    def _classifier_losses(self, x: Tensor, y: Tensor, u: Tensor, u_mask: Tensor, weight: float):
+    def _classifier_losses(self, x: Tensor, y: Tensor, u: Tensor, u_mask: Tensor, weight: float,
+                           z_cross: Tensor | None, top_cross: Tensor | None):
         """C's NLL and the adversarial loss, from ONE forward pass of C.
 
         C runs on detached copies of its inputs (the cross image and ``u``), so
@@ -179,14 +200,16 @@ class Stage1(Stage):
         handed on through the returned ``injected`` term, whose gradient with
         respect to the real cross image and ``u`` is exactly that gradient.
         This equals running C a second time with detached parameters, one
-        forward pass of C cheaper. Returns (nll, adv, accuracy, injected).
+        forward pass of C cheaper. ``z_cross``: G's input for the cross image
+        (None in ``code`` mode); ``top_cross``: its top features when the caller
+        ran G's FC part for it already. Returns (nll, adv, accuracy, injected).
         """
         s = self.scfg
         use_adv = weight > 0
         x_cross = None
         if s.cla1_mode != "code":
             with torch.set_grad_enabled(use_adv):
-                x_cross = self._cross_image(u, u_mask, y)
+                x_cross = self._cross_image(z_cross, top_cross)
         c_x = x_cross.detach().requires_grad_(use_adv) if x_cross is not None else None
         c_u = u.detach().requires_grad_(use_adv)
         log_probs = self.classifier(c_x, c_u, u_mask)
@@ -206,14 +229,20 @@ class Stage1(Stage):
             injected = sum((t * g).sum() for (t, _), g in zip(pairs, grads) if g is not None)
         return nll, adv.detach(), accuracy, injected
 
-    def _cross_image(self, u: Tensor, u_mask: Tensor, y: Tensor) -> Tensor:
-        """G(u, l_alt), with the generator parts the adversary must not train
-        run detached; randomly offset for C when ``random_offset``."""
-        s = self.scfg
+    def _cross_input(self, u: Tensor, u_mask: Tensor, y: Tensor) -> Tensor:
+        """G's input for the cross image: ``u`` with the codes of ``y_alt``."""
         alt_codes, alt_masks = self._labeled_codes(rolled_labels(y), None)
-        z = codes.generator_input([u] + alt_codes, [u_mask] + alt_masks)
+        return codes.generator_input([u] + alt_codes, [u_mask] + alt_masks)
+
+    def _cross_image(self, z: Tensor, top: Tensor | None = None) -> Tensor:
+        """G(u, l_alt) from its input ``z`` (:meth:`_cross_input`), with the
+        generator parts the adversary must not train run detached; randomly
+        offset for C when ``random_offset``. ``top``: the output of G's FC part
+        for ``z``, when already computed."""
+        s = self.scfg
         gen = self.generator
-        top, _ = gen.forward_fc(z) if s.gen_fc_adv else detached_call(gen, z, method="forward_fc")
+        if top is None:
+            top, _ = gen.forward_fc(z) if s.gen_fc_adv else detached_call(gen, z, method="forward_fc")
         x_cross = gen.forward_conv(top) if s.gen_conv_adv else detached_call(gen, top, method="forward_conv")
         return random_offset(x_cross) if s.random_offset else x_cross
 
