@@ -163,6 +163,29 @@ def _two_pass_classifier_losses(stage: Stage1):
     return fn
 
 
+def _step_metrics_and_grads(monkeypatch, overrides, change=lambda stage: None):
+    """One seeded stage-1 step (no optimizer step) of a stage that ``change``
+    altered: its metrics and every parameter's gradient."""
+    stage = make("stage1.cla1_weight=0.7", *overrides, seed=3)
+    change(stage)
+    for opt in stage.optimizers.values():
+        monkeypatch.setattr(opt, "step", lambda *a, **k: None)
+    torch.manual_seed(11)
+    metrics = stage.train_step(tiny_batch(stage.cfg))
+    grads = {f"{m}.{n}": p.grad.clone() for m, module in stage.models.items()
+             for n, p in module.named_parameters() if p.grad is not None}
+    return metrics, grads
+
+
+def _assert_same_step(first, second):
+    (m1, g1), (m2, g2) = first, second
+    for key in ("rec", "cla_nll", "adv", "total"):
+        assert m1[key] == pytest.approx(m2[key], rel=1e-5, abs=1e-6), key
+    assert g1.keys() == g2.keys() and len(g1) > 10
+    for name in g1:
+        torch.testing.assert_close(g1[name], g2[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("overrides", [[], ["stage1.cla1_mode=image"], ["stage1.gen_conv_adv=true"],
                                        ["stage1.random_offset=false"]],
                          ids=lambda o: ",".join(o) or "default")
@@ -171,26 +194,17 @@ def test_shared_fc_pass_equals_two_passes(overrides, monkeypatch):
     the same losses and the same gradient on every parameter as two passes."""
     calls = []
 
-    def step(shared: bool):
-        stage = make("stage1.cla1_weight=0.7", *overrides, seed=3)
-        stage.share_fc_pass = shared
-        stage.generator.fc.register_forward_hook(lambda m, i, o: calls.append((shared, i[0].shape[0])))
-        for opt in stage.optimizers.values():
-            monkeypatch.setattr(opt, "step", lambda *a, **k: None)
-        torch.manual_seed(11)
-        metrics = stage.train_step(tiny_batch(stage.cfg))
-        grads = {f"{m}.{n}": p.grad.clone() for m, module in stage.models.items()
-                 for n, p in module.named_parameters() if p.grad is not None}
-        return metrics, grads
+    def sharing(shared: bool):
+        def change(stage):
+            stage.share_fc_pass = shared
+            stage.generator.fc.register_forward_hook(lambda m, i, o: calls.append((shared, i[0].shape[0])))
+        return change
 
-    (m1, g1), (m2, g2) = step(True), step(False)
+    shared = _step_metrics_and_grads(monkeypatch, overrides, sharing(True))
+    apart = _step_metrics_and_grads(monkeypatch, overrides, sharing(False))
     b = tiny_batch(make(seed=3).cfg)["image"].shape[0]
     assert calls == [(True, 2 * b), (False, b), (False, b)]
-    for key in ("rec", "cla_nll", "adv", "total"):
-        assert m1[key] == pytest.approx(m2[key], rel=1e-5, abs=1e-6), key
-    assert g1.keys() == g2.keys() and len(g1) > 10
-    for name in g1:
-        torch.testing.assert_close(g1[name], g2[name], rtol=1e-4, atol=1e-6, msg=name)
+    _assert_same_step(shared, apart)
 
 
 @pytest.mark.parametrize("overrides", [[], ["stage1.cla1_mode=image"], ["stage1.cla1_mode=code"],
@@ -199,21 +213,8 @@ def test_shared_fc_pass_equals_two_passes(overrides, monkeypatch):
                          ids=lambda o: ",".join(o) or "default")
 def test_one_classifier_pass_equals_two(overrides, monkeypatch):
     """Same losses and the same gradient on every parameter as running C twice."""
-    def step(two_pass: bool):
-        stage = make("stage1.cla1_weight=0.7", *overrides, seed=3)
-        if two_pass:
-            stage._classifier_losses = _two_pass_classifier_losses(stage)
-        for opt in stage.optimizers.values():
-            monkeypatch.setattr(opt, "step", lambda *a, **k: None)
-        torch.manual_seed(11)
-        metrics = stage.train_step(tiny_batch(stage.cfg))
-        grads = {f"{m}.{n}": p.grad.clone() for m, module in stage.models.items()
-                 for n, p in module.named_parameters() if p.grad is not None}
-        return metrics, grads
+    def two_pass(stage):
+        stage._classifier_losses = _two_pass_classifier_losses(stage)
 
-    (m1, g1), (m2, g2) = step(False), step(True)
-    for key in ("rec", "cla_nll", "adv", "total"):
-        assert m1[key] == pytest.approx(m2[key], rel=1e-5, abs=1e-6), key
-    assert g1.keys() == g2.keys() and len(g1) > 10
-    for name in g1:
-        torch.testing.assert_close(g1[name], g2[name], rtol=1e-4, atol=1e-6, msg=name)
+    _assert_same_step(_step_metrics_and_grads(monkeypatch, overrides),
+                      _step_metrics_and_grads(monkeypatch, overrides, two_pass))
