@@ -201,7 +201,17 @@ def main():
                         help="instead: the Train worker and a plain process taking turns, "
                              "WINDOWS windows each (see paired())")
     args = parser.parse_args()
-    os.environ.setdefault("DSU_HOME", tempfile.mkdtemp(prefix="dsu-bench-"))
+    home = None
+    if "DSU_HOME" not in os.environ:   # prepared data and MLflow store for this run only
+        home = os.environ["DSU_HOME"] = tempfile.mkdtemp(prefix="dsu-bench-")
+    try:
+        measure(args)
+    finally:
+        if home:
+            shutil.rmtree(home, ignore_errors=True)
+
+
+def measure(args):
     from dsu_models.train import build_config
     report = max(args.iterations // 12, 1)
     overrides = ["labeled_factors=[floor_hue, wall_hue, object_hue, shape]",
@@ -235,6 +245,7 @@ def main():
         print(f"overhead, {name}: {statistics.median(overheads):.1f}% (rounds: "
               + ", ".join(f"{o:.1f}%" for o in overheads)
               + ") vs the single-process runs beside each (target <= 10%)")
+
 
 if __name__ == "__main__":
     main()
