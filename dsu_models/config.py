@@ -191,6 +191,8 @@ class Config:
 
     dataset: str = "shapes3d"
     data_path: str | None = None
+    # built-in procedural datasets; None: the Ray pipeline prepares the whole factor
+    # grid, the single-process runner draws data.sources.builtin.DEFAULT_SAMPLES
     num_samples: int | None = None
     test_portion: float = 0.1
     image_size: int = 32
