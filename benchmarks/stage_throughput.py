@@ -54,9 +54,9 @@ CONFIGS = {
 }
 
 
-def build(name: str, device: str, compile_: bool = False, more: tuple[str, ...] = ()):
+def build(name: str, device: str, compile_: bool = False):
     overrides, data_factors = CONFIGS[name]
-    extra = [f"device={device}", f"compile={str(compile_).lower()}", *more]
+    extra = [f"device={device}", f"compile={str(compile_).lower()}"]
     cfg = resolve(layered_dict({}, overrides + extra), data_factors)
     factors = [FactorInfo(n, spec.classes, (), tuple([1.0 / spec.classes] * spec.classes))
                for n, spec in cfg.labeled()]

@@ -11,7 +11,7 @@ batch 64, default architecture (minor page faults and kernel time per
 ``train_step``, glibc 2.36): stage 1 3,430 faults and 7 ms, stage 2 6,580 and
 13 ms (up to 13,300 and 46 ms in another run); with
 :func:`retain_freed_memory`, 230 and 130 faults and under 1 ms. The median
-step of the test's stage (tests/test_allocator.py) faults 0-2 times instead of
+step of the test's stage (tests/test_allocator.py) faults 0-4 times instead of
 3,300-4,800.
 
 A thread other than the main one (Ray Train runs the training loop in one)
