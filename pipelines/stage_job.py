@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -156,10 +157,25 @@ def say(line: str):
 
 def train_loop(config: dict):
     """Ray Train worker: runs one stage to the end. ``config`` is built by :func:`run_stage`.
-    Downloads, checkpoints and the hand-off are written under a temporary directory
-    that is removed when the stage ends (Ray has copied what it keeps by then)."""
-    with tempfile.TemporaryDirectory(prefix=f"dsu-{config['stage']}-") as tmp:
-        _train_in(config, Path(tmp))
+    Downloads, checkpoints and the hand-off are written under a work directory
+    that is removed when the stage ends (Ray has copied what it keeps by then).
+    Its name is fixed per run and rank, so the attempt that replaces a killed
+    worker (whose own clean-up never ran) removes what that one left."""
+    import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
+    workdir = worker_dir(config["stage"], config["run_id"], rank)
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    try:
+        _train_in(config, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def worker_dir(stage: str, run_id: str, rank: int) -> Path:
+    """The work directory of ``rank``'s worker of ``stage`` in MLflow run ``run_id``."""
+    return Path(tempfile.gettempdir()) / f"dsu-{stage}-{run_id}-rank{rank}"
 
 
 def _train_in(config: dict, workdir: Path):
@@ -215,6 +231,8 @@ def _train_in(config: dict, workdir: Path):
         if fail_at is not None and stage.iteration == fail_at and rank == world - 1 \
                 and not Path(marker).exists():
             Path(marker).write_text("failed once")
+            if config.get("fail_kill"):   # die as a killed process does: no clean-up runs
+                os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError(f"test hook: simulated worker failure at iteration {fail_at}")
         metrics = stage.train_step(_batch_from(rows, config["label_columns"], codes, cfg.unknown_size))
         if rank == 0:

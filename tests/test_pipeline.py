@@ -81,13 +81,18 @@ def _lines_per_worker(fragment: str) -> dict[str, int]:
 
 def test_pipeline_two_workers_failure_and_resume(ray_session, home, tmp_path, capsys):
     marker = tmp_path / "failed-once"
-    hooks = {"stage1": {"fail_at": 3, "fail_marker": str(marker)}}
+    # the last rank's worker process is killed (SIGKILL) once, at iteration 3
+    hooks = {"stage1": {"fail_at": 3, "fail_marker": str(marker), "fail_kill": True}}
+    stale = set(Path(tempfile.gettempdir()).glob("dsu-stage1-*"))
     assert full_main(TINY + ["--workers", "2", "--cpus-per-worker", "0.5", "--stages", "stage1"],
                      test_hooks=hooks) == 0
     assert marker.exists(), "the test hook did not fire"
     client = MlflowClient(tracking.default_tracking_uri())
     (parent,) = _parent_ids(client)
     stage1 = tracking.child_runs(client, parent)["stage1"]
+    # the killed worker's work directory was removed by the attempt that replaced it
+    left = set(Path(tempfile.gettempdir()).glob("dsu-stage1-*")) - stale
+    assert not left, left
     # Restarted from the checkpoint at iteration 2: the count continued to 6.
     assert _steps(client, stage1.info.run_id, "total") == [2, 4, 6]
     # rank 0's progress lines reach the console once each (Ray Train's patched
