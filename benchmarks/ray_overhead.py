@@ -73,11 +73,11 @@ def under_ray(cfg, overrides: list[str], extra: list[str]) -> float:
     from pipelines.stage_job import run_stage
     from dsu_models.train import build_config
 
-    from pipelines.local_ray import init_ray
+    from pipelines.local_ray import init_ray, pipeline_cpus
 
-    # 3 logical CPUs on 2 cores: 2 for the worker's threads, 1 for Ray Data decoding;
-    # started as the pipelines start a local Ray
-    ray = init_ray(3)
+    # started as the pipelines start a local Ray: one logical CPU more than the
+    # cores (3 on 2 cores: 2 for the worker's threads, 1 for Ray Data decoding)
+    ray = init_ray(pipeline_cpus())
     try:
         data_dir = builtin_dir(cfg)
         prepare_with_ray(cfg.dataset, data_dir, **builtin_options(cfg))  # reused after the first
@@ -139,7 +139,7 @@ def paired(cfg, rounds: int, window: int):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipelines.local_ray import init_ray
+    from pipelines.local_ray import init_ray, pipeline_cpus
 
     ctx = mp.get_context("spawn")
     plain, child = ctx.Pipe()
@@ -157,7 +157,7 @@ def paired(cfg, rounds: int, window: int):
     alone = run(plain, rounds)
     key = secrets.token_bytes(16)
     listener = Listener(("127.0.0.1", 0), authkey=key)
-    ray = init_ray(3)
+    ray = init_ray(pipeline_cpus())
     storage = tempfile.mkdtemp(prefix="dsu-bench-train-")
     trainer = TorchTrainer(
         _train_worker, scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 2}),

@@ -20,7 +20,7 @@ from dsu_models.data import DataError
 from dsu_models.data.sources.builtin import BUILTIN
 from dsu_models.train import build_config
 from pipelines import tracking
-from pipelines.local_ray import init_ray
+from pipelines.local_ray import init_ray, pipeline_cpus
 
 STAGE_ORDER = ("stage1", "distill", "classifier", "stage2", "lenc", "evaluate", "register")
 UPSTREAM = {"stage1": (), "distill": ("stage1",), "classifier": (),
@@ -47,7 +47,8 @@ def add_common(parser: argparse.ArgumentParser):
     parser.add_argument("--tracking-uri", default=None,
                         help="MLflow store; default sqlite:///$DSU_HOME/mlflow.db (~/.disunknown)")
     parser.add_argument("--num-cpus", type=int, default=None,
-                        help="CPUs of a local Ray instance (ignored when joining RAY_ADDRESS)")
+                        help="logical CPUs of a local Ray instance (default: the cores + 1, "
+                             "see local_ray.pipeline_cpus; ignored when joining RAY_ADDRESS)")
     parser.add_argument("--alias", default="champion",
                         help="registry alias the model takes when its evaluation summary beats the holder's")
 
@@ -168,7 +169,7 @@ def full_main(argv: list[str] | None = None, test_hooks: dict | None = None) -> 
         client = MlflowClient(tracking_uri)
         if args.resume:
             client.get_run(args.resume)  # fails early on an unknown id
-        init_ray(args.num_cpus)
+        init_ray(args.num_cpus or pipeline_cpus())
         cfg, data_dir = ensure_data(cfg, config_arg, overrides)
         parent = args.resume or tracking.start_parent(client, experiment_id, cfg)
         print(f"pipeline run {parent} ({', '.join(wanted)})", flush=True)
@@ -202,7 +203,7 @@ def stage_main(stage: str, argv: list[str] | None = None, test_hooks: dict | Non
         runs = {up: getattr(args, f"{up}_run") for up in UPSTREAM[stage]}
         for up, run_id in runs.items():
             tracking.require_complete(client, run_id, up)
-        init_ray(args.num_cpus)
+        init_ray(args.num_cpus or pipeline_cpus())
         cfg, data_dir = ensure_data(cfg, args.config, overrides)
         parent = args.parent or tracking.start_parent(client, experiment_id, cfg,
                                                       name=f"disunknown-{cfg.dataset}-{stage}")

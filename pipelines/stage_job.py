@@ -310,6 +310,13 @@ def labeled_infos(manifest: dict, cfg: Config) -> tuple[list[dict], list[int]]:
     return infos, columns
 
 
+def default_cpus_per_worker(total_cpus: float, workers: int, use_gpu: bool = False) -> float:
+    """Logical CPUs per Train worker (its torch threads: the integer part): one
+    per GPU worker; on CPU, all of the cluster's but one, which Ray Data's
+    decoding needs (without it the job starves, see RAY_NOTES), shared out."""
+    return 1 if use_gpu else max(0.5, (total_cpus - 1) / workers)
+
+
 def run_stage(stage: str, cfg: Config, data_dir: str, run_id: str, upstream: dict,
               tracking_uri: str, workers: int = 1, use_gpu: bool = False,
               cpus_per_worker: float | None = None, max_failures: int = 2,
@@ -328,9 +335,8 @@ def run_stage(stage: str, cfg: Config, data_dir: str, run_id: str, upstream: dic
     if scfg.batch_size % workers:
         raise ValueError(f"{stage}.batch_size {scfg.batch_size} is not divisible by {workers} workers")
     if cpus_per_worker is None:
-        total = ray.cluster_resources().get("CPU", 1)
-        # leave CPU for Ray Data's decoding (see RAY_NOTES: CPU starvation)
-        cpus_per_worker = max(0.5, (total - 1) / workers) if not use_gpu else 1
+        cpus_per_worker = default_cpus_per_worker(ray.cluster_resources().get("CPU", 1), workers,
+                                                  use_gpu)
     manifest = read_manifest(data_dir)
     infos, columns = labeled_infos(manifest, cfg)
     all_factors = [f.to_dict() for f in factor_infos(manifest)]

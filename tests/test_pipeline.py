@@ -245,3 +245,20 @@ def test_ray_job_submit_against_a_local_head(home, tmp_path):
         head.terminate()
         head.wait(timeout=60)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_a_local_pipeline_trains_on_every_core_and_keeps_a_cpu_for_decoding():
+    """The local Ray the pipeline starts has one logical CPU more than the
+    cores; one worker then trains with a thread per core, and one logical CPU
+    stays free for Ray Data's decoding tasks (none free: the job starves)."""
+    from ray._private.utils import get_num_cpus
+
+    from pipelines.local_ray import pipeline_cpus
+    from pipelines.stage_job import default_cpus_per_worker
+
+    cores, total = get_num_cpus(), pipeline_cpus()
+    assert int(default_cpus_per_worker(total, 1)) == cores
+    for workers in (1, 2, 4):
+        per = default_cpus_per_worker(total, workers)
+        assert total - workers * per >= 1 or per == 0.5, (workers, per)
+    assert default_cpus_per_worker(total, 2, use_gpu=True) == 1
