@@ -121,7 +121,7 @@ def execute(stage: str, cfg: Config, data_dir: str, parent_id: str, runs: dict, 
     elif stage == "evaluate":
         from pipelines.evaluate_job import run_evaluate
         run_evaluate(cfg, data_dir, upstream, run_id, tracking_uri, use_gpu=args.gpu,
-                     num_cpus=args.cpus_per_worker or 1)
+                     num_cpus=args.cpus_per_worker)
     elif stage == "register":
         from pipelines.evaluate_job import run_register
         outcome = run_register(cfg, upstream, run_id, tracking_uri, alias=args.alias)

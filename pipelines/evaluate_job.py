@@ -86,9 +86,15 @@ def _hwc(image):
 
 
 def run_evaluate(cfg: Config, data_dir: str, runs: dict, run_id: str, tracking_uri: str,
-                 use_gpu: bool = False, num_cpus: float = 1) -> dict[str, float]:
-    """:func:`evaluate_in_process` as one Ray task (on a GPU node with ``use_gpu``)."""
+                 use_gpu: bool = False, num_cpus: float | None = None) -> dict[str, float]:
+    """:func:`evaluate_in_process` as one Ray task (on a GPU node with ``use_gpu``)
+    with ``num_cpus`` CPUs (its torch threads); default: a lone Train worker's share."""
     import ray
+
+    from pipelines.stage_job import default_cpus_per_worker, node_cpus
+
+    if num_cpus is None:
+        num_cpus = default_cpus_per_worker(node_cpus(), 1, use_gpu)
 
     @ray.remote
     def task(cfg_dict: dict) -> dict:

@@ -310,11 +310,37 @@ def labeled_infos(manifest: dict, cfg: Config) -> tuple[list[dict], list[int]]:
     return infos, columns
 
 
-def default_cpus_per_worker(total_cpus: float, workers: int, use_gpu: bool = False) -> float:
-    """Logical CPUs per Train worker (its torch threads: the integer part): one
-    per GPU worker; on CPU, all of the cluster's but one, which Ray Data's
-    decoding needs (without it the job starves, see RAY_NOTES), shared out."""
-    return 1 if use_gpu else max(0.5, (total_cpus - 1) / workers)
+def default_cpus_per_worker(node_cpus: list[float], workers: int, use_gpu: bool = False) -> float:
+    """Logical CPUs per Train worker (its torch threads: the integer part), given
+    the CPUs of each node. One per GPU worker. On CPU, the largest share that
+    places every worker on some node and leaves one CPU free on a node for Ray
+    Data's decoding (none free: the job starves, see RAY_NOTES): on one node, all
+    its CPUs but one shared out; on a cluster, never more than a node holds."""
+    if use_gpu:
+        return 1
+    even = (sum(node_cpus) - 1) / workers
+    whole = range(int(max(node_cpus, default=1)), 0, -1)
+    for share in sorted({even, *whole}, reverse=True):
+        if share >= 0.5 and _fits(node_cpus, workers, share):
+            return share
+    return 0.5
+
+
+def node_cpus() -> list[float]:
+    """The CPUs of each live node of the Ray cluster this process is connected to."""
+    import ray
+    return [n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]]
+
+
+def _fits(node_cpus: list[float], workers: int, share: float) -> bool:
+    """Whether ``workers`` workers of ``share`` CPUs each fit on the nodes, the
+    largest first, with a whole CPU left over on at least one node."""
+    left, spare = workers, False
+    for cpus in sorted(node_cpus, reverse=True):
+        placed = min(left, int(cpus // share + 1e-9))
+        left -= placed
+        spare = spare or cpus - placed * share >= 1 - 1e-9
+    return left == 0 and spare
 
 
 def run_stage(stage: str, cfg: Config, data_dir: str, run_id: str, upstream: dict,
@@ -335,8 +361,7 @@ def run_stage(stage: str, cfg: Config, data_dir: str, run_id: str, upstream: dic
     if scfg.batch_size % workers:
         raise ValueError(f"{stage}.batch_size {scfg.batch_size} is not divisible by {workers} workers")
     if cpus_per_worker is None:
-        cpus_per_worker = default_cpus_per_worker(ray.cluster_resources().get("CPU", 1), workers,
-                                                  use_gpu)
+        cpus_per_worker = default_cpus_per_worker(node_cpus(), workers, use_gpu)
     manifest = read_manifest(data_dir)
     infos, columns = labeled_infos(manifest, cfg)
     all_factors = [f.to_dict() for f in factor_infos(manifest)]

@@ -257,8 +257,21 @@ def test_a_local_pipeline_trains_on_every_core_and_keeps_a_cpu_for_decoding():
     from pipelines.stage_job import default_cpus_per_worker
 
     cores, total = get_num_cpus(), pipeline_cpus()
-    assert int(default_cpus_per_worker(total, 1)) == cores
+    assert default_cpus_per_worker([total], 1) == cores
     for workers in (1, 2, 4):
-        per = default_cpus_per_worker(total, workers)
-        assert total - workers * per >= 1 or per == 0.5, (workers, per)
-    assert default_cpus_per_worker(total, 2, use_gpu=True) == 1
+        per = default_cpus_per_worker([total], workers)
+        assert per == max(0.5, cores / workers) and total - workers * per >= 1, (workers, per)
+    assert default_cpus_per_worker([total], 2, use_gpu=True) == 1
+
+
+@pytest.mark.parametrize("nodes, workers, share", [
+    ([3], 1, 2), ([3], 2, 1), ([9], 2, 4),
+    ([8, 8, 8], 1, 8),      # one worker takes a whole node; the others keep CPUs for decoding
+    ([8, 8, 8], 3, 7),      # a whole cluster's share (23 / 3) fits no node
+    ([8, 8, 8], 4, 4),      # two on each of two nodes, the third decodes
+    ([4, 2], 2, 2),
+    ([2], 4, 0.5),          # nothing fits: the smallest share, as before
+])
+def test_worker_cpus_fit_the_cluster_nodes(nodes, workers, share):
+    from pipelines.stage_job import default_cpus_per_worker
+    assert default_cpus_per_worker(nodes, workers) == share
