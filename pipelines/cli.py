@@ -125,7 +125,7 @@ def execute(stage: str, cfg: Config, data_dir: str, parent_id: str, runs: dict, 
     elif stage == "register":
         from pipelines.evaluate_job import run_register
         outcome = run_register(cfg, upstream, run_id, tracking_uri, alias=args.alias)
-        print(f"[register] {outcome}", flush=True)
+        print(f"[register] {outcome.describe(args.alias)}", flush=True)
     else:
         from pipelines.stage_job import run_stage
         hooks = (test_hooks or {}).get(stage)

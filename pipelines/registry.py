@@ -53,6 +53,18 @@ class Registration:
     previous_summary: float | None
     model_uri: str                 # MLflow URI of the logged model (models:/m-...)
 
+    def describe(self, alias: str) -> str:
+        """One line for the console: the version, whether it took ``alias`` and
+        the URI to load the model by."""
+        this = f"{self.name} version {self.version} (summary {self.summary:.3f})"
+        if not self.promoted:
+            return (f"{this} registered; @{alias} stays on version {self.previous_version} "
+                    f"(summary {self.previous_summary:.3f}); load this one as "
+                    f"models:/{self.name}/{self.version}")
+        was = "" if self.previous_version is None else \
+            f", replacing version {self.previous_version} (summary {self.previous_summary:.3f})"
+        return f"{this} is now @{alias}{was}; load it as models:/{self.name}@{alias}"
+
 
 def model_name(dataset: str) -> str:
     return f"{MODEL_PREFIX}{dataset}"

@@ -58,6 +58,14 @@ def test_alias_moves_only_to_a_better_summary(registered):
     assert float(tags[SUMMARY_TAG]) == 0.3 and tags["dsu.dataset"] == "shapes3d"
     assert tags["dsu.run_id"] == registered["run_id"]
     assert client.get_model_version(NAME, "2").run_id == registered["run_id"]
+    # the console line says where the alias went and the URI to load by
+    assert first.describe("champion") == (f"{NAME} version 1 (summary 0.500) is now @champion; "
+                                          f"load it as models:/{NAME}@champion")
+    assert worse.describe("champion") == (f"{NAME} version 2 (summary 0.300) registered; @champion "
+                                          f"stays on version 1 (summary 0.500); load this one as "
+                                          f"models:/{NAME}/2")
+    assert better.describe("best") == (f"{NAME} version 3 (summary 0.700) is now @best, replacing "
+                                       f"version 1 (summary 0.500); load it as models:/{NAME}@best")
 
 
 def test_registration_leaves_the_run_and_mlflow_settings_alone(registered):
