@@ -310,18 +310,18 @@ def labeled_infos(manifest: dict, cfg: Config) -> tuple[list[dict], list[int]]:
     return infos, columns
 
 
-def default_cpus_per_worker(node_cpus: list[float], workers: int, use_gpu: bool = False) -> float:
+def default_cpus_per_worker(nodes: list[float], workers: int, use_gpu: bool = False) -> float:
     """Logical CPUs per Train worker (its torch threads: the integer part), given
-    the CPUs of each node. One per GPU worker. On CPU, the largest share that
+    the CPUs of each node (``nodes``). One per GPU worker. On CPU, the largest share that
     places every worker on some node and leaves one CPU free on a node for Ray
     Data's decoding (none free: the job starves, see RAY_NOTES): on one node, all
     its CPUs but one shared out; on a cluster, never more than a node holds."""
     if use_gpu:
         return 1
-    even = (sum(node_cpus) - 1) / workers
-    whole = range(int(max(node_cpus, default=1)), 0, -1)
+    even = (sum(nodes) - 1) / workers
+    whole = range(int(max(nodes, default=1)), 0, -1)
     for share in sorted({even, *whole}, reverse=True):
-        if share >= 0.5 and _fits(node_cpus, workers, share):
+        if share >= 0.5 and _fits(nodes, workers, share):
             return share
     return 0.5
 
@@ -332,12 +332,12 @@ def node_cpus() -> list[float]:
     return [n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]]
 
 
-def _fits(node_cpus: list[float], workers: int, share: float) -> bool:
+def _fits(nodes: list[float], workers: int, share: float) -> bool:
     """Whether ``workers`` workers of ``share`` CPUs each fit on the nodes, the
     largest first, with a whole CPU left over on at least one node."""
     left, spare = workers, False
-    for cpus in sorted(node_cpus, reverse=True):
-        placed = min(left, int(cpus // share + 1e-9))
+    for cpus in sorted(nodes, reverse=True):
+        placed = min(left, int(cpus / share + 1e-9))
         left -= placed
         spare = spare or cpus - placed * share >= 1 - 1e-9
     return left == 0 and spare
