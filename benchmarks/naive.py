@@ -6,16 +6,92 @@ way a first implementation usually is: separate update passes per player
 the generator side re-generating them), ``requires_grad`` toggling instead of
 detached calls, a second backward pass to keep the adversarial gradient out
 of the generator's conv part, and a per-sample loop for the random offset.
+``straightforward_layers()`` also swaps in the layers written straight from
+their formulas (``dsu_models/nn/plain.py``: weight norm as ``v * g / ||v||``,
+the self-normalising PReLU and its moments through autograd, no shift folded
+into the previous layer's bias, aten's pooling and transposed conv) and
+``straightforward_optimizers`` plain Adam (not fused), so that the whole
+baseline is a first implementation of the same networks and math; both are
+checked against the product's layers in tests/test_perf_equivalence.py.
 Benchmarks only: not used by the product.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from dsu_models import codes, losses
+from dsu_models.nn import layers, networks, plain
+from dsu_models.stages.classifier import ClassifierStage
+from dsu_models.stages.lenc import LencStage
 from dsu_models.stages.stage1 import Stage1, keep_tensor, rolled_labels
 from dsu_models.stages.stage2 import Stage2
+
+
+def _plain_linear(self, x, extra_bias=None):
+    return F.linear(x, plain.weight_norm(self.weight, 0, self.scale, 1.0),
+                    self.bias if extra_bias is None else self.bias + extra_bias)
+
+
+def _plain_conv(self, x, extra_bias=None):
+    return F.conv2d(x, plain.weight_norm(self.weight, 0, self.scale, 1.0),
+                    self.bias if extra_bias is None else self.bias + extra_bias,
+                    self.stride, self.padding)
+
+
+def _plain_conv_transpose(self, x, extra_bias=None):
+    return F.conv_transpose2d(x, plain.weight_norm(self.weight, 1, self.scale, self.gain),
+                              self.bias if extra_bias is None else self.bias + extra_bias,
+                              self.stride, self.padding)
+
+
+def _plain_act(self, x):
+    return plain.snprelu(x, self.bias, self.slope)
+
+
+def _plain_add(self, shortcut, residual):
+    return plain.residual_add(shortcut, residual, self.alpha, self.beta)
+
+
+def _plain_pool(x, pad=0):
+    return F.avg_pool2d(x, 2, padding=pad, count_include_pad=True)
+
+
+def _plain_layer_act(layer, act, x):
+    return act(layer(x))
+
+
+_PLAIN = [(layers.WNLinear, "forward", _plain_linear), (layers.WNConv2d, "forward", _plain_conv),
+          (layers.WNConvTranspose2d, "forward", _plain_conv_transpose),
+          (layers.SNPReLU, "forward", _plain_act), (layers.ResidualAdd, "forward", _plain_add),
+          (layers.Chain, "forward", nn.Sequential.forward),
+          (networks, "avg_pool_2x2", _plain_pool), (networks, "layer_act", _plain_layer_act)]
+
+
+@contextmanager
+def straightforward_layers():
+    """Within the block every network runs the plain-formula layers (same
+    parameters, same math; see the module docstring)."""
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in _PLAIN]
+    try:
+        for owner, name, fn in _PLAIN:
+            setattr(owner, name, fn)
+        yield
+    finally:
+        for owner, name, fn in saved:
+            setattr(owner, name, fn)
+
+
+def straightforward_optimizers(stage) -> None:
+    """Replace the stage's (fused) Adam optimizers by ``torch.optim.Adam`` with
+    its defaults (on CPU, a loop over the parameters), same groups and settings."""
+    for key, opt in stage.optimizers.items():
+        groups = [{k: v for k, v in g.items() if k not in ("fused", "foreach")}
+                  for g in opt.param_groups]
+        stage.optimizers[key] = torch.optim.Adam(groups)
 
 
 def offset_loop(*images):
@@ -165,3 +241,42 @@ def naive_stage2_step(st: Stage2, batch: dict):
     opt.step()
     st.iteration += 1
     return float(g_loss.detach()), float(d_loss.detach())
+
+
+def naive_classifier_step(st: ClassifierStage, batch: dict):
+    """One classifier iteration with the per-sample random offset."""
+    batch = st.to_device(batch)
+    x, y = batch["image"], batch["labels"]
+    st.set_lrs()
+    if st.scfg.random_offset:
+        x = offset_loop(x)
+    opt = st.optimizers["classifier"]
+    opt.zero_grad()
+    logits = st.classifier(x)
+    nll = sum(losses.classifier_nll(lg, y[:, k], classes=n)
+              for k, (lg, n) in enumerate(zip(logits, st.class_counts)))
+    nll.backward()
+    opt.step()
+    st.iteration += 1
+    return float(nll.detach())
+
+
+def naive_lenc_step(st: LencStage, batch: dict):
+    """One labeled-encoder iteration; with ``generated_weight`` > 0, S runs on
+    the real and the generated batch in two forwards."""
+    batch = st.to_device(batch)
+    x, y = batch["image"], batch["labels"]
+    st.set_lrs()
+    w = st.scfg.generated_weight
+    opt = st.optimizers["label_encoder"]
+    opt.zero_grad()
+    with torch.no_grad():
+        targets = st.targets(y)
+    total = losses.labeled_encoder_loss(targets, st.encoder(x))
+    if w:
+        x_gen, gen_targets = st.generated_batch(y, x.dtype)
+        total = (1.0 - w) * total + w * losses.labeled_encoder_loss(gen_targets, st.encoder(x_gen))
+    total.backward()
+    opt.step()
+    st.iteration += 1
+    return float(total.detach())

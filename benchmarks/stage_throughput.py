@@ -13,10 +13,15 @@ Configs (default architecture and batch size for the image size):
 B); ``lenc_real`` is the same stage with ``lenc.generated_weight: 0``, S on
 the real batch only, which is the reference implementation's math.
 
-For stage 1 and stage 2 it also times a straightforward implementation of the
-same networks and math (``benchmarks/naive.py``) in the same run and prints
-the ratio (both use the same, already optimised, layers: the ratio measures
-what the stage structure saves). ``--compile`` sets ``compile: true`` (networks
+For every stage it also times, in the same run, a straightforward
+implementation of the same networks and math (``benchmarks/naive.py``): the
+step written player by player with a per-sample random offset, the layers
+written straight from their formulas and plain (unfused) Adam. ``naive`` is
+its images/s and ``ratio`` ours over it. ``struct`` times the same naive step
+with this repository's layers and optimizers, so ``ours / struct`` is what the
+stage structure alone saves and ``struct / naive`` what the layers save.
+(``lenc_real`` has no baseline of its own: it is ``lenc``'s baseline with
+``generated_weight: 0``.) ``--compile`` sets ``compile: true`` (networks
 compiled in place, see ``stages/common.compile_networks``) for our stages and
 prints the seconds the warm-up steps took (compile time); the naive baseline
 always runs eager. Each figure is the best of ``--repeats`` timed runs of
@@ -34,7 +39,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from naive import naive_stage1_step, naive_stage2_step  # noqa: E402
+from naive import (naive_classifier_step, naive_lenc_step, naive_stage1_step,  # noqa: E402
+                   naive_stage2_step, straightforward_layers, straightforward_optimizers)
 
 from dsu_models import codes  # noqa: E402
 from dsu_models.config import layered_dict, resolve  # noqa: E402
@@ -113,6 +119,23 @@ def stages_for(cfg, factors, device):
     return {"stage1": s1, "classifier": cla, "stage2": s2, "lenc": lenc, "lenc_real": lenc_real}
 
 
+def naive_rates(config: str, stage_name: str, factors, device, batch: dict, step, steps: int,
+                repeats: int) -> tuple[float, float]:
+    """Images/s of the naive ``step`` on fresh eager stages: with this
+    repository's layers and optimizers (``struct``), then with the
+    straightforward layers and plain Adam (``naive``)."""
+    eager_cfg, _ = build(config, str(device), False)
+    torch.manual_seed(0)
+    fresh = stages_for(eager_cfg, factors, device)[stage_name]
+    struct, _ = timed(lambda b: step(fresh, b), batch, steps, device, repeats)
+    torch.manual_seed(0)
+    fresh = stages_for(eager_cfg, factors, device)[stage_name]
+    straightforward_optimizers(fresh)
+    with straightforward_layers():
+        base, _ = timed(lambda b: step(fresh, b), batch, steps, device, repeats)
+    return struct, base
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=10)
@@ -125,8 +148,10 @@ def main():
     device = resolve_device(args.device)
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(f"compile {args.compile}; best of {args.repeats} x {args.steps} steps")
-    print(f"{'config':9} {'stage':10} {'batch':>5} {'img/s':>9} {'naive':>9} {'ratio':>6} {'warm-up s':>9}")
-    naive = {"stage1": naive_stage1_step, "stage2": naive_stage2_step}
+    print(f"{'config':9} {'stage':10} {'batch':>5} {'img/s':>9} {'struct':>9} {'naive':>9} "
+          f"{'ratio':>6} {'warm-up s':>9}")
+    naive = {"stage1": naive_stage1_step, "stage2": naive_stage2_step,
+             "classifier": naive_classifier_step, "lenc": naive_lenc_step, "lenc_real": naive_lenc_step}
     for name in args.configs.split(","):
         torch.manual_seed(0)
         cfg, factors = build(name, str(device), args.compile)
@@ -135,15 +160,13 @@ def main():
             bs = stage.scfg.batch_size
             batch = batch_for(cfg, bs, stage_name == "stage2")
             rate, warm = timed(stage.train_step, batch, args.steps, device, args.repeats)
-            base_col = ratio_col = ""
+            struct_col = base_col = ratio_col = ""
             if stage_name in naive and not args.no_naive:
-                eager_cfg, _ = build(name, str(device), False)
-                fresh = stages_for(eager_cfg, factors, device)[stage_name]
-                base, _ = timed(lambda b, st=fresh, f=naive[stage_name]: f(st, b), batch, args.steps,
-                                device, args.repeats)
-                base_col, ratio_col = f"{base:.1f}", f"{rate / base:.2f}"
-            print(f"{name:9} {stage_name:10} {bs:5d} {rate:9.1f} {base_col:>9} {ratio_col:>6} {warm:9.1f}",
-                  flush=True)
+                struct, base = naive_rates(name, stage_name, factors, device, batch, naive[stage_name],
+                                           args.steps, args.repeats)
+                struct_col, base_col, ratio_col = f"{struct:.1f}", f"{base:.1f}", f"{rate / base:.2f}"
+            print(f"{name:9} {stage_name:10} {bs:5d} {rate:9.1f} {struct_col:>9} {base_col:>9} "
+                  f"{ratio_col:>6} {warm:9.1f}", flush=True)
 
 
 if __name__ == "__main__":

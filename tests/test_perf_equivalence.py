@@ -2,27 +2,13 @@
 section 5 (values and gradients), so the speed-ups change no math."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
 
+from dsu_models.nn import plain as formula
 from dsu_models.nn.layers import (Chain, SNPReLU, WNConv2d, WNConvTranspose2d, WNLinear,
                                   snprelu)
-
-
-def _plain_snprelu(x, b, a):
-    """The straightforward formula, differentiated by autograd."""
-    cdf = 0.5 * (1.0 + torch.erf(b / math.sqrt(2.0)))
-    pdf = torch.exp(-0.5 * b * b) / math.sqrt(2.0 * math.pi)
-    pos_mean = b * cdf + pdf
-    pos_sq = (b * b + 1.0) * cdf + b * pdf
-    mean = pos_mean + a * (b - pos_mean)
-    var = pos_sq + a * a * (b * b + 1.0 - pos_sq) - mean * mean
-    std = var.clamp_min(1e-8).sqrt()
-    view = [1, -1] + [1] * (x.dim() - 2)
-    return (F.prelu(x + b.view(view), a) - mean.view(view)) / std.view(view)
 
 
 @pytest.mark.parametrize("shape", [(5, 3), (4, 3, 5, 6)])
@@ -41,7 +27,7 @@ def test_snprelu_gradcheck(shape, frozen):
         return snprelu(x + b.view(view), b, a)
 
     assert torch.autograd.gradcheck(fn, (x, b, a))
-    out, plain = fn(x, b, a), _plain_snprelu(x, b, a)
+    out, plain = fn(x, b, a), formula.snprelu(x, b, a)
     torch.testing.assert_close(out, plain)
     w = torch.randn_like(out)
     inputs = (x,) if frozen else (x, b, a)
@@ -60,22 +46,11 @@ def test_snprelu_module_and_shifted_path_agree():
     conv = WNConv2d(3, 4, 3, 1, 1)
     x = torch.randn(2, 3, 6, 6)
     fused = Chain(conv, act)(x)
-    plain = _plain_snprelu(conv(x), act.bias, act.slope)
+    plain = formula.snprelu(conv(x), act.bias, act.slope)
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(act(conv(x)), plain, rtol=1e-5, atol=1e-5)
     mean, std = act.output_moments()
     assert mean.shape == std.shape == (4,)
-
-
-def _plain_wn(weight, unit_dim, scale, gain):
-    dims = tuple(d for d in range(weight.dim()) if d != unit_dim)
-    norm = torch.linalg.vector_norm(weight, dim=dims, keepdim=True)
-    shape = [1] * weight.dim()
-    shape[unit_dim] = -1
-    factor = gain / norm
-    if scale is not None:
-        factor = factor * scale.view(shape)
-    return weight * factor
 
 
 @pytest.mark.parametrize("affine", [False, True])
@@ -89,7 +64,7 @@ def test_weight_norm_matches_formula(affine):
             with torch.no_grad():
                 layer.scale.uniform_(0.5, 2.0)
         got = layer.normalised_weight()
-        want = _plain_wn(layer.weight, unit_dim, layer.scale, gain)
+        want = formula.weight_norm(layer.weight, unit_dim, layer.scale, gain)
         torch.testing.assert_close(got, want)
         w = torch.randn_like(got)
         params = [layer.weight] + ([layer.scale] if affine else [])
@@ -128,3 +103,111 @@ def test_chain_folding_equals_plain_sequential():
             assert g1 is None and g2 is None
         else:
             torch.testing.assert_close(g1, g2)
+
+
+@pytest.mark.parametrize("shape,pad", [((2, 3, 8, 8), 0), ((2, 3, 6, 6), 1), ((3, 2, 4, 6), 0),
+                                       ((2, 3, 7, 7), 0)])
+def test_pool_2x2_equals_avg_pool(shape, pad):
+    """The strided-view pooling (even padded sizes) and aten's fallback (odd
+    ones) give ``F.avg_pool2d``'s values and gradients."""
+    from dsu_models.nn.layers import avg_pool_2x2
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
+    got = avg_pool_2x2(x, pad)
+    want = F.avg_pool2d(x, 2, padding=pad, count_include_pad=True)
+    torch.testing.assert_close(got, want)
+    fast_path = (shape[-1] + 2 * pad) % 2 == 0
+    assert ("_Pool2x2" in type(got.grad_fn).__name__) == fast_path
+    w = torch.randn_like(got)
+    torch.testing.assert_close(torch.autograd.grad((got * w).sum(), x)[0],
+                               torch.autograd.grad((want * w).sum(), x)[0])
+    assert torch.autograd.gradcheck(lambda t: avg_pool_2x2(t, pad), (x,))
+
+
+@pytest.mark.parametrize("cin,cout,kernel,pad", [(5, 3, 6, 2), (4, 1, 6, 2), (3, 2, 10, 4)])
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_subpixel_transposed_conv_equals_conv_transpose(cin, cout, kernel, pad, input_grad):
+    """A generator's final layer (``k = 2p + 2``, stride 2) runs as a conv +
+    pixel shuffle on CPU: same values and gradients as ``conv_transpose2d``,
+    through the module (weight norm, affine scale, folded extra bias)."""
+    torch.manual_seed(0)
+    layer = WNConvTranspose2d(cin, cout, kernel, 2, pad, affine=True).double()
+    with torch.no_grad():
+        layer.scale.uniform_(0.5, 2.0)
+        layer.bias.normal_()
+    extra = torch.randn(cout, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, cin, 5, 4, dtype=torch.float64, requires_grad=input_grad)
+    got = layer(x, extra)
+    assert "_SubPixelConvTranspose" in type(got.grad_fn).__name__
+    want = F.conv_transpose2d(x, layer.normalised_weight(), layer.bias + extra, 2, pad)
+    assert got.shape == want.shape == (2, cout, 10, 8)
+    torch.testing.assert_close(got, want)
+    w = torch.randn_like(got)
+    inputs = [layer.weight, layer.scale, layer.bias, extra] + ([x] if input_grad else [])
+    for g1, g2 in zip(torch.autograd.grad((got * w).sum(), inputs),
+                      torch.autograd.grad((want * w).sum(), inputs)):
+        torch.testing.assert_close(g1, g2)
+    if input_grad:
+        assert torch.autograd.gradcheck(layer, (x, extra))
+
+
+def _load_naive():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "naive.py"
+    spec = importlib.util.spec_from_file_location("bench_naive", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_baseline_layers_compute_the_same_networks():
+    """The throughput benchmark's straightforward baseline (plain-formula layers)
+    and the fast layers give one generator + discriminator the same outputs and
+    gradients, so the benchmark compares equal math; the swap is undone after."""
+    from dsu_models.nn.networks import Discriminator, Generator
+
+    naive = _load_naive()
+    torch.manual_seed(0)
+    gen = Generator(3, 16, [8, 16], [2, 1], 32, 1, code_size=5).double()
+    dis = Discriminator(6, 16, [8, 16], [1, 1], 32, 1).double()
+    params = list(gen.parameters()) + list(dis.parameters())
+    for p in params:
+        with torch.no_grad():
+            p.add_(0.1 * torch.randn_like(p))
+    z = torch.randn(4, 10, dtype=torch.float64)
+
+    def run():
+        img = gen(z)[0]
+        score = dis(torch.cat([img, img.flip(0)], 1))
+        return img, score, torch.autograd.grad(score.square().sum() + img.sum(), params, allow_unused=True)
+
+    fast = run()
+    with naive.straightforward_layers():
+        slow = run()
+    again = run()
+    for got, want in zip(fast[:2], slow[:2]):
+        torch.testing.assert_close(got, want)
+    for g1, g2 in zip(fast[2], slow[2]):
+        assert (g1 is None) == (g2 is None)
+        if g1 is not None:
+            torch.testing.assert_close(g1, g2)
+    torch.testing.assert_close(again[1], fast[1])
+    fast_nodes, slow_nodes = _grad_fn_names(again[1]), _grad_fn_names(slow[1])
+    for node in ("_SubPixelConvTranspose", "_Pool2x2", "_SNPReLUFunction"):
+        assert node in fast_nodes and node not in slow_nodes
+
+
+def _grad_fn_names(t):
+    """Names of every autograd node behind ``t``."""
+    names, stack, seen = set(), [t.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.add(type(fn).__name__)
+        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    return " ".join(names)

@@ -141,13 +141,99 @@ class WNConvTranspose2d(nn.Module):
 
     def forward(self, x: Tensor, extra_bias: Tensor | None = None) -> Tensor:
         """``extra_bias``: ``(out_ch,)`` added to the bias (see ``WNLinear``)."""
-        return F.conv_transpose2d(x, self.normalised_weight(), _with_extra(self.bias, extra_bias),
-                                  self.stride, self.padding)
+        weight, bias = self.normalised_weight(), _with_extra(self.bias, extra_bias)
+        if (x.device.type == "cpu" and _subpixel_applies(weight.shape[2:], self.stride, self.padding)
+                and not torch.compiler.is_compiling()):
+            return _SubPixelConvTranspose.apply(x, weight, bias, self.padding[0])
+        return F.conv_transpose2d(x, weight, bias, self.stride, self.padding)
 
     def extra_repr(self) -> str:
         in_ch, out_ch, kh, kw = self.weight.shape
         return (f"{in_ch}, {out_ch}, kernel=({kh}, {kw}), stride={self.stride}, "
                 f"padding={self.padding}, affine={self.scale is not None}")
+
+
+def _subpixel_applies(kernel: tuple[int, ...], stride: tuple[int, int],
+                      padding: tuple[int, int]) -> bool:
+    """Whether a transposed conv is one ordinary conv + pixel shuffle with no
+    wasted taps: stride 2 and a square kernel ``k = 2p + 2`` for an even padding
+    ``p`` (the generators' final 6x6 layer, ``p = 2``)."""
+    k, p = kernel[0], padding[0]
+    return (stride == (2, 2) and kernel[1] == k and padding[1] == p and p % 2 == 0
+            and k == 2 * p + 2)
+
+
+class _SubPixelConvTranspose(torch.autograd.Function):
+    """``conv_transpose2d(x, w, b, stride=2, padding=p)`` for ``k = 2p + 2``,
+    computed forward as an ordinary ``(k/2)``-square conv with 4 output channels
+    per output channel (one per output pixel phase) and ``pixel_shuffle``.
+
+    With ``K = k/2``, output pixel ``2j + r`` (``r`` in {0, 1}) takes input rows
+    ``j - p/2 .. j + p/2`` through kernel rows ``2(K - 1 - u) + r`` for window row
+    ``u``, the same window for both phases; so the conv weight for phase
+    ``(ry, rx)`` is the transposed weight's every other row and column, flipped.
+    Same products and sums as the transposed conv. On CPU, for a layer with few
+    output channels (the image layer), oneDNN's transposed conv runs at about a
+    third of an ordinary conv's speed; this forward takes 40% of its time at
+    32 px RGB (benchmarks/stage_throughput.py). The backward is the transposed
+    conv's own (``aten::convolution_backward``), which is not slow.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, b: Tensor, p: int) -> Tensor:
+        cin, cout, k, _ = w.shape
+        K = k // 2
+        wc = (w.reshape(cin, cout, K, 2, K, 2).flip(2, 4)
+              .permute(1, 3, 5, 0, 2, 4).reshape(cout * 4, cin, K, K))
+        ctx.save_for_backward(x, w)
+        ctx.padding = p
+        return F.pixel_shuffle(F.conv2d(x, wc, b.repeat_interleave(4), padding=p // 2), 2)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, w = ctx.saved_tensors
+        p = ctx.padding
+        grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad.contiguous(), x, w, [w.shape[1]], [2, 2], [p, p], [1, 1], True, [0, 0], 1,
+            list(ctx.needs_input_grad[:3]))
+        return grad_x, grad_w, grad_b, None
+
+
+class _Pool2x2(torch.autograd.Function):
+    """``avg_pool2d(x, 2, padding=pad, count_include_pad=True)`` for an even
+    padded size: the forward adds the four strided views of each 2x2 window,
+    the backward spreads a quarter of each gradient over its window as a
+    depthwise transposed conv. On CPU, for NCHW tensors, about 8x (forward)
+    and 2x (backward) faster than aten's pooling kernels (tested equal in
+    test_perf_equivalence)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, pad: int) -> Tensor:
+        padded = F.pad(x, (pad, pad, pad, pad)) if pad else x
+        batch, channels, height, width = padded.shape
+        v = padded.reshape(batch, channels, height // 2, 2, width // 2, 2)
+        rows = v[:, :, :, 0] + v[:, :, :, 1]
+        ctx.pad, ctx.channels = pad, channels
+        return (rows[..., 0] + rows[..., 1]).mul_(0.25)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        c, pad = ctx.channels, ctx.pad
+        quarter = grad.new_full((c, 1, 2, 2), 0.25)
+        grad_x = F.conv_transpose2d(grad, quarter, stride=2, groups=c)
+        if pad:
+            grad_x = grad_x[:, :, pad:-pad, pad:-pad]
+        return grad_x, None
+
+
+def avg_pool_2x2(x: Tensor, pad: int = 0) -> Tensor:
+    """``F.avg_pool2d(x, 2, padding=pad, count_include_pad=True)`` for
+    ``x: (B, C, H, W)``: through ``_Pool2x2`` on CPU when ``H + 2 pad`` and
+    ``W + 2 pad`` are even, aten's kernel otherwise (and under ``torch.compile``)."""
+    if (x.device.type == "cpu" and (x.shape[-2] + 2 * pad) % 2 == 0
+            and (x.shape[-1] + 2 * pad) % 2 == 0 and not torch.compiler.is_compiling()):
+        return _Pool2x2.apply(x, pad)
+    return F.avg_pool2d(x, 2, padding=pad, count_include_pad=True)
 
 
 def _channel_view(v: Tensor, ndim: int) -> Tensor:
@@ -226,14 +312,21 @@ class _SNPReLUFunction(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         t, out, a, inv_std, coef = ctx.saved_tensors
         n, dims = t.dim(), _reduce_dims(t)
-        # one pass: grad * (1 where t > 0 else a), and grad * min(t, 0) (d prelu / d a)
-        grad_prelu, grad_slope = torch.ops.aten._prelu_kernel_backward(grad, t, _channel_view(a, n))
-        grad_t = grad_prelu.mul_(_channel_view(inv_std, n)) if ctx.needs_input_grad[0] else None
+        # grad where t > 0, else 0 (ReLU's backward kernel). On CPU this and the
+        # broadcast multiplies below take about a fifth of the time of
+        # aten's prelu backward kernel, which computes the same two tensors
+        # (benchmarks/stage_throughput.py; test_perf_equivalence checks the values).
+        grad_pos = torch.ops.aten.threshold_backward(grad, t, 0.0)
+        grad_t = None
+        if ctx.needs_input_grad[0]:
+            # inv_std * (grad where t > 0, a * grad elsewhere)
+            grad_t = torch.addcmul(grad * _channel_view(a * inv_std, n), grad_pos,
+                                   _channel_view((1.0 - a) * inv_std, n))
         if coef is None:
             return grad_t, None, None
         sum_g = grad.sum(dims)
         sum_g_out = (grad * out).sum(dims)          # = sum(g * (y - mean)) * inv_std
-        sum_g_neg = grad_slope.sum(dims)
+        sum_g_neg = ((grad - grad_pos) * t).sum(dims)  # sum(g * min(t, 0)): d prelu / d a
         grad_b = coef[0] * sum_g + coef[1] * sum_g_out
         grad_a = coef[2] * sum_g_neg + coef[3] * sum_g + coef[4] * sum_g_out
         return grad_t, grad_b, grad_a

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dsu_models.nn.layers import (Chain, ResidualAdd, SNPReLU, WNConv2d, WNConvTranspose2d,
-                                  WNLinear, layer_act)
+                                  WNLinear, avg_pool_2x2, layer_act)
 
 _CHANNELS_BY_LEVELS = {
     0: [], 1: [16], 2: [16, 32], 3: [32, 64, 128], 4: [32, 64, 128, 256],
@@ -152,7 +152,7 @@ class DownBlock(nn.Module):
         self.add = ResidualAdd(out_ch, ratio)
 
     def forward(self, x: Tensor) -> Tensor:
-        shortcut = F.avg_pool2d(x, 2, padding=self.pad, count_include_pad=True)
+        shortcut = avg_pool_2x2(x, self.pad)
         if self.project is not None:
             shortcut = self.project(shortcut)
         return self.add(shortcut, layer_act(self.conv, self.act, x))
