@@ -211,3 +211,27 @@ def _grad_fn_names(t):
         names.add(type(fn).__name__)
         stack.extend(next_fn for next_fn, _ in fn.next_functions)
     return " ".join(names)
+
+
+@pytest.mark.parametrize("cin,size,fast", [(3, 8, True), (6, 6, True), (1, 7, False)])
+def test_first_layer_input_gradient_equals_conv(cin, size, fast):
+    """A 6x6 stride-2 conv with padding 2 (the networks' first layer) takes its
+    input gradient as a sub-pixel conv on CPU when the input needs one and its
+    size is even; values and all gradients equal ``conv2d``'s."""
+    torch.manual_seed(0)
+    layer = WNConv2d(cin, 4, 6, 2, 2, affine=True).double()
+    with torch.no_grad():
+        layer.scale.uniform_(0.5, 2.0)
+        layer.bias.normal_()
+    x = torch.randn(2, cin, size, size, dtype=torch.float64, requires_grad=True)
+    got = layer(x)
+    assert ("_Conv2dSubPixelGrad" in type(got.grad_fn).__name__) == fast
+    want = F.conv2d(x, layer.normalised_weight(), layer.bias, 2, 2)
+    torch.testing.assert_close(got, want)
+    w = torch.randn_like(got)
+    inputs = [x, layer.weight, layer.scale, layer.bias]
+    for g1, g2 in zip(torch.autograd.grad((got * w).sum(), inputs),
+                      torch.autograd.grad((want * w).sum(), inputs)):
+        torch.testing.assert_close(g1, g2)
+    assert torch.autograd.gradcheck(layer, (x,))
+    assert "_Conv2dSubPixelGrad" not in type(layer(x.detach()).grad_fn).__name__

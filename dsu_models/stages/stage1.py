@@ -181,7 +181,10 @@ class Stage1(Stage):
 
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
-        to_backward.backward()
+        # Gradients for the parameters only: C's detached input copies need none
+        # here (the adversarial part took theirs), so C's first layer skips its
+        # input gradient, a third of that layer's backward.
+        to_backward.backward(inputs=[p for p in self.trainable_parameters() if p.requires_grad])
         metrics = self.finish(terms)  # before the step: a bad loss never reaches the weights
         for opt in self.optimizers.values():
             opt.step()
