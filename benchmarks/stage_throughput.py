@@ -24,8 +24,9 @@ stage structure alone saves and ``struct / naive`` what the layers save.
 ``generated_weight: 0``.) ``--compile`` sets ``compile: true`` (networks
 compiled in place, see ``stages/common.compile_networks``) for our stages and
 prints the seconds the warm-up steps took (compile time); the naive baseline
-always runs eager. Each figure is the best of ``--repeats`` timed runs of
-``--steps`` steps (the machine may be shared). Synthetic batches: timing does
+always runs eager. Each figure is the best of ``--repeats`` rounds of
+``--steps`` steps; each round times ours, ``struct`` and ``naive`` in turn, so a
+slow spell of a shared machine hits all three. Synthetic batches: timing does
 not depend on pixel values.
 """
 from __future__ import annotations
@@ -86,21 +87,32 @@ def _sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def timed(step, batch: dict, steps: int, device: torch.device, repeats: int = 1,
-          warmup: int = 2) -> tuple[float, float]:
-    """(best images/s over ``repeats`` runs of ``steps`` steps, warm-up seconds)."""
+def _rate(step, batch: dict, steps: int, device: torch.device) -> float:
     start = time.perf_counter()
-    for _ in range(warmup):
+    for _ in range(steps):
         step(batch)
     _sync(device)
-    warm = time.perf_counter() - start
-    best = 0.0
-    for _ in range(repeats):
+    return steps * batch["image"].shape[0] / (time.perf_counter() - start)
+
+
+def timed_together(steps_by_name: dict, batch: dict, steps: int, device: torch.device,
+                   repeats: int = 1, warmup: int = 2) -> tuple[dict, float]:
+    """Best images/s of each step function over ``repeats`` rounds; each round
+    times every function for ``steps`` steps in turn, so that a slow spell of a
+    shared machine hits them alike. Also returns the first function's warm-up
+    seconds (compile time with ``--compile``)."""
+    warm = 0.0
+    for i, step in enumerate(steps_by_name.values()):
         start = time.perf_counter()
-        for _ in range(steps):
+        for _ in range(warmup):
             step(batch)
         _sync(device)
-        best = max(best, steps * batch["image"].shape[0] / (time.perf_counter() - start))
+        if i == 0:
+            warm = time.perf_counter() - start
+    best = dict.fromkeys(steps_by_name, 0.0)
+    for _ in range(repeats):
+        for name, step in steps_by_name.items():
+            best[name] = max(best[name], _rate(step, batch, steps, device))
     return best, warm
 
 
@@ -119,21 +131,22 @@ def stages_for(cfg, factors, device):
     return {"stage1": s1, "classifier": cla, "stage2": s2, "lenc": lenc, "lenc_real": lenc_real}
 
 
-def naive_rates(config: str, stage_name: str, factors, device, batch: dict, step, steps: int,
-                repeats: int) -> tuple[float, float]:
-    """Images/s of the naive ``step`` on fresh eager stages: with this
-    repository's layers and optimizers (``struct``), then with the
-    straightforward layers and plain Adam (``naive``)."""
+def naive_steps(config: str, stage_name: str, factors, device, step) -> dict:
+    """The naive ``step`` on fresh eager stages: with this repository's layers
+    and optimizers (``struct``), and with the straightforward layers and plain
+    Adam (``naive``)."""
     eager_cfg, _ = build(config, str(device), False)
     torch.manual_seed(0)
-    fresh = stages_for(eager_cfg, factors, device)[stage_name]
-    struct, _ = timed(lambda b: step(fresh, b), batch, steps, device, repeats)
+    struct = stages_for(eager_cfg, factors, device)[stage_name]
     torch.manual_seed(0)
-    fresh = stages_for(eager_cfg, factors, device)[stage_name]
-    straightforward_optimizers(fresh)
-    with straightforward_layers():
-        base, _ = timed(lambda b: step(fresh, b), batch, steps, device, repeats)
-    return struct, base
+    plain = stages_for(eager_cfg, factors, device)[stage_name]
+    straightforward_optimizers(plain)
+
+    def naive_step(batch):
+        with straightforward_layers():
+            return step(plain, batch)
+
+    return {"struct": lambda batch: step(struct, batch), "naive": naive_step}
 
 
 def main():
@@ -159,12 +172,15 @@ def main():
         for stage_name, stage in stages.items():
             bs = stage.scfg.batch_size
             batch = batch_for(cfg, bs, stage_name == "stage2")
-            rate, warm = timed(stage.train_step, batch, args.steps, device, args.repeats)
-            struct_col = base_col = ratio_col = ""
+            runs = {"ours": stage.train_step}
             if stage_name in naive and not args.no_naive:
-                struct, base = naive_rates(name, stage_name, factors, device, batch, naive[stage_name],
-                                           args.steps, args.repeats)
-                struct_col, base_col, ratio_col = f"{struct:.1f}", f"{base:.1f}", f"{rate / base:.2f}"
+                runs.update(naive_steps(name, stage_name, factors, device, naive[stage_name]))
+            rates, warm = timed_together(runs, batch, args.steps, device, args.repeats)
+            rate = rates["ours"]
+            struct_col = base_col = ratio_col = ""
+            if "naive" in rates:
+                struct_col, base_col = f"{rates['struct']:.1f}", f"{rates['naive']:.1f}"
+                ratio_col = f"{rate / rates['naive']:.2f}"
             print(f"{name:9} {stage_name:10} {bs:5d} {rate:9.1f} {struct_col:>9} {base_col:>9} "
                   f"{ratio_col:>6} {warm:9.1f}", flush=True)
 
