@@ -1,7 +1,7 @@
 """Images/s of each stage's ``train_step`` on the current device.
 
     python benchmarks/stage_throughput.py [--steps N] [--configs mnist,rgb32,shapes64]
-        [--device auto|cpu|cuda] [--compile] [--no-naive]
+        [--device auto|cpu|cuda] [--compile] [--no-naive] [--bound]
 
 Configs (default architecture and batch size for the image size):
   mnist    28 px, 1 channel, 1 labeled factor of 10 classes, unknown 64 (batch 64)
@@ -21,7 +21,11 @@ its images/s and ``ratio`` ours over it. ``struct`` times the same naive step
 with this repository's layers and optimizers, so ``ours / struct`` is what the
 stage structure alone saves and ``struct / naive`` what the layers save.
 (``lenc_real`` has no baseline of its own: it is ``lenc``'s baseline with
-``generated_weight: 0``.) ``--compile`` sets ``compile: true`` (networks
+``generated_weight: 0``.) ``--bound`` adds ``bound``: our step with the activations, residual adds and
+pools removed (``naive.without_elementwise_layers``; not the method), which
+leaves the convolutions, linear layers, weight norm, losses and optimizer that
+every implementation runs; ``bound / naive`` is then the most any elementwise
+speed-up could bring the ratio to. ``--compile`` sets ``compile: true`` (networks
 compiled in place, see ``stages/common.compile_networks``) for our stages and
 prints the seconds the warm-up steps took (compile time); the naive baseline
 always runs eager. Each figure is the best of ``--repeats`` rounds of
@@ -41,7 +45,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from naive import (naive_classifier_step, naive_lenc_step, naive_stage1_step,  # noqa: E402
-                   naive_stage2_step, straightforward_layers, straightforward_optimizers)
+                   naive_stage2_step, straightforward_layers, straightforward_optimizers,
+                   without_elementwise_layers)
 
 from dsu_models import codes  # noqa: E402
 from dsu_models.config import layered_dict, resolve  # noqa: E402
@@ -149,6 +154,11 @@ def naive_steps(config: str, stage_name: str, factors, device, step) -> dict:
     return {"struct": lambda batch: step(struct, batch), "naive": naive_step}
 
 
+def _without_elementwise(step, batch):
+    with without_elementwise_layers():
+        return step(batch)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=10)
@@ -157,12 +167,14 @@ def main():
     parser.add_argument("--configs", default="mnist,rgb32,shapes64")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-naive", action="store_true")
+    parser.add_argument("--bound", action="store_true",
+                        help="also time our step without activations, residual adds and pools")
     args = parser.parse_args()
     device = resolve_device(args.device)
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(f"compile {args.compile}; best of {args.repeats} x {args.steps} steps")
     print(f"{'config':9} {'stage':10} {'batch':>5} {'img/s':>9} {'struct':>9} {'naive':>9} "
-          f"{'ratio':>6} {'warm-up s':>9}")
+          f"{'ratio':>6} {'warm-up s':>9}" + (f" {'bound':>9} {'max':>6}" if args.bound else ""))
     naive = {"stage1": naive_stage1_step, "stage2": naive_stage2_step,
              "classifier": naive_classifier_step, "lenc": naive_lenc_step, "lenc_real": naive_lenc_step}
     for name in args.configs.split(","):
@@ -175,14 +187,21 @@ def main():
             runs = {"ours": stage.train_step}
             if stage_name in naive and not args.no_naive:
                 runs.update(naive_steps(name, stage_name, factors, device, naive[stage_name]))
+            if args.bound:
+                runs["bound"] = lambda b, step=stage.train_step: _without_elementwise(step, b)
             rates, warm = timed_together(runs, batch, args.steps, device, args.repeats)
             rate = rates["ours"]
             struct_col = base_col = ratio_col = ""
             if "naive" in rates:
                 struct_col, base_col = f"{rates['struct']:.1f}", f"{rates['naive']:.1f}"
                 ratio_col = f"{rate / rates['naive']:.2f}"
+            bound_col = ""
+            if "bound" in rates:
+                bound_col = f"{rates['bound']:9.1f}"
+                if "naive" in rates:
+                    bound_col += f" {rates['bound'] / rates['naive']:6.2f}"
             print(f"{name:9} {stage_name:10} {bs:5d} {rate:9.1f} {struct_col:>9} {base_col:>9} "
-                  f"{ratio_col:>6} {warm:9.1f}", flush=True)
+                  f"{ratio_col:>6} {warm:9.1f}{bound_col}", flush=True)
 
 
 if __name__ == "__main__":
