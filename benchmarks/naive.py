@@ -88,7 +88,7 @@ def straightforward_layers():
 _REMOVED = [(layers.SNPReLU, "forward", lambda self, x: x),
             (layers.SNPReLU, "forward_shifted", lambda self, t: t),
             (layers.ResidualAdd, "forward", lambda self, shortcut, residual: shortcut + residual),
-            (networks, "avg_pool_2x2", lambda x, pad=0: x[:, :, ::2, ::2])]
+            (networks, "avg_pool_2x2", lambda x, pad=0: F.pad(x, (pad,) * 4)[:, :, ::2, ::2])]
 
 
 @contextmanager
