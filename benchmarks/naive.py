@@ -72,17 +72,23 @@ _PLAIN = [(layers.WNLinear, "forward", _plain_linear), (layers.WNConv2d, "forwar
 
 
 @contextmanager
-def straightforward_layers():
-    """Within the block every network runs the plain-formula layers (same
-    parameters, same math; see the module docstring)."""
-    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in _PLAIN]
+def _swapped(replacements):
+    """Within the block each ``(owner, name, fn)`` has ``owner.name = fn``;
+    the originals are put back after it."""
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in replacements]
     try:
-        for owner, name, fn in _PLAIN:
+        for owner, name, fn in replacements:
             setattr(owner, name, fn)
         yield
     finally:
         for owner, name, fn in saved:
             setattr(owner, name, fn)
+
+
+def straightforward_layers():
+    """Context manager: within it every network runs the plain-formula layers
+    (same parameters, same math; see the module docstring)."""
+    return _swapped(_PLAIN)
 
 
 _REMOVED = [(layers.SNPReLU, "forward", lambda self, x: x),
@@ -91,21 +97,13 @@ _REMOVED = [(layers.SNPReLU, "forward", lambda self, x: x),
             (networks, "avg_pool_2x2", lambda x, pad=0: F.pad(x, (pad,) * 4)[:, :, ::2, ::2])]
 
 
-@contextmanager
 def without_elementwise_layers():
-    """Within the block the activations are identities, the residual adds plain
-    sums and the pools strided subsamples: NOT the method, only a bound. What
-    is left (convolutions, linear layers, weight norm, losses, Adam) is work any
-    implementation of the networks does, so a step timed here bounds what
-    faster elementwise layers could ever gain."""
-    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in _REMOVED]
-    try:
-        for owner, name, fn in _REMOVED:
-            setattr(owner, name, fn)
-        yield
-    finally:
-        for owner, name, fn in saved:
-            setattr(owner, name, fn)
+    """Context manager: within it the activations are identities, the residual
+    adds plain sums and the pools strided subsamples: NOT the method, only a
+    bound. What is left (convolutions, linear layers, weight norm, losses, Adam)
+    is work any implementation of the networks does, so a step timed there
+    bounds what faster elementwise layers could ever gain."""
+    return _swapped(_REMOVED)
 
 
 def straightforward_optimizers(stage) -> None:
