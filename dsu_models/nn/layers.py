@@ -108,9 +108,8 @@ class WNConv2d(nn.Module):
     def forward(self, x: Tensor, extra_bias: Tensor | None = None) -> Tensor:
         """``extra_bias``: ``(out_ch,)`` added to the bias (see ``WNLinear``)."""
         weight, bias = self.normalised_weight(), _with_extra(self.bias, extra_bias)
-        if (x.requires_grad and x.device.type == "cpu" and x.shape[-2] % 2 == 0 and x.shape[-1] % 2 == 0
-                and _subpixel_applies(weight.shape[2:], self.stride, self.padding)
-                and not torch.compiler.is_compiling()):
+        if (x.requires_grad and _cpu_eager(x) and x.shape[-2] % 2 == 0 and x.shape[-1] % 2 == 0
+                and _subpixel_applies(weight.shape[2:], self.stride, self.padding)):
             return _Conv2dSubPixelGrad.apply(x, weight, bias, self.padding[0])
         return F.conv2d(x, weight, bias, self.stride, self.padding)
 
@@ -146,8 +145,7 @@ class WNConvTranspose2d(nn.Module):
     def forward(self, x: Tensor, extra_bias: Tensor | None = None) -> Tensor:
         """``extra_bias``: ``(out_ch,)`` added to the bias (see ``WNLinear``)."""
         weight, bias = self.normalised_weight(), _with_extra(self.bias, extra_bias)
-        if (x.device.type == "cpu" and _subpixel_applies(weight.shape[2:], self.stride, self.padding)
-                and not torch.compiler.is_compiling()):
+        if _cpu_eager(x) and _subpixel_applies(weight.shape[2:], self.stride, self.padding):
             return _SubPixelConvTranspose.apply(x, weight, bias, self.padding[0])
         return F.conv_transpose2d(x, weight, bias, self.stride, self.padding)
 
@@ -155,6 +153,13 @@ class WNConvTranspose2d(nn.Module):
         in_ch, out_ch, kh, kw = self.weight.shape
         return (f"{in_ch}, {out_ch}, kernel=({kh}, {kw}), stride={self.stride}, "
                 f"padding={self.padding}, affine={self.scale is not None}")
+
+
+def _cpu_eager(x: Tensor) -> bool:
+    """Whether ``x`` is on the CPU outside ``torch.compile``: where the layers
+    below replace aten kernels that are slow on CPU (CUDA and the compiler keep
+    aten's)."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def _subpixel_applies(kernel: tuple[int, ...], stride: tuple[int, int],
@@ -183,8 +188,8 @@ class _Conv2dSubPixelGrad(torch.autograd.Function):
     input size (the networks' first layer, 6x6 with padding 2), whose input
     gradient, a transposed conv of the same shape as a generator's final layer,
     is computed as the sub-pixel conv of ``_SubPixelConvTranspose``: on CPU, with
-    3 or 6 input channels, half to two thirds of the time of oneDNN's. The
-    forward and the weight and bias gradients are aten's."""
+    3 or 6 input channels, in 0.4-0.65 of the time of oneDNN's (batch 64-192,
+    32 px). The forward and the weight and bias gradients are aten's."""
 
     @staticmethod
     def forward(ctx, x: Tensor, w: Tensor, b: Tensor, p: int) -> Tensor:
@@ -217,9 +222,10 @@ class _SubPixelConvTranspose(torch.autograd.Function):
     ``(ry, rx)`` is the transposed weight's every other row and column, flipped.
     Same products and sums as the transposed conv. On CPU, for a layer with few
     output channels (the image layer), oneDNN's transposed conv runs at about a
-    third of an ordinary conv's speed; this forward takes 40% of its time at
-    32 px RGB (benchmarks/stage_throughput.py). The backward is the transposed
-    conv's own (``aten::convolution_backward``), which is not slow.
+    third of an ordinary conv's speed; this forward takes 40% of its time
+    (128 images, 32 to 3 channels, 16 to 32 px: 4.7 vs 12.5 ms). The backward
+    is the transposed conv's own (``aten::convolution_backward``), which is not
+    slow.
     """
 
     @staticmethod
@@ -269,8 +275,7 @@ def avg_pool_2x2(x: Tensor, pad: int = 0) -> Tensor:
     """``F.avg_pool2d(x, 2, padding=pad, count_include_pad=True)`` for
     ``x: (B, C, H, W)``: through ``_Pool2x2`` on CPU when ``H + 2 pad`` and
     ``W + 2 pad`` are even, aten's kernel otherwise (and under ``torch.compile``)."""
-    if (x.device.type == "cpu" and (x.shape[-2] + 2 * pad) % 2 == 0
-            and (x.shape[-1] + 2 * pad) % 2 == 0 and not torch.compiler.is_compiling()):
+    if _cpu_eager(x) and (x.shape[-2] + 2 * pad) % 2 == 0 and (x.shape[-1] + 2 * pad) % 2 == 0:
         return _Pool2x2.apply(x, pad)
     return F.avg_pool2d(x, 2, padding=pad, count_include_pad=True)
 
@@ -352,9 +357,9 @@ class _SNPReLUFunction(torch.autograd.Function):
         t, out, a, inv_std, coef = ctx.saved_tensors
         n, dims = t.dim(), _reduce_dims(t)
         # grad where t > 0, else 0 (ReLU's backward kernel). On CPU this and the
-        # broadcast multiplies below take about a fifth of the time of
-        # aten's prelu backward kernel, which computes the same two tensors
-        # (benchmarks/stage_throughput.py; test_perf_equivalence checks the values).
+        # broadcast multiplies below take a third of the time of aten's prelu
+        # backward kernel, which computes the same two tensors (2.0 vs 6.2 ms at
+        # 192x32x16x16; test_perf_equivalence checks the values).
         grad_pos = torch.ops.aten.threshold_backward(grad, t, 0.0)
         grad_t = None
         if ctx.needs_input_grad[0]:
