@@ -33,19 +33,17 @@ from dsu_models.stages.stage2 import Stage2
 
 def _plain_linear(self, x, extra_bias=None):
     return F.linear(x, plain.weight_norm(self.weight, 0, self.scale, 1.0),
-                    self.bias if extra_bias is None else self.bias + extra_bias)
+                    layers._with_extra(self.bias, extra_bias))
 
 
 def _plain_conv(self, x, extra_bias=None):
     return F.conv2d(x, plain.weight_norm(self.weight, 0, self.scale, 1.0),
-                    self.bias if extra_bias is None else self.bias + extra_bias,
-                    self.stride, self.padding)
+                    layers._with_extra(self.bias, extra_bias), self.stride, self.padding)
 
 
 def _plain_conv_transpose(self, x, extra_bias=None):
     return F.conv_transpose2d(x, plain.weight_norm(self.weight, 1, self.scale, self.gain),
-                              self.bias if extra_bias is None else self.bias + extra_bias,
-                              self.stride, self.padding)
+                              layers._with_extra(self.bias, extra_bias), self.stride, self.padding)
 
 
 def _plain_act(self, x):

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from dsu_models.nn import plain as formula
 from dsu_models.nn.layers import (Chain, SNPReLU, WNConv2d, WNConvTranspose2d, WNLinear,
                                   snprelu)
+from tests.tiny import load_benchmark
 
 
 @pytest.mark.parametrize("shape", [(5, 3), (4, 3, 5, 6)])
@@ -152,24 +153,13 @@ def test_subpixel_transposed_conv_equals_conv_transpose(cin, cout, kernel, pad, 
         assert torch.autograd.gradcheck(layer, (x, extra))
 
 
-def _load_naive():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "naive.py"
-    spec = importlib.util.spec_from_file_location("bench_naive", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_benchmark_baseline_layers_compute_the_same_networks():
     """The throughput benchmark's straightforward baseline (plain-formula layers)
     and the fast layers give one generator + discriminator the same outputs and
     gradients, so the benchmark compares equal math; the swap is undone after."""
     from dsu_models.nn.networks import Discriminator, Generator
 
-    naive = _load_naive()
+    naive = load_benchmark("naive")
     torch.manual_seed(0)
     gen = Generator(3, 16, [8, 16], [2, 1], 32, 1, code_size=5).double()
     dis = Discriminator(6, 16, [8, 16], [1, 1], 32, 1).double()

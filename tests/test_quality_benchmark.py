@@ -1,15 +1,10 @@
 """``benchmarks/quality.py --scale``: iterations and stage 1's schedule scale together."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 from dsu_models.train import build_config
+from tests.tiny import load_benchmark
 
-SPEC = importlib.util.spec_from_file_location(
-    "quality_benchmark", Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py")
-quality = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(quality)
+quality = load_benchmark("quality")
 
 
 def test_scale_shrinks_iterations_and_stage1_schedule_together():

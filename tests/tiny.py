@@ -1,6 +1,9 @@
 """Tiny configs and batches for fast CPU tests of the stages."""
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import torch
 
 from dsu_models.config import Config, load_config
@@ -39,3 +42,12 @@ def tiny_batch(cfg: Config, batch: int = 8, seed: int = 0) -> dict:
     for k in range(labels.shape[1]):
         base[:, :, k % s, :] += labels[:, k, None, None].float() / 10.0 - 0.3
     return {"image": base.clamp(-1, 1), "labels": labels}
+
+
+def load_benchmark(name: str):
+    """The module ``benchmarks/<name>.py`` (benchmarks are scripts, not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
