@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import native
+
 _Pair = int | tuple[int, int]
 
 
@@ -336,6 +338,10 @@ class _SNPReLUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, t: Tensor, b: Tensor, a: Tensor) -> Tensor:
+        ctx.native = _cpu_eager(t) and native.applies(t, b, a)
+        if ctx.native:  # the same math in one fused pass each way (nn/native.py)
+            ctx.save_for_backward(t, b, a)
+            return native.snprelu_forward(t, b, a)
         m = _moment_terms(b, a)
         inv_std = 1.0 / m["std"]
         n = t.dim()
@@ -354,6 +360,11 @@ class _SNPReLUFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
+        if ctx.native:
+            t, b, a = ctx.saved_tensors
+            grad_t, grad_b, grad_a = native.snprelu_backward(grad, t, b, a, ctx.needs_input_grad[0])
+            return grad_t, grad_b if ctx.needs_input_grad[1] else None, \
+                grad_a if ctx.needs_input_grad[2] else None
         t, out, a, inv_std, coef = ctx.saved_tensors
         n, dims = t.dim(), _reduce_dims(t)
         # grad where t > 0, else 0 (ReLU's backward kernel). On CPU this and the

@@ -1,0 +1,202 @@
+"""Fused CPU kernels for the self-normalising PReLU, built from
+``native_kernels.c`` with the system's C compiler on first use and loaded with
+``ctypes`` (METHOD.md section 5 defines the activation; ``layers.py`` uses
+these kernels on CPU for float32 tensors).
+
+Why: on CPU the activation written as PyTorch ops is memory-bound. Its
+backward makes about eight passes over activation-sized tensors plus ~35
+per-channel ops of a few microseconds each; the C kernels make one pass each
+way and compute the per-channel moments in a loop over channels (figures in
+``benchmarks/stage_throughput.py``'s notes and the README).
+
+The shared library is cached under ``$DSU_NATIVE_CACHE`` (default
+``$XDG_CACHE_HOME/disunknown`` or ``~/.cache/disunknown``), named by a hash of
+the source, the compiler command and the CPU's flags, so a change of any of
+them builds a new one and machines sharing a home directory do not load each
+other's ``-march=native`` code. It is written to a temporary name and renamed,
+so concurrent processes (Ray workers) never load a half-written file. Without
+a compiler, or with ``DSU_NATIVE=0``, :func:`library` returns ``None`` and the
+layers keep their PyTorch-ops path (the same math; ``tests/test_native.py``
+checks both against each other).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("native_kernels.c")
+_FLAGS = ["-O3", "-fPIC", "-shared", "-pthread"]
+_ARCH_FLAGS = ["-march=native"]
+# Below this many elements one thread does the work: starting a thread costs
+# more than it saves.
+_PARALLEL_MIN = 1 << 20
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def enabled() -> bool:
+    """False when the environment turns the kernels off (``DSU_NATIVE=0``)."""
+    return os.environ.get("DSU_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def cache_dir() -> Path:
+    if os.environ.get("DSU_NATIVE_CACHE"):
+        return Path(os.environ["DSU_NATIVE_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "disunknown"
+
+
+def _compiler() -> str | None:
+    for name in filter(None, (os.environ.get("CC"), "cc", "gcc", "clang")):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _library_path(cc: str, flags: list[str], directory: Path | None = None) -> Path:
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, *flags, platform.machine(),
+                                    _cpu_flags()]).encode()).hexdigest()[:16]
+    return (directory or cache_dir()) / f"dsu_native-{key}.so"
+
+
+def _directories() -> list[Path]:
+    """The cache directory, then a per-user one under the temporary directory
+    for when the cache cannot be written (a read-only home)."""
+    return [cache_dir(), Path(tempfile.gettempdir()) / f"disunknown-native-{os.getuid()}"]
+
+
+def _build(cc: str, flags: list[str], target: Path) -> str | None:
+    """Compiles the source to ``target``; returns the compiler's error text on failure."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".building-", suffix=".so")
+    os.close(fd)
+    try:
+        proc = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE), "-lm"],
+                              capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            output = (proc.stderr or proc.stdout).strip()[-2000:]
+            return output or f"exit status {proc.returncode}"
+        os.replace(tmp, target)
+        return None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load() -> ctypes.CDLL | None:
+    cc = _compiler()
+    if cc is None:
+        warnings.warn("dsu_models.nn.native: no C compiler (cc, gcc or clang; or $CC) found; "
+                      "the activation runs as PyTorch ops (slower on CPU, same results)",
+                      RuntimeWarning, stacklevel=3)
+        return None
+    errors = []
+    for flags in (_FLAGS + _ARCH_FLAGS, _FLAGS):
+        for directory in _directories():
+            path = _library_path(cc, flags, directory)
+            try:
+                err = None if path.exists() else _build(cc, flags, path)
+                if err is None:
+                    lib = ctypes.CDLL(str(path))
+                    _declare(lib)
+                    return lib
+            except OSError as exc:  # this directory cannot be written (or read): the next
+                errors.append(f"{path}: {type(exc).__name__}: {exc}")
+                continue
+            except subprocess.SubprocessError as exc:
+                err = f"{type(exc).__name__}: {exc}"
+            errors.append(f"{cc} {' '.join(flags)}: {err}")
+            break  # the compiler failed; another directory will not help
+    warnings.warn("dsu_models.nn.native: building " + str(SOURCE) + " failed; the activation "
+                  "runs as PyTorch ops (slower on CPU, same results):\n" + "\n".join(errors),
+                  RuntimeWarning, stacklevel=3)
+    return None
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    long_, ptr, int_ = ctypes.c_long, ctypes.c_void_p, ctypes.c_int
+    lib.dsu_snprelu_forward.argtypes = [long_, long_, long_, ptr, ptr, ptr, ptr, int_]
+    lib.dsu_snprelu_backward.argtypes = [long_, long_, long_, ptr, ptr, ptr, ptr, ptr, ptr,
+                                         ptr, int_]
+    lib.dsu_snprelu_forward.restype = lib.dsu_snprelu_backward.restype = int_
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, building them on first use; ``None`` if unavailable."""
+    if not enabled():
+        return None
+    with _lock:
+        if "lib" not in _state:
+            _state["lib"] = _load()
+        return _state["lib"]  # type: ignore[return-value]
+
+
+def applies(*tensors: Tensor) -> bool:
+    """Whether the kernels can run on ``tensors`` (all CPU float32; kernels built)."""
+    return (all(x.device.type == "cpu" and x.dtype == torch.float32 for x in tensors)
+            and library() is not None)
+
+
+def _shape(t: Tensor) -> tuple[int, int, int]:
+    n, c = t.shape[0], t.shape[1]
+    return n, c, t.numel() // max(n * c, 1)
+
+
+def _threads(t: Tensor) -> int:
+    return torch.get_num_threads() if t.numel() >= _PARALLEL_MIN else 1
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        raise MemoryError(f"dsu_models.nn.native: {what} could not allocate its work buffers")
+
+
+def snprelu_forward(t: Tensor, b: Tensor, a: Tensor) -> Tensor:
+    """``(prelu(t; a) - mean(b, a)) / std(b, a)``; ``t: (B, C, ...)`` float32 on
+    CPU, ``b, a: (C,)``. Call only where :func:`applies` is true."""
+    t, b, a = t.contiguous(), b.detach().contiguous(), a.detach().contiguous()
+    out = torch.empty_like(t)
+    n, c, s = _shape(t)
+    _check(library().dsu_snprelu_forward(n, c, s, t.data_ptr(), b.data_ptr(), a.data_ptr(),
+                                         out.data_ptr(), _threads(t)), "snprelu_forward")
+    return out
+
+
+def snprelu_backward(grad: Tensor, t: Tensor, b: Tensor, a: Tensor,
+                     need_grad_t: bool = True) -> tuple[Tensor | None, Tensor, Tensor]:
+    """``(grad_t, grad_b, grad_a)`` of ``sum(grad * snprelu_forward(t, b, a))``,
+    where ``grad_b`` is only the part through the moments (as in
+    ``layers._SNPReLUFunction``); ``grad_t`` is ``None`` unless ``need_grad_t``."""
+    grad, t = grad.contiguous(), t.contiguous()
+    b, a = b.detach().contiguous(), a.detach().contiguous()
+    grad_t = torch.empty_like(t) if need_grad_t else None
+    grad_b, grad_a = torch.empty_like(b), torch.empty_like(a)
+    n, c, s = _shape(t)
+    _check(library().dsu_snprelu_backward(
+        n, c, s, grad.data_ptr(), t.data_ptr(), b.data_ptr(), a.data_ptr(),
+        grad_t.data_ptr() if grad_t is not None else None, grad_b.data_ptr(),
+        grad_a.data_ptr(), _threads(t)), "snprelu_backward")
+    return grad_t, grad_b, grad_a
