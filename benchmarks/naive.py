@@ -66,7 +66,8 @@ _PLAIN = [(layers.WNLinear, "forward", _plain_linear), (layers.WNConv2d, "forwar
           (layers.WNConvTranspose2d, "forward", _plain_conv_transpose),
           (layers.SNPReLU, "forward", _plain_act), (layers.ResidualAdd, "forward", _plain_add),
           (layers.Chain, "forward", nn.Sequential.forward),
-          (networks, "avg_pool_2x2", _plain_pool), (networks, "layer_act", _plain_layer_act)]
+          (networks, "avg_pool_2x2", _plain_pool), (networks, "upsample_2x", plain.upsample_2x),
+          (networks, "layer_act", _plain_layer_act)]
 
 
 @contextmanager

@@ -162,3 +162,90 @@ def test_library_is_built_once_and_named_by_source_and_flags(monkeypatch, tmp_pa
     assert sorted(tmp_path.iterdir()) == built and built[0].stat().st_mtime_ns == stamp
     cc = native._compiler()
     assert native._library_path(cc, ["-O3"]) != native._library_path(cc, ["-O2"])
+
+
+@needs_compiler
+@pytest.mark.parametrize("shape", [(6, 5), (64, 37), (3, 4, 5, 7), (9, 16, 8, 8)])
+@pytest.mark.parametrize("frozen", [False, True], ids=["trained", "frozen"])
+def test_residual_add_kernels_match_formula(shape, frozen, monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    add = layers.ResidualAdd(shape[1], 0.3)
+    with torch.no_grad():
+        add.alpha.uniform_(-1.0, 1.0, generator=g)
+        add.beta.uniform_(0.1, 1.0, generator=g)
+    add.requires_grad_(not frozen)
+    sc, res, grad = (torch.randn(shape, generator=g) for _ in range(3))
+    calls = []
+    fn = native.residual_backward
+    monkeypatch.setattr(native, "residual_backward", lambda *a: calls.append(1) or fn(*a))
+
+    def run(module, dtype, shortcut_grad=True):
+        x = sc.to(dtype, copy=True).requires_grad_(shortcut_grad)
+        y = res.to(dtype, copy=True).requires_grad_()
+        out = module(x, y)
+        params = [] if frozen else [module.alpha, module.beta]
+        inputs = [t for t in (x, y) if t.requires_grad] + params
+        return out, torch.autograd.grad((out * grad.to(dtype)).sum(), inputs)
+
+    out, grads = run(add, torch.float32)
+    assert calls and out.grad_fn.name() == "_ResidualAddFunctionBackward"
+    monkeypatch.setenv("DSU_NATIVE", "0")  # a float64 twin takes the PyTorch-ops path
+    want, want_grads = run(double_twin(add), torch.float64)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    for got, w in zip(grads, want_grads):
+        torch.testing.assert_close(got.double(), w, rtol=1e-5, atol=1e-5 * w.abs().max().item())
+    monkeypatch.delenv("DSU_NATIVE")
+    _, only_res = run(add, torch.float32, shortcut_grad=False)  # a shortcut that needs no grad
+    torch.testing.assert_close(only_res[0], grads[1])
+
+
+def double_twin(add):
+    twin = layers.ResidualAdd(add.alpha.numel(), 0.5).double()
+    with torch.no_grad():
+        twin.alpha.copy_(add.alpha)
+        twin.beta.copy_(add.beta)
+    twin.requires_grad_(add.alpha.requires_grad)
+    return twin
+
+
+@needs_compiler
+@pytest.mark.parametrize("size,pad", [((8, 8), 0), ((6, 6), 1), ((10, 14), 1), ((4, 6), 0),
+                                      ((16, 16), 0)])
+def test_pool_backward_kernel_matches_aten(size, pad, monkeypatch):
+    calls = []
+    fn = native.spread2x2
+    monkeypatch.setattr(native, "spread2x2", lambda *a: calls.append(a[1:]) or fn(*a))
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 5, *size, generator=g, requires_grad=True)
+    out = layers.avg_pool_2x2(x, pad)
+    grad = torch.randn(out.shape, generator=g)
+    got, = torch.autograd.grad((out * grad).sum(), x)
+    assert calls == [(*size, pad, 0.25)]
+    x64 = x.detach().double().requires_grad_()
+    want = torch.nn.functional.avg_pool2d(x64, 2, padding=pad, count_include_pad=True)
+    want_grad, = torch.autograd.grad((want * grad.double()).sum(), x64)
+    torch.testing.assert_close(out.double(), want)
+    torch.testing.assert_close(got.double(), want_grad)
+
+
+@needs_compiler
+@pytest.mark.parametrize("size,crop", [((4, 4), 0), ((4, 4), 1), ((7, 5), 1), ((8, 6), 2)])
+def test_upsample_kernel_matches_interpolate(size, crop):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, *size, generator=g, requires_grad=True)
+    out = layers.upsample_2x(x, crop)
+    assert out.grad_fn.name() == "_Upsample2xBackward"
+    grad = torch.randn(out.shape, generator=g)
+    got, = torch.autograd.grad((out * grad).sum(), x)
+    x64 = x.detach().double().requires_grad_()
+    want = formula.upsample_2x(x64, crop)
+    want_grad, = torch.autograd.grad((want * grad.double()).sum(), x64)
+    assert out.shape == want.shape == (2, 3, 2 * size[0] - 2 * crop, 2 * size[1] - 2 * crop)
+    torch.testing.assert_close(out.double(), want)
+    torch.testing.assert_close(got.double(), want_grad, rtol=1e-6, atol=1e-6)  # float32 sums of 4
+
+
+@needs_compiler
+def test_spread_refuses_to_read_beyond_its_input():
+    with pytest.raises(ValueError, match="reads beyond a 4x4 input"):
+        native.spread2x2(torch.zeros(1, 1, 4, 4), 10, 8, 1, 1.0)

@@ -153,21 +153,25 @@ def test_subpixel_transposed_conv_equals_conv_transpose(cin, cout, kernel, pad, 
         assert torch.autograd.gradcheck(layer, (x, extra))
 
 
-def test_benchmark_baseline_layers_compute_the_same_networks():
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_benchmark_baseline_layers_compute_the_same_networks(dtype):
     """The throughput benchmark's straightforward baseline (plain-formula layers)
     and the fast layers give one generator + discriminator the same outputs and
-    gradients, so the benchmark compares equal math; the swap is undone after."""
+    gradients, so the benchmark compares equal math; the swap is undone after.
+    In float32 the fast layers include the C kernels of ``nn/native.py``."""
+    from dsu_models.nn import native
     from dsu_models.nn.networks import Discriminator, Generator
 
     naive = load_benchmark("naive")
     torch.manual_seed(0)
-    gen = Generator(3, 16, [8, 16], [2, 1], 32, 1, code_size=5).double()
-    dis = Discriminator(6, 16, [8, 16], [1, 1], 32, 1).double()
+    gen = Generator(3, 16, [8, 16], [2, 1], 32, 1, code_size=5).to(dtype)
+    dis = Discriminator(6, 16, [8, 16], [1, 1], 32, 1).to(dtype)
     params = list(gen.parameters()) + list(dis.parameters())
     for p in params:
         with torch.no_grad():
             p.add_(0.1 * torch.randn_like(p))
-    z = torch.randn(4, 10, dtype=torch.float64)
+    z = torch.randn(4, 10, dtype=dtype)
+    tol = {} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-4}
 
     def run():
         img = gen(z)[0]
@@ -179,17 +183,20 @@ def test_benchmark_baseline_layers_compute_the_same_networks():
         slow = run()
     again = run()
     for got, want in zip(fast[:2], slow[:2]):
-        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(got, want, **tol)
     for g1, g2 in zip(fast[2], slow[2]):
         assert (g1 is None) == (g2 is None)
         if g1 is not None:
-            torch.testing.assert_close(g1, g2)
+            torch.testing.assert_close(g1, g2, **tol)
     torch.testing.assert_close(again[1], fast[1])
     with naive.without_elementwise_layers():  # the benchmark's bound: activations removed
         assert torch.equal(gen.conv.levels[0].act(z[:, :3]), z[:, :3])
     torch.testing.assert_close(run()[1], fast[1])
     fast_nodes, slow_nodes = _grad_fn_names(again[1]), _grad_fn_names(slow[1])
-    for node in ("_SubPixelConvTranspose", "_Pool2x2", "_SNPReLUFunction"):
+    nodes = ["_SubPixelConvTranspose", "_Pool2x2", "_SNPReLUFunction"]
+    if dtype == torch.float32 and native.library() is not None:
+        nodes += ["_Upsample2x", "_ResidualAddFunction"]
+    for node in nodes:
         assert node in fast_nodes and node not in slow_nodes
 
 

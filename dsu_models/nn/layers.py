@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import native
+from . import native, plain
 
 _Pair = int | tuple[int, int]
 
@@ -246,26 +246,36 @@ class _SubPixelConvTranspose(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None
 
 
+def _window_sum(x: Tensor, pad: int, scale: float) -> Tensor:
+    """``scale`` times the sum of each 2x2 window of ``x`` zero-padded by ``pad``
+    (an even padded size), as four strided views added: on CPU about 8x faster
+    than aten's average pool for NCHW tensors."""
+    padded = F.pad(x, (pad, pad, pad, pad)) if pad else x
+    batch, channels, height, width = padded.shape
+    v = padded.reshape(batch, channels, height // 2, 2, width // 2, 2)
+    rows = v[:, :, :, 0] + v[:, :, :, 1]
+    out = rows[..., 0] + rows[..., 1]
+    return out.mul_(scale) if scale != 1.0 else out
+
+
 class _Pool2x2(torch.autograd.Function):
     """``avg_pool2d(x, 2, padding=pad, count_include_pad=True)`` for an even
-    padded size: the forward adds the four strided views of each 2x2 window,
-    the backward spreads a quarter of each gradient over its window as a
-    depthwise transposed conv. On CPU, for NCHW tensors, about 8x (forward)
-    and 2x (backward) faster than aten's pooling kernels (tested equal in
-    test_perf_equivalence)."""
+    padded size: the forward is ``_window_sum``; the backward spreads a quarter
+    of each gradient over its window, with the C kernel of ``nn/native.py``
+    (one pass) or else as a depthwise transposed conv (about 2x faster than
+    aten's pooling backward on CPU). Tested equal in test_perf_equivalence."""
 
     @staticmethod
     def forward(ctx, x: Tensor, pad: int) -> Tensor:
-        padded = F.pad(x, (pad, pad, pad, pad)) if pad else x
-        batch, channels, height, width = padded.shape
-        v = padded.reshape(batch, channels, height // 2, 2, width // 2, 2)
-        rows = v[:, :, :, 0] + v[:, :, :, 1]
-        ctx.pad, ctx.channels = pad, channels
-        return (rows[..., 0] + rows[..., 1]).mul_(0.25)
+        ctx.pad, ctx.size = pad, x.shape[-2:]
+        return _window_sum(x, pad, 0.25)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        c, pad = ctx.channels, ctx.pad
+        pad = ctx.pad
+        if native.applies(grad):
+            return native.spread2x2(grad, *ctx.size, pad, 0.25), None
+        c = grad.shape[1]
         quarter = grad.new_full((c, 1, 2, 2), 0.25)
         grad_x = F.conv_transpose2d(grad, quarter, stride=2, groups=c)
         if pad:
@@ -280,6 +290,30 @@ def avg_pool_2x2(x: Tensor, pad: int = 0) -> Tensor:
     if _cpu_eager(x) and (x.shape[-2] + 2 * pad) % 2 == 0 and (x.shape[-1] + 2 * pad) % 2 == 0:
         return _Pool2x2.apply(x, pad)
     return F.avg_pool2d(x, 2, padding=pad, count_include_pad=True)
+
+
+class _Upsample2x(torch.autograd.Function):
+    """Nearest 2x upsampling cropped by ``crop`` per side, in one pass with the C
+    kernel of ``nn/native.py``; its backward is ``_window_sum`` of the gradient
+    zero-padded back by ``crop``. On CPU aten's nearest upsampling and its
+    backward take several times as long for these small maps."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, crop: int) -> Tensor:
+        ctx.crop = crop
+        return native.spread2x2(x, 2 * x.shape[-2] - 2 * crop, 2 * x.shape[-1] - 2 * crop, crop, 1.0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _window_sum(grad, ctx.crop, 1.0), None
+
+
+def upsample_2x(x: Tensor, crop: int = 0) -> Tensor:
+    """``F.interpolate(x, scale_factor=2, mode="nearest")`` cropped by ``crop``
+    per side: ``(B, C, H, W) -> (B, C, 2H - 2 crop, 2W - 2 crop)``."""
+    if _cpu_eager(x) and native.applies(x):
+        return _Upsample2x.apply(x, crop)
+    return plain.upsample_2x(x, crop)
 
 
 def _channel_view(v: Tensor, ndim: int) -> Tensor:
@@ -465,6 +499,28 @@ class Chain(nn.Sequential):
         return x
 
 
+class _ResidualAddFunction(torch.autograd.Function):
+    """``shortcut * alpha + residual * beta`` per channel (``alpha, beta: (C,)``,
+    already renormalised) in one pass each way with the C kernels of
+    ``nn/native.py``: the backward reads the gradient (and, when the
+    coefficients learn, both inputs) once and writes both input gradients,
+    where autograd over ``mul`` + ``addcmul`` makes about six passes."""
+
+    @staticmethod
+    def forward(ctx, shortcut: Tensor, residual: Tensor, alpha: Tensor, beta: Tensor) -> Tensor:
+        coef = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
+        ctx.save_for_backward(shortcut if coef else None, residual if coef else None, alpha, beta)
+        return native.residual_forward(shortcut, residual, alpha, beta)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        shortcut, residual, alpha, beta = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        d_sc, d_res, d_al, d_be = native.residual_backward(
+            grad, shortcut, residual, alpha, beta, (need[0], need[1], need[2] or need[3]))
+        return d_sc, d_res, d_al if need[2] else None, d_be if need[3] else None
+
+
 class ResidualAdd(nn.Module):
     """``alpha * shortcut + beta * residual`` with per-channel learned ``(alpha, beta)``
     renormalised to ``alpha^2 + beta^2 = 1`` at every forward, so two
@@ -488,6 +544,9 @@ class ResidualAdd(nn.Module):
 
     def forward(self, shortcut: Tensor, residual: Tensor) -> Tensor:
         alpha, beta = self.coefficients()
+        if (_cpu_eager(shortcut) and shortcut.shape == residual.shape
+                and native.applies(shortcut, residual, alpha)):
+            return _ResidualAddFunction.apply(shortcut, residual, alpha, beta)
         n = shortcut.dim()
         return torch.addcmul(shortcut * _channel_view(alpha, n), residual,
                              _channel_view(beta, n))

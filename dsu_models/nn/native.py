@@ -36,11 +36,13 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("native_kernels.c")
-_FLAGS = ["-O3", "-fPIC", "-shared", "-pthread"]
-_ARCH_FLAGS = ["-march=native"]
-# Below this many elements one thread does the work: starting a thread costs
-# more than it saves.
-_PARALLEL_MIN = 1 << 20
+_FLAGS = ["-O3", "-fPIC", "-shared"]
+# Tried in this order until one builds. With -fopenmp the library needs
+# libgomp.so.1, which resolves to the one PyTorch has already loaded, so the
+# kernels run in PyTorch's own thread pool (see run_jobs in the source).
+_OPTIONAL_FLAGS = (["-fopenmp", "-march=native"], ["-fopenmp"], ["-march=native"], [])
+# Below this many elements one thread does the work (PyTorch's own grain size).
+_PARALLEL_MIN = 1 << 15
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -114,7 +116,7 @@ def _load() -> ctypes.CDLL | None:
                       RuntimeWarning, stacklevel=3)
         return None
     errors = []
-    for flags in (_FLAGS + _ARCH_FLAGS, _FLAGS):
+    for flags in (_FLAGS + extra for extra in _OPTIONAL_FLAGS):
         for directory in _directories():
             path = _library_path(cc, flags, directory)
             try:
@@ -141,7 +143,14 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.dsu_snprelu_forward.argtypes = [long_, long_, long_, ptr, ptr, ptr, ptr, int_]
     lib.dsu_snprelu_backward.argtypes = [long_, long_, long_, ptr, ptr, ptr, ptr, ptr, ptr,
                                          ptr, int_]
-    lib.dsu_snprelu_forward.restype = lib.dsu_snprelu_backward.restype = int_
+    lib.dsu_residual_forward.argtypes = [long_, long_, long_, ptr, ptr, ptr, ptr, ptr, int_]
+    lib.dsu_residual_backward.argtypes = [long_, long_, long_, ptr, ptr, ptr, ptr, ptr, ptr, ptr,
+                                          ptr, ptr, int_]
+    lib.dsu_spread2x2.argtypes = [long_, long_, long_, ptr, long_, long_, long_, ctypes.c_float,
+                                  ptr, int_]
+    for fn in (lib.dsu_snprelu_forward, lib.dsu_snprelu_backward, lib.dsu_residual_forward,
+               lib.dsu_residual_backward, lib.dsu_spread2x2):
+        fn.restype = int_
 
 
 def library() -> ctypes.CDLL | None:
@@ -200,3 +209,56 @@ def snprelu_backward(grad: Tensor, t: Tensor, b: Tensor, a: Tensor,
         grad_t.data_ptr() if grad_t is not None else None, grad_b.data_ptr(),
         grad_a.data_ptr(), _threads(t)), "snprelu_backward")
     return grad_t, grad_b, grad_a
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def residual_forward(shortcut: Tensor, residual: Tensor, alpha: Tensor, beta: Tensor) -> Tensor:
+    """``shortcut * alpha + residual * beta`` per channel; ``shortcut, residual:
+    (B, C, ...)`` of one shape, ``alpha, beta: (C,)``, all float32 on CPU."""
+    sc, res = shortcut.contiguous(), residual.contiguous()
+    al, be = alpha.detach().contiguous(), beta.detach().contiguous()
+    out = torch.empty_like(sc)
+    n, c, s = _shape(sc)
+    _check(library().dsu_residual_forward(n, c, s, sc.data_ptr(), res.data_ptr(), al.data_ptr(),
+                                          be.data_ptr(), out.data_ptr(), _threads(sc)),
+           "residual_forward")
+    return out
+
+
+def residual_backward(grad: Tensor, shortcut: Tensor | None, residual: Tensor | None,
+                      alpha: Tensor, beta: Tensor, needs: tuple[bool, bool, bool]
+                      ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of ``sum(grad * residual_forward(...))`` for (shortcut,
+    residual, alpha, beta); ``needs`` says which of shortcut, residual and the
+    coefficients (both) are wanted (the inputs are only read for the latter)."""
+    g = grad.contiguous()
+    al, be = alpha.detach().contiguous(), beta.detach().contiguous()
+    d_sc = torch.empty_like(g) if needs[0] else None
+    d_res = torch.empty_like(g) if needs[1] else None
+    d_al = d_be = sc = res = None
+    if needs[2]:
+        sc, res = shortcut.contiguous(), residual.contiguous()
+        d_al, d_be = torch.empty_like(al), torch.empty_like(be)
+    n, c, s = _shape(g)
+    _check(library().dsu_residual_backward(
+        n, c, s, g.data_ptr(), _ptr(sc), _ptr(res), al.data_ptr(), be.data_ptr(), _ptr(d_sc),
+        _ptr(d_res), _ptr(d_al), _ptr(d_be), _threads(g)), "residual_backward")
+    return d_sc, d_res, d_al, d_be
+
+
+def spread2x2(x: Tensor, height: int, width: int, pad: int, scale: float) -> Tensor:
+    """``out[..., y, x] = scale * x[..., (y + pad) // 2, (x + pad) // 2]`` of
+    size ``(height, width)``: nearest 2x upsampling cropped by ``pad`` per side
+    (``scale`` 1), or the 2x2 average pool's backward (``scale`` 1/4, ``pad``
+    its padding). ``x: (B, C, h, w)`` float32 on CPU."""
+    x = x.contiguous()
+    b, c, h, w = x.shape
+    if (height - 1 + pad) // 2 >= h or (width - 1 + pad) // 2 >= w:
+        raise ValueError(f"spread2x2: {height}x{width} with pad {pad} reads beyond a {h}x{w} input")
+    out = x.new_empty(b, c, height, width)
+    _check(library().dsu_spread2x2(b * c, h, w, x.data_ptr(), height, width, pad, scale,
+                                   out.data_ptr(), _threads(out)), "spread2x2")
+    return out

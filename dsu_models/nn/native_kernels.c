@@ -1,4 +1,5 @@
-/* Fused CPU kernels for the self-normalising PReLU (METHOD.md section 5),
+/* Fused CPU kernels for the self-normalising PReLU and the normalised
+ * residual add (METHOD.md section 5),
  * compiled and loaded at run time by dsu_models/nn/native.py (ctypes; no
  * PyTorch headers). Each kernel makes one pass over the big tensor where the
  * same computation written as PyTorch ops makes 2 (forward) and ~8 (backward)
@@ -6,9 +7,9 @@
  * layers._SNPReLUFunction, whose docstring derives the gradients.
  *
  * Tensors are float32, contiguous, viewed as (N, C, S): S = 1 for (B, C)
- * inputs, H * W for (B, C, H, W). Work is split over N between `threads`
- * POSIX threads; each sums into its own per-channel buffer and the buffers
- * are added in a fixed order, so results do not depend on timing.
+ * inputs, H * W for (B, C, H, W). Work is split over N into `threads`
+ * slices (run_jobs); each sums into its own per-channel buffer and the
+ * buffers are added in a fixed order, so results do not depend on timing.
  * Per-channel constants are computed in double; sums are accumulated in
  * float within a row (or, for S = 1, within a thread's rows) and in double
  * beyond.
@@ -19,7 +20,6 @@
  * thread); here the sign becomes a 0/1 mask that multiplies.
  */
 #include <math.h>
-#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -221,25 +221,29 @@ static int clamp_threads(int threads, long N) {
     return threads < 1 ? 1 : threads;
 }
 
-/* Runs `fn` on `threads` slices of [0, N), slice 0 on the calling thread; a
- * slice whose thread could not be started runs on the calling thread too. */
+/* Runs fn on jobs[0 .. threads), each `size` bytes, in parallel in OpenMP's
+ * thread pool: native.py links the kernels against the libgomp that PyTorch
+ * has loaded, so this is PyTorch's own pool, whose threads are already awake
+ * between its ops. (Threads of our own, or a second pool, had to be woken or
+ * competed with PyTorch's spinning workers: on 2 cores the kernels then saved
+ * nothing in a training step.) Without OpenMP the slices run one after another. */
+static void run_jobs(int threads, void *(*fn)(void *), void *jobs, size_t size) {
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(threads) schedule(static, 1) if (threads > 1)
+#endif
+    for (int i = 0; i < threads; ++i) fn((char *)jobs + i * size);
+}
+
+/* The SNPReLU jobs for `threads` slices of [0, N). */
 static void split(long N, long S, const float *t, const float *g, float *out, const consts *k,
                   double *sums, float *scratch, int threads, void *(*fn)(void *)) {
     const long C = k->C;
     job jobs[MAX_THREADS];
-    pthread_t ids[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
     for (int i = 0; i < threads; ++i)
         jobs[i] = (job){N * i / threads, N * (i + 1) / threads, S, t, g, out, k,
                         sums ? sums + (long)i * 3 * C : NULL,
                         scratch ? scratch + (long)i * 3 * C : NULL};
-    for (int i = 1; i < threads; ++i)
-        started[i] = pthread_create(&ids[i], NULL, fn, &jobs[i]) == 0;
-    fn(&jobs[0]);
-    for (int i = 1; i < threads; ++i) {
-        if (started[i]) pthread_join(ids[i], NULL);
-        else fn(&jobs[i]);
-    }
+    run_jobs(threads, fn, jobs, sizeof(job));
 }
 
 /* out = snprelu(t) for t: (N, C, S) shifted input, b, a: (C,). Returns 0, or
@@ -287,5 +291,210 @@ int dsu_snprelu_backward(long N, long C, long S, const float *g, const float *t,
     free(sums);
     free(scratch);
     consts_free(&k);
+    return 0;
+}
+
+/* ---- Residual add: out = shortcut * alpha[c] + residual * beta[c] ---- */
+
+typedef struct {
+    long n0, n1, C, S;
+    const float *sc, *res, *g, *al, *be;
+    float *out, *d_res;  /* forward: out; backward: out = d_shortcut (either may be NULL) */
+    double *sums;        /* backward: this thread's sum(g * sc), sum(g * res), C each; or NULL */
+    float *scratch;      /* backward with S = 1: 2 * C floats */
+} res_job;
+
+static void *run_residual_forward(void *arg) {
+    const res_job *j = arg;
+    const long C = j->C, S = j->S;
+    for (long n = j->n0; n < j->n1; ++n) {
+        if (S == 1) {
+            const float *sc = j->sc + n * C, *res = j->res + n * C;
+            float *o = j->out + n * C;
+            long c = 0;
+            for (; c + LANES <= C; c += LANES)
+                store(o + c, load(sc + c) * load(j->al + c) + load(res + c) * load(j->be + c));
+            for (; c < C; ++c) o[c] = sc[c] * j->al[c] + res[c] * j->be[c];
+            continue;
+        }
+        for (long c = 0; c < C; ++c) {
+            const long off = (n * C + c) * S;
+            const float *sc = j->sc + off, *res = j->res + off;
+            float *o = j->out + off;
+            const float al = j->al[c], be = j->be[c];
+            long s = 0;
+            for (; s + LANES <= S; s += LANES)
+                store(o + s, load(sc + s) * al + load(res + s) * be);
+            for (; s < S; ++s) o[s] = sc[s] * al + res[s] * be;
+        }
+    }
+    return NULL;
+}
+
+static void *run_residual_backward(void *arg) {
+    const res_job *j = arg;
+    const long C = j->C, S = j->S;
+    float *d_sc = j->out, *d_res = j->d_res;
+    if (S == 1) {
+        float *a1 = j->scratch, *a2 = j->scratch + C;
+        for (long n = j->n0; n < j->n1; ++n) {
+            const float *g = j->g + n * C, *sc = j->sc + n * C, *res = j->res + n * C;
+            long c = 0;
+            for (; c + LANES <= C; c += LANES) {
+                const vf gr = load(g + c);
+                if (d_sc) store(d_sc + n * C + c, gr * load(j->al + c));
+                if (d_res) store(d_res + n * C + c, gr * load(j->be + c));
+                if (j->sums) {
+                    store(a1 + c, load(a1 + c) + gr * load(sc + c));
+                    store(a2 + c, load(a2 + c) + gr * load(res + c));
+                }
+            }
+            for (; c < C; ++c) {
+                if (d_sc) d_sc[n * C + c] = g[c] * j->al[c];
+                if (d_res) d_res[n * C + c] = g[c] * j->be[c];
+                if (j->sums) {
+                    a1[c] += g[c] * sc[c];
+                    a2[c] += g[c] * res[c];
+                }
+            }
+        }
+        if (j->sums)
+            for (long c = 0; c < C; ++c) {
+                j->sums[c] = a1[c];
+                j->sums[C + c] = a2[c];
+            }
+        return NULL;
+    }
+    for (long n = j->n0; n < j->n1; ++n) {
+        for (long c = 0; c < C; ++c) {
+            const long off = (n * C + c) * S;
+            const float *g = j->g + off, *sc = j->sc + off, *res = j->res + off;
+            const float al = j->al[c], be = j->be[c];
+            vf a1 = {0}, a2 = {0};
+            long s = 0;
+            for (; s + LANES <= S; s += LANES) {
+                const vf gr = load(g + s);
+                if (d_sc) store(d_sc + off + s, gr * al);
+                if (d_res) store(d_res + off + s, gr * be);
+                if (j->sums) {
+                    a1 += gr * load(sc + s);
+                    a2 += gr * load(res + s);
+                }
+            }
+            float s1 = hsum(a1), s2 = hsum(a2);
+            for (; s < S; ++s) {
+                if (d_sc) d_sc[off + s] = g[s] * al;
+                if (d_res) d_res[off + s] = g[s] * be;
+                if (j->sums) {  /* sc and res are NULL otherwise */
+                    s1 += g[s] * sc[s];
+                    s2 += g[s] * res[s];
+                }
+            }
+            if (j->sums) {
+                j->sums[c] += s1;
+                j->sums[C + c] += s2;
+            }
+        }
+    }
+    return NULL;
+}
+
+int dsu_residual_forward(long N, long C, long S, const float *sc, const float *res,
+                         const float *al, const float *be, float *out, int threads) {
+    threads = clamp_threads(threads, N);
+    res_job jobs[MAX_THREADS];
+    for (int i = 0; i < threads; ++i)
+        jobs[i] = (res_job){N * i / threads, N * (i + 1) / threads, C, S, sc, res, NULL, al, be,
+                            out, NULL, NULL, NULL};
+    run_jobs(threads, run_residual_forward, jobs, sizeof(res_job));
+    return 0;
+}
+
+/* d_sc = g * alpha, d_res = g * beta (each unless NULL); d_al = sum(g * sc) and
+ * d_be = sum(g * res) per channel unless d_al is NULL. Returns 0, or -1 when
+ * out of memory (outputs untouched). */
+int dsu_residual_backward(long N, long C, long S, const float *g, const float *sc,
+                          const float *res, const float *al, const float *be, float *d_sc,
+                          float *d_res, float *d_al, float *d_be, int threads) {
+    threads = clamp_threads(threads, N);
+    double *sums = NULL;
+    float *scratch = NULL;
+    if (d_al) {
+        sums = calloc((size_t)threads * 2 * (size_t)C, sizeof(double));
+        scratch = S == 1 ? calloc((size_t)threads * 2 * (size_t)C, sizeof(float)) : NULL;
+        if (!sums || (S == 1 && !scratch)) {
+            free(sums);
+            free(scratch);
+            return -1;
+        }
+    }
+    res_job jobs[MAX_THREADS];
+    for (int i = 0; i < threads; ++i)
+        jobs[i] = (res_job){N * i / threads, N * (i + 1) / threads, C, S, sc, res, g, al, be,
+                            d_sc, d_res, sums ? sums + (long)i * 2 * C : NULL,
+                            scratch ? scratch + (long)i * 2 * C : NULL};
+    run_jobs(threads, run_residual_backward, jobs, sizeof(res_job));
+    if (d_al)
+        for (long c = 0; c < C; ++c) {
+            double s1 = 0.0, s2 = 0.0;
+            for (int i = 0; i < threads; ++i) {
+                s1 += sums[(long)i * 2 * C + c];
+                s2 += sums[(long)i * 2 * C + C + c];
+            }
+            d_al[c] = (float)s1;
+            d_be[c] = (float)s2;
+        }
+    free(sums);
+    free(scratch);
+    return 0;
+}
+
+/* ---- 2x spread: out[p, y, x] = scale * in[p, (y + pad) / 2, (x + pad) / 2] ----
+ * The backward of the 2x2 average pool (scale 1/4, pad = the pool's padding)
+ * and the nearest 2x upsampling cropped by `pad` per side (scale 1). */
+
+typedef struct {
+    long p0, p1, Hh, Wh, H, W, pad;
+    float scale;
+    const float *in;
+    float *out;
+} spread_job;
+
+static void spread_row(const float *restrict r, float *restrict o, long W, int odd, float scale) {
+    if (odd) {  /* the first output column is the second half of a pair */
+        *o++ = scale * *r++;
+        --W;
+    }
+    long i = 0;
+    for (; 2 * i + 1 < W; ++i) {
+        const float v = scale * r[i];
+        o[2 * i] = v;
+        o[2 * i + 1] = v;
+    }
+    if (W & 1) o[W - 1] = scale * r[i];
+}
+
+static void *run_spread(void *arg) {
+    const spread_job *j = arg;
+    const long q = j->pad >> 1;
+    const int odd = (int)(j->pad & 1);
+    for (long p = j->p0; p < j->p1; ++p) {
+        const float *in = j->in + p * j->Hh * j->Wh;
+        float *out = j->out + p * j->H * j->W;
+        for (long y = 0; y < j->H; ++y)
+            spread_row(in + ((y + j->pad) >> 1) * j->Wh + q, out + y * j->W, j->W, odd, j->scale);
+    }
+    return NULL;
+}
+
+/* in: (P, Hh, Wh), out: (P, H, W) with (H - 1 + pad) / 2 < Hh and likewise for W. */
+int dsu_spread2x2(long P, long Hh, long Wh, const float *in, long H, long W, long pad,
+                  float scale, float *out, int threads) {
+    threads = clamp_threads(threads, P);
+    spread_job jobs[MAX_THREADS];
+    for (int i = 0; i < threads; ++i)
+        jobs[i] = (spread_job){P * i / threads, P * (i + 1) / threads, Hh, Wh, H, W, pad, scale,
+                               in, out};
+    run_jobs(threads, run_spread, jobs, sizeof(spread_job));
     return 0;
 }

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dsu_models.nn.layers import (Chain, ResidualAdd, SNPReLU, WNConv2d, WNConvTranspose2d,
-                                  WNLinear, avg_pool_2x2, layer_act)
+                                  WNLinear, avg_pool_2x2, layer_act, upsample_2x)
 
 _CHANNELS_BY_LEVELS = {
     0: [], 1: [16], 2: [16, 32], 3: [32, 64, 128], 4: [32, 64, 128, 256],
@@ -173,10 +173,7 @@ class UpBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         shortcut = x if self.project is None else self.project(x)
-        shortcut = F.interpolate(shortcut, scale_factor=2, mode="nearest")
-        if self.crop:
-            c = self.crop
-            shortcut = shortcut[:, :, c:-c, c:-c]
+        shortcut = upsample_2x(shortcut, self.crop)
         return self.add(shortcut, layer_act(self.conv, self.act, x))
 
 

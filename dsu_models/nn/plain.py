@@ -49,3 +49,9 @@ def residual_add(shortcut: Tensor, residual: Tensor, alpha: Tensor, beta: Tensor
     norm = torch.sqrt(alpha * alpha + beta * beta).clamp_min(1e-12)
     view = [1, -1] + [1] * (shortcut.dim() - 2)
     return (alpha / norm).view(view) * shortcut + (beta / norm).view(view) * residual
+
+
+def upsample_2x(x: Tensor, crop: int = 0) -> Tensor:
+    """Nearest 2x upsampling of ``x: (B, C, H, W)``, cropped by ``crop`` per side."""
+    up = F.interpolate(x, scale_factor=2, mode="nearest")
+    return up[:, :, crop:-crop, crop:-crop] if crop else up
