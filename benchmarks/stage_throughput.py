@@ -28,7 +28,9 @@ every implementation runs; ``bound / naive`` is then the most any elementwise
 speed-up could bring the ratio to. ``--compile`` sets ``compile: true`` (networks
 compiled in place, see ``stages/common.compile_networks``) for our stages and
 prints the seconds the warm-up steps took (compile time); the naive baseline
-always runs eager. Each figure is the best of ``--repeats`` rounds of
+always runs eager. After each config, ``whole training`` weighs the stages by
+the config's iterations: the hours the four stages would take at the measured
+rates, ours and naive. Each figure is the best of ``--repeats`` rounds of
 ``--steps`` steps; each round times ours, ``struct`` and ``naive`` in turn, so a
 slow spell of a shared machine hits all three. Synthetic batches: timing does
 not depend on pixel values.
@@ -181,6 +183,7 @@ def main():
         torch.manual_seed(0)
         cfg, factors = build(name, str(device), args.compile)
         stages = stages_for(cfg, factors, device)
+        schedule = {}
         for stage_name, stage in stages.items():
             bs = stage.scfg.batch_size
             batch = batch_for(cfg, bs, stage_name == "stage2")
@@ -202,6 +205,21 @@ def main():
                     bound_col += f" {rates['bound'] / rates['naive']:6.2f}"
             print(f"{name:9} {stage_name:10} {bs:5d} {rate:9.1f} {struct_col:>9} {base_col:>9} "
                   f"{ratio_col:>6} {warm:9.1f}{bound_col}", flush=True)
+            if stage_name != "lenc_real":
+                schedule[stage_name] = (stage.scfg.iterations, bs, rates)
+        if all("naive" in rates for _, _, rates in schedule.values()):
+            print(whole_training(name, schedule), flush=True)
+
+
+def whole_training(config: str, schedule: dict) -> str:
+    """One line: the hours all four stages take at the config's iterations (its
+    dataset's defaults, METHOD.md section 10) at the measured rates, ours and
+    naive; so each stage counts by its share of a whole training run."""
+    hours = {who: sum(iters * bs / rates[who] for iters, bs, rates in schedule.values()) / 3600
+             for who in ("ours", "naive")}
+    steps = ", ".join(f"{stage} {iters // 1000}k" for stage, (iters, _, _) in schedule.items())
+    return (f"{config:9} whole training ({steps} iterations): ours {hours['ours']:.1f} h, "
+            f"naive {hours['naive']:.1f} h, ratio {hours['naive'] / hours['ours']:.2f}")
 
 
 if __name__ == "__main__":
