@@ -1,10 +1,11 @@
-/* Fused CPU kernels for the self-normalising PReLU and the normalised
- * residual add (METHOD.md section 5),
- * compiled and loaded at run time by dsu_models/nn/native.py (ctypes; no
- * PyTorch headers). Each kernel makes one pass over the big tensor where the
- * same computation written as PyTorch ops makes 2 (forward) and ~8 (backward)
- * passes plus ~35 small per-channel ops; the math is that of
- * layers._SNPReLUFunction, whose docstring derives the gradients.
+/* Fused CPU kernels for METHOD.md section 5's elementwise layers, compiled
+ * and loaded at run time by dsu_models/nn/native.py (ctypes; no PyTorch
+ * headers): the self-normalising PReLU (forward and backward; the math of
+ * layers._SNPReLUFunction, whose docstring derives the gradients), the
+ * normalised residual add (forward and backward) and a 2x spread that is both
+ * the 2x2 average pool's backward and nearest 2x upsampling. Each makes one
+ * pass over the data where the same computation written as PyTorch ops makes
+ * two to eight, plus (SNPReLU) ~35 small per-channel ops.
  *
  * Tensors are float32, contiguous, viewed as (N, C, S): S = 1 for (B, C)
  * inputs, H * W for (B, C, H, W). Work is split over N into `threads`
