@@ -1,13 +1,14 @@
-"""Fused CPU kernels for the self-normalising PReLU, built from
-``native_kernels.c`` with the system's C compiler on first use and loaded with
-``ctypes`` (METHOD.md section 5 defines the activation; ``layers.py`` uses
-these kernels on CPU for float32 tensors).
+"""Fused CPU kernels for the elementwise layers of METHOD.md section 5, built
+from ``native_kernels.c`` with the system's C compiler on first use and loaded
+with ``ctypes``: the self-normalising PReLU, the normalised residual add, and a
+2x spread that is both the 2x2 average pool's backward and nearest 2x
+upsampling. ``layers.py`` uses them on CPU for float32 tensors.
 
-Why: on CPU the activation written as PyTorch ops is memory-bound. Its
-backward makes about eight passes over activation-sized tensors plus ~35
-per-channel ops of a few microseconds each; the C kernels make one pass each
-way and compute the per-channel moments in a loop over channels (figures in
-``benchmarks/stage_throughput.py``'s notes and the README).
+Why: on CPU these layers written as PyTorch ops are memory-bound. The
+activation's backward, for one, makes about eight passes over
+activation-sized tensors plus ~35 per-channel ops of a few microseconds each;
+the kernels make one pass each way, in PyTorch's own OpenMP thread pool
+(figures in the README's Benchmarks section).
 
 The shared library is cached under ``$DSU_NATIVE_CACHE`` (default
 ``$XDG_CACHE_HOME/disunknown`` or ``~/.cache/disunknown``), named by a hash of
@@ -17,7 +18,7 @@ other's ``-march=native`` code. It is written to a temporary name and renamed,
 so concurrent processes (Ray workers) never load a half-written file. Without
 a compiler, or with ``DSU_NATIVE=0``, :func:`library` returns ``None`` and the
 layers keep their PyTorch-ops path (the same math; ``tests/test_native.py``
-checks both against each other).
+checks both against the plain formulas).
 """
 from __future__ import annotations
 
@@ -112,7 +113,7 @@ def _load() -> ctypes.CDLL | None:
     cc = _compiler()
     if cc is None:
         warnings.warn("dsu_models.nn.native: no C compiler (cc, gcc or clang; or $CC) found; "
-                      "the activation runs as PyTorch ops (slower on CPU, same results)",
+                      "the elementwise layers run as PyTorch ops (slower on CPU, same results)",
                       RuntimeWarning, stacklevel=3)
         return None
     errors = []
@@ -132,8 +133,8 @@ def _load() -> ctypes.CDLL | None:
                 err = f"{type(exc).__name__}: {exc}"
             errors.append(f"{cc} {' '.join(flags)}: {err}")
             break  # the compiler failed; another directory will not help
-    warnings.warn("dsu_models.nn.native: building " + str(SOURCE) + " failed; the activation "
-                  "runs as PyTorch ops (slower on CPU, same results):\n" + "\n".join(errors),
+    warnings.warn("dsu_models.nn.native: building " + str(SOURCE) + " failed; the elementwise "
+                  "layers run as PyTorch ops (slower on CPU, same results):\n" + "\n".join(errors),
                   RuntimeWarning, stacklevel=3)
     return None
 
@@ -183,6 +184,10 @@ def _check(rc: int, what: str) -> None:
         raise MemoryError(f"dsu_models.nn.native: {what} could not allocate its work buffers")
 
 
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
 def snprelu_forward(t: Tensor, b: Tensor, a: Tensor) -> Tensor:
     """``(prelu(t; a) - mean(b, a)) / std(b, a)``; ``t: (B, C, ...)`` float32 on
     CPU, ``b, a: (C,)``. Call only where :func:`applies` is true."""
@@ -205,14 +210,9 @@ def snprelu_backward(grad: Tensor, t: Tensor, b: Tensor, a: Tensor,
     grad_b, grad_a = torch.empty_like(b), torch.empty_like(a)
     n, c, s = _shape(t)
     _check(library().dsu_snprelu_backward(
-        n, c, s, grad.data_ptr(), t.data_ptr(), b.data_ptr(), a.data_ptr(),
-        grad_t.data_ptr() if grad_t is not None else None, grad_b.data_ptr(),
-        grad_a.data_ptr(), _threads(t)), "snprelu_backward")
+        n, c, s, grad.data_ptr(), t.data_ptr(), b.data_ptr(), a.data_ptr(), _ptr(grad_t),
+        grad_b.data_ptr(), grad_a.data_ptr(), _threads(t)), "snprelu_backward")
     return grad_t, grad_b, grad_a
-
-
-def _ptr(t: Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
 
 
 def residual_forward(shortcut: Tensor, residual: Tensor, alpha: Tensor, beta: Tensor) -> Tensor:
