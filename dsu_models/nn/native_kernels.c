@@ -235,6 +235,29 @@ static void run_jobs(int threads, void *(*fn)(void *), void *jobs, size_t size) 
     for (int i = 0; i < threads; ++i) fn((char *)jobs + i * size);
 }
 
+/* Per-thread partial sums of `parts` per-channel quantities: thread i owns
+ * sums[(i * parts + p) * C + c] (double) and, for S = 1 rows, float
+ * accumulators of the same layout in *scratch. thread_total adds them in
+ * thread order, so the result does not depend on timing. Returns 0, or -1
+ * when out of memory (nothing left allocated). */
+static int partials_alloc(int threads, int parts, long C, long S, double **sums, float **scratch) {
+    const size_t n = (size_t)threads * (size_t)parts * (size_t)C;
+    *sums = calloc(n, sizeof(double));
+    *scratch = S == 1 ? calloc(n, sizeof(float)) : NULL;
+    if (*sums && (S != 1 || *scratch)) return 0;
+    free(*sums);
+    free(*scratch);
+    *sums = NULL;
+    *scratch = NULL;
+    return -1;
+}
+
+static double thread_total(const double *sums, int threads, int parts, long C, int p, long c) {
+    double total = 0.0;
+    for (int i = 0; i < threads; ++i) total += sums[((long)i * parts + p) * C + c];
+    return total;
+}
+
 /* The SNPReLU jobs for `threads` slices of [0, N). */
 static void split(long N, long S, const float *t, const float *g, float *out, const consts *k,
                   double *sums, float *scratch, int threads, void *(*fn)(void *)) {
@@ -267,23 +290,17 @@ int dsu_snprelu_backward(long N, long C, long S, const float *g, const float *t,
     threads = clamp_threads(threads, N);
     consts k;
     if (consts_init(&k, C, b, a)) return -1;
-    double *sums = calloc((size_t)threads * 3 * (size_t)C, sizeof(double));
-    float *scratch = S == 1 ? calloc((size_t)threads * 3 * (size_t)C, sizeof(float)) : NULL;
-    if (!sums || (S == 1 && !scratch)) {
-        free(sums);
-        free(scratch);
+    double *sums;
+    float *scratch;
+    if (partials_alloc(threads, 3, C, S, &sums, &scratch)) {
         consts_free(&k);
         return -1;
     }
     split(N, S, t, g, grad_t, &k, sums, scratch, threads, run_backward);
     for (long c = 0; c < C; ++c) {
-        double sg = 0.0, sp = 0.0, sn = 0.0;
-        for (int i = 0; i < threads; ++i) {
-            const double *own = sums + (long)i * 3 * C;
-            sg += own[c];
-            sp += own[C + c];
-            sn += own[2 * C + c];
-        }
+        const double sg = thread_total(sums, threads, 3, C, 0, c);
+        const double sp = thread_total(sums, threads, 3, C, 1, c);
+        const double sn = thread_total(sums, threads, 3, C, 2, c);
         const double *cf = k.coef + 5 * c;
         const double so = k.inv_std[c] * (sp + k.slope[c] * sn - k.mean[c] * sg);
         grad_b[c] = (float)(cf[0] * sg + cf[1] * so);
@@ -420,15 +437,7 @@ int dsu_residual_backward(long N, long C, long S, const float *g, const float *s
     threads = clamp_threads(threads, N);
     double *sums = NULL;
     float *scratch = NULL;
-    if (d_al) {
-        sums = calloc((size_t)threads * 2 * (size_t)C, sizeof(double));
-        scratch = S == 1 ? calloc((size_t)threads * 2 * (size_t)C, sizeof(float)) : NULL;
-        if (!sums || (S == 1 && !scratch)) {
-            free(sums);
-            free(scratch);
-            return -1;
-        }
-    }
+    if (d_al && partials_alloc(threads, 2, C, S, &sums, &scratch)) return -1;
     res_job jobs[MAX_THREADS];
     for (int i = 0; i < threads; ++i)
         jobs[i] = (res_job){N * i / threads, N * (i + 1) / threads, C, S, sc, res, g, al, be,
@@ -437,13 +446,8 @@ int dsu_residual_backward(long N, long C, long S, const float *g, const float *s
     run_jobs(threads, run_residual_backward, jobs, sizeof(res_job));
     if (d_al)
         for (long c = 0; c < C; ++c) {
-            double s1 = 0.0, s2 = 0.0;
-            for (int i = 0; i < threads; ++i) {
-                s1 += sums[(long)i * 2 * C + c];
-                s2 += sums[(long)i * 2 * C + C + c];
-            }
-            d_al[c] = (float)s1;
-            d_be[c] = (float)s2;
+            d_al[c] = (float)thread_total(sums, threads, 2, C, 0, c);
+            d_be[c] = (float)thread_total(sums, threads, 2, C, 1, c);
         }
     free(sums);
     free(scratch);
