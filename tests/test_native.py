@@ -79,9 +79,10 @@ def test_layers_take_the_native_path_on_cpu(monkeypatch, frozen):
         fn = getattr(native, name)
         monkeypatch.setattr(native, name, lambda *args, _fn=fn, _n=name: calls.append(_n) or _fn(*args))
     act = layers.SNPReLU(5)
+    g = torch.Generator().manual_seed(4)  # not the global RNG: the values must not depend on test order
     with torch.no_grad():
-        act.bias.normal_()
-        act.slope.uniform_(0.0, 1.0)
+        act.bias.normal_(generator=g)
+        act.slope.uniform_(0.0, 1.0, generator=g)
     act.requires_grad_(not frozen)
     t, _, _, grad = _inputs((4, 5, 6, 6))
 
