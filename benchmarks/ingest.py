@@ -24,7 +24,7 @@ train splits of 235 and 20 Parquet files, the file counts of 480k and 40k
 prepared images): Ray 2.60's default V2 Parquet reader lists files with a
 pool of ``FooterReader`` actors, one process each: 26 worker processes,
 summed USS 3.82 GiB, largest worker 1.80 GiB RSS at 235 files. Reading
-through the V1 datasource (``pipelines/data_loading.py``) keeps 4 worker
+through the V1 datasource (``pipelines/data/loading.py``) keeps 4 worker
 processes and summed USS 1.95 GiB at both file counts.
 
 Then (quiet 2-core CPU, the full 480,000 images at 64 px): the decode workers
@@ -177,7 +177,7 @@ class MemoryMonitor:
 
 def init_bounded_ray(object_store_mb: int, num_cpus: int | None):
     """Start (or join) Ray with a fixed object store and small Ray Data blocks."""
-    from pipelines.local_ray import init_ray
+    from pipelines.cluster.ray_init import init_ray
 
     ray = init_ray(num_cpus, dashboard=False, object_store_memory=object_store_mb * MiB)
     ctx = ray.data.DataContext.get_current()
@@ -200,8 +200,8 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="prepared dir (default: a temp dir, removed)")
     a = ap.parse_args()
 
-    from pipelines.data_loading import iter_epochs, train_dataset
-    from pipelines.prepare_data import prepare_with_ray
+    from pipelines.data.loading import iter_epochs, train_dataset
+    from pipelines.jobs.prepare import prepare_with_ray
 
     init_bounded_ray(a.object_store_mb, a.num_cpus)
     tmp = None if a.out else tempfile.mkdtemp(prefix="dsu-ingest-")

@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from dsu_models.evaluation import evaluate, load_or_train_oracles
     from dsu_models.inference import DisUnknownModel
-    from dsu_models.train import build_config, load_data, run
+    from dsu_models.factory import build_config, load_data
+    from dsu_models.train import run
 
     base = build_config(args.config, [LABELED] + args.overrides)
     cfg = build_config(args.config, [LABELED] + args.overrides + scaled_overrides(base, args.scale))

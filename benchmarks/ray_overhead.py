@@ -67,13 +67,13 @@ def under_ray(cfg, overrides: list[str], extra: list[str]) -> float:
     (so the single-process runs beside it share the machine with no Ray)."""
     from mlflow.tracking import MlflowClient
 
-    from pipelines import tracking
+    from pipelines.tracking import runs as tracking
     from pipelines.cli import builtin_dir, builtin_options
-    from pipelines.prepare_data import prepare_with_ray
-    from pipelines.stage_job import run_stage
-    from dsu_models.train import build_config
+    from pipelines.jobs.prepare import prepare_with_ray
+    from pipelines.jobs.stage_train import run_stage
+    from dsu_models.factory import build_config
 
-    from pipelines.local_ray import init_ray, pipeline_cpus
+    from pipelines.cluster.ray_init import init_ray, pipeline_cpus
 
     # started as the pipelines start a local Ray: one logical CPU more than the
     # cores (3 on 2 cores: 2 for the worker's threads, 1 for Ray Data decoding)
@@ -139,7 +139,7 @@ def paired(cfg, rounds: int, window: int):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipelines.local_ray import init_ray, pipeline_cpus
+    from pipelines.cluster.ray_init import init_ray, pipeline_cpus
 
     ctx = mp.get_context("spawn")
     plain, child = ctx.Pipe()
@@ -212,7 +212,7 @@ def main():
 
 
 def measure(args):
-    from dsu_models.train import build_config
+    from dsu_models.factory import build_config
     report = max(args.iterations // 12, 1)
     overrides = ["labeled_factors=[floor_hue, wall_hue, object_hue, shape]",
                  f"image_size={args.image_size}", f"num_samples={args.samples}",

@@ -213,7 +213,7 @@ def main():
 
 def whole_training(config: str, schedule: dict) -> str:
     """One line: the hours all four stages take at the config's iterations (its
-    dataset's defaults, METHOD.md section 10) at the measured rates, ours and
+    dataset's defaults, docs/method.md section 10) at the measured rates, ours and
     naive; so each stage counts by its share of a whole training run."""
     hours = {who: sum(iters * bs / rates[who] for iters, bs, rates in schedule.values()) / 3600
              for who in ("ours", "naive")}

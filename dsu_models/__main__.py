@@ -1,4 +1,4 @@
-"""Use a trained DisUnknown model from the command line (METHOD.md section 11).
+"""Use a trained DisUnknown model from the command line (docs/method.md section 11).
 
     python -m dsu_models swap --model URI --content in.png [more.png ...] \\
         --set object_hue=3 --set shape=cube --out out.png
@@ -40,6 +40,7 @@ import torch
 
 from dsu_models.config import ConfigError
 from dsu_models.data.base import to_float
+from dsu_models.files import write_text
 from dsu_models.grids import rows_grid, save_png
 from dsu_models.inference import DisUnknownModel, ModelLoadError
 
@@ -70,7 +71,16 @@ def _read_images(paths: list[str]) -> list:
     return images
 
 
+def _device(text: str) -> str:
+    """``--device``: auto, cpu, cuda or cuda:N (a CUDA device this machine lacks is refused at load)."""
+    if text in ("auto", "cpu", "cuda") or (text.startswith("cuda:") and text[5:].isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is not one of auto, cpu, cuda, cuda:N")
+
+
 def _load(args) -> DisUnknownModel:
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: this machine has no CUDA (use --device cpu or auto)")
     return DisUnknownModel.load(args.model, device=args.device, tracking_uri=args.tracking_uri)
 
 
@@ -114,15 +124,14 @@ def cmd_encode(args) -> int:
                   "or no label embedders)")
     if args.out:
         out = Path(args.out)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps({"labeled_factors": model.labeled_factors, "images": rows}, indent=1))
-        tmp.replace(out)
+        write_text(out, json.dumps({"labeled_factors": model.labeled_factors, "images": rows}, indent=1))
         print(f"wrote {out}")
     return 0
 
 
 def _evaluation_data(model: DisUnknownModel, data: str | None):
-    from dsu_models.train import BUILTIN, load_data
+    from dsu_models.data.sources.builtin import BUILTIN
+    from dsu_models.factory import load_data
 
     cfg = model.config
     if data is not None:
@@ -157,9 +166,7 @@ def cmd_evaluate(args) -> int:
         print(f"{key:28s} {metrics[key]:.4f}")
     if args.out:
         out = Path(args.out)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(metrics, indent=1, sort_keys=True))
-        tmp.replace(out)
+        write_text(out, json.dumps(metrics, indent=1, sort_keys=True))
         print(f"wrote {out}")
     return 0
 
@@ -173,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     def common(p):
         p.add_argument("--model", required=True, help="bundle dir, model.pt, models:/NAME@ALIAS, "
                                                       "models:/NAME/VERSION or runs:/ID/PATH")
-        p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, ...")
+        p.add_argument("--device", default="auto", type=_device,
+                       help="auto (CUDA when available), cpu, cuda, cuda:N")
         p.add_argument("--tracking-uri", default=None, help="MLflow store for models:/ and runs:/ URIs")
 
     p = sub.add_parser("swap", help="new labels on content images")

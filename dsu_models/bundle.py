@@ -1,5 +1,5 @@
 """Model bundles: what a trained model needs at use, gathered from the stage
-hand-offs (METHOD.md section 2, the table's "hands on" column), and their files.
+hand-offs (docs/method.md section 2, the table's "hands on" column), and their files.
 
 A bundle is a dict of plain tensors, lists, dicts and strings (so
 ``torch.load(weights_only=True)`` reads it): ``format`` / ``format_version``,
@@ -24,7 +24,6 @@ do not change weights (``device``, ``compile``).
 from __future__ import annotations
 
 import json
-import os
 import re
 import tempfile
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch
 
 from dsu_models.config import Config, config_from_dict, flat_params, save_config
 from dsu_models.data.base import FactorInfo
+from dsu_models.files import save_torch, write_text
 from dsu_models.models import check_factors
 
 FORMAT = "disunknown-model"
@@ -176,26 +176,17 @@ def _check_all_factors(factors: list[FactorInfo], all_factors: list[FactorInfo])
                              f"all_factors as such: {table}")
 
 
-def _atomic_write(path: Path, write):
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_bundle(bundle: dict, directory: str | Path) -> Path:
     """Write ``directory/model.pt``, ``config.yaml`` and ``factors.json`` (each
     atomically); returns the directory."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / BUNDLE_FILE, lambda tmp: torch.save(bundle, tmp))
+    save_torch(bundle, directory / BUNDLE_FILE)
     save_config(config_from_dict(bundle["config"]), directory / "config.yaml")
     table = {k: bundle[k] for k in ("factors", "all_factors", "generator_stage", "iterations")}
     table["labeled_factors"] = [f["name"] for f in bundle["factors"]]
     text = json.dumps(table, indent=1)
-    _atomic_write(directory / "factors.json", lambda tmp: tmp.write_text(text))
+    write_text(directory / "factors.json", text)
     return directory
 
 

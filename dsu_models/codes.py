@@ -1,4 +1,4 @@
-"""Codes, sampling and nested dropout (METHOD.md section 3).
+"""Codes, sampling and nested dropout (docs/method.md section 3).
 
 Every code is a diagonal Gaussian ``(mean, std)`` of shape ``(B, m)``. This module
 holds the pieces shared by all stages:
@@ -7,10 +7,10 @@ holds the pieces shared by all stages:
 - stratified Gaussian noise and code sampling (dropped dims replaced by prior draws);
 - the generator's input ``concat(codes..., 1 - masks...)``;
 - the code (KL) loss and the batch loss;
-- the code statistics computed after stage 1 (METHOD.md section 7), in float64 and
+- the code statistics computed after stage 1 (docs/method.md section 7), in float64 and
   in chunks, and sampling from the Gaussian they describe (stage 2 ``random_ucode``).
 
-Choices where METHOD.md is silent are written in the docstrings below.
+Choices where docs/method.md is silent are written in the docstrings below.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from torch import Tensor
 
 
 def keep_probabilities(dropout: list[float] | None, size: int) -> list[float] | None:
-    """Per-dimension keep probabilities for a code of ``size`` dims (METHOD.md section 3).
+    """Per-dimension keep probabilities for a code of ``size`` dims (docs/method.md section 3).
 
     ``P = [1, q_1..q_t]``; if ``size <= len(P)`` take ``P[:size]``; otherwise keep
     ``P[:-1]`` and fill the remaining ``size - len(P) + 1`` dims by geometric
@@ -99,7 +99,7 @@ def stratified_normal(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """Stratified standard-normal noise ``(batch, dim)`` (METHOD.md section 3).
+    """Stratified standard-normal noise ``(batch, dim)`` (docs/method.md section 3).
 
     ``ndtri`` of :func:`stratified_uniform`, evaluated in float64 and cast to
     ``dtype`` (default: torch's default dtype). Lower variance than ``randn`` for
@@ -117,7 +117,7 @@ def nested_dropout_mask(
 
     keep_prob: ``(m,)`` non-increasing, ``p_0 = 1``. One ``r ~ U(0,1)`` per sample;
     dim j is kept iff ``p_j >= r``, so the kept dims of a sample are always a
-    prefix (nested). ``r`` is plain uniform, not stratified, as METHOD.md states.
+    prefix (nested). ``r`` is plain uniform, not stratified, as docs/method.md states.
     """
     dtype = keep_prob.dtype if keep_prob.is_floating_point() else torch.get_default_dtype()
     r = torch.rand(batch, 1, generator=generator, device=keep_prob.device, dtype=dtype)
@@ -276,7 +276,7 @@ def _sorted_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def code_statistics(means: Tensor, stds: Tensor, chunk_size: int = 65536) -> dict[str, Tensor]:
-    """Statistics of a set of codes, in float64 (METHOD.md section 7).
+    """Statistics of a set of codes, in float64 (docs/method.md section 7).
 
     means, stds: ``(N, m)`` per-sample code means and stds. The codes are seen as the
     mixture ``u ~ (1/N) sum_i N(mu_i, diag sigma_i^2)``. Returns (all float64):

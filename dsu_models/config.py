@@ -1,4 +1,4 @@
-"""Typed, layered, validated configuration (METHOD.md sections 3, 5, 9, 10).
+"""Typed, layered, validated configuration (docs/method.md sections 3, 5, 9, 10).
 
 Layers, later wins: global defaults (the dataclasses below, defined once) ->
 dataset defaults (``configs/datasets/<dataset>.yaml``) -> the user's YAML file
@@ -13,7 +13,7 @@ idempotent, so a saved resolved config reloads unchanged.
 
 Every error is a :class:`ConfigError` naming the key and the bad value.
 
-Choices where METHOD.md is silent (written down here once):
+Choices where docs/method.md is silent (written down here once):
 - Adam betas default to (0.5, 0.999) in every stage: all stages but the
   classifier pre-training are adversarial.
 - ``zero_init`` defaults to true (encoders start at the prior, like the
@@ -68,7 +68,7 @@ def _yaml_load(text: str):
 
 @dataclass
 class FactorSpec:
-    """One ground-truth factor of the dataset (METHOD.md section 10 table)."""
+    """One ground-truth factor of the dataset (docs/method.md section 10 table)."""
 
     classes: int | None = None  # None: read from the prepared data's manifest
     size: int | None = None
@@ -79,7 +79,7 @@ class FactorSpec:
 
 @dataclass
 class ArchConfig:
-    """Network shape (METHOD.md section 5); None = derived from the image size."""
+    """Network shape (docs/method.md section 5); None = derived from the image size."""
 
     conv_channels: list[int] | None = None
     conv_layers: list[int] | None = None
@@ -90,7 +90,7 @@ class ArchConfig:
 
 @dataclass
 class StageConfig:
-    """Keys every stage has (METHOD.md sections 7-9)."""
+    """Keys every stage has (docs/method.md sections 7-9)."""
 
     iterations: int = 100000
     batch_size: int | None = None
@@ -164,7 +164,7 @@ class LencConfig(StageConfig):
 
 @dataclass
 class EvaluateConfig:
-    """Evaluation of a finished model (``dsu_models.evaluation``, METHOD.md section 11).
+    """Evaluation of a finished model (``dsu_models.evaluation``, docs/method.md section 11).
 
     Oracles (one small CNN per ground-truth factor, trained on real training
     images, cached by dataset content) judge generated images; ``pairs`` seeded
@@ -229,7 +229,7 @@ class Config:
         return [name for name in self.factors if name not in self.labeled_factors]
 
     def active_stages(self) -> list[str]:
-        """Stages that exist for this config (METHOD.md section 2)."""
+        """Stages that exist for this config (docs/method.md section 2)."""
         stages = ["stage1"]
         if self.labeled_factors:
             stages.append("classifier")
@@ -336,9 +336,12 @@ def _deep_merge(base: dict, top: dict) -> dict:
 
 def read_yaml(path: Path, what: str) -> dict:
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{what} {path}: cannot read ({exc.strerror})") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {path}: not UTF-8 text (byte {exc.start}: "
+                          f"{exc.object[exc.start:exc.start + 1]!r})") from None
     try:
         data = _yaml_load(text)
     except yaml.YAMLError as exc:
@@ -434,7 +437,7 @@ def _merge_all_stages(raw: dict, keep_sections_only: bool = False) -> dict:
 
 
 def default_batch_size(image_size: int) -> int:
-    """METHOD.md section 5: 64 up to 32 px, then 2048 // size up to 512 px, else 4."""
+    """docs/method.md section 5: 64 up to 32 px, then 2048 // size up to 512 px, else 4."""
     if image_size <= 32:
         return 64
     if image_size <= 512:
@@ -566,8 +569,10 @@ def _resolve_stages(cfg: Config):
         for key in ("iterations", "batch_size", "report_interval", "sample_interval",
                     "log_interval", "checkpoint_interval"):
             value = getattr(sc, key)
-            if value < (0 if key == "iterations" else 1):
-                raise ConfigError(f"{stage}.{key}: {value} (must be positive)")
+            if value < 1:
+                raise ConfigError(f"{stage}.{key}: {value} (must be positive"
+                                  + ("; a stage of 0 iterations would hand on untrained weights)"
+                                     if key == "iterations" else ")"))
         if sc.lr_ramp < 0:
             raise ConfigError(f"{stage}.lr_ramp: {sc.lr_ramp} (must be >= 0)")
         if len(sc.betas) != 2 or not all(0 <= b < 1 for b in sc.betas):
@@ -629,12 +634,8 @@ def resolve(raw: dict, data_factors: dict[str, int] | None = None) -> Config:
 
 def save_config(cfg: Config, path: str | Path) -> Path:
     """Write the resolved config as YAML (atomically: temp name, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    tmp.replace(path)
-    return path
+    from dsu_models.files import write_text  # files imports torch; config stays light
+    return write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def config_from_dict(data: dict) -> Config:

@@ -1,4 +1,4 @@
-"""Distilling the unknown after stage 1 (../shared/METHOD.md section 7, last paragraph).
+"""Distilling the unknown after stage 1 (docs/method.md section 7, last paragraph).
 
 After stage 1 the unknown encoder E encodes every train and test sample; the
 per-sample Gaussians ``(mu_u, sigma_u)`` are the *distilled unknown* that stage 2
@@ -7,7 +7,7 @@ ratio, eigen-decomposition of the std-normalised covariance; see
 :func:`dsu_models.codes.code_statistics`) feed ``random_ucode`` sampling in stage 2
 and the generated half of the labeled-encoder stage.
 
-Choices where METHOD.md is silent:
+Choices where docs/method.md is silent:
 
 - Codes are stored as float32 on the CPU, one row per sample, with the split's
   stable ``ids`` beside them, so a later stage can join codes to samples by id
@@ -27,7 +27,6 @@ Choices where METHOD.md is silent:
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -36,6 +35,7 @@ from torch import Tensor, nn
 
 from dsu_models.codes import CodeStatsAccumulator
 from dsu_models.data.base import InMemoryDataset, to_float
+from dsu_models.files import load_torch, save_torch
 
 ImageSource = Tensor | Iterable[Tensor]
 
@@ -133,17 +133,9 @@ def distill(encoder: nn.Module | None, splits: dict[str, InMemoryDataset], batch
 
 def save_codes(result: dict, path: str | Path) -> Path:
     """Write a :func:`distill` result atomically (temp name in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(result, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return save_torch(result, path)
 
 
 def load_codes(path: str | Path, map_location: torch.device | str = "cpu") -> dict:
     """Read a file written by :func:`save_codes` (``weights_only=True``: tensors and dicts only)."""
-    return torch.load(path, map_location=map_location, weights_only=True)
+    return load_torch(path, map_location)

@@ -1,4 +1,4 @@
-"""Label embedder: class -> normalised Gaussian code (METHOD.md section 4).
+"""Label embedder: class -> normalised Gaussian code (docs/method.md section 4).
 
 Each labeled factor k has one :class:`LabelEmbedder` ``B_k`` holding, per class, a
 mean vector and a log-std vector. Its outputs are renormalised at every call so
@@ -74,7 +74,7 @@ class LabelEmbedder(nn.Module):
         """Normalised per-class codes ``(means (n, m), stds (n, m))``.
 
         ``M = sum_c f_c mean_c``, ``V = sum_c f_c (mean_c - M)^2 + sum_c f_c std_c^2``
-        (equal to METHOD.md's ``sum f mean^2 - M^2 + ...`` but free of cancellation),
+        (equal to docs/method.md's ``sum f mean^2 - M^2 + ...`` but free of cancellation),
         clamped at 1e-8; output ``((mean_c - M) / sqrt(V), std_c / sqrt(V))``.
         """
         f = self.frequencies.to(self.mean.dtype).unsqueeze(1)

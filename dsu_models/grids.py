@@ -1,4 +1,4 @@
-"""Sample grids (METHOD.md section 11): reconstruction rows, swap matrices and
+"""Sample grids (docs/method.md section 11): reconstruction rows, swap matrices and
 class sweeps.
 
 All inputs are float images in [-1, 1]; outputs are uint8 ``(3 or 1, H, W)``
@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 from torchvision.utils import make_grid
 
 from dsu_models.data.base import to_uint8
+from dsu_models.files import atomic_write
 
 
 def rows_grid(rows: list[Tensor], pad: int = 2) -> Tensor:
@@ -91,13 +93,14 @@ def class_sweeps(x: Tensor, u: Tensor | None, labels: Tensor, embed, generate,
     return out
 
 
+def to_hwc(grid: Tensor) -> np.ndarray:
+    """A uint8 (C, H, W) tensor as the (H, W, C) array image libraries take
+    (PIL, MLflow's ``log_image``); (H, W) for one channel."""
+    array = grid.detach().cpu().permute(1, 2, 0).numpy()
+    return array[..., 0] if array.shape[2] == 1 else array
+
+
 def save_png(grid: Tensor, path: str | Path) -> Path:
     """Write a uint8 (C, H, W) grid as PNG, atomically (temp name, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    array = grid.permute(1, 2, 0).numpy()
-    image = Image.fromarray(array[..., 0] if array.shape[2] == 1 else array)
-    tmp = path.with_name(path.name + ".tmp")
-    image.save(tmp, format="PNG")
-    tmp.replace(path)
-    return path
+    image = Image.fromarray(to_hwc(grid))
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))

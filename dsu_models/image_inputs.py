@@ -1,4 +1,4 @@
-"""Turn what users pass as "images" into one checked batch tensor (METHOD.md section 1:
+"""Turn what users pass as "images" into one checked batch tensor (docs/method.md section 1:
 images are ``(B, C, H, W)`` in [-1, 1] inside the networks).
 
 Accepted, for a model of ``C`` channels and ``S x S`` pixels:

@@ -1,4 +1,4 @@
-"""The final model for use: encode, swap, generate (METHOD.md sections 1, 2 and 11).
+"""The final model for use: encode, swap, generate (docs/method.md sections 1, 2 and 11).
 
 A *bundle* gathers what a trained DisUnknown model needs at use, from the
 stage hand-offs: the unknown encoder E (stage 1), the final generator G2 and

@@ -1,4 +1,4 @@
-"""Training losses (METHOD.md sections 6 and 8).
+"""Training losses (docs/method.md sections 6 and 8).
 
 All functions return scalars averaged over the batch unless stated otherwise.
 Which parameters a loss updates is decided by the stage that calls it (what it

@@ -1,4 +1,4 @@
-"""Build the networks of METHOD.md section 5 from a resolved config.
+"""Build the networks of docs/method.md section 5 from a resolved config.
 
 Encoder and generator trunks use ``architecture.enc_gen_fc_layers`` FC blocks,
 the discriminator and classifiers ``architecture.dis_cla_fc_layers``.

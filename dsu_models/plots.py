@@ -1,11 +1,11 @@
 """Pictures for users: unknown-code scatter plots, label-embedding plots,
-captioned class sweeps, and the set an evaluation logs (METHOD.md sections 4, 7
+captioned class sweeps, and the set an evaluation logs (docs/method.md sections 4, 7
 and 11: what the distilled unknown holds, how each factor's classes sit in their
 code space, and whether swaps work).
 
 Every function returns a uint8 ``(3, H, W)`` CHW tensor (or a dict of them), the
 same form as :mod:`dsu_models.grids`, ready for ``grids.save_png`` or, after
-``permute(1, 2, 0)``, MLflow's ``log_image``.
+``grids.to_hwc``, MLflow's ``log_image``.
 
 Figures are drawn with ``matplotlib.figure.Figure`` on a ``FigureCanvasAgg``:
 no pyplot, no backend selection, no rcParams changes, so nothing global is
@@ -233,8 +233,7 @@ def embedding_plots(embedders, factors: list[FactorInfo], prefix: str = "",
 def caption(grid: Tensor, text: str) -> Tensor:
     """A uint8 (C, H, W) grid with ``text`` wrapped in a white strip above it
     (4 lines at most; a narrow grid gets a white margin on the right so the text fits)."""
-    image = Image.fromarray(grid.permute(1, 2, 0).numpy().squeeze(2) if grid.shape[0] == 1
-                            else grid.permute(1, 2, 0).numpy())
+    image = Image.fromarray(grids.to_hwc(grid))
     font = ImageFont.load_default()
     width = max(image.width, 240)
     chars = max(12, int(width / max(font.getlength("x"), 1.0)))

@@ -1,7 +1,12 @@
-"""Command lines of the Ray pipeline: the full chain and each stage alone.
+"""Command lines of the Ray pipeline: the full chain (``full_main``), one step
+alone (``stage_main``) and data preparation (``prepare_main``); the scripts
+``pipelines/full.py``, ``stage.py`` and ``prepare_data.py`` and the console
+scripts ``disunknown-pipeline``, ``disunknown-stage`` and ``disunknown-prepare``
+call them. (Sweeps: ``pipelines.sweeps.driver``.)
 
-Order: prepare (or reuse) the data -> stage1 -> distill -> classifier ->
-stage2 -> lenc -> evaluate -> register. Everything that can be checked is checked before Ray starts:
+Order (the table :data:`STEPS`): prepare (or reuse) the data -> stage1 ->
+distill -> classifier -> stage2 -> lenc -> evaluate -> register. Everything
+that can be checked is checked before Ray starts:
 the config (unknown keys, types, values), the dataset's presence, upstream
 run ids. Each stage is one nested MLflow run under the pipeline's parent run;
 ``--resume PARENT_RUN_ID`` skips finished stages and continues an unfinished
@@ -10,22 +15,64 @@ one from its last Ray Train checkpoint.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from dsu_models.config import Config, ConfigError
 from dsu_models.data import DataError
 from dsu_models.data.sources.builtin import BUILTIN
-from dsu_models.train import build_config
-from pipelines import tracking
-from pipelines.local_ray import init_ray, pipeline_cpus
+from dsu_models.factory import build_config
+from pipelines.cluster.ray_init import init_ray, pipeline_cpus
+from pipelines.tracking import runs as tracking
 
-STAGE_ORDER = ("stage1", "distill", "classifier", "stage2", "lenc", "evaluate", "register")
-UPSTREAM = {"stage1": (), "distill": ("stage1",), "classifier": (),
-            "stage2": ("stage1", "classifier", "distill"), "lenc": ("stage2", "distill"),
-            "evaluate": ("stage1", "distill", "stage2", "lenc"), "register": ("evaluate",)}
+
+@dataclass(frozen=True)
+class Step:
+    """One step of the pipeline: the steps whose MLflow runs it reads, and what runs it."""
+    upstream: tuple[str, ...]
+    run: Callable[..., None]
+
+
+def _train(stage, cfg, data_dir, run_id, upstream, args, tracking_uri):
+    from pipelines.jobs.stage_train import run_stage
+    run_stage(stage, cfg, data_dir, run_id, upstream, tracking_uri, workers=args.workers,
+              use_gpu=args.gpu, cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures)
+
+
+def _distill(stage, cfg, data_dir, run_id, upstream, args, tracking_uri):
+    from pipelines.jobs.distill import run_distill
+    run_distill(cfg, data_dir, upstream["stage1"], run_id, tracking_uri, use_gpu=args.gpu,
+                actors=max(1, args.workers))
+
+
+def _evaluate(stage, cfg, data_dir, run_id, upstream, args, tracking_uri):
+    from pipelines.jobs.evaluate import run_evaluate
+    run_evaluate(cfg, data_dir, upstream, run_id, tracking_uri, use_gpu=args.gpu,
+                 num_cpus=args.cpus_per_worker)
+
+
+def _register(stage, cfg, data_dir, run_id, upstream, args, tracking_uri):
+    from pipelines.jobs.evaluate import run_register
+    outcome = run_register(cfg, upstream, run_id, tracking_uri, alias=args.alias)
+    print(f"[register] {outcome.describe(args.alias)}", flush=True)
+
+
+# The pipeline, in order (docs/pipeline.md): each step is a nested MLflow run of the
+# pipeline's parent run and reads its inputs from its upstream steps' runs.
+STEPS: dict[str, Step] = {
+    "stage1": Step((), _train),
+    "distill": Step(("stage1",), _distill),
+    "classifier": Step((), _train),
+    "stage2": Step(("stage1", "classifier", "distill"), _train),
+    "lenc": Step(("stage2", "distill"), _train),
+    "evaluate": Step(("stage1", "distill", "stage2", "lenc"), _evaluate),
+    "register": Step(("evaluate",), _register),
+}
+STAGE_ORDER = tuple(STEPS)
+UPSTREAM = {name: step.upstream for name, step in STEPS.items()}
 
 
 def pipeline_stages(cfg: Config) -> list[str]:
@@ -97,7 +144,7 @@ def ensure_data(cfg: Config, config_arg, overrides: list[str]) -> tuple[Config, 
     returns the config re-resolved against the prepared manifest, and the dir."""
     if cfg.data_path:
         return cfg, str(Path(cfg.data_path).resolve())
-    from pipelines.prepare_data import prepare_with_ray
+    from pipelines.jobs.prepare import prepare_with_ray
     out = builtin_dir(cfg)
     print(f"[prepare] {cfg.dataset} -> {out}", flush=True)
     prepare_with_ray(cfg.dataset, out, **builtin_options(cfg))
@@ -105,7 +152,7 @@ def ensure_data(cfg: Config, config_arg, overrides: list[str]) -> tuple[Config, 
 
 
 def execute(stage: str, cfg: Config, data_dir: str, parent_id: str, runs: dict, args,
-            tracking_uri: str, client, test_hooks: dict | None = None) -> str:
+            tracking_uri: str, client) -> str:
     """Run (or skip, if complete) one stage under ``parent_id``; returns its run id."""
     run_id, complete = tracking.stage_run(client, parent_id, stage, cfg)
     if complete:
@@ -114,24 +161,7 @@ def execute(stage: str, cfg: Config, data_dir: str, parent_id: str, runs: dict, 
     upstream = {k: runs.get(k) for k in UPSTREAM[stage]}
     started = time.time()
     print(f"[{stage}] MLflow run {run_id}", flush=True)
-    if stage == "distill":
-        from pipelines.distill import run_distill
-        run_distill(cfg, data_dir, upstream["stage1"], run_id, tracking_uri, use_gpu=args.gpu,
-                    actors=max(1, args.workers))
-    elif stage == "evaluate":
-        from pipelines.evaluate_job import run_evaluate
-        run_evaluate(cfg, data_dir, upstream, run_id, tracking_uri, use_gpu=args.gpu,
-                     num_cpus=args.cpus_per_worker)
-    elif stage == "register":
-        from pipelines.evaluate_job import run_register
-        outcome = run_register(cfg, upstream, run_id, tracking_uri, alias=args.alias)
-        print(f"[register] {outcome.describe(args.alias)}", flush=True)
-    else:
-        from pipelines.stage_job import run_stage
-        hooks = (test_hooks or {}).get(stage)
-        run_stage(stage, cfg, data_dir, run_id, upstream, tracking_uri, workers=args.workers,
-                  use_gpu=args.gpu, cpus_per_worker=args.cpus_per_worker,
-                  max_failures=args.max_failures, test_hooks=hooks)
+    STEPS[stage].run(stage, cfg, data_dir, run_id, upstream, args, tracking_uri)
     tracking.mark_complete(client, run_id)
     print(f"[{stage}] done in {time.time() - started:.0f} s", flush=True)
     return run_id
@@ -145,7 +175,7 @@ def _prologue(args, config_arg):
     return cfg, overrides
 
 
-def full_main(argv: list[str] | None = None, test_hooks: dict | None = None) -> int:
+def full_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="DisUnknown pipeline: prepare -> stage1 -> distill -> classifier -> stage2 -> lenc")
     add_common(parser)
@@ -175,8 +205,7 @@ def full_main(argv: list[str] | None = None, test_hooks: dict | None = None) -> 
         print(f"pipeline run {parent} ({', '.join(wanted)})", flush=True)
         runs = {s: r.info.run_id for s, r in tracking.child_runs(client, parent).items()}
         for stage in wanted:
-            runs[stage] = execute(stage, cfg, data_dir, parent, runs, args, tracking_uri, client,
-                                  test_hooks)
+            runs[stage] = execute(stage, cfg, data_dir, parent, runs, args, tracking_uri, client)
         client.set_terminated(parent, "FINISHED")
     except (ConfigError, DataError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -185,7 +214,7 @@ def full_main(argv: list[str] | None = None, test_hooks: dict | None = None) -> 
     return 0
 
 
-def stage_main(stage: str, argv: list[str] | None = None, test_hooks: dict | None = None) -> int:
+def stage_main(stage: str, argv: list[str] | None = None) -> int:
     """One stage alone, given its upstream run ids (e.g. re-run stage 2 with new weights)."""
     parser = argparse.ArgumentParser(description=f"Run the {stage} stage alone under a pipeline run")
     add_common(parser)
@@ -207,9 +236,114 @@ def stage_main(stage: str, argv: list[str] | None = None, test_hooks: dict | Non
         cfg, data_dir = ensure_data(cfg, args.config, overrides)
         parent = args.parent or tracking.start_parent(client, experiment_id, cfg,
                                                       name=f"disunknown-{cfg.dataset}-{stage}")
-        run_id = execute(stage, cfg, data_dir, parent, runs, args, tracking_uri, client, test_hooks)
+        run_id = execute(stage, cfg, data_dir, parent, runs, args, tracking_uri, client)
     except (ConfigError, DataError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"{stage} run {run_id} (pipeline run {parent})\n{tracking.ui_hint(tracking_uri)}", flush=True)
     return 0
+
+
+def stage_entry(argv: list[str] | None = None) -> int:
+    """``python pipelines/stage.py STAGE [options]``: :func:`stage_main` for the named stage."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    steps = [s for s in STAGE_ORDER if s != "register"]
+    if not argv or argv[0] not in steps:
+        given = repr(argv[0]) if argv else "nothing"
+        print(f"usage: stage.py STAGE [options]; STAGE is one of {', '.join(steps)} (got {given})",
+              file=sys.stderr)
+        return 2
+    return stage_main(argv[0], argv[1:])
+
+
+# ----------------------------------------------------------------- prepare
+
+def _classes(text: str | None) -> dict | None:
+    if not text:
+        return None
+    out = {}
+    for part in text.split(","):
+        name, _, n = part.partition("=")
+        try:
+            out[name.strip()] = int(n)
+        except ValueError:
+            raise DataError(f"--classes {text!r}: {part.strip()!r} is not NAME=COUNT with an integer "
+                            f"count, e.g. 'color=3,size=4'") from None
+    return out
+
+
+def parse_prepare_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Prepare a data source into the versioned Parquet format "
+                                            "(python pipelines/prepare_data.py SOURCE --out DIR)")
+    p.add_argument("source", help="one of: " + ", ".join(sorted(__import__(
+        "dsu_models.data.sources", fromlist=["SOURCES"]).SOURCES)))
+    p.add_argument("--out", required=True, help="prepared directory to write")
+    p.add_argument("--root", help="data root (torchvision sources, rendered_chairs, image folder)")
+    p.add_argument("--path", help="dataset file (dsprites .npz, 3dshapes .h5)")
+    p.add_argument("--csv", help="image_folder: label CSV (default ROOT/labels.csv)")
+    p.add_argument("--file-column", help="image_folder: CSV column with file paths")
+    p.add_argument("--factors", help="image_folder: comma-separated factor columns (others are errors)")
+    p.add_argument("--classes", help="image_folder: declared class counts, e.g. 'color=3,size=4'")
+    p.add_argument("--channels", type=int, help="image_folder: 1 or 3 (default: first image's)")
+    p.add_argument("--download", action="store_true", help="torchvision sources: download to --root")
+    p.add_argument("--no-extra", action="store_true", help="svhn: leave out extra_32x32.mat")
+    p.add_argument("--relabel-orientation", action="store_true",
+                   help="dsprites: relabel square/ellipse orientations (docs/method.md section 10)")
+    p.add_argument("--crop", type=float, help="chairs3d: centred crop fraction")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--num-samples", type=int, help="procedural sources: seeded subset of the grid")
+    p.add_argument("--test-portion", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--plot-size", type=int)
+    p.add_argument("--chunk-size", type=int)
+    p.add_argument("--resize", action="store_true", help="resize images of other sizes/channels")
+    p.add_argument("--overwrite", action="store_true", help="replace a different preparation")
+    p.add_argument("--no-ray", action="store_true", help="prepare in this process, without Ray")
+    p.add_argument("--num-cpus", type=int, help="CPUs of a local Ray instance")
+    return p.parse_args(argv)
+
+
+def options_from_args(a: argparse.Namespace) -> dict:
+    """CLI flags -> source options; flags left unset are not passed (source defaults apply)."""
+    opts = {"root": a.root, "path": a.path, "csv": a.csv, "file_column": a.file_column,
+            "factors": a.factors, "classes": _classes(a.classes), "channels": a.channels,
+            "crop": a.crop, "image_size": a.image_size, "num_samples": a.num_samples,
+            "test_portion": a.test_portion, "seed": a.seed, "plot_size": a.plot_size,
+            "chunk_size": a.chunk_size}
+    opts = {k: v for k, v in opts.items() if v is not None}
+    for flag, key, value in ((a.download, "download", True), (a.no_extra, "extra", False),
+                             (a.relabel_orientation, "relabel_orientation", True),
+                             (a.resize, "resize", True)):
+        if flag:
+            opts[key] = value
+    return opts
+
+
+def prepare_main(argv=None) -> int:
+    from dsu_models.data import get_source, prepare
+    from dsu_models.data.prepared import check_replaceable
+    from pipelines.jobs.prepare import prepare_with_ray
+
+    a = parse_prepare_args(argv)
+    try:
+        get_source(a.source)
+        opts = options_from_args(a)
+        check_replaceable(a.out, a.overwrite)  # a bad --out is refused before Ray starts
+        t0 = time.time()
+        if a.no_ray:
+            out = prepare(a.source, a.out, overwrite=a.overwrite, **opts)
+        else:
+            init_ray(a.num_cpus, dashboard=False)
+            out = prepare_with_ray(a.source, a.out, overwrite=a.overwrite, **opts)
+    except DataError as e:
+        # raised in a Ray actor, it arrives wrapped with the remote traceback: say the cause only
+        print(f"error: {getattr(e, 'cause', None) or e}", file=sys.stderr)
+        return 2
+    from dsu_models.data import read_manifest
+
+    m = read_manifest(out)
+    rows = {s: v["rows"] for s, v in m["splits"].items()}
+    print(f"{out}: {m['name']} {m['image_size']}px x{m['channels']} rows {rows} "
+          f"hash {m['content_hash'][:12]} ({time.time() - t0:.1f} s)")
+    return 0
+

@@ -2,26 +2,55 @@
 
 One Ray instance per test session (started lazily by the first test that
 asks for it, with explicit small resources), shut down and its temp folder
-removed at the end.
+removed at the end. Its worker processes, and this process, carry the tests'
+fault injection (``tests/faults.py``), which fires only when a test writes a
+plan with the ``faults`` fixture.
 """
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
+import faults
 import pytest
+
+
+FAULT_DIR = Path(tempfile.mkdtemp(prefix="dsu-faults-", dir="/tmp"))
+os.environ[faults.PLAN_ENV] = str(FAULT_DIR / "plan.json")
+faults.install()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(FAULT_DIR, ignore_errors=True)
+
+
+@pytest.fixture
+def faults_plan(tmp_path):
+    """``plan(iteration, stage=None, kill=False, rank="last") -> marker``: the next
+    matching training step fails once (see ``tests/faults.py``); the marker file
+    exists once it has fired. The plan is removed after the test."""
+    def plan(iteration: int, stage: str | None = None, kill: bool = False, rank: str = "last") -> Path:
+        marker = tmp_path / f"fault-{stage}-{iteration}"
+        faults.plan(Path(os.environ[faults.PLAN_ENV]), iteration, marker, stage, kill, rank)
+        return marker
+
+    yield plan
+    Path(os.environ[faults.PLAN_ENV]).unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")
 def ray_session():
-    from pipelines.local_ray import init_ray
+    from pipelines.cluster.ray_init import init_ray
 
     temp_dir = tempfile.mkdtemp(prefix="dsu-ray-", dir="/tmp")
     os.environ.pop("RAY_ADDRESS", None)
-    # started like the pipelines start a local Ray
+    # started like the pipelines start a local Ray, plus the tests' fault injection
+    runtime_env = {"worker_process_setup_hook": "faults.install",
+                   "env_vars": {faults.PLAN_ENV: os.environ[faults.PLAN_ENV]}}
     ray = init_ray(2, num_gpus=0, _temp_dir=temp_dir, log_to_driver=True,
-                   configure_logging=False)
+                   configure_logging=False, runtime_env=runtime_env)
     try:
         yield ray
     finally:

@@ -1,5 +1,5 @@
 """Fast CPU tests of the classifier pre-training, the labeled encoder and the
-distillation of unknown codes (METHOD.md sections 2, 6, 7 end)."""
+distillation of unknown codes (docs/method.md sections 2, 6, 7 end)."""
 from __future__ import annotations
 
 import io
@@ -302,11 +302,11 @@ def test_distill_codes_match_direct_encoder_call():
 
 
 def test_ray_distill_actor_reads_uint8_rows_like_the_runner():
-    """The Ray Data actor of pipelines/distill.py gets Decode's uint8 rows and must
+    """The Ray Data actor of pipelines/jobs/distill.py gets Decode's uint8 rows and must
     give the codes the single-process distillation gives."""
     import numpy as np
 
-    from pipelines.distill import EncodeUnknown
+    from pipelines.jobs.distill import EncodeUnknown
 
     cfg = tiny_config()
     encoder = random_encoder(cfg)
@@ -328,7 +328,7 @@ def test_code_stats_from_parquet_equal_all_at_once(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipelines.distill import code_stats_from_parquet
+    from pipelines.jobs.distill import code_stats_from_parquet
 
     g = torch.Generator().manual_seed(0)
     mu, sigma = torch.randn(50, 3, generator=g), torch.rand(50, 3, generator=g) + 0.1

@@ -1,4 +1,4 @@
-"""Config layering, derivation, validation and round trip (METHOD.md sections 3, 5, 10)."""
+"""Config layering, derivation, validation and round trip (docs/method.md sections 3, 5, 10)."""
 from __future__ import annotations
 
 import pytest

@@ -106,8 +106,13 @@ def test_directory_that_is_not_prepared(tmp_path):
     (tmp_path / "p").mkdir()
     with pytest.raises(DataError, match="not a prepared dataset"):
         read_manifest(tmp_path / "p")
-    with pytest.raises(DataError, match="overwrite"):
-        prepare("digits", tmp_path / "p")
+    (tmp_path / "p" / "mine.txt").write_text("keep")
+    for overwrite in (False, True):     # never replaced, and --overwrite is not suggested
+        with pytest.raises(DataError, match=r"not a prepared dataset .*choose another --out$"):
+            prepare("digits", tmp_path / "p", overwrite=overwrite)
+    assert (tmp_path / "p" / "mine.txt").read_text() == "keep"
+    (tmp_path / "p" / "mine.txt").unlink()
+    assert read_manifest(prepare("digits", tmp_path / "p", image_size=8))["source"] == "digits"
 
 
 def _expect_error(tmp_path, rows, match, header=None, **opts):

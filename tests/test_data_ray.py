@@ -33,7 +33,7 @@ class FakeShard:
 
 @pytest.mark.parametrize("drop_last", [True, False])
 def test_cached_epochs_read_the_shard_once(drop_last):
-    from pipelines.data_loading import iter_epochs
+    from pipelines.data.loading import iter_epochs
 
     shard, seen = FakeShard(70), {}
     for epoch, batch in iter_epochs(shard, 16, epochs=4, seed=3, drop_last=drop_last, cache=True):
@@ -52,7 +52,7 @@ def test_cached_epochs_read_the_shard_once(drop_last):
 
 
 def test_uncached_epochs_reread_the_shard():
-    from pipelines.data_loading import iter_epochs
+    from pipelines.data.loading import iter_epochs
 
     shard = FakeShard(40)
     batches = list(iter_epochs(shard, 16, epochs=3, shuffle_buffer=0))
@@ -62,7 +62,7 @@ def test_uncached_epochs_reread_the_shard():
 
 
 def test_shard_fits_in_memory():
-    from pipelines.data_loading import shard_fits_in_memory
+    from pipelines.data.loading import shard_fits_in_memory
 
     manifest = {"channels": 3, "factors": [{}] * 5, "splits": {"train": {"rows": 1000}}}
     row = 3 * 32 * 32 + 8 * 6      # uint8 pixels, int64 id and labels
@@ -74,7 +74,7 @@ def test_shard_fits_in_memory():
 
 @pytest.mark.slow
 def test_ray_prepare_matches_plain(ray_session, tmp_path):
-    from pipelines.prepare_data import prepare_with_ray
+    from pipelines.jobs.prepare import prepare_with_ray
 
     opts = dict(num_samples=400, image_size=16, chunk_size=100)
     a = prepare_with_ray("shapes3d", tmp_path / "ray", **opts)
@@ -91,7 +91,7 @@ def test_ray_prepare_matches_plain(ray_session, tmp_path):
 def _torch_in_decode_workers(directory) -> dict[int, bool]:
     """{pid: torch imported} of the worker processes that run the training
     reader's decode step on ``directory`` (a probe after Decode)."""
-    from pipelines.data_loading import train_dataset
+    from pipelines.data.loading import train_dataset
 
     def probe(batch):
         import sys as _sys
@@ -106,7 +106,7 @@ def _torch_in_decode_workers(directory) -> dict[int, bool]:
 def test_preparation_leaves_no_torch_in_the_decode_workers(ray_session, tmp_path):
     """Preparation renders with torch (0.3 GiB per process); the torch-free decode
     tasks that stream to training must not run in its processes afterwards."""
-    from pipelines.prepare_data import prepare_with_ray
+    from pipelines.jobs.prepare import prepare_with_ray
 
     first = prepare("sprites", tmp_path / "plain", num_samples=200, image_size=16)
     before = _torch_in_decode_workers(first)      # workers other tests left behind
@@ -117,7 +117,7 @@ def test_preparation_leaves_no_torch_in_the_decode_workers(ray_session, tmp_path
 
 @pytest.mark.slow
 def test_train_dataset_columns(ray_session, tmp_path):
-    from pipelines.data_loading import train_dataset
+    from pipelines.data.loading import train_dataset
 
     out = prepare("sprites", tmp_path / "p", num_samples=100, image_size=16)
     ds = train_dataset(out, image_size=8)
@@ -139,13 +139,13 @@ def test_two_workers_get_disjoint_covering_shards(ray_session, tmp_path, cache):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipelines.data_loading import train_dataset
+    from pipelines.data.loading import train_dataset
 
     # defined here so cloudpickle ships it by value (workers cannot import test modules)
     def worker(config):
         import ray.train
 
-        from pipelines.data_loading import iter_epochs
+        from pipelines.data.loading import iter_epochs
 
         shard = ray.train.get_dataset_shard("train")
         seen = {0: [], 1: []}
@@ -165,7 +165,7 @@ def test_two_workers_get_disjoint_covering_shards(ray_session, tmp_path, cache):
     assert len(ids) == 180
     trainer = TorchTrainer(
         worker, train_loop_config={"out": str(tmp_path), "cache": cache},
-        # fractional CPUs leave room for Ray Data on a 2-CPU node (RAY_NOTES.md)
+        # fractional CPUs leave room for Ray Data on a 2-CPU node (docs/pipeline.md)
         scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
         run_config=RunConfig(storage_path=str(tmp_path / "runs"), name="shards"),
         datasets={"train": train_dataset(out)})

@@ -1,4 +1,4 @@
-"""Evaluation (dsu_models.evaluation; METHOD.md section 11): known-answer tests.
+"""Evaluation (dsu_models.evaluation; docs/method.md section 11): known-answer tests.
 
 The built-in shapes3d is procedural, so fake "models" can be exact: a perfect
 generator renders the requested factors; its unknown code is the hidden factors'

@@ -1,7 +1,7 @@
 """Data-parallel equivalence of the pipeline's gradient synchronisation.
 
 Two gloo processes, each on half of a global batch, synchronised by
-``pipelines.stage_job.allreduce_gradients`` (one all-reduce per iteration),
+``pipelines.cluster.collective.allreduce_gradients`` (one all-reduce per iteration),
 must make the same parameter update as one process on the whole batch.
 Batch-statistic losses are off (they are not decomposable over shards) and
 sampling noise is made deterministic, so the comparison is exact up to float
@@ -10,15 +10,13 @@ rounding.
 from __future__ import annotations
 
 import socket
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-sys.path.insert(0, str(Path(__file__).parent))
+
 
 CASES = {
     "classifier": ["classifier.random_offset=false"],
@@ -49,7 +47,7 @@ def _params(stage) -> dict:
 
 
 def _worker(rank: int, world: int, port: int, case: str, out: str):
-    from pipelines.stage_job import allreduce_gradients, broadcast_state
+    from pipelines.cluster.collective import allreduce_gradients, broadcast_state
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)

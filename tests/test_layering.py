@@ -22,7 +22,7 @@ def test_ray_data_decode_step_does_not_import_torch():
     """Ray Data's decode workers import ``pipelines.decode`` (by reference) and run it;
     torch there would cost every worker process about 0.3 GiB."""
     code = ("import sys, numpy as np\n"
-            "from pipelines.decode import Decode\n"
+            "from pipelines.data.decode import Decode\n"
             "from dsu_models.data.codec import encode_png\n"
             "img = (np.arange(48, dtype=np.uint8) * 5).reshape(4, 4, 3)\n"
             "out = Decode(3, 4, ['a'])({'id': np.array([7]), 'image': [encode_png(img)], 'a': np.array([2])})\n"

@@ -1,5 +1,5 @@
 """The fused C kernels of dsu_models/nn/native.py compute the self-normalising
-PReLU of METHOD.md section 5 (values and all three gradients, checked against
+PReLU of docs/method.md section 5 (values and all three gradients, checked against
 the plain formula in float64), are the path the layers take on CPU, and fall
 back to PyTorch ops with a warning when they cannot be built."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tests for dsu_models.nn (METHOD.md section 5): layer invariants, shapes, init."""
+"""Tests for dsu_models.nn (docs/method.md section 5): layer invariants, shapes, init."""
 import math
 
 import pytest

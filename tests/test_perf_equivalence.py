@@ -1,4 +1,4 @@
-"""Optimised building blocks equal the straightforward formulas of METHOD.md
+"""Optimised building blocks equal the straightforward formulas of docs/method.md
 section 5 (values and gradients), so the speed-ups change no math."""
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from dsu_models import models
 from dsu_models.config import config_from_dict
-from pipelines import tracking
+from pipelines.tracking import runs as tracking
 from pipelines.cli import full_main
 
 pytestmark = pytest.mark.slow
@@ -79,14 +79,12 @@ def _lines_per_worker(fragment: str) -> dict[str, int]:
     return counts
 
 
-def test_pipeline_two_workers_failure_and_resume(ray_session, home, tmp_path, capsys):
-    marker = tmp_path / "failed-once"
+def test_pipeline_two_workers_failure_and_resume(ray_session, home, tmp_path, capsys, faults_plan):
     # the last rank's worker process is killed (SIGKILL) once, at iteration 3
-    hooks = {"stage1": {"fail_at": 3, "fail_marker": str(marker), "fail_kill": True}}
+    marker = faults_plan(3, stage="stage1", kill=True)
     stale = set(Path(tempfile.gettempdir()).glob("dsu-stage1-*"))
-    assert full_main(TINY + ["--workers", "2", "--cpus-per-worker", "0.5", "--stages", "stage1"],
-                     test_hooks=hooks) == 0
-    assert marker.exists(), "the test hook did not fire"
+    assert full_main(TINY + ["--workers", "2", "--cpus-per-worker", "0.5", "--stages", "stage1"]) == 0
+    assert marker.exists(), "the planned fault did not fire"
     client = MlflowClient(tracking.default_tracking_uri())
     (parent,) = _parent_ids(client)
     stage1 = tracking.child_runs(client, parent)["stage1"]
@@ -144,15 +142,16 @@ def test_pipeline_two_workers_failure_and_resume(ray_session, home, tmp_path, ca
     assert version.run_id in {children["register"].info.run_id, children["evaluate"].info.run_id}
 
 
-def test_killed_pipeline_resumes_the_unfinished_stage_from_its_checkpoint(ray_session, home, tmp_path):
+def test_killed_pipeline_resumes_the_unfinished_stage_from_its_checkpoint(ray_session, home, tmp_path,
+                                                                         faults_plan):
     """A stage that dies with no retries left stops the pipeline; ``--resume``
     continues that stage from its last checkpoint instead of restarting it."""
-    hooks = {"stage1": {"fail_at": 3, "fail_marker": str(tmp_path / "died")}}
+    faults_plan(3, stage="stage1")
     # half a CPU per worker: the failed run's placement group may linger a moment,
     # and Ray Data must still find a CPU for decoding
     half = ["--cpus-per-worker", "0.5"]
     with pytest.raises(Exception):
-        full_main(TINY + half + ["--stages", "stage1", "--max-failures", "0"], test_hooks=hooks)
+        full_main(TINY + half + ["--stages", "stage1", "--max-failures", "0"])
     client = MlflowClient(tracking.default_tracking_uri())
     (parent,) = _parent_ids(client)
     run = tracking.child_runs(client, parent)["stage1"]
@@ -253,8 +252,8 @@ def test_a_local_pipeline_trains_on_every_core_and_keeps_a_cpu_for_decoding():
     stays free for Ray Data's decoding tasks (none free: the job starves)."""
     from ray._private.utils import get_num_cpus
 
-    from pipelines.local_ray import pipeline_cpus
-    from pipelines.stage_job import default_cpus_per_worker
+    from pipelines.cluster.ray_init import pipeline_cpus
+    from pipelines.cluster.placement import default_cpus_per_worker
 
     cores, total = get_num_cpus(), pipeline_cpus()
     assert default_cpus_per_worker([total], 1) == cores
@@ -273,5 +272,5 @@ def test_a_local_pipeline_trains_on_every_core_and_keeps_a_cpu_for_decoding():
     ([2], 4, 0.5),          # nothing fits: the smallest share, as before
 ])
 def test_worker_cpus_fit_the_cluster_nodes(nodes, workers, share):
-    from pipelines.stage_job import default_cpus_per_worker
+    from pipelines.cluster.placement import default_cpus_per_worker
     assert default_cpus_per_worker(nodes, workers) == share

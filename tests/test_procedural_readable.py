@@ -1,6 +1,6 @@
 """Every factor of the built-in procedural datasets is readable from the pixels:
 a small CNN (one shared trunk, one head per factor) trained on a few thousand
-generated images reaches high test accuracy on each factor (METHOD.md section
+generated images reaches high test accuracy on each factor (docs/method.md section
 10; the later evaluation's oracle classifiers need >= 0.95 on these datasets).
 
 CPU, 2 threads, seeded.

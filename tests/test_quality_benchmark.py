@@ -1,7 +1,7 @@
 """``benchmarks/quality.py --scale``: iterations and stage 1's schedule scale together."""
 from __future__ import annotations
 
-from dsu_models.train import build_config
+from dsu_models.factory import build_config
 from tests.tiny import load_benchmark
 
 quality = load_benchmark("quality")

@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from dsu_models.__main__ import main
 from dsu_models.inference import DisUnknownModel, ModelLoadError, to_hwc_uint8
-from pipelines.registry import SUMMARY_TAG, beats, log_and_register
+from pipelines.tracking.registry import SUMMARY_TAG, beats, log_and_register
 from tiny_model import shared_tiny
 
 NAME = "disunknown-shapes3d"

@@ -1,4 +1,4 @@
-"""Stage 1 (METHOD.md section 7): options, learning, gradient routing, checkpoints."""
+"""Stage 1 (docs/method.md section 7): options, learning, gradient routing, checkpoints."""
 from __future__ import annotations
 
 import io

@@ -1,4 +1,4 @@
-"""Stage 2 (METHOD.md section 8): options, learning, gradient routing,
+"""Stage 2 (docs/method.md section 8): options, learning, gradient routing,
 checkpoints, non-finite losses. Upstream hand-offs are built from freshly
 initialised networks, so these tests do not depend on the other stages."""
 from __future__ import annotations

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsu_models import train
+from dsu_models import factory, train
+from dsu_models.files import load_torch
 from dsu_models.config import ConfigError, load_resolved
 from dsu_models.stages.common import NonFiniteLossError
 
@@ -16,11 +17,11 @@ FAST = ["image_size=8", "architecture.conv_channels=[8]", "architecture.fc_featu
 
 
 def config(*extra: str):
-    return train.build_config("tiny", FAST + list(extra))
+    return factory.build_config("tiny", FAST + list(extra))
 
 
 def weights(out: Path, stage: str) -> dict:
-    return train.load(out / stage / "handoff.pt")["weights"]
+    return load_torch(out / stage / "handoff.pt")["weights"]
 
 
 def test_end_to_end_writes_every_stage(tmp_path, capsys):
@@ -57,7 +58,7 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
     with pytest.raises(Interrupt):
         train.run(cfg, out, stages=["stage1"], log=lambda s: None, on_report=stop_at_8)
     assert not (out / "stage1" / "handoff.pt").exists()
-    assert train.load(out / "stage1" / "checkpoint.pt")["iteration"] == 8
+    assert load_torch(out / "stage1" / "checkpoint.pt")["iteration"] == 8
     lines = []
     train.run(cfg, out, stages=["stage1"], log=lines.append)
     assert "[stage1] resuming from iteration 8" in lines
@@ -80,7 +81,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     out = tmp_path / "nan"
     with pytest.raises(NonFiniteLossError, match="stage1: loss term .* at iteration 6"):
         train.run(config(), out, stages=["stage1"], log=lambda s: None)
-    state = train.load(out / "stage1" / "checkpoint.pt")
+    state = load_torch(out / "stage1" / "checkpoint.pt")
     assert state["iteration"] == 4
     assert all(torch.isfinite(v).all() for v in state["models"]["generator"].values())
 
@@ -90,9 +91,9 @@ def test_bad_inputs_refused_before_work(tmp_path, capsys):
     assert "stage1.cla1_mode: 'bogus'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
     with pytest.raises(ConfigError, match="no such preset"):
-        train.build_config("nonexistent", [])
+        factory.build_config("nonexistent", [])
     with pytest.raises(ConfigError, match="set data_path"):
-        train.load_data(train.build_config(None, ["dataset=mnist"]))
+        factory.load_data(factory.build_config(None, ["dataset=mnist"]))
     out = tmp_path / "run"
     train.check_out_dir(config(), out)
     with pytest.raises(ConfigError, match="different config .*stage1.cla1_weight"):
@@ -102,8 +103,8 @@ def test_bad_inputs_refused_before_work(tmp_path, capsys):
     assert load_resolved(out / "config.yaml").evaluate.pairs == 77
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in train.PRESET_DIR.glob("*.yaml")))
+@pytest.mark.parametrize("name", sorted(p.stem for p in factory.PRESET_DIR.glob("*.yaml")))
 def test_every_preset_resolves(name):
     """Presets are data checked against the config (a typo in one is an error)."""
-    cfg = train.build_config(name, [])
+    cfg = factory.build_config(name, [])
     assert cfg.dataset == "shapes3d" and cfg.stage1.iterations > 0

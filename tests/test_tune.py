@@ -15,12 +15,13 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from dsu_models.config import ConfigError, read_yaml
-from dsu_models.train import build_config
-from pipelines import tracking, tune_upstream
-from pipelines.tune import main
-from pipelines.tune_report import STOPPED_TAG, without_defaults
-from pipelines.tune_space import config_field, load_space
-from pipelines.tune_trial import RESUMED_TAG, TRIAL_TAG
+from dsu_models.factory import build_config
+from pipelines.tracking import runs as tracking
+from pipelines.sweeps import upstream as tune_upstream
+from pipelines.sweeps.driver import main
+from pipelines.sweeps.report import STOPPED_TAG, without_defaults
+from pipelines.sweeps.space import config_field, load_space
+from pipelines.sweeps.trial import RESUMED_TAG, TRIAL_TAG
 
 REPO = Path(__file__).resolve().parents[1]
 # tiny preset at 8 px; a small evaluation so each report costs about a second
@@ -112,7 +113,7 @@ def test_values_that_fail_resolution_are_refused(tmp_path, entry, message):
 
 
 def test_typo_refused_before_any_ray_work(home, tmp_path, monkeypatch, capsys):
-    import pipelines.tune as tune_cli
+    import pipelines.sweeps.driver as tune_cli
 
     def no_ray(*_args, **_kwargs):
         raise AssertionError("Ray was started for a bad space")
@@ -136,7 +137,7 @@ def test_without_defaults_keeps_only_choices():
 
 
 def test_relative_sqlite_store_is_made_absolute(tmp_path, monkeypatch):
-    from pipelines.tune import absolute_uri
+    from pipelines.sweeps.driver import absolute_uri
     monkeypatch.chdir(tmp_path)
     assert absolute_uri("sqlite:///sub/m.db") == f"sqlite:///{tmp_path.resolve()}/sub/m.db"
     assert absolute_uri("sqlite:////abs/m.db") == "sqlite:////abs/m.db"
@@ -147,7 +148,8 @@ def test_relative_sqlite_store_is_made_absolute(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_stage1_sweep_asha_mlflow_best_config_and_resume(ray_session, home, tmp_path, capsys):
+def test_stage1_sweep_asha_mlflow_best_config_and_resume(ray_session, home, tmp_path, capsys,
+                                                         faults_plan):
     """Four trials on 2 CPUs: lr 0 (nothing learns) against lr 0.01, twice.
 
     ASHA (grace 20 iterations, factor 2, budget 40): a lr-0 trial reaching the
@@ -156,14 +158,13 @@ def test_stage1_sweep_asha_mlflow_best_config_and_resume(ray_session, home, tmp_
     lr 0.01. One trial fails once at iteration 30 (after its checkpoint at 20);
     the resumed sweep continues only that one, from iteration 20."""
     space = _space(tmp_path, "stage: stage1\nspace:\n  stage1.lr: {grid: [0.01, 0.0]}\n")
-    marker = tmp_path / "failed-once"
+    marker = faults_plan(30, rank="any")
     argv = (["--space", str(space), "--samples", "2", "--report-every", "20", "--grace-period", "20",
              "--reduction-factor", "2", "--cpus-per-trial", "1", "--name", "s1"]
             + TINY + ["stage1.iterations=40"])
-    hooks = {"fail_at": {"iteration": 30, "marker": str(marker)}}
-    assert main(argv, test_hooks=hooks) == 1  # one trial failed: the sweep is unfinished
+    assert main(argv) == 1  # one trial failed: the sweep is unfinished
     first = capsys.readouterr().out
-    assert marker.exists(), "the test hook did not fire"
+    assert marker.exists(), "the planned fault did not fire"
 
     client = MlflowClient(tracking.default_tracking_uri())
     (sweep,) = _sweep_runs(client)

@@ -14,7 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from dsu_models.inference import bundle_from_run, save_bundle
-from dsu_models.train import build_config, load_data, run
+from dsu_models.factory import build_config, load_data
+from dsu_models.train import run
 
 TINY_RUN = ["num_samples=200", "all_stages.iterations=4", "all_stages.report_interval=4",
             "all_stages.sample_interval=1000", "all_stages.checkpoint_interval=1000", "device=cpu",

@@ -1,7 +1,7 @@
 """In-memory dataset types shared by the data layer, the runner and the stages.
 
 A dataset is a set of images with integer labels for every factor that has
-ground truth, plus the factor table (METHOD.md section 1 and 10): names,
+ground truth, plus the factor table (docs/method.md section 1 and 10): names,
 class counts, class names and class frequencies on the training split.
 Images are kept as uint8 ``(N, C, H, W)`` so a full split stays small in
 memory; :func:`to_float` converts a batch to ``[-1, 1]`` floats on demand.

@@ -1,7 +1,7 @@
 """Image codec of the prepared format: lossless PNG bytes <-> uint8 arrays, and resizing.
 
 Only numpy and PIL at import time: Ray Data's decode tasks import this module
-(through ``pipelines/decode.py``) and would otherwise each load torch, about
+(through ``pipelines/data/decode.py``) and would otherwise each load torch, about
 0.3 GiB per worker process. ``resize_batch`` imports torch when it has to
 resize, so the common case (training at the prepared size) never does.
 """

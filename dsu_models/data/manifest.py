@@ -39,7 +39,10 @@ def build(name: str, source: str, image_size: int, channels: int, factors: list[
     table = []
     for j, f in enumerate(factors):
         c = {s: [int(x) for x in counts[s][j]] for s in counts}
-        freq = {s: [x / max(sum(v), 1) for x in v] for s, v in c.items()}
+        freq = {}
+        for s, v in c.items():          # linear in classes: the total once per split
+            total = max(sum(v), 1)
+            freq[s] = [x / total for x in v]
         table.append({"name": f.name, "classes": f.classes, "class_names": list(f.names()),
                       "counts": c, "frequencies": freq})
     return {
@@ -62,17 +65,44 @@ def read_manifest(directory) -> dict:
         raise DataError(f"{directory} is not a prepared dataset (no {MANIFEST}); "
                         f"run pipelines/prepare_data.py SOURCE --out {directory}")
     try:
-        m = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        m = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"{path}: unreadable manifest: {e}") from e
+    if not isinstance(m, dict):
+        raise DataError(f"{path}: not a manifest of a prepared dataset (a JSON "
+                        f"{type(m).__name__}, not an object)")
     if m.get("format_version") != FORMAT_VERSION:
         raise DataError(f"{path}: format version {m.get('format_version')!r}, this code reads "
                         f"{FORMAT_VERSION}; prepare the dataset again")
     return m
 
 
+_OWN_KEYS = ("format_version", "source", "factors", "splits", "content_hash")
+
+
+def own_manifest(directory) -> dict:
+    """The manifest of ``directory`` if this project wrote it, of any format version.
+
+    DataError saying why not otherwise (no manifest, not JSON, not ours). Used
+    to decide whether a directory may be replaced (``prepared.check_replaceable``).
+    """
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise DataError(f"{directory} is not a prepared dataset (no {MANIFEST})")
+    try:
+        m = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{directory} is not a prepared dataset ({MANIFEST} is not readable "
+                        f"JSON: {e})") from None
+    missing = [k for k in _OWN_KEYS if k not in m] if isinstance(m, dict) else list(_OWN_KEYS)
+    if missing or not isinstance(m["splits"], dict) or not isinstance(m["content_hash"], str):
+        raise DataError(f"{directory} is not a prepared dataset ({MANIFEST} was not written by "
+                        f"dsu_models.data: it lacks {missing or ['a valid splits table']})")
+    return m
+
+
 def factor_infos(manifest: dict) -> list[FactorInfo]:
-    """Factor table with the train split's frequencies (METHOD.md section 1)."""
+    """Factor table with the train split's frequencies (docs/method.md section 1)."""
     return [FactorInfo(f["name"], f["classes"], tuple(f["class_names"]),
                        tuple(f["frequencies"].get("train", ())))
             for f in manifest["factors"]]

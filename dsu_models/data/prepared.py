@@ -11,11 +11,17 @@ Columns: ``id`` int64 (stable, unique), ``image`` binary (lossless PNG), and
 one int64 column per factor (every factor with ground truth).
 
 :func:`prepare` runs the tasks in a loop in this process; the Ray job in
-``pipelines/prepare_data.py`` runs :func:`run_task` in parallel and calls the
+``pipelines/jobs/prepare.py`` runs :func:`run_task` in parallel and calls the
 same :func:`begin` / :func:`finish`, so both write the same content. Output goes
 to a hidden staging directory next to the target and is renamed into place
 only when complete; a killed preparation leaves no ``manifest.json`` under
 the target name, and its staging directory is removed by the next run.
+
+Only a prepared dataset of ours is ever replaced (:func:`check_replaceable`):
+an existing ``DIR`` that is anything else (a folder of the user's files, a
+foreign ``manifest.json``, a dataset with files added to it, a file, a
+symbolic link) is refused with or without ``overwrite``, before planning and
+again just before the rename.
 """
 from __future__ import annotations
 
@@ -52,7 +58,8 @@ def run_task(plan: SourcePlan, index: int, task: dict, staging: str | Path) -> d
     schema = _schema(plan.factors)
     writers: dict[str, pq.ParquetWriter] = {}
     rows = {s: 0 for s in SPLITS}
-    counts = {s: [np.zeros(f.classes, np.int64) for f in plan.factors] for s in SPLITS}
+    # sparse {label: count}: the stats stay as small as the task whatever the class count
+    counts = {s: [{} for _ in plan.factors] for s in SPLITS}
     try:
         for chunk in plan.read(task):
             images = _checked_images(plan, chunk)
@@ -65,7 +72,9 @@ def run_task(plan: SourcePlan, index: int, task: dict, staging: str | Path) -> d
                         "image": pa.array([encode_png(images[i]) for i in sel], pa.binary())}
                 for j, f in enumerate(plan.factors):
                     cols[f.name] = pa.array(chunk.labels[sel, j], pa.int64())
-                    counts[split][j] += np.bincount(chunk.labels[sel, j], minlength=f.classes)
+                    seen = counts[split][j]
+                    for label, c in zip(*np.unique(chunk.labels[sel, j], return_counts=True)):
+                        seen[int(label)] = seen.get(int(label), 0) + int(c)
                 if split not in writers:
                     (staging / split).mkdir(parents=True, exist_ok=True)
                     writers[split] = pq.ParquetWriter(staging / split / f"part-{index:05d}.parquet",
@@ -75,7 +84,18 @@ def run_task(plan: SourcePlan, index: int, task: dict, staging: str | Path) -> d
     finally:
         for w in writers.values():
             w.close()
-    return {"rows": rows, "counts": {s: [c.tolist() for c in v] for s, v in counts.items()}}
+    return {"rows": rows,
+            "counts": {s: [[sorted(c), [c[k] for k in sorted(c)]] for c in v]
+                       for s, v in counts.items()}}
+
+
+def _dense_counts(stats: list[dict], split: str, j: int, classes: int) -> np.ndarray:
+    """Sum the tasks' sparse counts of factor j on ``split`` into (classes,) int64."""
+    total = np.zeros(classes, np.int64)
+    for st in stats:
+        labels, counts = st["counts"][split][j]
+        np.add.at(total, np.asarray(labels, np.int64), np.asarray(counts, np.int64))
+    return total
 
 
 def _checked_images(plan: SourcePlan, chunk) -> np.ndarray:
@@ -96,20 +116,12 @@ def _checked_images(plan: SourcePlan, chunk) -> np.ndarray:
 def begin(source: str, out_dir, overwrite: bool = False, **options):
     """Plan a preparation. Returns (plan, digest, staging dir) or (None, digest, None)
     when ``out_dir`` already holds this exact preparation (hash match)."""
+    out = Path(out_dir)
+    check_replaceable(out, overwrite)        # refuse a foreign directory before planning
     plan = make_plan(source, options)
     digest = mf.content_hash(source, plan.image_size, plan.options, plan.fingerprint)
-    out = Path(out_dir)
-    if out.exists():
-        try:
-            existing = mf.read_manifest(out)
-        except DataError:
-            existing = None
-        if existing is not None and existing.get("content_hash") == digest:
-            return None, digest, None
-        if not overwrite:
-            what = "a different preparation" if existing else "something that is not a prepared dataset"
-            raise DataError(f"{out} already exists and holds {what} (wanted hash {digest[:12]}); "
-                            f"pass overwrite=True (--overwrite) to replace it")
+    if check_replaceable(out, overwrite, digest):
+        return None, digest, None
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_staging(out)
     staging = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -124,7 +136,7 @@ def finish(plan: SourcePlan, digest: str, staging: Path, out_dir, stats: list[di
         if rows[s] == 0:
             raise DataError(f"{plan.source}: the {s} split is empty "
                             f"(options {plan.options}); nothing to {'train' if s == 'train' else 'test'} on")
-    counts = {s: [np.sum([st["counts"][s][j] for st in stats], axis=0) for j in range(len(plan.factors))]
+    counts = {s: [_dense_counts(stats, s, j, f.classes) for j, f in enumerate(plan.factors)]
               for s in SPLITS}
     files = {s: sorted(p.name for p in (staging / s).glob("*.parquet")) for s in SPLITS}
     rows["plot"], files["plot"] = _write_plot(staging, int(plan.options["plot_size"]),
@@ -179,14 +191,80 @@ def _write_plot(staging: Path, size: int, seed: int, factors) -> tuple[int, list
 
 
 def _commit(staging: Path, out: Path) -> Path:
+    # begin() checked ``out``; check again, something may have appeared there meanwhile
+    check_replaceable(out, overwrite=True)
     old = None
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         out.rename(old)
-    staging.rename(out)
+    try:
+        staging.rename(out)
+    except BaseException:
+        if old is not None:
+            old.rename(out)             # put the previous dataset back
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+_WRITTEN = (mf.MANIFEST, *SPLITS, "plot")   # all that a prepared directory holds
+
+
+def check_replaceable(out, overwrite: bool = False, digest: str | None = None) -> bool:
+    """May a preparation be written to ``out``? DataError (one line, naming ``out``
+    and why) if not; the CLI and the Ray job reach it through :func:`begin`.
+
+    Returns True when ``out`` already holds the preparation with content hash
+    ``digest`` (reuse it, write nothing); False when ``out`` may be written:
+    it does not exist, is an empty directory, or is a prepared dataset of ours
+    (a manifest this project wrote, any format version, and nothing else in
+    it) and ``overwrite`` is set. A dataset of ours with another hash and no
+    ``overwrite`` is refused, suggesting --overwrite; anything else is refused
+    whatever ``overwrite`` says, since replacing it would delete the user's
+    files. With ``digest=None`` (a check before planning) a dataset of ours is
+    not refused yet: whether it is the same preparation needs the plan's hash.
+    """
+    out = Path(out)
+    keep = "refusing to replace it: move it away or choose another --out"
+    if out.is_symlink():
+        raise DataError(f"{out} is a symbolic link (to {os.readlink(out)}); {keep}, or pass the "
+                        f"directory it points to")
+    if not out.exists():
+        return False
+    if not out.is_dir():
+        raise DataError(f"{out} exists and is not a directory; {keep}")
+    try:
+        entries = sorted(p.name for p in out.iterdir())
+    except OSError as e:
+        raise DataError(f"{out}: cannot list the directory ({e}); {keep}") from None
+    if not entries:
+        return False
+    try:
+        m = mf.own_manifest(out)
+    except DataError as e:
+        raise DataError(f"{e}; it holds {_some(entries)}; {keep}") from None
+    extra = [n for n in entries if n not in _WRITTEN and n not in m["splits"]]
+    for split, info in m["splits"].items():
+        listed = set(info.get("files", ())) if isinstance(info, dict) else set()
+        if split in entries and (out / split).is_dir():
+            extra += [f"{split}/{n}" for n in sorted(os.listdir(out / split)) if n not in listed]
+    if extra:
+        raise DataError(f"{out} holds a prepared dataset but also {_some(extra)}, which preparation "
+                        f"did not write; {keep.replace('move it', 'move them')}")
+    if digest is not None and m["content_hash"] == digest and m["format_version"] == mf.FORMAT_VERSION:
+        return True
+    if digest is not None and not overwrite:
+        raise DataError(f"{out} already holds a different preparation (source "
+                        f"{m.get('source')!r}, format version {m.get('format_version')}, hash "
+                        f"{m['content_hash'][:12]}; wanted {digest[:12]}); pass overwrite=True "
+                        f"(--overwrite) to replace it")
+    return False
+
+
+def _some(names: list[str], k: int = 3) -> str:
+    shown = ", ".join(repr(n) for n in names[:k])
+    return shown + (f" and {len(names) - k} more" if len(names) > k else "")
 
 
 def _remove_stale_staging(out: Path) -> None:

@@ -1,4 +1,4 @@
-"""Evaluation of a finished model (METHOD.md section 11): oracles trained on real
+"""Evaluation of a finished model (docs/method.md section 11): oracles trained on real
 images read generated swaps, a probe measures label leakage into the unknown
 code, plus reconstruction, labeled-encoder accuracy and a Frechet distance.
 

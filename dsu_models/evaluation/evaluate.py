@@ -1,4 +1,4 @@
-"""Evaluate a DisUnknown model with oracles and a leakage probe (METHOD.md section 11).
+"""Evaluate a DisUnknown model with oracles and a leakage probe (docs/method.md section 11).
 
 ``model`` is anything with the :class:`dsu_models.inference.DisUnknownModel`
 methods (duck typed): ``labeled_factors``, ``encode_unknown``, ``embed_labels``,

@@ -1,9 +1,9 @@
-"""Metric arithmetic for evaluating a DisUnknown model (METHOD.md section 11).
+"""Metric arithmetic for evaluating a DisUnknown model (docs/method.md section 11).
 
 Pure functions on tensors and metric dicts; :mod:`dsu_models.evaluation.evaluate`
 runs the model and the oracles and calls these.
 
-Choices where METHOD.md is silent (also the documentation of the score formulas):
+Choices where docs/method.md is silent (also the documentation of the score formulas):
 
 - **Chance-normalised scores.** For an accuracy ``acc`` on a factor of ``n``
   classes, ``norm(acc, n) = clip((acc - 1/n) / (1 - 1/n), 0, 1)``: 0 at chance

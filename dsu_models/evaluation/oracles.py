@@ -1,11 +1,11 @@
-"""Oracle classifiers that judge generated images (METHOD.md section 11).
+"""Oracle classifiers that judge generated images (docs/method.md section 11).
 
 An *oracle* reads every ground-truth factor of the dataset (labeled and hidden)
 from an image. It is trained on real training images only, so it is independent
 of the model under evaluation, and its test accuracy per factor says how far its
 readings of generated images can be trusted.
 
-Choices where METHOD.md is silent:
+Choices where docs/method.md is silent:
 
 - One network with a shared trunk and one linear head per factor
   (:class:`OracleNet`): a full-resolution convolution on the image plus two
@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 import warnings
 from pathlib import Path
@@ -60,6 +59,7 @@ from dsu_models.config import EvaluateConfig
 from dsu_models.data.base import FactorInfo, InMemoryDataset
 from dsu_models.data.sources.builtin import BUILTIN as BUILTIN_DATASETS
 from dsu_models.distill import image_batches
+from dsu_models.files import save_torch
 
 ORACLE_VERSION = 2
 TRAIN_BATCH = 64
@@ -293,15 +293,7 @@ def oracle_path(cache_dir: str | Path, key: str) -> Path:
 
 def save_oracles(oracles: OracleSet, ecfg: EvaluateConfig, path: str | Path) -> Path:
     """Write atomically (temp name in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(_to_record(oracles, ecfg), tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return save_torch(_to_record(oracles, ecfg), path)
 
 
 def load_oracles(path: str | Path, device: torch.device | str = "cpu", batch_size: int = 256) -> OracleSet:

@@ -1,4 +1,4 @@
-"""Neural-network building blocks (../shared/METHOD.md section 5): weight-normalised
+"""Neural-network building blocks (docs/method.md section 5): weight-normalised
 layers, the self-normalising PReLU, residual adds, random-offset augmentation and
 the encoder / generator / discriminator / classifier networks."""
 from dsu_models.nn.layers import (ResidualAdd, SNPReLU, WNConv2d, WNConvTranspose2d,

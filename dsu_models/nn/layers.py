@@ -1,11 +1,11 @@
 """Weight-normalised layers, the self-normalising PReLU, the residual add and the
-random-offset augmentation (../shared/METHOD.md section 5).
+random-offset augmentation (docs/method.md section 5).
 
 Every layer here is built so that unit-variance, independent inputs give roughly
 unit-variance outputs at initialisation; the networks in ``networks.py`` stack
 them without any other normalisation.
 
-Choices where METHOD.md is silent:
+Choices where docs/method.md is silent:
 
 - Raw weights start Gaussian with each output unit's vector rescaled to unit
   norm, so an Adam step of size ``lr`` is a relative change of about
@@ -603,7 +603,7 @@ def shift_images(images: tuple[Tensor, ...], dy: Tensor, dx: Tensor) -> tuple[Te
 
 def random_offset(*images: Tensor, generator: torch.Generator | None = None
                   ) -> Tensor | tuple[Tensor, ...]:
-    """Random-offset augmentation for the discriminator and classifiers (METHOD.md 5).
+    """Random-offset augmentation for the discriminator and classifiers (docs/method.md 5).
 
     images: one or more ``(B, C_i, H, W)`` tensors with the same ``B``, ``H``, ``W``;
     sample ``b`` of every tensor gets the SAME shift (paired inputs stay aligned).

@@ -1,4 +1,4 @@
-"""Fused CPU kernels for the elementwise layers of METHOD.md section 5, built
+"""Fused CPU kernels for the elementwise layers of docs/method.md section 5, built
 from ``native_kernels.c`` with the system's C compiler on first use and loaded
 with ``ctypes``: the self-normalising PReLU, the normalised residual add, and a
 2x spread that is both the 2x2 average pool's backward and nearest 2x

@@ -1,4 +1,4 @@
-/* Fused CPU kernels for METHOD.md section 5's elementwise layers, compiled
+/* Fused CPU kernels for docs/method.md section 5's elementwise layers, compiled
  * and loaded at run time by dsu_models/nn/native.py (ctypes; no PyTorch
  * headers): the self-normalising PReLU (forward and backward; the math of
  * layers._SNPReLUFunction, whose docstring derives the gradients), the

@@ -1,4 +1,4 @@
-"""Encoders, generator, discriminator and classifiers (../shared/METHOD.md section 5).
+"""Encoders, generator, discriminator and classifiers (docs/method.md section 5).
 
 Every layer is weight-normalised and every activation is an ``SNPReLU``
 (``layers.py``). Images are square, ``(B, C, S, S)`` with even ``S``.
@@ -10,7 +10,7 @@ into the stride-2 convolution's padding (and the shortcut pool's padding); the
 generator undoes it through its transposed convolutions' padding (and crops its
 upsampled shortcut), so encoder and generator agree on every size.
 
-Choices where METHOD.md is silent:
+Choices where docs/method.md is silent:
 
 - The ``conv_layers[i] - 1`` extra 3x3 residual blocks (identity shortcut)
   start as the identity (residue ratio 0), like the FC residual blocks, so
@@ -70,7 +70,7 @@ def count_levels(image_size: int) -> int:
 
 def default_architecture(image_size: int) -> dict:
     """Default ``dict(conv_channels=[...], fc_features=int)`` for square images of
-    side ``image_size`` (METHOD.md section 5)."""
+    side ``image_size`` (docs/method.md section 5)."""
     levels = count_levels(image_size)
     if levels not in _CHANNELS_BY_LEVELS:
         raise ValueError(f"image size {image_size} needs {levels} levels; "

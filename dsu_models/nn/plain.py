@@ -1,4 +1,4 @@
-"""The layers of METHOD.md section 5 written straight from their formulas,
+"""The layers of docs/method.md section 5 written straight from their formulas,
 differentiated by autograd, as a first implementation writes them.
 
 ``layers.py`` computes the same functions faster (fused weight norm, a

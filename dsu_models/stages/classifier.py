@@ -1,5 +1,5 @@
 """Classifier pre-training: the stage-2 classifier R on real images
-(../shared/METHOD.md sections 2 and 6).
+(docs/method.md sections 2 and 6).
 
 R is an image classifier with ``n_k + 1`` outputs per labeled factor (the last
 one is "fake"), built exactly as stage 2 builds it so stage 2 can load these
@@ -8,7 +8,7 @@ log-softmax over the first ``n_k`` outputs only and the NLL of the true label,
 summed over factors. One Adam step on R per iteration (lr and betas from the
 ``classifier`` config section, lr ramped linearly over ``lr_ramp``).
 
-Choices where METHOD.md is silent:
+Choices where docs/method.md is silent:
 
 - Loss terms are checked for NaN/inf *before* the optimizer step, so a bad batch
   raises :class:`~dsu_models.stages.common.NonFiniteLossError` without writing
@@ -44,7 +44,7 @@ class ClassifierStage(Stage):
         super().__init__(cfg, device)
         if not cfg.labeled_factors:
             raise ValueError("classifier stage: there are no labeled factors to classify "
-                             "(METHOD.md section 2: it only exists when K > 0)")
+                             "(docs/method.md section 2: it only exists when K > 0)")
         check_factors(cfg, factors)
         self.factor_names = list(cfg.labeled_factors)
         self.class_counts = [spec.classes for _, spec in cfg.labeled()]

@@ -58,7 +58,7 @@ def adam(groups: list[dict], betas) -> torch.optim.Adam:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, iteration: int, ramp_length: int):
-    """Each group's lr = base lr x its linear ramp (METHOD.md section 7 step 8)."""
+    """Each group's lr = base lr x its linear ramp (docs/method.md section 7 step 8)."""
     for group in optimizer.param_groups:
         group["lr"] = group["base_lr"] * ramp(iteration, group["ramp_start"], ramp_length)
 

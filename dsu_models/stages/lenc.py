@@ -1,4 +1,4 @@
-"""Labeled encoder S (../shared/METHOD.md sections 2 and 6; the last stage).
+"""Labeled encoder S (docs/method.md sections 2 and 6; the last stage).
 
 S is an encoder with one diagonal Gaussian head per labeled factor (sizes
 ``m_k``). It learns to read the labeled codes of the final label embedders B2
@@ -8,7 +8,7 @@ stage-2 hand-off and are frozen (``requires_grad`` off, eval mode, used only
 under ``torch.no_grad``); only S is trained (Adam, ``lenc`` lr and betas, lr
 ramped over ``lr_ramp``).
 
-Each iteration trains S on two halves (METHOD.md lists G2 and B2 as this
+Each iteration trains S on two halves (docs/method.md lists G2 and B2 as this
 stage's inputs; the reference implementation trains on real images only):
 
 - *real*: the batch's images ``x`` with their labels ``y``;
@@ -29,7 +29,7 @@ stage's inputs; the reference implementation trains on real images only):
 form, so an even split keeps the loss on the scale of a single KL while giving
 real images (the ground truth) and swaps (where S is used) equal say. Both
 halves go through S in one forward pass. With ``w = 0`` the generated half is
-not built at all (no G2 pass, S on the real batch only): METHOD.md's loss on
+not built at all (no G2 pass, S on the real batch only): docs/method.md's loss on
 real images alone, at twice the images/s (benchmarks/stage_throughput.py,
 ``lenc_real``).
 
@@ -80,7 +80,7 @@ class LencStage(Stage):
     def __init__(self, cfg: Config, factors: list[FactorInfo], upstream: dict, device=None):
         if not cfg.labeled_factors:
             raise ValueError("lenc stage: there are no labeled factors to encode "
-                             "(METHOD.md section 2: lenc only exists when K > 0)")
+                             "(docs/method.md section 2: lenc only exists when K > 0)")
         if not cfg.stage2.use_embedding:
             raise ValueError("lenc stage: stage2.use_embedding is false, so stage 2 trained the "
                              "labeled encoder itself and there are no embedders B2 to learn from")

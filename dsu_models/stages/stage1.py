@@ -1,4 +1,4 @@
-"""Stage 1, unknown distillation (METHOD.md section 7).
+"""Stage 1, unknown distillation (docs/method.md section 7).
 
 Trains the unknown encoder E, the generator G1, the label embedders B1 and
 the stage-1 classifier C. One iteration:

@@ -1,4 +1,4 @@
-"""Stage 2, the final generator (METHOD.md section 8).
+"""Stage 2, the final generator (docs/method.md section 8).
 
 Trains the generator G2 (initialised from G1), the discriminator D, the label
 embedders B2 (initialised from B1) or, with ``use_embedding: false``, the
@@ -46,7 +46,7 @@ one detached D (and R) forward over the fakes for the generator, every code
 dropout, per-factor R losses computed on one padded ``(N, K, n_max + 1)``
 logit tensor, one random-offset gather shared by D and R.
 
-Choices where METHOD.md is silent (following the reference implementation
+Choices where docs/method.md is silent (following the reference implementation
 where it has one):
 
 - ``mse`` mode still has a D, judging single images (no pairs): realism still
@@ -233,7 +233,7 @@ class Stage2(Stage):
     # ------------------------------------------------------------ step
 
     def train_step(self, batch: dict) -> dict[str, float]:
-        """One iteration of METHOD.md section 8 (one backward pass, one Adam
+        """One iteration of docs/method.md section 8 (one backward pass, one Adam
         step; gradient routing as in the module docstring). Returns the
         unweighted terms and ``total`` as floats (one device sync)."""
         batch = self.to_device(batch)

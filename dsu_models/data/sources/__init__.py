@@ -1,4 +1,4 @@
-"""Registry of data sources: name -> module (METHOD.md section 10 defaults).
+"""Registry of data sources: name -> module (docs/method.md section 10 defaults).
 
 Each module defines ``NAME``, ``FACTORS`` (name, classes; None where the data
 decide), ``DEFAULT_IMAGE_SIZE``, ``CHANNELS``, ``OPTIONS`` (its own options and

@@ -2,7 +2,7 @@
 
 Layout: ``ROOT/<chair id>/renders/image_NNN_pPPP_tTTT_rRRR.png`` (600x600 RGB,
 white background); p is the altitude (2 values), t the azimuth (31 values).
-Factors (METHOD.md section 10): class (the 1,393 chairs, sorted folder names
+Factors (docs/method.md section 10): class (the 1,393 chairs, sorted folder names
 kept as class names), altitude (2), azimuth (31), each numbered by sorted
 value. The centred ``crop`` fraction (default 0.75: the renders leave a wide
 white margin) is resized to ``image_size`` (default 128). ids index the

@@ -2,7 +2,7 @@
 
 Five pickled training batches and one test batch of 10,000 32x32 RGB images
 each (``data``: (10000, 3072) uint8, channel-major; ``labels``); one task per
-batch file. METHOD.md section 10.
+batch file. docs/method.md section 10.
 """
 from __future__ import annotations
 

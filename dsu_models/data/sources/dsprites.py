@@ -2,7 +2,7 @@
 
 Arrays: ``imgs`` (737,280, 64, 64) uint8 in {0, 1} and ``latents_classes``
 (N, 6): color (always 0), shape (3), scale (6), orientation (40), x, y (32).
-METHOD.md section 10 quirks: orientation 39 equals orientation 0 and is
+docs/method.md section 10 quirks: orientation 39 equals orientation 0 and is
 dropped (39 orientations, 718,848 images); with ``relabel_orientation`` the
 square's and ellipse's labels t become (4t) % 39 and (2t) % 39 so they go round
 in order through their symmetric poses. ids are the row numbers in the file.

@@ -5,7 +5,11 @@ The CSV (option ``csv``, default ``ROOT/labels.csv``) has a file column
 factor and optionally a ``split`` column (``train`` / ``test``; otherwise a
 seeded ``test_portion`` is held out). A factor column holds either
 non-negative integers (classes 0..max, or ``classes[name]`` if declared) or
-strings (class ids by sorted name; the names are kept). Declaring
+strings (class ids by sorted name; the names are kept), never a mix of the
+two; integer labels may not imply more than ``max(1024, 10 x rows)`` classes
+(a typo such as ``1000000`` is an error, not a million-class factor). Each
+image is listed once (``./a.png`` and ``a.png`` are the same image), inside
+ROOT. Blank lines are skipped; errors name the CSV's own line numbers. Declaring
 ``factors`` makes missing and extra columns errors. Every image must have the
 first image's size and channel count unless ``resize`` is set, which converts
 channels, crops the centred square and resizes to ``image_size``.
@@ -14,6 +18,7 @@ ids are CSV data-row numbers (0-based).
 from __future__ import annotations
 
 import csv
+import os
 import re
 from pathlib import Path
 from typing import Iterator
@@ -31,70 +36,144 @@ DEFAULT_IMAGE_SIZE = None   # the images' own size
 CHANNELS = None             # the images' own channel count
 OPTIONS = {"root": None, "csv": None, "file_column": "file", "factors": None, "classes": None,
            "channels": None}
-_INT = re.compile(r"^[+-]?\d+$")
+_INT = re.compile(r"^[+-]?[0-9]+$")
+_RESERVED = ("id", "image")          # columns of the prepared format itself (prepared._schema)
+# an integer factor column may not imply more classes than this (a typo such as
+# 1000000 would otherwise allocate and write a class table that size)
+MIN_CLASS_LIMIT, CLASSES_PER_ROW = 1024, 10
+
+
+def class_limit(rows: int) -> int:
+    """Most classes an integer factor may have in a CSV of ``rows`` data rows."""
+    return max(MIN_CLASS_LIMIT, CLASSES_PER_ROW * rows)
 
 
 def _read_csv(path: Path, file_col: str, declared: list[str] | None):
+    """-> (columns {header: [cell, ...]}, factor names, CSV line number of each data row).
+
+    Blank lines are skipped; line numbers are those of the file (1-based)."""
+    rows, lines = [], []
+    header = header_line = None
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.reader(f)
-            header = next(reader, None)
-            if header is None:
-                raise DataError(f"{path}: empty CSV (no header)")
-            header = [h.strip() for h in header]
-            rows = list(reader)
+            prev = 0
+            for r in reader:
+                start, prev = prev + 1, reader.line_num
+                if not any(c.strip() for c in r):
+                    continue
+                if header is None:
+                    header, header_line = [h.strip() for h in r], start
+                else:
+                    rows.append(r)
+                    lines.append(start)
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise DataError(f"cannot read CSV {path}: {e}") from e
+    if header is None:
+        raise DataError(f"{path}: empty CSV (no header)")
+    where = f"{path}: line {header_line}"
+    for k, h in enumerate(header):
+        if not h:
+            raise DataError(f"{where}: column {k + 1} of the header is empty; header is {header}")
+        if header.index(h) != k:
+            raise DataError(f"{where}: column {h!r} appears twice in the header {header}")
     if file_col not in header:
-        raise DataError(f"{path}: missing file column {file_col!r}; header is {header}")
+        raise DataError(f"{where}: missing file column {file_col!r}; header is {header}")
     names = [h for h in header if h not in (file_col, "split")]
     if declared is not None:
         missing = [d for d in declared if d not in names]
         extra = [h for h in names if h not in declared]
         if missing:
-            raise DataError(f"{path}: missing factor column(s) {missing}; header is {header}")
+            raise DataError(f"{where}: missing factor column(s) {missing}; header is {header}")
         if extra:
-            raise DataError(f"{path}: unexpected column(s) {extra} (declared factors {declared}); "
+            raise DataError(f"{where}: unexpected column(s) {extra} (declared factors {declared}); "
                             f"header is {header}")
         names = list(declared)
     if not names:
-        raise DataError(f"{path}: no factor columns besides {file_col!r}; header is {header}")
-    for i, r in enumerate(rows):
+        raise DataError(f"{where}: no factor columns besides {file_col!r}; header is {header}")
+    for h in names:
+        if h in _RESERVED:
+            raise DataError(f"{where}: column {h!r} is reserved by the prepared format (its columns "
+                            f"{list(_RESERVED)}); rename that factor column")
+    for r, line in zip(rows, lines):
         if len(r) != len(header):
-            raise DataError(f"{path}: line {i + 2} has {len(r)} fields, header has {len(header)}")
+            raise DataError(f"{path}: line {line} has {len(r)} fields, header has {len(header)}")
     if not rows:
         raise DataError(f"{path}: no data rows")
     cols = {h: [r[k].strip() for r in rows] for k, h in enumerate(header)}
-    return cols, names
+    return cols, names, lines
 
 
-def _factor(path: Path, name: str, values: list[str], declared: int | None):
+def _declared_classes(path: Path, name: str, declared, rows: int) -> int | None:
+    if declared is None:
+        return None
+    try:
+        if isinstance(declared, bool) or int(declared) != float(declared):
+            raise ValueError
+        declared = int(declared)
+    except (TypeError, ValueError):
+        raise DataError(f"{path}: classes[{name!r}] must be an integer >= 2, "
+                        f"got {declared!r}") from None
+    if declared < 2:
+        raise DataError(f"{path}: classes[{name!r}] must be an integer >= 2, got {declared}")
+    limit = class_limit(rows)
+    if declared > limit:
+        raise DataError(f"{path}: classes[{name!r}] = {declared} is far more than the {rows} rows; "
+                        f"at most max({MIN_CLASS_LIMIT}, {CLASSES_PER_ROW} x rows) = {limit} "
+                        f"classes are allowed")
+    return declared
+
+
+def _factor(path: Path, name: str, values: list[str], declared, lines: list[int]):
     """One column -> (FactorInfo, labels (n,) int64); errors name line, column and value."""
-    if all(_INT.match(v) for v in values):
-        labels = np.array([int(v) for v in values], np.int64)
-        neg = np.flatnonzero(labels < 0)
-        if len(neg):
-            i = int(neg[0])
-            raise DataError(f"{path}: line {i + 2}, column {name!r}: negative label {values[i]!r}")
-        classes = int(declared) if declared is not None else int(labels.max()) + 1
-        over = np.flatnonzero(labels >= classes)
-        if len(over):
-            i = int(over[0])
-            raise DataError(f"{path}: line {i + 2}, column {name!r}: label {values[i]!r} is outside "
+    def where(i: int) -> str:
+        return f"{path}: line {lines[i]}, column {name!r}"
+
+    n = len(values)
+    declared = _declared_classes(path, name, declared, n)
+    for i, v in enumerate(values):
+        if v == "":
+            raise DataError(f"{where(i)}: empty label")
+    is_int = [bool(_INT.match(v)) for v in values]
+    if all(is_int):
+        ints = [int(v) for v in values]     # Python ints: no overflow before the checks below
+        i = min(range(n), key=ints.__getitem__)
+        if ints[i] < 0:
+            raise DataError(f"{where(i)}: negative label {values[i]!r}")
+        i = max(range(n), key=ints.__getitem__)
+        limit = class_limit(n)
+        if declared is None and ints[i] + 1 > limit:
+            raise DataError(f"{where(i)}: label {values[i]!r} means {ints[i] + 1} classes for {n} "
+                            f"rows; at most max({MIN_CLASS_LIMIT}, {CLASSES_PER_ROW} x rows) = "
+                            f"{limit} classes are allowed (integer labels are class ids "
+                            f"0..classes-1; use names for other codes)")
+        classes = declared if declared is not None else ints[i] + 1
+        if ints[i] >= classes:
+            i = next(k for k, x in enumerate(ints) if x >= classes)
+            raise DataError(f"{where(i)}: label {values[i]!r} is outside "
                             f"the declared {classes} classes [0, {classes})")
+        labels = np.array(ints, np.int64)
         names = ()
     elif all(_is_number(v) for v in values):
-        i = next(i for i, v in enumerate(values) if not _INT.match(v))
-        raise DataError(f"{path}: line {i + 2}, column {name!r}: non-integer label {values[i]!r}")
+        i = is_int.index(False)
+        raise DataError(f"{where(i)}: non-integer label {values[i]!r}")
+    elif any(is_int):
+        first_int, first_name = is_int.index(True), is_int.index(False)
+        mix = ("the column mixes integer labels and names; use integers (class ids) or names "
+               "throughout")
+        if 2 * sum(is_int) >= n:
+            i = first_name
+            raise DataError(f"{where(i)}: {values[i]!r} is not an integer, but line "
+                            f"{lines[first_int]} has the integer {values[first_int]!r}: {mix}")
+        i = first_int
+        raise DataError(f"{where(i)}: {values[i]!r} is an integer, but line {lines[first_name]} "
+                        f"has the name {values[first_name]!r}: {mix}")
     else:
-        for i, v in enumerate(values):
-            if v == "":
-                raise DataError(f"{path}: line {i + 2}, column {name!r}: empty label")
         names = tuple(sorted(set(values)))
         labels = np.searchsorted(np.array(names, dtype=object), np.array(values, dtype=object))
         labels = np.asarray(labels, np.int64)
         classes = len(names)
-        if declared is not None and int(declared) != classes:
+        if declared is not None and declared != classes:
             raise DataError(f"{path}: column {name!r} has {classes} distinct names {list(names)[:10]}, "
                             f"declared classes {declared}")
     if classes < 2 or len(np.unique(labels)) < 2:
@@ -111,6 +190,35 @@ def _is_number(v: str) -> bool:
         return False
 
 
+def _image_paths(csv_path: Path, root: Path, col: str, cells: list[str], lines: list[int],
+                 split: list[str] | None) -> list[Path]:
+    """File cells -> paths under ``root``; each image once, inside the folder, existing."""
+    seen: dict[str, int] = {}
+    paths = []
+    for i, cell in enumerate(cells):
+        where = f"{csv_path}: line {lines[i]}, column {col!r}"
+        if not cell:
+            raise DataError(f"{where}: empty file name")
+        rel = os.path.relpath(os.path.normpath(os.path.join(root, cell)), root)
+        if rel == os.curdir or rel == os.pardir or rel.startswith(os.pardir + os.sep):
+            raise DataError(f"{where}: {cell!r} is outside the folder {root}; paths must be "
+                            f"relative to it")
+        if rel in seen:
+            k = seen[rel]
+            if split is not None and split[k] != split[i]:
+                raise DataError(f"{where}: {cell!r} is in the {split[i]} split here and in the "
+                                f"{split[k]} split on line {lines[k]}; an image may be in one split "
+                                f"only")
+            raise DataError(f"{where}: {cell!r} is already listed on line {lines[k]}; each image "
+                            f"may appear once")
+        seen[rel] = i
+        paths.append(root / rel)
+    for i, p in enumerate(paths):
+        if not p.is_file():
+            raise DataError(f"{csv_path}: line {lines[i]}, column {col!r}: file {p} not found")
+    return paths
+
+
 def plan(opts: dict) -> SourcePlan:
     if opts["root"] is None:
         raise DataError(f"{NAME}: option 'root' (the image folder) is required")
@@ -123,49 +231,52 @@ def plan(opts: dict) -> SourcePlan:
     declared = opts["factors"]
     if isinstance(declared, str):
         declared = [d.strip() for d in declared.split(",") if d.strip()]
-    cols, names = _read_csv(csv_path, opts["file_column"], declared)
+    file_col = opts["file_column"]
+    cols, names, lines = _read_csv(csv_path, file_col, declared)
     classes = dict(opts["classes"] or {})
     unknown = sorted(set(classes) - set(names))
     if unknown:
         raise DataError(f"{NAME}: classes given for {unknown}, which are not factor columns {names}")
+    split = cols.get("split")
+    if split is not None:
+        for i, v in enumerate(split):
+            if v not in ("train", "test"):
+                raise DataError(f"{csv_path}: line {lines[i]}, column 'split': {v!r} is not "
+                                f"'train' or 'test'")
+    files = _image_paths(csv_path, root, file_col, cols[file_col], lines, split)
     factors, labels = [], []
     for name in names:
-        f, lab = _factor(csv_path, name, cols[name], classes.get(name))
+        f, lab = _factor(csv_path, name, cols[name], classes.get(name), lines)
         factors.append(f)
         labels.append(lab)
     labels = np.stack(labels, 1)
     n = len(labels)
-    if "split" in cols:
-        bad = [i for i, v in enumerate(cols["split"]) if v not in ("train", "test")]
-        if bad:
-            i = bad[0]
-            raise DataError(f"{csv_path}: line {i + 2}, column 'split': {cols['split'][i]!r} is not "
-                            f"'train' or 'test'")
-        is_test = np.array([v == "test" for v in cols["split"]])
+    if split is not None:
+        is_test = np.array([v == "test" for v in split])
     else:
         is_test = test_mask(n, float(opts["test_portion"]), int(opts["seed"]))
-    for split, mask in (("train", ~is_test), ("test", is_test)):
+    for s, mask in (("train", ~is_test), ("test", is_test)):
         if not mask.any():
-            raise DataError(f"{csv_path}: the {split} split is empty")
-    files = [root / p for p in cols[opts["file_column"]]]
-    for i, p in enumerate(files):
-        if not p.is_file():
-            raise DataError(f"{csv_path}: line {i + 2}, column {opts['file_column']!r}: file "
-                            f"{p} not found")
-    h, w, c = _images.peek(files[0])
+            raise DataError(f"{csv_path}: the {s} split is empty")
+    first = f"{csv_path}: line {lines[0]}"
+    try:
+        h, w, c = _images.peek(files[0])
+    except DataError as e:
+        raise DataError(f"{first}: {e}") from None
     channels = int(opts["channels"] or c)
     if channels not in (1, 3):
         raise DataError(f"{NAME}: channels must be 1 or 3, got {channels}")
     native = h if h == w else None
     size = int(opts["image_size"] or native or 0)
     if not size:
-        raise DataError(f"{NAME}: {files[0]} is {w}x{h}, not square: pass image_size and resize=True")
+        raise DataError(f"{first}: {files[0]} is {w}x{h}, not square: pass image_size and "
+                        f"resize=True (--image-size, --resize)")
     if size % 2:
-        raise DataError(f"{NAME}: image size {size} ({files[0]}) is odd; pass an even image_size "
-                        f"and resize=True")
+        raise DataError(f"{first}: image size {size} ({files[0]}) is odd; pass an even image_size "
+                        f"and resize=True (--image-size, --resize)")
     tasks = [{"files": [str(p) for p in files[a:b]], "labels": labels[a:b], "test": is_test[a:b],
-              "start": a, "size": size, "expect": (h, w, channels), "resize": bool(opts["resize"]),
-              "csv": str(csv_path)}
+              "start": a, "lines": lines[a:b], "size": size, "expect": (h, w, channels),
+              "resize": bool(opts["resize"]), "csv": str(csv_path)}
              for a, b in ranges(n, int(opts["chunk_size"]))]
     fingerprint = {"csv": file_digest(csv_path), "images": tree_fingerprint(root, files)}
     return SourcePlan(NAME, factors, channels, size, native, tasks, read, opts, fingerprint)
@@ -174,8 +285,8 @@ def plan(opts: dict) -> SourcePlan:
 def read(task: dict) -> Iterator[Chunk]:
     images = np.stack([
         _images.load(Path(p), task["expect"], task["size"], task["resize"],
-                     where=f"{task['csv']}: line {task['start'] + i + 2}: ")
-        for i, p in enumerate(task["files"])])
+                     where=f"{task['csv']}: line {line}: ")
+        for p, line in zip(task["files"], task["lines"])])
     yield Chunk(np.where(task["test"], TEST, TRAIN).astype(np.int8),
                 task["start"] + np.arange(len(images), dtype=np.int64), images, task["labels"],
                 task["csv"])

@@ -1,6 +1,6 @@
 """``mnist``: torchvision MNIST from a local root (``ROOT/MNIST/raw``), factor ``class``.
 
-28x28 grayscale; standard train (60,000) / test (10,000) split; METHOD.md section 10.
+28x28 grayscale; standard train (60,000) / test (10,000) split; docs/method.md section 10.
 """
 from __future__ import annotations
 

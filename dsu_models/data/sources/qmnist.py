@@ -4,7 +4,7 @@ Files ``ROOT/QMNIST/raw/xnist-images-idx3-ubyte`` and
 ``xnist-labels-idx2-int`` (torchvision's layout after download). The label
 file holds 8 int32 columns per image: digit class, NIST HSF series, writer id,
 digit index for that writer, NIST class code, global NIST index, duplicate
-flag, unused. Factors (METHOD.md section 10): ``class`` (10) and ``writer``
+flag, unused. Factors (docs/method.md section 10): ``class`` (10) and ``writer``
 (the distinct writer ids, renumbered 0..W-1 in increasing id order; class
 names keep the original ids). No standard split: a seeded ``test_portion``.
 """

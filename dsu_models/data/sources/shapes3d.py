@@ -1,7 +1,7 @@
 """``shapes3d``: built-in procedural RGB scenes modelled on 3D Shapes.
 
 A wall (upper part) and a floor (lower part, shaded by depth) with an object
-standing in the middle. Factors (METHOD.md section 10, 3D Shapes row):
+standing in the middle. Factors (docs/method.md section 10, 3D Shapes row):
 floor_hue, wall_hue, object_hue (10 hues evenly spaced on the hue circle),
 scale (8), shape (4: cube, sphere, cone, pill) and orientation (15 in-plane
 rotations over [-80, 80] degrees). Every object carries a dark stripe from its

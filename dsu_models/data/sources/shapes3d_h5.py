@@ -3,7 +3,7 @@
 Datasets ``images`` (480,000, 64, 64, 3) uint8 and ``labels`` (480,000, 6)
 float64 factor values: floor_hue, wall_hue, object_hue (10 each, 0.0-0.9),
 scale (8, 0.75-1.25), shape (4) and orientation (15, -30 to 30 degrees);
-METHOD.md section 10. Values become class indices by rank among the distinct
+docs/method.md section 10. Values become class indices by rank among the distinct
 values of their column (names keep the values). Images are read in slices
 of ``chunk_size`` rows, never the whole array. ids are row numbers.
 """

@@ -1,6 +1,6 @@
 """``sprites``: built-in procedural grayscale sprites modelled on dSprites.
 
-A white shape on black. Factors (METHOD.md section 10, dSprites row, with fewer
+A white shape on black. Factors (docs/method.md section 10, dSprites row, with fewer
 orientation and position classes, see below): shape (3: square, ellipse,
 heart), scale (6, geometric from 0.65 to 1 of the largest size), orientation
 (12, 30 degrees apart) and x and y (16 positions each, 0.22 to 0.78 of the side).
@@ -14,7 +14,7 @@ Drawn so that every factor reads from the pixels at 32 px: a small CNN reaches
   9.2 degree steps turn the edge of an 8-13 px sprite by under a pixel (generator
   v2 had them: the CNN read orientation .16 and position .72 exact). Here
   positions are 1.2 px apart at 32 px and orientations 30 degrees.
-* Orientation follows the *relabelled* real dSprites (METHOD.md section 10
+* Orientation follows the *relabelled* real dSprites (docs/method.md section 10
   quirk): label t is the angle ``2*pi*t/12``, counter-clockwise from up, and
   labels go round in order. Every shape carries the same mark, a dark notch
   from its centre out through its front edge (a straight slot in the square and

@@ -1,7 +1,7 @@
 """``sprites_full``: the ``sprites`` drawings on dSprites' own class grid.
 
 Factors: shape (3), scale (6), orientation (39, 9.2 degrees apart), x and y
-(32 positions each, 0.22 to 0.78 of the side): the dSprites counts of METHOD.md
+(32 positions each, 0.22 to 0.78 of the side): the dSprites counts of docs/method.md
 section 10 (its 40th orientation repeats the first and is left out, as the
 dSprites loader does). Drawn at 64 px by default, where positions are 1.2 px
 apart, as in ``sprites`` at 32 px; at 32 px neighbouring positions are 0.6 px

@@ -4,7 +4,7 @@ Files ``ROOT/train_32x32.mat``, ``test_32x32.mat`` and (option ``extra``,
 default on) ``extra_32x32.mat``, whose images join the training split.
 ``X`` is (32, 32, 3, N) uint8, ``y`` (N, 1) with label 10 for digit 0.
 Pixels are streamed out of the .mat file (see ``_matfile``), one task per
-file. Factor ``class`` (10); METHOD.md section 10.
+file. Factor ``class`` (10); docs/method.md section 10.
 """
 from __future__ import annotations
 

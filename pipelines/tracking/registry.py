@@ -1,9 +1,9 @@
 """Log a finished model to MLflow and keep the best one behind an alias
-(METHOD.md section 11: higher ``summary`` = a better model).
+(docs/method.md section 11: higher ``summary`` = a better model).
 
 :func:`log_and_register` logs a bundle directory (``dsu_models.inference.save_bundle``)
 as an MLflow pyfunc model in a run, from the models-from-code file
-``pipelines/pyfunc_model.py`` with the bundle as its ``bundle`` artifact, a
+``pipelines/tracking/pyfunc_model.py`` with the bundle as its ``bundle`` artifact, a
 tensor signature (``images`` uint8 ``(-1, S, S, C)``, ``labels`` int64
 ``(-1, K)`` -> uint8 ``(-1, S, S, C)``) and an input example. It registers the
 model as ``disunknown-<dataset>``, tags the new version with its summary score,

@@ -1,4 +1,4 @@
-"""The pipeline's ``evaluate`` and ``register`` steps (METHOD.md section 11).
+"""The pipeline's ``evaluate`` and ``register`` steps (docs/method.md section 11).
 
 ``evaluate`` runs as one Ray task (a GPU when the pipeline has ``--gpu``):
 
@@ -16,7 +16,7 @@
 ``register`` (in the driver) logs that bundle as an MLflow pyfunc model,
 registers it as ``disunknown-<dataset>`` and moves the ``champion`` alias to it
 only when its ``summary`` beats the current holder's
-(``pipelines.registry.log_and_register``).
+(``pipelines.tracking.registry.log_and_register``).
 """
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from dsu_models.config import Config
-from pipelines import tracking
+from dsu_models.grids import to_hwc
+from pipelines.tracking import runs as tracking
 
 MODEL_DIR = "model"
 
@@ -42,7 +43,7 @@ def evaluate_in_process(cfg: Config, data_dir: str, runs: dict, run_id: str, tra
     from dsu_models.bundle import make_bundle, save_bundle
     from dsu_models.inference import DisUnknownModel
     from dsu_models.plots import evaluation_pictures
-    from pipelines.stage_job import load_upstream
+    from pipelines.data.upstream import load_upstream
 
     client = MlflowClient(tracking_uri)
     with tempfile.TemporaryDirectory(prefix="dsu-evaluate-") as tmp:
@@ -67,7 +68,7 @@ def evaluate_in_process(cfg: Config, data_dir: str, runs: dict, run_id: str, tra
         now = int(time.time() * 1000)
         client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
         for name, image in evaluation_pictures(model, test, seed=cfg.evaluate.seed).items():
-            client.log_image(run_id, _hwc(image), artifact_file=f"pictures/{name}.png")
+            client.log_image(run_id, to_hwc(image), artifact_file=f"pictures/{name}.png")
         bundle_dir = save_bundle(bundle, workdir / MODEL_DIR)
         client.log_artifacts(run_id, str(bundle_dir), artifact_path=MODEL_DIR)
         log("[evaluate] " + ", ".join(f"{k} {metrics[k]:.3f}" for k in
@@ -76,22 +77,13 @@ def evaluate_in_process(cfg: Config, data_dir: str, runs: dict, run_id: str, tra
         return metrics
 
 
-def _hwc(image):
-    """uint8 picture as an HWC (or HW) numpy array, whatever layout plots returned."""
-    import numpy as np
-    array = image.numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
-    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
-        array = array.transpose(1, 2, 0)
-    return array[..., 0] if array.ndim == 3 and array.shape[-1] == 1 else array
-
-
 def run_evaluate(cfg: Config, data_dir: str, runs: dict, run_id: str, tracking_uri: str,
                  use_gpu: bool = False, num_cpus: float | None = None) -> dict[str, float]:
     """:func:`evaluate_in_process` as one Ray task (on a GPU node with ``use_gpu``)
     with ``num_cpus`` CPUs (its torch threads); default: a lone Train worker's share."""
     import ray
 
-    from pipelines.stage_job import default_cpus_per_worker, node_cpus
+    from pipelines.cluster.placement import default_cpus_per_worker, node_cpus
 
     if num_cpus is None:
         num_cpus = default_cpus_per_worker(node_cpus(), 1, use_gpu)
@@ -112,7 +104,7 @@ def run_register(cfg: Config, runs: dict, run_id: str, tracking_uri: str, alias:
     """Register the evaluate run's model; returns what the registry step reports."""
     from mlflow.tracking import MlflowClient
 
-    from pipelines.registry import log_and_register
+    from pipelines.tracking.registry import log_and_register
 
     client = MlflowClient(tracking_uri)
     evaluate_run = client.get_run(runs["evaluate"])

@@ -1,6 +1,6 @@
-"""The DisUnknown model as an MLflow pyfunc (models-from-code file; METHOD.md section 11).
+"""The DisUnknown model as an MLflow pyfunc (models-from-code file; docs/method.md section 11).
 
-:func:`pipelines.registry.log_and_register` logs THIS FILE as the model's code
+:func:`pipelines.tracking.registry.log_and_register` logs THIS FILE as the model's code
 (``mlflow.pyfunc.log_model(python_model=<this path>, artifacts={"bundle": DIR})``),
 so nothing is pickled; MLflow runs it when the model is loaded and
 :func:`mlflow.models.set_model` below names the model object. The bundle

@@ -1,19 +1,17 @@
 """Distil the unknown codes after stage 1, as a Ray Data batch-inference job.
 
-    python pipelines/distill.py --parent RUN_ID --stage1-run RUN_ID [--data DIR] [options]
+    python pipelines/stage.py distill --parent RUN_ID --stage1-run RUN_ID [--data DIR] [options]
 
 An actor pool (GPU when asked for) encodes every train and test image with
 stage 1's encoder E and writes ``(id, mu, sigma)`` as Parquet; the driver then
 streams the train codes through ``CodeStatsAccumulator`` to get the float64
-code statistics (METHOD.md section 7). Both are logged to the ``distill``
+code statistics (docs/method.md section 7). Both are logged to the ``distill``
 MLflow run as ``codes/<split>/*.parquet`` and ``stats.pt``; stage 2 joins the
 codes to images by ``id``.
 """
 from __future__ import annotations
 
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,14 +19,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from dsu_models.codes import CodeStatsAccumulator, code_statistics
 from dsu_models.config import Config, config_from_dict
 from dsu_models.data import to_float
+from dsu_models.files import load_torch
 from dsu_models.models import build_encoder
-from pipelines import tracking
+from pipelines.tracking import runs as tracking
 
 
 class EncodeUnknown:
@@ -74,7 +70,7 @@ def run_distill(cfg: Config, data_dir: str, stage1_run: str, run_id: str, tracki
     import ray
     from mlflow.tracking import MlflowClient
 
-    from pipelines.data_loading import train_dataset
+    from pipelines.data.loading import train_dataset
 
     client = MlflowClient(tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
@@ -82,8 +78,7 @@ def run_distill(cfg: Config, data_dir: str, stage1_run: str, run_id: str, tracki
         if cfg.unknown_size == 0:
             stats = code_statistics(torch.zeros(1, 0), torch.zeros(1, 0))  # nothing unknown
         else:
-            handoff = torch.load(tracking.download(stage1_run, "handoff.pt", tracking_uri, tmp / "in"),
-                                 map_location="cpu", weights_only=True)
+            handoff = load_torch(tracking.download(stage1_run, "handoff.pt", tracking_uri, tmp / "in"))
             weights = ray.put(handoff["weights"]["encoder"])
             for split in ("train", "test"):
                 ds = train_dataset(data_dir, split, cfg.image_size, shuffle_blocks=False)
@@ -99,13 +94,7 @@ def run_distill(cfg: Config, data_dir: str, stage1_run: str, run_id: str, tracki
         torch.save(stats, tmp / "stats.pt")
         client.log_artifact(run_id, str(tmp / "stats.pt"))
         if cfg.unknown_size:
-            from mlflow.entities import Metric
-            now = int(time.time() * 1000)
-            client.log_batch(run_id, metrics=[Metric(f"variance_ratio_{j}", float(v), now, 0)
-                                              for j, v in enumerate(stats["variance_ratio"])])
+            tracking.log_metrics(client, run_id, {f"variance_ratio_{j}": float(v)
+                                                  for j, v in enumerate(stats["variance_ratio"])}, 0)
     return stats
 
-
-if __name__ == "__main__":
-    from pipelines.cli import stage_main
-    sys.exit(stage_main("distill"))

@@ -21,9 +21,10 @@ import yaml
 from ray import tune
 
 from dsu_models.config import layered_dict, read_yaml
-from dsu_models.train import build_config
-from pipelines.tune_space import Space
-from pipelines.tune_trial import BASE_FILE, BEST_FILE, TRIAL_TAG, trial_config
+from dsu_models.factory import build_config
+from dsu_models.files import write_text
+from pipelines.sweeps.space import Space
+from pipelines.sweeps.trial import BASE_FILE, BEST_FILE, TRIAL_TAG, trial_config
 
 STOPPED_TAG = "dsu.tune.stopped_early"
 
@@ -152,10 +153,8 @@ def write_best_config(sweep: dict, sampled: dict) -> Path:
     best = {"dataset": best["dataset"],
             **without_defaults(best, layered_dict({"dataset": best["dataset"]}))}
     path = folder / BEST_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(f"# Best trial of sweep {sweep['name']} ({sweep['objective']}); "
-                   f"python pipelines/full.py --config {path}\n" + yaml.safe_dump(best, sort_keys=False))
-    tmp.replace(path)
+    write_text(path, f"# Best trial of sweep {sweep['name']} ({sweep['objective']}); "
+                     f"python pipelines/full.py --config {path}\n" + yaml.safe_dump(best, sort_keys=False))
     if build_config(str(path), []) != trial_config(str(base), sampled):
         raise RuntimeError(f"{path}: does not reproduce the best trial's config")
     return path

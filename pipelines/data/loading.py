@@ -22,7 +22,7 @@ import ray
 import torch
 
 from dsu_models.data import read_manifest, split_files, to_float
-from pipelines.decode import Decode
+from pipelines.data.decode import Decode
 
 # columns as Ray Data delivers them (and as the epoch cache keeps them);
 # iter_epochs hands out images as float32 in [-1, 1]

@@ -1,4 +1,4 @@
-"""One Ray Tune trial: a stage trained in-process and judged as it goes (METHOD.md sections 7, 8, 11).
+"""One Ray Tune trial: a stage trained in-process and judged as it goes (docs/method.md sections 7, 8, 11).
 
 A function trainable (:func:`run_trial`), one per sampled configuration:
 
@@ -23,19 +23,22 @@ A function trainable (:func:`run_trial`), one per sampled configuration:
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
+from dsu_models.allocator import retain_freed_memory
 from dsu_models.batches import BatchSource, labeled_view
 from dsu_models.config import Config
-from dsu_models.train import build_config, load_data, make_stage
-from pipelines import tracking
-from pipelines.stage_job import STATE_FILE, _metric, _save_state, lookup_codes
-from pipelines.tune_space import Space
+from dsu_models.factory import build_config, load_data, make_stage
+from dsu_models.files import load_torch, save_torch
+from dsu_models.loop import Cadence, Sink, run_stage
+from pipelines.data.upstream import lookup_codes
+from pipelines.jobs.worker import STATE_FILE
+from pipelines.sweeps.space import Space
+from pipelines.tracking import runs as tracking
 
 TRIAL_TAG, SWEEP_TAG = "dsu.tune.trial", "dsu.tune.sweep"
 BASE_FILE, BEST_FILE = "base_config.yaml", "best_config.yaml"  # in the sweep folder
@@ -114,16 +117,6 @@ def trial_run(client, ctx: dict, trial_id: str, sampled: dict, cfg: Config) -> s
     return run.info.run_id
 
 
-def log_samples(client, run_id: str, stage, plot_batch: dict):
-    """The stage's sample grids now, as MLflow image history ``<stage>_<key>`` at
-    ``step = iteration``: the last one is the trial's final grid, also for a
-    trial that ASHA stopped."""
-    for key, grid in stage.sample_images(plot_batch).items():
-        array = grid.permute(1, 2, 0).numpy()  # uint8 CHW -> HWC
-        client.log_image(run_id, array[..., 0] if array.shape[2] == 1 else array,
-                         key=f"{stage.name}_{key}", step=stage.iteration)
-
-
 # ----------------------------------------------------------------- data
 
 
@@ -149,18 +142,6 @@ def _device(ctx: dict) -> torch.device:
     return torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
 
 
-def _test_hook(ctx: dict, iteration: int):
-    """Tests: the first trial to reach ``fail_at["iteration"]`` fails, once per sweep."""
-    hook = ctx.get("fail_at")
-    if not hook or iteration != hook["iteration"]:
-        return
-    try:
-        os.close(os.open(hook["marker"], os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:
-        return
-    raise RuntimeError(f"test hook: simulated trial failure at iteration {iteration}")
-
-
 # ----------------------------------------------------------------- trainable
 
 
@@ -172,6 +153,7 @@ def run_trial(sampled: dict, ctx: dict):
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # a line per checkpoint otherwise
     torch.set_num_threads(ctx["threads"])
+    retain_freed_memory()
     cfg = trial_config(ctx["base_config"], sampled)
     device = _device(ctx)
     train, test = load_data(cfg)
@@ -187,33 +169,33 @@ def run_trial(sampled: dict, ctx: dict):
     checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:  # CPU: the RNG state must stay a CPU tensor
-            stage.load_state_dict(torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True))
+            stage.load_state_dict(load_torch(Path(d) / STATE_FILE))
         client.set_tag(run_id, RESUMED_TAG, str(stage.iteration))
 
-    sums: dict[str, float] = {}
-    count = 0
-    while not stage.done:
-        _test_hook(ctx, stage.iteration)
-        for k, v in stage.train_step(source.batch(stage.iteration)).items():
-            sums[k] = sums.get(k, 0.0) + v
-        count += 1
-        if stage.iteration % ctx["report_every"] == 0 or stage.done:
-            metrics = {f"loss_{k}": v / count for k, v in sums.items()}
-            sums, count = {}, 0
-            metrics.update(judge(stage))
-            report(stage, metrics, client, run_id, plot_batch)
+    sink = TrialSink(judge, client, run_id, plot_batch)
+    run_stage(stage, source.batch, sink, Cadence(ctx["report_every"], ctx["report_every"]))
     client.set_terminated(run_id, "FINISHED")
 
 
-def report(stage, metrics: dict[str, float], client, run_id: str, plot_batch: dict):
-    """Metrics and sample grids to MLflow at ``step = iteration``, then the Tune
-    report with a checkpoint of the full stage state."""
-    from ray import tune
+class TrialSink(Sink):
+    """Each report: the mean losses (``loss_<term>``) and the judge's metrics of
+    the stage so far, to MLflow at ``step = iteration`` with the sample grids,
+    then to Tune with a checkpoint of the full stage state, so ASHA can stop the
+    trial and a resumed sweep continues it."""
 
-    it = stage.iteration
-    client.log_batch(run_id, metrics=[_metric(k, v, it) for k, v in metrics.items()])
-    log_samples(client, run_id, stage, plot_batch)
-    # Saved after judging, so a resumed trial's random stream matches an uninterrupted one.
-    with tempfile.TemporaryDirectory(prefix="dsu-tune-ckpt-") as d:
-        _save_state(stage, Path(d))
-        tune.report({"iteration": it, **metrics}, checkpoint=tune.Checkpoint.from_directory(d))
+    def __init__(self, judge: "Judge", client, run_id: str, plot_batch: dict):
+        self.judge, self.client, self.run_id, self.plot_batch = judge, client, run_id, plot_batch
+
+    def report(self, stage, losses, images_per_s, checkpoint):
+        from ray import tune
+
+        it = stage.iteration
+        metrics = {f"loss_{k}": v for k, v in losses.items()}
+        metrics.update(self.judge(stage))
+        tracking.log_metrics(self.client, self.run_id, metrics, it)
+        # the last grids logged are the trial's final ones, also for a trial ASHA stopped
+        tracking.log_pictures(self.client, self.run_id, stage.sample_images(self.plot_batch), it, stage.name)
+        # Saved after judging, so a resumed trial's random stream matches an uninterrupted one.
+        with tempfile.TemporaryDirectory(prefix="dsu-tune-ckpt-") as d:
+            save_torch(stage.state_dict(), Path(d) / STATE_FILE)
+            tune.report({"iteration": it, **metrics}, checkpoint=tune.Checkpoint.from_directory(d))

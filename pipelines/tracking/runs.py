@@ -21,6 +21,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from dsu_models.config import Config, flat_params, save_config
+from dsu_models.grids import to_hwc
 
 STAGE_TAG, COMPLETE_TAG, PIPELINE_TAG = "dsu.stage", "dsu.complete", "dsu.pipeline"
 
@@ -116,3 +117,18 @@ def require_complete(client: MlflowClient, run_id: str, stage: str):
         raise ValueError(f"run {run_id} is a {tags.get(STAGE_TAG, 'non-stage')!r} run, not {stage!r}")
     if tags.get(COMPLETE_TAG) != "true":
         raise ValueError(f"run {run_id} ({stage}) has not finished; resume its pipeline first")
+
+
+def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int):
+    """One batch of metrics at ``step`` (an iteration)."""
+    import time
+
+    from mlflow.entities import Metric
+    stamp = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), stamp, int(step)) for k, v in metrics.items()])
+
+
+def log_pictures(client: MlflowClient, run_id: str, images: dict, step: int, prefix: str):
+    """uint8 (C, H, W) pictures as MLflow image history ``<prefix>_<key>`` at ``step``."""
+    for key, image in images.items():
+        client.log_image(run_id, to_hwc(image), key=f"{prefix}_{key}", step=int(step))

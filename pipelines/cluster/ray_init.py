@@ -29,7 +29,7 @@ def pipeline_cpus() -> int:
     """Logical CPUs for a local Ray instance that runs the pipeline: the cores Ray
     counts (heeding container limits) plus one. A stage's Train workers share all
     logical CPUs but one, which stays free for Ray Data's decoding (without it the
-    job starves, see ``stage_job.run_stage``); with the extra one the workers get a
+    job starves, see ``pipelines.cluster.placement``); with the extra one the workers get a
     thread per core, and decoding, light next to training (small PNGs, served from
     the worker's memory after the first epoch when the split fits), shares a core.
     On 2 cores that is 2 training threads instead of 1."""

@@ -1,4 +1,4 @@
-"""The finished stage 1 a stage-2 sweep reuses (METHOD.md section 8, inputs of stage 2).
+"""The finished stage 1 a stage-2 sweep reuses (docs/method.md section 8, inputs of stage 2).
 
 Stage-2 trials never retrain stage 1: the driver loads, once, the stage-1
 hand-off (E, G1, B1), the classifier hand-off, the distilled unknown codes
@@ -7,13 +7,13 @@ and their statistics, and ships them to every trial. Two sources:
 - **MLflow** (the Ray pipeline): the ``stage1``, ``distill`` and
   ``classifier`` runs, found as the children of a pipeline run
   (``--pipeline-run``) or named one by one; each must be complete. Artifacts
-  are read with ``pipelines.stage_job.load_upstream`` like the stage jobs do.
+  are read with ``pipelines.jobs.stage_train.load_upstream`` like the stage jobs do.
 - **A runner directory** (``python -m dsu_models.train --out DIR``):
   ``DIR/stage1/handoff.pt``, ``DIR/stage1/codes.pt``, ``DIR/classifier/handoff.pt``.
 
 Either way the result is ``{"stage1", "classifier", "code_stats", "codes"}``
 with ``codes = {split: {"ids" sorted, "mu", "sigma"}}`` (or None when the
-unknown code is empty), the form ``stage_job.lookup_codes`` joins by id.
+unknown code is empty), the form ``pipelines.data.upstream.lookup_codes`` joins by id.
 """
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ import torch
 
 from dsu_models import distill as distill_mod
 from dsu_models.config import Config, ConfigError, config_from_dict, flat_params
-from pipelines import tracking
-from pipelines.stage_job import HANDOFF, load_codes, load_upstream
+from pipelines.tracking import runs as tracking
+from pipelines.data.upstream import HANDOFF, load_codes, load_upstream
 
 NEEDED = ("stage1", "distill", "classifier")
 # Config parts a stage-2 sweep may set differently from the stage 1 it reuses.

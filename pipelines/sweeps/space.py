@@ -1,4 +1,4 @@
-"""Search spaces for Ray Tune sweeps of the loss weights, as YAML (METHOD.md sections 7, 8).
+"""Search spaces for Ray Tune sweeps of the loss weights, as YAML (docs/method.md sections 7, 8).
 
 A space file names the stage it tunes and, for each swept config key, one
 sampler (the schema is written out in the header of ``tune_spaces/*.yaml``)::

@@ -1,0 +1,81 @@
+"""Fault injection for the tests, kept out of the product's code.
+
+The test session's Ray instance (``conftest.ray_session``) runs :func:`install`
+in every worker process it starts (Ray's ``worker_process_setup_hook``), and the
+test process calls it too. ``install`` wraps each stage class's ``train_step``:
+before a step it reads the plan file named by ``$DSU_TEST_FAULTS`` (absent: no
+fault) and, when the plan matches the stage and iteration, fails once, either
+raising or dying as a killed process does (SIGKILL: no clean-up runs). A marker
+file, created atomically, makes the fault fire once per plan even across
+restarted workers. Tests write the plan with the ``faults`` fixture.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+from pathlib import Path
+
+PLAN_ENV = "DSU_TEST_FAULTS"
+
+
+class InjectedFault(RuntimeError):
+    """The planned failure (tests assert on it)."""
+
+
+def plan(path: Path, iteration: int, marker: Path, stage: str | None = None, kill: bool = False,
+         rank: str = "last") -> None:
+    """Fail once at ``iteration`` of ``stage`` (any stage when None) on the last
+    rank (``rank="last"``) or on any rank (``"any"``)."""
+    path.write_text(json.dumps({"stage": stage, "iteration": iteration, "marker": str(marker),
+                                "kill": kill, "rank": rank}))
+
+
+def _rank() -> tuple[int, int]:
+    try:
+        import ray.train
+        ctx = ray.train.get_context()
+        return ctx.get_world_rank(), ctx.get_world_size()
+    except Exception:  # not in a Train worker (a Tune trial, the test process)
+        return 0, 1
+
+
+def _maybe_fail(stage) -> None:
+    path = os.environ.get(PLAN_ENV)
+    if not path or not os.path.exists(path):
+        return
+    p = json.loads(Path(path).read_text())
+    if stage.iteration != p["iteration"] or p["stage"] not in (None, stage.name):
+        return
+    rank, world = _rank()
+    if p["rank"] == "last" and rank != world - 1:
+        return
+    try:
+        os.close(os.open(p["marker"], os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return
+    if p["kill"]:
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise InjectedFault(f"test fault: simulated failure of {stage.name} at iteration {stage.iteration}")
+
+
+def install() -> None:
+    """Wrap every stage class's ``train_step`` (idempotent)."""
+    from dsu_models.stages.classifier import ClassifierStage
+    from dsu_models.stages.lenc import LencStage
+    from dsu_models.stages.stage1 import Stage1
+    from dsu_models.stages.stage2 import Stage2
+
+    for cls in (Stage1, ClassifierStage, Stage2, LencStage):
+        step = cls.train_step
+        if getattr(step, "_dsu_faults", False):
+            continue
+
+        @functools.wraps(step)
+        def wrapped(self, batch, _step=step):
+            _maybe_fail(self)
+            return _step(self, batch)
+
+        wrapped._dsu_faults = True
+        cls.train_step = wrapped

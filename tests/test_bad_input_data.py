@@ -1,0 +1,299 @@
+"""Bad input and wrong re-runs are refused with one-line DataErrors, and nothing
+the user already has is lost: --out directories that are not our prepared
+datasets, mixed / duplicate / absurd label CSVs, and other image_folder input."""
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dsu_models.data import DataError, prepare, read_manifest
+from dsu_models.data import manifest as mf
+from dsu_models.data.base import FactorInfo
+from dsu_models.data.prepared import abort, begin, check_replaceable, finish, run_task
+
+RNG = np.random.default_rng(7)
+
+
+def make_folder(root, rows, size=8, header=None, csv_text=None):
+    """One RGB image per distinct 'file' value and labels.csv (or ``csv_text`` verbatim)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name in {r["file"] for r in rows}:
+        path = root / name
+        if name and not path.exists():
+            Image.fromarray(RNG.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
+    if csv_text is None:
+        header = header or list(rows[0])
+        lines = [",".join(header)] + [",".join(str(r.get(h, "")) for h in header) for r in rows]
+        csv_text = "\n".join(lines) + "\n"
+    (root / "labels.csv").write_text(csv_text)
+
+
+def grid_rows(n=12):
+    return [{"file": f"im{i}.png", "color": ["red", "green", "blue"][i % 3], "size": i % 4}
+            for i in range(n)]
+
+
+def one_line_error(tmp_path, match, rows=None, csv_text=None, **opts):
+    make_folder(tmp_path / "f", rows if rows is not None else grid_rows(), csv_text=csv_text)
+    with pytest.raises(DataError, match=match) as e:
+        prepare("image_folder", tmp_path / "p", root=str(tmp_path / "f"), **opts)
+    assert "\n" not in str(e.value), str(e.value)
+    assert not (tmp_path / "p").exists()
+    return str(e.value)
+
+
+def user_folder(path):
+    path.mkdir()
+    (path / "thesis.tex").write_text("years of work")
+    (path / "sub").mkdir()
+    (path / "sub" / "data.csv").write_text("a,b\n1,2\n")
+    return path
+
+
+def assert_untouched(path):
+    assert (path / "thesis.tex").read_text() == "years of work"
+    assert (path / "sub" / "data.csv").read_text() == "a,b\n1,2\n"
+
+
+# ---------------------------------------------------------------- 1. --out / --overwrite
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_overwrite_never_deletes_a_folder_that_is_not_a_prepared_dataset(tmp_path, overwrite):
+    out = user_folder(tmp_path / "mine")
+    with pytest.raises(DataError) as e:
+        prepare("digits", out, image_size=8, overwrite=overwrite)
+    msg = str(e.value)
+    assert str(out) in msg and "not a prepared dataset" in msg and "no manifest.json" in msg
+    assert "overwrite" not in msg.replace(str(tmp_path), "") and "\n" not in msg
+    assert_untouched(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]   # no staging left
+
+
+@pytest.mark.parametrize("manifest", ["not json {", "[1, 2]", json.dumps({"name": "mine"})])
+def test_overwrite_refuses_a_manifest_that_is_not_ours(tmp_path, manifest):
+    out = user_folder(tmp_path / "mine")
+    (out / "manifest.json").write_text(manifest)
+    with pytest.raises(DataError, match="not a prepared dataset") as e:
+        prepare("digits", out, image_size=8, overwrite=True)
+    assert "overwrite" not in str(e.value).replace(str(tmp_path), "")
+    assert_untouched(out)
+    assert (out / "manifest.json").read_text() == manifest
+
+
+def test_overwrite_refuses_a_dataset_holding_other_files(tmp_path):
+    out = prepare("digits", tmp_path / "p", image_size=8)
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match=r"notes\.txt") as e:
+        prepare("digits", out, image_size=8, seed=5, overwrite=True)
+    assert str(out) in str(e.value)
+    assert (out / "notes.txt").read_text() == "mine"
+    assert read_manifest(out)["options"]["seed"] == 0
+
+
+def test_overwrite_refuses_a_file_and_a_symlink(tmp_path):
+    (tmp_path / "f").write_text("keep")
+    with pytest.raises(DataError, match="not a directory"):
+        prepare("digits", tmp_path / "f", image_size=8, overwrite=True)
+    assert (tmp_path / "f").read_text() == "keep"
+    target = prepare("digits", tmp_path / "real", image_size=8)
+    (tmp_path / "link").symlink_to(target)
+    with pytest.raises(DataError, match="symbolic link"):
+        prepare("digits", tmp_path / "link", image_size=8, seed=2, overwrite=True)
+    assert read_manifest(target)["options"]["seed"] == 0
+
+
+def test_overwrite_replaces_our_dataset_even_of_an_older_format(tmp_path):
+    out = prepare("digits", tmp_path / "p", image_size=8)
+    m = json.loads((out / "manifest.json").read_text())
+    m["format_version"] = 0
+    (out / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(DataError, match="--overwrite"):
+        prepare("digits", out, image_size=8)
+    prepare("digits", out, image_size=8, overwrite=True)
+    assert read_manifest(out)["format_version"] == mf.FORMAT_VERSION
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p"]
+
+
+def test_an_empty_directory_is_used_without_overwrite(tmp_path):
+    (tmp_path / "p").mkdir()
+    out = prepare("digits", tmp_path / "p", image_size=8)
+    assert read_manifest(out)["source"] == "digits"
+
+
+def test_check_replaceable_before_planning(tmp_path):
+    assert check_replaceable(tmp_path / "absent", False) is False
+    with pytest.raises(DataError, match="not a prepared dataset"):
+        check_replaceable(user_folder(tmp_path / "mine"), True)
+    out = prepare("digits", tmp_path / "p", image_size=8)
+    digest = read_manifest(out)["content_hash"]
+    assert check_replaceable(out, False) is False            # undecided until the plan's hash
+    assert check_replaceable(out, False, digest) is True     # same preparation: reuse
+    with pytest.raises(DataError, match="--overwrite"):
+        check_replaceable(out, False, "0" * 64)
+    assert check_replaceable(out, True, "0" * 64) is False
+
+
+def test_folder_created_during_preparation_is_not_replaced(tmp_path):
+    out = tmp_path / "p"
+    plan, digest, staging = begin("digits", out, False, image_size=8)
+    stats = [run_task(plan, i, t, staging) for i, t in enumerate(plan.tasks)]
+    user_folder(out)
+    try:
+        with pytest.raises(DataError, match="not a prepared dataset"):
+            finish(plan, digest, staging, out, stats)
+    finally:
+        abort(staging)
+    assert_untouched(out)
+
+
+# ---------------------------------------------------------------- 2. mixed label columns
+def test_integer_column_with_one_name_is_an_error(tmp_path):
+    rows = grid_rows()
+    rows[6]["size"] = "big"
+    msg = one_line_error(tmp_path, r"labels\.csv: line 8, column 'size': 'big' is not an integer", rows=rows)
+    assert "line 2" in msg      # where the integers start
+    assert "mix" in msg
+
+
+def test_names_column_with_one_integer_is_an_error(tmp_path):
+    rows = grid_rows()
+    rows[3]["color"] = 7
+    one_line_error(tmp_path, r"line 5, column 'color': '7' is an integer", rows=rows)
+
+
+# ---------------------------------------------------------------- 3. duplicate rows
+def test_same_image_twice_names_both_lines(tmp_path):
+    rows = grid_rows()
+    rows[9]["file"] = "im2.png"
+    rows[9]["size"] = 3
+    one_line_error(tmp_path, r"labels\.csv: line 11, column 'file': 'im2.png' is already listed "
+                             r"on line 4", rows=rows)
+
+
+def test_same_image_twice_under_different_spellings(tmp_path):
+    rows = grid_rows()
+    rows[5]["file"] = "./im1.png"
+    one_line_error(tmp_path, r"line 7, column 'file': '\./im1\.png' is already listed on line 3", rows=rows)
+
+
+def test_same_image_in_both_splits(tmp_path):
+    rows = [dict(r, split="test" if i % 4 == 0 else "train") for i, r in enumerate(grid_rows())]
+    rows[5]["file"] = "im4.png"
+    one_line_error(tmp_path, r"line 7, column 'file': 'im4.png' is in the train split here and in "
+                             r"the test split on line 6", rows=rows)
+
+
+# ---------------------------------------------------------------- 4. absurd class counts
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("label", ["1000000", "99999999999", "1" + "0" * 30])
+def test_huge_integer_label_is_an_error_not_a_hang(tmp_path, label):
+    rows = grid_rows()
+    rows[4]["size"] = label
+    t0 = time.time()
+    msg = one_line_error(tmp_path, rf"labels\.csv: line 6, column 'size': label '{label}' "
+                                   rf"means .* classes for 12 rows", rows=rows)
+    assert "1024" in msg and time.time() - t0 < 10
+
+
+def test_huge_declared_class_count_is_an_error(tmp_path):
+    one_line_error(tmp_path, r"classes\['size'\] = 50000000 .* 12 rows", classes={"size": 50_000_000})
+    one_line_error(tmp_path, r"classes\['size'\] must be an integer", classes={"size": "many"})
+
+
+def test_large_but_allowed_class_count_prepares(tmp_path):
+    rows = grid_rows()
+    rows[0]["size"] = 1000       # 1001 classes <= 1024
+    make_folder(tmp_path / "f", rows)
+    out = prepare("image_folder", tmp_path / "p", root=str(tmp_path / "f"))
+    size = read_manifest(out)["factors"][1]
+    assert size["classes"] == 1001 and len(size["counts"]["train"]) == 1001
+    assert sum(size["counts"]["train"]) + sum(size["counts"]["test"]) == 12
+
+
+@pytest.mark.timeout(60)
+def test_manifest_build_is_linear_in_classes():
+    classes = 200_000
+    f = FactorInfo("k", classes)
+    counts = {s: [np.ones(classes, np.int64)] for s in ("train", "test")}
+    t0 = time.time()
+    m = mf.build("x", "image_folder", 8, 3, [f], counts, {"train": 1, "test": 1},
+                 {"train": [], "test": []}, {}, "0" * 64)
+    assert time.time() - t0 < 5
+    assert m["factors"][0]["frequencies"]["train"][0] == pytest.approx(1 / classes)
+
+
+def test_task_stats_do_not_grow_with_the_class_count(tmp_path):
+    rows = grid_rows()
+    rows[0]["size"] = 1000
+    make_folder(tmp_path / "f", rows)
+    plan, _, staging = begin("image_folder", tmp_path / "p", False, root=str(tmp_path / "f"))
+    try:
+        stats = run_task(plan, 0, plan.tasks[0], staging)
+    finally:
+        abort(staging)
+    assert len(json.dumps(stats)) < 2000
+
+
+# ---------------------------------------------------------------- other image_folder input
+def test_blank_lines_are_skipped_and_line_numbers_stay_true(tmp_path):
+    rows = grid_rows()
+    lines = ["file,color,size", ""] + [f"{r['file']},{r['color']},{r['size']}" for r in rows]
+    lines[5] = "im3.png,green,-2"          # line 6 of the file
+    one_line_error(tmp_path, r"line 6, column 'size': negative label '-2'", rows=rows,
+                   csv_text="\n".join(lines) + "\n\n")
+
+
+def test_empty_csv_and_header_only(tmp_path):
+    one_line_error(tmp_path, r"labels\.csv: empty CSV", csv_text="")
+    one_line_error(tmp_path, r"labels\.csv: no data rows", csv_text="file,color,size\n")
+
+
+def test_header_problems(tmp_path):
+    one_line_error(tmp_path, r"labels\.csv: line 1: column 'size' appears twice",
+                   csv_text="file,size,size\nim0.png,1,2\n")
+    one_line_error(tmp_path, r"labels\.csv: line 1: column 3 of the header is empty",
+                   csv_text="file,size,\nim0.png,1,2\n")
+    one_line_error(tmp_path, r"line 1: column 'id' .* reserved",
+                   csv_text="file,id\nim0.png,1\nim1.png,0\n")
+    one_line_error(tmp_path, r"line 1: no factor columns", csv_text="file\nim0.png\n")
+
+
+def test_bad_rows(tmp_path):
+    rows = grid_rows()
+    rows[2]["color"] = ""
+    one_line_error(tmp_path, r"line 4, column 'color': empty label", rows=rows)
+    rows = grid_rows()
+    rows[1]["file"] = ""
+    one_line_error(tmp_path, r"line 3, column 'file': empty file name", rows=rows)
+
+
+def test_paths_outside_the_folder(tmp_path):
+    rows = grid_rows()
+    (tmp_path / "outside.png").write_bytes(b"x")
+    rows[2]["file"] = "../outside.png"
+    one_line_error(tmp_path, r"line 4, column 'file': '\.\./outside\.png' is outside the folder",
+                   rows=rows)
+
+
+def test_unknown_split_name(tmp_path):
+    rows = [dict(r, split="Test" if i == 3 else "train") for i, r in enumerate(grid_rows())]
+    one_line_error(tmp_path, r"line 5, column 'split': 'Test' is not 'train' or 'test'", rows=rows)
+
+
+def test_first_image_unreadable_or_odd_names_its_line(tmp_path):
+    make_folder(tmp_path / "f", grid_rows())
+    (tmp_path / "f" / "im0.png").write_bytes(b"garbage")
+    with pytest.raises(DataError, match=r"labels\.csv: line 2: cannot read image .*im0\.png"):
+        prepare("image_folder", tmp_path / "p", root=str(tmp_path / "f"))
+    Image.fromarray(RNG.integers(0, 256, (6, 9, 3), dtype=np.uint8)).save(tmp_path / "f" / "im0.png")
+    with pytest.raises(DataError, match=r"labels\.csv: line 2: .*im0\.png is 9x6, not square"):
+        prepare("image_folder", tmp_path / "p", root=str(tmp_path / "f"))
+
+
+def test_wrong_image_size_names_line(tmp_path):
+    make_folder(tmp_path / "f", grid_rows())
+    Image.fromarray(RNG.integers(0, 256, (10, 10, 3), dtype=np.uint8)).save(tmp_path / "f" / "im5.png")
+    one_line_error(tmp_path, r"labels\.csv: line 7: image .*im5\.png is 10x10", rows=grid_rows())
