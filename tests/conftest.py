@@ -47,7 +47,10 @@ def ray_session():
     temp_dir = tempfile.mkdtemp(prefix="dsu-ray-", dir="/tmp")
     os.environ.pop("RAY_ADDRESS", None)
     # started like the pipelines start a local Ray, plus the tests' fault injection
-    runtime_env = {"worker_process_setup_hook": "faults.install",
+    import ray
+    # by value: Ray workers cannot import the tests folder by name
+    ray.cloudpickle.register_pickle_by_value(faults)
+    runtime_env = {"worker_process_setup_hook": faults.install,
                    "env_vars": {faults.PLAN_ENV: os.environ[faults.PLAN_ENV]}}
     ray = init_ray(2, num_gpus=0, _temp_dir=temp_dir, log_to_driver=True,
                    configure_logging=False, runtime_env=runtime_env)
