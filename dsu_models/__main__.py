@@ -79,8 +79,6 @@ def _device(text: str) -> str:
 
 
 def _load(args) -> DisUnknownModel:
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: this machine has no CUDA (use --device cpu or auto)")
     return DisUnknownModel.load(args.model, device=args.device, tracking_uri=args.tracking_uri)
 
 

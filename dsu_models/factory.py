@@ -63,23 +63,6 @@ def load_data(cfg: Config) -> tuple[InMemoryDataset, InMemoryDataset]:
     return train.with_measured_frequencies(), test
 
 
-def device_for(cfg: Config):
-    """The torch device ``cfg.device`` names on this machine; a CUDA device this
-    machine does not have is a ConfigError (before anything is written)."""
-    import torch
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(cfg.device)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device: {cfg.device!r} asked for, but this machine has no CUDA "
-                              f"(use device=cpu or device=auto)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"device: {cfg.device!r}: this machine has {torch.cuda.device_count()} "
-                              f"CUDA device(s)")
-    return device
-
-
 def make_stage(name: str, cfg: Config, factors, upstream: dict, device):
     """The stage module ``name`` built from the config; ``upstream`` holds the
     hand-offs it starts from (``stage1``, ``classifier``, ``stage2``, ``code_stats``)."""

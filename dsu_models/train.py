@@ -39,13 +39,13 @@ from dsu_models.batches import BatchSource, labeled_view
 from dsu_models.config import Config, ConfigError, flat_params, load_resolved, save_config
 from dsu_models.data.base import InMemoryDataset
 from dsu_models.data import DataError
-from dsu_models.factory import build_config, device_for, load_data, make_stage
+from dsu_models.factory import build_config, load_data, make_stage
 from dsu_models.files import CheckpointError, load_torch, save_torch
 from dsu_models.grids import save_png
 from dsu_models.loop import FileCheckpoints, Sink, run_stage
 from dsu_models.models import build_encoder
 from dsu_models.plots import scatter_subset
-from dsu_models.stages.common import NonFiniteLossError
+from dsu_models.stages.common import NonFiniteLossError, resolve_device
 
 AFTER_TRAINING = ("evaluate.",)  # config keys a resumed run may change: they do not touch training
 
@@ -125,7 +125,7 @@ def run(cfg: Config, out: Path, log: Callable[[str], None] = print,
     """Run every active stage in order, resuming what DIR already holds.
     Returns ``{stage: handoff}`` plus ``"codes"``."""
     out = Path(out)
-    device = device_for(cfg)
+    device = resolve_device(cfg.device)  # a missing CUDA is refused before anything is written
     check_out_dir(cfg, out)
     retain_freed_memory()
     torch.manual_seed(cfg.seed)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from dsu_models.allocator import retain_freed_memory
-from dsu_models.config import Config
+from dsu_models.config import Config, ConfigError
 
 
 class NonFiniteLossError(RuntimeError):
@@ -33,11 +33,18 @@ class NonFiniteLossError(RuntimeError):
 
 
 def resolve_device(name: str) -> torch.device:
+    """The torch device ``name`` (auto, cpu, cuda, cuda:N) names on this machine;
+    a CUDA device this machine does not have is a ConfigError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device: {name!r} asked for, but CUDA is not available")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device: {name!r} asked for, but this machine has no CUDA "
+                              f"(use cpu or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device: {name!r}: this machine has {torch.cuda.device_count()} "
+                              f"CUDA device(s)")
     return device
 
 

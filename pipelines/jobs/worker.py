@@ -88,9 +88,8 @@ class TrainSink(Sink):
     def __init__(self, rank: int, client, run_id: str, workdir: Path):
         self.rank, self.client, self.run_id, self.workdir = rank, client, run_id, workdir
 
-    def pictures(self, stage, images):
-        if self.rank == 0:
-            tracking.log_pictures(self.client, self.run_id, images, stage.iteration, stage.name)
+    def pictures(self, stage, images):  # only rank 0 is given a plot batch
+        tracking.log_pictures(self.client, self.run_id, images, stage.iteration, stage.name)
 
     def report(self, stage, losses, images_per_s, checkpoint):
         import ray.train
