@@ -51,6 +51,7 @@ from naive import (naive_classifier_step, naive_lenc_step, naive_stage1_step,  #
                    without_elementwise_layers)
 
 from dsu_models import codes  # noqa: E402
+from dsu_models.allocator import retain_freed_memory  # noqa: E402
 from dsu_models.config import layered_dict, resolve  # noqa: E402
 from dsu_models.data.base import FactorInfo  # noqa: E402
 from dsu_models.stages.classifier import ClassifierStage  # noqa: E402
@@ -172,6 +173,7 @@ def main():
     parser.add_argument("--bound", action="store_true",
                         help="also time our step without activations, residual adds and pools")
     args = parser.parse_args()
+    retain_freed_memory()  # as every training runner does (dsu_models/allocator.py)
     device = resolve_device(args.device)
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(f"compile {args.compile}; best of {args.repeats} x {args.steps} steps")

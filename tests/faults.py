@@ -12,9 +12,11 @@ restarted workers. Tests write the plan with the ``faults`` fixture.
 from __future__ import annotations
 
 import functools
+import importlib.abc
 import json
 import os
 import signal
+import sys
 from pathlib import Path
 
 PLAN_ENV = "DSU_TEST_FAULTS"
@@ -60,22 +62,52 @@ def _maybe_fail(stage) -> None:
     raise InjectedFault(f"test fault: simulated failure of {stage.name} at iteration {stage.iteration}")
 
 
+STAGE_CLASSES = {"dsu_models.stages.stage1": "Stage1", "dsu_models.stages.classifier": "ClassifierStage",
+                 "dsu_models.stages.stage2": "Stage2", "dsu_models.stages.lenc": "LencStage"}
+
+
+def _wrap(cls) -> None:
+    step = cls.train_step
+    if getattr(step, "_dsu_faults", False):
+        return
+
+    @functools.wraps(step)
+    def wrapped(self, batch, _step=step):
+        _maybe_fail(self)
+        return _step(self, batch)
+
+    wrapped._dsu_faults = True
+    cls.train_step = wrapped
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    """Wraps a stage class when its module is first imported, so that a worker
+    which never trains (a torch-free decode task) never imports torch."""
+
+    def find_spec(self, name, path, target=None):
+        if name not in STAGE_CLASSES:
+            return None
+        for finder in sys.meta_path:
+            if finder is self:
+                continue
+            spec = finder.find_spec(name, path, target) if hasattr(finder, "find_spec") else None
+            if spec is not None and spec.loader is not None:
+                run = spec.loader.exec_module
+
+                def exec_module(module, _run=run):
+                    _run(module)
+                    _wrap(getattr(module, STAGE_CLASSES[name]))
+
+                spec.loader.exec_module = exec_module
+                return spec
+        return None
+
+
 def install() -> None:
-    """Wrap every stage class's ``train_step`` (idempotent)."""
-    from dsu_models.stages.classifier import ClassifierStage
-    from dsu_models.stages.lenc import LencStage
-    from dsu_models.stages.stage1 import Stage1
-    from dsu_models.stages.stage2 import Stage2
-
-    for cls in (Stage1, ClassifierStage, Stage2, LencStage):
-        step = cls.train_step
-        if getattr(step, "_dsu_faults", False):
-            continue
-
-        @functools.wraps(step)
-        def wrapped(self, batch, _step=step):
-            _maybe_fail(self)
-            return _step(self, batch)
-
-        wrapped._dsu_faults = True
-        cls.train_step = wrapped
+    """Wrap every stage class's ``train_step``: now for modules already imported,
+    on first import for the others (idempotent)."""
+    for name, cls_name in STAGE_CLASSES.items():
+        if name in sys.modules:
+            _wrap(getattr(sys.modules[name], cls_name))
+    if not any(isinstance(f, _PatchOnImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _PatchOnImport())

@@ -35,7 +35,7 @@ def by_id(ds):
 def test_library_does_not_import_ray():
     assert "dsu_models.data" in sys.modules
     import dsu_models.data.prepared  # noqa: F401
-    assert "ray" not in sys.modules or "pipelines.data_loading" in sys.modules
+    assert "ray" not in sys.modules or "pipelines.data.loading" in sys.modules
 
 
 def test_registry_declares_defaults():

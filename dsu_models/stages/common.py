@@ -19,7 +19,6 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from dsu_models.allocator import retain_freed_memory
 from dsu_models.config import Config, ConfigError
 
 
@@ -205,9 +204,6 @@ class Stage:
         self.scfg = getattr(cfg, self.name)
         self.device = torch.device(device) if device is not None else resolve_device(cfg.device)
         self.iteration = 0
-        # a process that trains reuses its freed activation memory instead of
-        # faulting it back in every step (allocator.py)
-        retain_freed_memory()
         self.models: dict[str, nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         # Data-parallel runners set this: called once per iteration, after the
