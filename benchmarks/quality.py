@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="oracle cache directory")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     torch.set_num_threads(args.threads)
 
     from dsu_models.evaluation import evaluate, load_or_train_oracles

@@ -661,3 +661,9 @@ def flat_params(cfg: Config) -> dict[str, str]:
 
     walk("", cfg.to_dict())
     return out
+
+
+def config_diff(old: Config, new: Config) -> list[str]:
+    """The flat keys (``stage1.lr``, ...) whose values differ between two configs, sorted."""
+    a, b = flat_params(old), flat_params(new)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))

@@ -114,8 +114,12 @@ class FileCheckpoints:
 
     def save(self, state: dict) -> Path:
         staged = self.directory / "checkpoint.new.pt"
-        save_torch(state, staged)
-        load_torch(staged)  # read back: a file that does not load never replaces a good one
+        try:
+            save_torch(state, staged)
+            load_torch(staged)  # read back: a file that does not load never replaces a good one
+        except BaseException:
+            staged.unlink(missing_ok=True)
+            raise
         if self.latest.exists():
             self.latest.replace(self.previous)
         staged.replace(self.latest)

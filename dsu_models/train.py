@@ -36,7 +36,7 @@ import torch
 from dsu_models import distill as distill_mod
 from dsu_models.allocator import retain_freed_memory
 from dsu_models.batches import BatchSource, labeled_view
-from dsu_models.config import Config, ConfigError, flat_params, load_resolved, save_config
+from dsu_models.config import Config, ConfigError, config_diff, load_resolved, save_config
 from dsu_models.data.base import InMemoryDataset
 from dsu_models.data import DataError
 from dsu_models.factory import build_config, load_data, make_stage
@@ -56,9 +56,7 @@ def check_out_dir(cfg: Config, out: Path):
     if path.exists():
         old = load_resolved(path)
         if old != cfg:
-            flat_old, flat_new = flat_params(old), flat_params(cfg)
-            diff = sorted(k for k in flat_old.keys() | flat_new.keys() if flat_old.get(k) != flat_new.get(k))
-            training = [k for k in diff if not k.startswith(AFTER_TRAINING)]
+            training = [k for k in config_diff(old, cfg) if not k.startswith(AFTER_TRAINING)]
             if training:
                 raise ConfigError(f"{out}: holds a run with a different config (keys differ: "
                                   f"{', '.join(training[:8])}); use another --out to start afresh")
@@ -182,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML file or preset name (quick, quality, tiny)")
     parser.add_argument("--out", required=True, help="output directory (resumed if it exists)")
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. stage1.cla1_weight=0.3")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         cfg = build_config(args.config, args.overrides)
         run(cfg, Path(args.out))

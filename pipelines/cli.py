@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from dsu_models.config import Config, ConfigError
+from dsu_models.config import Config, ConfigError, config_diff, load_resolved
 from dsu_models.data import DataError
 from dsu_models.data.sources.builtin import BUILTIN
 from dsu_models.factory import build_config
@@ -153,7 +153,8 @@ def ensure_data(cfg: Config, config_arg, overrides: list[str]) -> tuple[Config, 
 
 def execute(stage: str, cfg: Config, data_dir: str, parent_id: str, runs: dict, args,
             tracking_uri: str, client) -> str:
-    """Run (or skip, if complete) one stage under ``parent_id``; returns its run id."""
+    """Run (or skip, if complete) one stage under ``parent_id``; returns its run id.
+    A stage that fails leaves its run FAILED (KILLED on an interrupt)."""
     run_id, complete = tracking.stage_run(client, parent_id, stage, cfg)
     if complete:
         print(f"[{stage}] complete in run {run_id}; skipped", flush=True)
@@ -161,10 +162,18 @@ def execute(stage: str, cfg: Config, data_dir: str, parent_id: str, runs: dict, 
     upstream = {k: runs.get(k) for k in UPSTREAM[stage]}
     started = time.time()
     print(f"[{stage}] MLflow run {run_id}", flush=True)
-    STEPS[stage].run(stage, cfg, data_dir, run_id, upstream, args, tracking_uri)
+    try:
+        STEPS[stage].run(stage, cfg, data_dir, run_id, upstream, args, tracking_uri)
+    except BaseException as exc:
+        tracking.mark_failed(client, run_id, status=_end_status(exc))
+        raise
     tracking.mark_complete(client, run_id)
     print(f"[{stage}] done in {time.time() - started:.0f} s", flush=True)
     return run_id
+
+
+def _end_status(exc: BaseException) -> str:
+    return "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
 
 
 def _prologue(args, config_arg):
@@ -175,17 +184,93 @@ def _prologue(args, config_arg):
     return cfg, overrides
 
 
+TRAINED = ("stage1", "classifier", "stage2", "lenc")
+
+
+def check_launch(cfg: Config, args, stages: list[str]):
+    """Before Ray: the flags that size the Ray jobs must fit the config."""
+    if args.workers < 1:
+        raise ConfigError(f"--workers {args.workers}: at least 1")
+    if args.cpus_per_worker is not None and args.cpus_per_worker <= 0:
+        raise ConfigError(f"--cpus-per-worker {args.cpus_per_worker}: must be positive")
+    if args.max_failures < -1:
+        raise ConfigError(f"--max-failures {args.max_failures}: 0 or more (-1: no limit)")
+    if args.num_cpus is not None and args.num_cpus < 1:
+        raise ConfigError(f"--num-cpus {args.num_cpus}: at least 1")
+    for stage in stages:
+        if stage in TRAINED:
+            batch = getattr(cfg, stage).batch_size
+            if batch % args.workers:
+                raise ConfigError(f"{stage}.batch_size {batch} is not divisible by --workers "
+                                  f"{args.workers} (each worker takes an equal share of a batch)")
+    if cfg.device.startswith("cuda") and not args.gpu:
+        raise ConfigError(f"device: {cfg.device!r}: Ray gives workers a GPU only with --gpu "
+                          f"(or leave device=auto)")
+    if args.gpu:
+        if cfg.device == "cpu":
+            raise ConfigError("--gpu with device: 'cpu': drop one of them (device=auto uses the GPU)")
+        import os
+        if not os.environ.get("RAY_ADDRESS"):
+            import torch
+            if torch.cuda.device_count() < args.workers:
+                raise ConfigError(f"--gpu: {args.workers} worker(s) need as many GPUs and this machine "
+                                  f"has {torch.cuda.device_count()} (set RAY_ADDRESS to use a cluster)")
+
+
+def resume_config(args, client, tracking_uri: str) -> tuple[Config, str, list[str]]:
+    """The config of the pipeline run ``--resume`` names, as it logged it; returns
+    (cfg, config_arg, overrides) for the rest of the pipeline. ``--config`` and
+    overrides may only change it with ``--change-config``, and the keys that
+    would change are named either way."""
+    import tempfile
+    tracking.pipeline_run(client, args.resume, flag="--resume")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = tracking.logged_config(args.resume, tracking_uri, tmp)
+        logged = load_resolved(path)
+        if not logged.data_path:  # a pipeline logs its config once its data is prepared
+            raise ConfigError(f"--resume {args.resume}: the run's config names no data_path")
+        overrides = overrides_of(args)
+        if not (args.config or overrides):
+            return logged, None, []
+        if logged.data_path and not any(o.startswith("data_path=") for o in overrides):
+            overrides.append(f"data_path={logged.data_path}")  # where it was prepared
+        config_arg = args.config or str(path)
+        asked = build_config(config_arg, overrides)
+    changed = config_diff(logged, asked)
+    if changed and not args.change_config:
+        shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
+        raise ConfigError(f"--resume {args.resume}: the config given differs from the run's in {shown}; "
+                          f"resume without --config/overrides to continue the run as it was, or add "
+                          f"--change-config to continue it with the new values")
+    if changed:
+        print(f"[resume] continuing with changed keys: {', '.join(changed)}", flush=True)
+    return asked, (args.config or None), overrides
+
+
 def full_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="DisUnknown pipeline: prepare -> stage1 -> distill -> classifier -> stage2 -> lenc")
     add_common(parser)
-    parser.add_argument("--resume", metavar="RUN_ID", help="re-enter a pipeline (its parent run id)")
+    parser.add_argument("--resume", metavar="RUN_ID", help="re-enter a pipeline (its parent run id); "
+                                                           "the run's own config is used")
+    parser.add_argument("--change-config", action="store_true",
+                        help="with --resume: continue with a different --config/overrides")
     parser.add_argument("--stages", help="comma-separated subset, e.g. stage1,distill")
-    args = parser.parse_args(argv)
-    config_arg = args.config if (args.config or args.overrides or args.dataset or args.data
-                                 or args.resume) else "quick"
+    args = parser.parse_intermixed_args(argv)
+    parent = None
+    client = None
     try:
-        cfg, overrides = _prologue(args, config_arg)
+        tracking_uri = args.tracking_uri or tracking.default_tracking_uri()
+        experiment_id = tracking.setup(tracking_uri, args.experiment)
+        from mlflow.tracking import MlflowClient
+        client = MlflowClient(tracking_uri)
+        if args.resume:
+            cfg, config_arg, overrides = resume_config(args, client, tracking_uri)
+            check_data(cfg)
+        else:
+            config_arg = args.config if (args.config or args.overrides or args.dataset
+                                         or args.data) else "quick"
+            cfg, overrides = _prologue(args, config_arg)
         wanted = pipeline_stages(cfg)
         if args.stages:
             chosen = [s.strip() for s in args.stages.split(",")]
@@ -193,25 +278,45 @@ def full_main(argv: list[str] | None = None) -> int:
             if bad:
                 raise ConfigError(f"--stages: {bad} not among this config's stages {wanted}")
             wanted = [s for s in wanted if s in chosen]
-        tracking_uri = args.tracking_uri or tracking.default_tracking_uri()
-        experiment_id = tracking.setup(tracking_uri, args.experiment)
-        from mlflow.tracking import MlflowClient
-        client = MlflowClient(tracking_uri)
-        if args.resume:
-            client.get_run(args.resume)  # fails early on an unknown id
+        check_launch(cfg, args, wanted)
         init_ray(args.num_cpus or pipeline_cpus())
         cfg, data_dir = ensure_data(cfg, config_arg, overrides)
-        parent = args.resume or tracking.start_parent(client, experiment_id, cfg)
+        if args.resume:
+            parent = args.resume
+            client.update_run(parent, status="RUNNING")
+        else:
+            parent = tracking.start_parent(client, experiment_id, cfg)
         print(f"pipeline run {parent} ({', '.join(wanted)})", flush=True)
         runs = {s: r.info.run_id for s, r in tracking.child_runs(client, parent).items()}
         for stage in wanted:
             runs[stage] = execute(stage, cfg, data_dir, parent, runs, args, tracking_uri, client)
         client.set_terminated(parent, "FINISHED")
-    except (ConfigError, DataError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except BaseException as exc:
+        if parent is not None:
+            tracking.mark_failed(client, parent, status=_end_status(exc))
+        code = _report_failure(exc, parent)
+        if code is None:
+            raise
+        return code
     print(f"finished pipeline run {parent}\n{tracking.ui_hint(tracking_uri)}", flush=True)
     return 0
+
+
+def _report_failure(exc: BaseException, parent: str | None) -> int | None:
+    """One line on stderr and the exit code for a pipeline that stopped: 2 for a
+    user error (config, data, flags), 1 for a failure after start (the runs are
+    FAILED; ``--resume`` continues it); None: let it propagate (an interrupt)."""
+    if isinstance(exc, (ConfigError, DataError, ValueError)):
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not isinstance(exc, Exception):
+        return None
+    cause = getattr(exc, "cause", None) or exc
+    line = f"{type(cause).__name__}: {cause}".strip().splitlines()
+    print(f"error: the pipeline failed: {line[0] if line else type(cause).__name__}", file=sys.stderr)
+    if parent is not None:
+        print(f"its MLflow runs are marked FAILED; continue it with --resume {parent}", file=sys.stderr)
+    return 1
 
 
 def stage_main(stage: str, argv: list[str] | None = None) -> int:
@@ -222,9 +327,12 @@ def stage_main(stage: str, argv: list[str] | None = None) -> int:
                                          "default: a new parent run")
     for up in UPSTREAM[stage]:
         parser.add_argument(f"--{up}-run", required=True, help=f"finished {up} run id")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
+    parent = None
+    client = None
     try:
         cfg, overrides = _prologue(args, args.config)
+        check_launch(cfg, args, [stage])
         tracking_uri = args.tracking_uri or tracking.default_tracking_uri()
         experiment_id = tracking.setup(tracking_uri, args.experiment)
         from mlflow.tracking import MlflowClient
@@ -232,14 +340,25 @@ def stage_main(stage: str, argv: list[str] | None = None) -> int:
         runs = {up: getattr(args, f"{up}_run") for up in UPSTREAM[stage]}
         for up, run_id in runs.items():
             tracking.require_complete(client, run_id, up)
+        if args.parent:
+            tracking.pipeline_run(client, args.parent, flag="--parent")
         init_ray(args.num_cpus or pipeline_cpus())
         cfg, data_dir = ensure_data(cfg, args.config, overrides)
-        parent = args.parent or tracking.start_parent(client, experiment_id, cfg,
-                                                      name=f"disunknown-{cfg.dataset}-{stage}")
+        if args.parent:
+            parent = args.parent
+        else:
+            parent = tracking.start_parent(client, experiment_id, cfg,
+                                           name=f"disunknown-{cfg.dataset}-{stage}")
         run_id = execute(stage, cfg, data_dir, parent, runs, args, tracking_uri, client)
-    except (ConfigError, DataError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        if not args.parent:
+            client.set_terminated(parent, "FINISHED")
+    except BaseException as exc:
+        if parent is not None and not args.parent:
+            tracking.mark_failed(client, parent, status=_end_status(exc))
+        code = _report_failure(exc, None)
+        if code is None:
+            raise
+        return code
     print(f"{stage} run {run_id} (pipeline run {parent})\n{tracking.ui_hint(tracking_uri)}", flush=True)
     return 0
 

@@ -423,6 +423,18 @@ def test_cli_bad_settings_fail_with_one_line(tiny, pngs, tmp_path, capsys, args,
     assert rc == 2 and err.startswith(message) and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("device, message", [
+    ("bogus", "'bogus' is not one of auto, cpu, cuda, cuda:N"),
+    ("cuda:x", "'cuda:x' is not one of auto, cpu, cuda, cuda:N"),
+])
+def test_cli_bad_device_is_refused_by_the_parser(tiny, pngs, tmp_path, capsys, device, message):
+    with pytest.raises(SystemExit) as stop:
+        main(["swap", "--model", str(tiny["bundle_dir"]), "--device", device, "--content", pngs[0],
+              "--out", str(tmp_path / "o.png")])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o.png").exists()
+
+
 def test_cli_missing_image_fails_with_one_line(tiny, tmp_path, capsys):
     rc = main(["encode", "--model", str(tiny["bundle_dir"]), "--images", str(tmp_path / "nope.png")])
     assert rc == 2 and "nope.png: no such image file" in capsys.readouterr().err

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.cluster.config import ClusterConfigError, main, validate_cluster_yaml
+from pipelines.cluster.config import ClusterConfigError, main, open_doors, validate_cluster_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = REPO / "ray_cluster.yaml"
@@ -102,7 +102,7 @@ def test_provider_typos_are_not_caught(tmp_path, raw):
 
 def test_setup_installs_package_and_pinned_torch(raw):
     setup = raw["setup_commands"]
-    assert raw["file_mounts"] == {"~/disunknown": "."}
+    assert raw["file_mounts"] == {"~/disunknown": ".", "~/.ray/auth_token": "~/.ray/auth_token"}
     assert "pip install -e ~/disunknown" in setup
     torch_install = next(cmd for cmd in setup if "torch==" in cmd)
     for name in ("torch", "torchvision"):
@@ -129,7 +129,7 @@ def test_start_commands_start_ray_and_mlflow(raw):
     worker = " ".join(raw["worker_start_ray_commands"])
     assert "ray start --head --port=6379" in head
     assert "--autoscaling-config=~/ray_bootstrap_config.yaml" in head
-    assert "mlflow server --host 0.0.0.0 --port 5000" in head
+    assert "mlflow server --host $(hostname -I | cut -d' ' -f1) --port 5000" in head
     assert "ray start --address=$RAY_HEAD_IP:6379" in worker
     assert any("boto3" in cmd for cmd in raw["head_setup_commands"])
 
@@ -140,3 +140,35 @@ def test_cli_prints_ok_or_error(tmp_path, raw, capsys):
     bad = _write_variant(tmp_path, raw, _set("max_worker", 4))
     assert main([str(bad)]) == 1
     assert "max_worker" in capsys.readouterr().out
+
+
+def test_the_shipped_cluster_is_closed(raw):
+    assert open_doors(raw) == []
+    head = " ".join(raw["head_start_ray_commands"])
+    assert "RAY_AUTH_MODE=token ray start --head" in head and "--dashboard-host=127.0.0.1" in head
+    assert "RAY_AUTH_MODE=token ray start --address" in " ".join(raw["worker_start_ray_commands"])
+    for node_type in raw["available_node_types"].values():
+        assert node_type["node_config"]["SecurityGroupIds"] == ["sg-CHANGE-ME"]
+
+
+def _open_head(config):
+    config["head_start_ray_commands"] = [cmd.replace("RAY_AUTH_MODE=token", "RAY_AUTH_MODE=disabled")
+                                         .replace("--dashboard-host=127.0.0.1", "--dashboard-host=0.0.0.0")
+                                         for cmd in config["head_start_ray_commands"]]
+
+
+@pytest.mark.parametrize("mutate, fragment", [
+    (_open_head, "head_start_ray_commands: ray start without RAY_AUTH_MODE=token"),
+    (_open_head, "--dashboard-host=0.0.0.0 listens on every interface"),
+    (lambda c: c["head_start_ray_commands"].__setitem__(
+        2, c["head_start_ray_commands"][2].replace("--host $(hostname -I | cut -d' ' -f1)", "--host 0.0.0.0")),
+     "--host 0.0.0.0 listens on every interface"),
+    (lambda c: c["file_mounts"].pop("~/.ray/auth_token"), "no ~/.ray/auth_token"),
+    (lambda c: c["available_node_types"][GPU_TYPE]["node_config"].pop("SecurityGroupIds"),
+     f"available_node_types.{GPU_TYPE}.node_config: no SecurityGroupIds"),
+])
+def test_an_open_cluster_is_refused_naming_the_door(tmp_path, raw, capsys, mutate, fragment):
+    path = _write_variant(tmp_path, raw, mutate)
+    with pytest.raises(ClusterConfigError, match=re.escape(fragment)):
+        validate_cluster_yaml(path)
+    assert main([str(path)]) == 1 and fragment in capsys.readouterr().out

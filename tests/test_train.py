@@ -3,11 +3,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from dsu_models import factory, train
-from dsu_models.files import load_torch
+from dsu_models.files import CheckpointError, load_torch, save_torch
+from dsu_models.loop import FileCheckpoints
 from dsu_models.config import ConfigError, load_resolved
 from dsu_models.stages.common import NonFiniteLossError
 
@@ -34,6 +36,12 @@ def test_end_to_end_writes_every_stage(tmp_path, capsys):
         assert (out / stage / "metrics.jsonl").read_text().count("\n") == 3
     assert (out / "stage2" / "samples" / "swap_0000012.png").exists()
     assert (out / "stage1" / "codes.pt").exists() and (out / "config.yaml").exists()
+    # the run's model, usable by the inference CLI and the Python API
+    from dsu_models.inference import DisUnknownModel
+    model = DisUnknownModel.load(out / "model", device="cpu")
+    assert model.labeled_factors == config().labeled_factors
+    swapped = model.swap(np.zeros((2, 8, 8, 3), np.uint8), {"shape": 1})
+    assert swapped.shape == (2, 8, 8, 3) and swapped.dtype == np.uint8
     # Re-running skips everything and changes nothing.
     before = weights(out, "stage2")
     assert train.main(["--config", "tiny", "--out", str(out)] + FAST) == 0
@@ -108,3 +116,73 @@ def test_every_preset_resolves(name):
     """Presets are data checked against the config (a typo in one is an error)."""
     cfg = factory.build_config(name, [])
     assert cfg.dataset == "shapes3d" and cfg.stage1.iterations > 0
+
+
+def test_checkpoints_keep_the_previous_one_and_fall_back_to_it(tmp_path):
+    ckpt = FileCheckpoints(tmp_path)
+    ckpt.save({"iteration": 4, "w": torch.ones(3)})
+    ckpt.save({"iteration": 8, "w": torch.ones(3) * 2})
+    assert ckpt.load()["iteration"] == 8 and load_torch(ckpt.previous)["iteration"] == 4
+    # a truncated latest (a crash while copying it): the previous one, with a warning naming it
+    ckpt.latest.write_bytes(ckpt.latest.read_bytes()[:100])
+    with pytest.warns(UserWarning, match="checkpoint.pt.*resuming from the previous checkpoint"):
+        assert ckpt.load()["iteration"] == 4
+    # both unreadable: an error that names the file, never a raw unpickling trace
+    ckpt.previous.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="checkpoint.prev.pt"):
+        ckpt.load()
+    assert FileCheckpoints(tmp_path / "empty").load() is None
+
+
+def test_a_checkpoint_that_does_not_read_back_never_replaces_a_good_one(tmp_path, monkeypatch):
+    from dsu_models import loop
+    ckpt = FileCheckpoints(tmp_path)
+    ckpt.save({"iteration": 4})
+
+    def broken_save(state, path):
+        Path(path).write_bytes(b"half a file")
+        return Path(path)
+
+    monkeypatch.setattr(loop, "save_torch", broken_save)
+    with pytest.raises(CheckpointError):
+        ckpt.save({"iteration": 8})
+    assert ckpt.load()["iteration"] == 4 and sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+
+
+def test_the_runner_resumes_a_stage_from_the_previous_checkpoint_when_the_latest_is_corrupt(tmp_path):
+    def stop_at_8(stage, iteration, metrics):
+        if iteration == 8:
+            raise Interrupt
+
+    out = tmp_path / "run"
+    with pytest.raises(Interrupt):
+        train.run(config(), out, stages=["stage1"], log=lambda s: None, on_report=stop_at_8)
+    latest = out / "stage1" / "checkpoint.pt"
+    latest.write_bytes(latest.read_bytes()[:50])
+    lines = []
+    with pytest.warns(UserWarning, match="previous checkpoint"):
+        train.run(config(), out, stages=["stage1"], log=lines.append)
+    assert "[stage1] resuming from iteration 4" in lines
+    assert (out / "stage1" / "handoff.pt").exists()
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["all_stages.iterations=0"], "iterations: 0"),
+    (["stage2.iterations=0"], "stage2.iterations: 0"),
+    (["data_path=/nothing/here"], "/nothing/here"),
+    (["device=cuda:7"] if torch.cuda.device_count() < 8 else ["device=tpu"], "device: "),
+])
+def test_runner_refuses_bad_values_before_writing_anything(tmp_path, capsys, argv, fragment):
+    out = tmp_path / "x"
+    assert train.main(["--config", "tiny", "--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and len(err.splitlines()) == 1
+    assert not (out / "config.yaml").exists()  # the corrected rerun is not refused
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path, capsys):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("stage1:\n  lr: 0.001 # d\xe9j\xe0 vu\n".encode("latin-1"))
+    assert train.main(["--config", str(path), "--out", str(tmp_path / "x")] + FAST) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(path) in err and "UTF-8" in err and len(err.splitlines()) == 1

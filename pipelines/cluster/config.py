@@ -54,7 +54,38 @@ def validate_cluster_yaml(path: str | Path) -> dict:
     # `provider` or an unknown provider type surfaces as one of these.
     except (ValueError, KeyError, TypeError, AssertionError, NotImplementedError, RuntimeError) as e:
         raise ClusterConfigError(f"{path}: {type(e).__name__}: {e}") from None
+    problems = open_doors(raw)
+    if problems:
+        raise ClusterConfigError(f"{path}: " + "; ".join(problems))
     return config
+
+
+def open_doors(raw: dict) -> list[str]:
+    """What would leave the cluster open to anyone who can reach it: token auth
+    off, the dashboard or MLflow listening on every interface, a node type on
+    Ray's default security group (SSH from anywhere). Empty for a closed config."""
+    problems = []
+    starts = {"head_start_ray_commands": raw.get("head_start_ray_commands") or [],
+              "worker_start_ray_commands": raw.get("worker_start_ray_commands") or []}
+    for key, commands in starts.items():
+        text = " ".join(map(str, commands))
+        if "ray start" in text and "RAY_AUTH_MODE=token" not in text:
+            problems.append(f"{key}: ray start without RAY_AUTH_MODE=token (anyone reaching the "
+                            f"ports could run code on the cluster)")
+        for host in ("0.0.0.0", "::"):
+            for flag in (f"--dashboard-host={host}", f"--dashboard-host {host}", f"--host {host}"):
+                if flag in text:
+                    problems.append(f"{key}: {flag} listens on every interface; bind to 127.0.0.1 "
+                                    f"or the private address and use an SSH tunnel")
+    if "RAY_AUTH_MODE=token" in " ".join(map(str, starts["head_start_ray_commands"])):
+        mounts = raw.get("file_mounts") or {}
+        if "~/.ray/auth_token" not in mounts:
+            problems.append("file_mounts: no ~/.ray/auth_token, so the nodes would not share one token")
+    for name, node_type in (raw.get("available_node_types") or {}).items():
+        if not (node_type.get("node_config") or {}).get("SecurityGroupIds"):
+            problems.append(f"available_node_types.{name}.node_config: no SecurityGroupIds (Ray's "
+                            f"default group admits SSH from anywhere)")
+    return problems
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -294,7 +294,7 @@ def run(sweep: dict, num_cpus: int | None, restore: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     try:
         if args.resume:
             sweep = reopen_sweep(args.resume, args.tracking_uri)

@@ -87,13 +87,52 @@ def stage_run(client: MlflowClient, parent_id: str, stage: str, cfg: Config) -> 
     re-entered (resume), else a new nested run is created with the config logged."""
     existing = child_runs(client, parent_id).get(stage)
     if existing is not None:
-        return existing.info.run_id, existing.data.tags.get(COMPLETE_TAG) == "true"
+        complete = existing.data.tags.get(COMPLETE_TAG) == "true"
+        if not complete:
+            client.update_run(existing.info.run_id, status="RUNNING")  # re-entered
+        return existing.info.run_id, complete
     parent = client.get_run(parent_id)
     run = client.create_run(parent.info.experiment_id, run_name=stage,
                             tags={"mlflow.parentRunId": parent_id, STAGE_TAG: stage,
                                   COMPLETE_TAG: "false"})
     log_config(client, run.info.run_id, cfg)
     return run.info.run_id, False
+
+
+def get_run(client: MlflowClient, run_id: str, flag: str) -> mlflow.entities.Run:
+    """The run ``run_id`` given by the user as ``flag``; a ValueError naming both
+    when the store has no such run."""
+    from mlflow.exceptions import MlflowException
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        raise ValueError(f"{flag} {run_id}: no such run in {client.tracking_uri}") from None
+
+
+def pipeline_run(client: MlflowClient, run_id: str, flag: str) -> mlflow.entities.Run:
+    """The pipeline (parent) run ``run_id``; a ValueError naming it when the store
+    has no such run or it is not a pipeline's parent run."""
+    run = get_run(client, run_id, flag)
+    if run.data.tags.get(PIPELINE_TAG) != "true":
+        what = f"a {run.data.tags[STAGE_TAG]!r} stage run" if STAGE_TAG in run.data.tags else "not a pipeline run"
+        raise ValueError(f"{flag} {run_id}: {what}; pass the id printed as 'pipeline run ...'")
+    return run
+
+
+def logged_config(run_id: str, tracking_uri: str, dst: str | Path) -> Path:
+    """The resolved config a run logged (``config.yaml``), downloaded into ``dst``."""
+    return download(run_id, "config.yaml", tracking_uri, dst)
+
+
+def mark_failed(client: MlflowClient, *run_ids: str | None, status: str = "FAILED"):
+    """End runs that did not finish (FAILED, or KILLED for an interrupt); best effort:
+    the store may be what failed."""
+    for run_id in run_ids:
+        if run_id:
+            try:
+                client.set_terminated(run_id, status)
+            except Exception:  # noqa: BLE001 - the original error is the one to report
+                pass
 
 
 def mark_complete(client: MlflowClient, run_id: str):
@@ -111,7 +150,7 @@ def download(run_id: str, artifact_path: str, tracking_uri: str, dst: str | Path
 
 def require_complete(client: MlflowClient, run_id: str, stage: str):
     """An upstream run id given by the user must be a finished run of ``stage``."""
-    run = client.get_run(run_id)
+    run = get_run(client, run_id, f"--{stage}-run")
     tags = run.data.tags
     if tags.get(STAGE_TAG) != stage:
         raise ValueError(f"run {run_id} is a {tags.get(STAGE_TAG, 'non-stage')!r} run, not {stage!r}")
