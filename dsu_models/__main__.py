@@ -4,6 +4,7 @@
         --set object_hue=3 --set shape=cube --out out.png
     python -m dsu_models encode --model URI --images a.png b.png [--out codes.json]
     python -m dsu_models evaluate --model URI [--data DIR_OR_BUILTIN] [--out metrics.json]
+    python -m dsu_models samples --model URI --out DIR [--count 8] [--data DIR_OR_BUILTIN]
 
 URI: a bundle directory, its model.pt, or an MLflow URI (models:/NAME@ALIAS,
 models:/NAME/VERSION, runs:/RUN_ID/PATH; ``--tracking-uri`` or
@@ -24,6 +25,10 @@ with class names; ``--out`` also writes them as JSON.
 prepared data directory or a built-in dataset (default: the data the model
 was trained on, per its config); oracles are cached under ``--oracle-cache``.
 
+``samples``: writes ``--count`` test images of the model's data (or ``--data``)
+as PNGs named by their labels (``000_floor_hue=2_shape=cube.png``): content
+images to try ``swap`` on.
+
 Errors (bad URI, unreadable image, unknown factor or class) print one line
 ``error: ...`` and exit with status 2.
 """
@@ -33,6 +38,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -169,6 +175,21 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_samples(args) -> int:
+    if args.count < 1:
+        raise ValueError(f"--count {args.count}: at least 1")
+    model = _load(args)
+    _, test = _evaluation_data(model, args.data)
+    out = Path(args.out)
+    count = min(args.count, len(test))
+    for i in range(count):
+        labels = "_".join(f"{f.name}={f.class_names[int(v)] if f.class_names else int(v)}"
+                          for f, v in zip(test.factors, test.labels[i]))
+        save_png(test.images[i], out / f"{i:03d}_{re.sub(r'[^A-Za-z0-9=_.-]+', '-', labels)}.png")
+    print(f"wrote {count} test images of {test.name} to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m dsu_models", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -204,6 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
                                           "~/.disunknown/oracles)")
     p.add_argument("--out", help="also write the metrics as JSON")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("samples", help="test images of the model's data as PNGs, to swap")
+    common(p)
+    p.add_argument("--out", required=True, help="folder for the PNGs")
+    p.add_argument("--count", type=int, default=8)
+    p.add_argument("--data", help="prepared data directory or built-in name (default: the model's own)")
+    p.set_defaults(func=cmd_samples)
     return parser
 
 

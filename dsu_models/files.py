@@ -54,5 +54,15 @@ def load_torch(path: str | Path, map_location: torch.device | str = "cpu"):
     except FileNotFoundError:
         raise
     except Exception as exc:  # torch raises several types for truncated or foreign files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path}: cannot be read as a saved state ({first})") from exc
+        raise CheckpointError(f"{path}: cannot be read as a saved state ({_why(exc)})") from exc
+
+
+def _why(exc: Exception) -> str:
+    """torch's reason in a few words. Its weights-only refusal suggests loading
+    with ``weights_only=False``, which a file of unknown origin must never get."""
+    text = str(exc).strip()
+    if "Weights only load failed" in text:
+        return "not a file of plain tensors and containers: truncated, or another kind of file"
+    if "central directory" in text or "zip archive" in text:
+        return "truncated or damaged: its zip archive is incomplete"
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -92,7 +92,7 @@ def add_common(parser: argparse.ArgumentParser):
                         help="worker failures a stage survives (restarts from its checkpoint)")
     parser.add_argument("--experiment", default="disunknown")
     parser.add_argument("--tracking-uri", default=None,
-                        help="MLflow store; default sqlite:///$DSU_HOME/mlflow.db (~/.disunknown)")
+                        help="MLflow store; default $MLFLOW_TRACKING_URI, else sqlite:///$DSU_HOME/mlflow.db (~/.disunknown)")
     parser.add_argument("--num-cpus", type=int, default=None,
                         help="logical CPUs of a local Ray instance (default: the cores + 1, "
                              "see local_ray.pipeline_cpus; ignored when joining RAY_ADDRESS)")

@@ -41,24 +41,33 @@ def faults_plan(tmp_path):
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    from pipelines.cluster.ray_init import init_ray
-
+def _ray_temp_dir():
     temp_dir = tempfile.mkdtemp(prefix="dsu-ray-", dir="/tmp")
-    os.environ.pop("RAY_ADDRESS", None)
-    # started like the pipelines start a local Ray, plus the tests' fault injection
-    import ray
-    # by value: Ray workers cannot import the tests folder by name
-    ray.cloudpickle.register_pickle_by_value(faults)
-    runtime_env = {"worker_process_setup_hook": faults.install,
-                   "env_vars": {faults.PLAN_ENV: os.environ[faults.PLAN_ENV]}}
-    ray = init_ray(2, num_gpus=0, _temp_dir=temp_dir, log_to_driver=True,
-                   configure_logging=False, runtime_env=runtime_env)
     try:
-        yield ray
+        yield temp_dir
     finally:
+        import ray
         ray.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def ray_session(_ray_temp_dir):
+    """The test session's local Ray instance (2 CPUs, the tests' fault injection in
+    every worker), started on first use and again after a test that shut it down
+    (the ``ray job submit`` test needs the machine to itself)."""
+    import ray
+    if not ray.is_initialized():
+        from pipelines.cluster.ray_init import init_ray
+        os.environ.pop("RAY_ADDRESS", None)
+        # started like the pipelines start a local Ray, plus the tests' fault injection;
+        # by value: Ray workers cannot import the tests folder by name
+        ray.cloudpickle.register_pickle_by_value(faults)
+        runtime_env = {"worker_process_setup_hook": faults.install,
+                       "env_vars": {faults.PLAN_ENV: os.environ[faults.PLAN_ENV]}}
+        init_ray(2, num_gpus=0, _temp_dir=_ray_temp_dir, log_to_driver=True,
+                 configure_logging=False, runtime_env=runtime_env)
+    return ray
 
 
 @pytest.fixture(scope="module")

@@ -435,6 +435,19 @@ def test_cli_bad_device_is_refused_by_the_parser(tiny, pngs, tmp_path, capsys, d
     assert not (tmp_path / "o.png").exists()
 
 
+def test_cli_samples_give_content_images_to_swap(tiny, tmp_path, capsys):
+    out = tmp_path / "samples"
+    assert main(["samples", "--model", str(tiny["bundle_dir"]), "--device", "cpu", "--out", str(out),
+                 "--count", "3"]) == 0
+    files = sorted(out.glob("*.png"))
+    assert len(files) == 3 and files[0].name.startswith("000_") and "shape=" in files[0].name
+    assert main(["swap", "--model", str(tiny["bundle_dir"]), "--device", "cpu", "--content", str(files[0]),
+                 "--set", "shape=1", "--out", str(tmp_path / "o.png")]) == 0
+    assert (tmp_path / "o.png").exists()
+    assert main(["samples", "--model", str(tiny["bundle_dir"]), "--out", str(out), "--count", "0"]) == 2
+    assert "--count 0" in capsys.readouterr().err
+
+
 def test_cli_missing_image_fails_with_one_line(tiny, tmp_path, capsys):
     rc = main(["encode", "--model", str(tiny["bundle_dir"]), "--images", str(tmp_path / "nope.png")])
     assert rc == 2 and "nope.png: no such image file" in capsys.readouterr().err

@@ -161,3 +161,11 @@ def test_config_errors_still_name_the_key(store, capsys):
         build_config("tiny", ["stage1.lr=fast"])
     assert _run(store, "--config", "tiny", "stage1.lr=fast", "--data", store["data"]) == 2
     assert "stage1.lr" in capsys.readouterr().err
+
+
+def test_the_default_store_follows_mlflow_tracking_uri(tmp_path, monkeypatch):
+    monkeypatch.setenv("DSU_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.default_tracking_uri() == f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert tracking.default_tracking_uri() == "http://127.0.0.1:5999"

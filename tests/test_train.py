@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dsu_models import factory, train
-from dsu_models.files import CheckpointError, load_torch, save_torch
+from dsu_models.files import CheckpointError, load_torch
 from dsu_models.loop import FileCheckpoints
 from dsu_models.config import ConfigError, load_resolved
 from dsu_models.stages.common import NonFiniteLossError

@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="sweep name (folder under $DSU_HOME/tune); default <stage>-<time>")
     p.add_argument("--experiment", default="disunknown-tune")
     p.add_argument("--tracking-uri", default=None,
-                   help="MLflow store; default sqlite:///$DSU_HOME/mlflow.db (~/.disunknown)")
+                   help="MLflow store; default $MLFLOW_TRACKING_URI, else sqlite:///$DSU_HOME/mlflow.db (~/.disunknown)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of a local Ray instance")
     p.add_argument("--resume", metavar="SWEEP",
                    help="continue a sweep: its MLflow run id or its folder (every other setting "

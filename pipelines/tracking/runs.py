@@ -31,6 +31,10 @@ def dsu_home() -> Path:
 
 
 def default_tracking_uri() -> str:
+    """``$MLFLOW_TRACKING_URI`` when set (as MLflow itself reads it), else the
+    local store ``sqlite:///$DSU_HOME/mlflow.db``."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
     home = dsu_home()
     home.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{home / 'mlflow.db'}"
