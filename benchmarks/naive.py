@@ -6,22 +6,20 @@ way a first implementation usually is: separate update passes per player
 the generator side re-generating them), ``requires_grad`` toggling instead of
 detached calls, a second backward pass to keep the adversarial gradient out
 of the generator's conv part, and a per-sample loop for the random offset.
-``straightforward_layers()`` also swaps in the layers written straight from
-their formulas (``dsu_models/nn/plain.py``: weight norm as ``v * g / ||v||``,
-the self-normalising PReLU and its moments through autograd, no shift folded
-into the previous layer's bias, aten's pooling and transposed conv) and
-``straightforward_optimizers`` plain Adam (not fused), so that the whole
-baseline is a first implementation of the same networks and math; both are
-checked against the product's layers in tests/test_perf_equivalence.py.
-Benchmarks only: not used by the product.
+The benchmark runs these steps on the library's reference path
+(``dsu_models.nn.plain.plain_layers``: weight norm as ``v * g / ||v||``, the
+self-normalising PReLU and its moments through autograd, no shift folded into
+the previous layer's bias, aten's pooling and transposed conv) with plain Adam
+(``plain.plain_optimizers``), so that the whole baseline is a first
+implementation of the same networks and math; the reference path is checked
+against the fast one in tests/test_perf_equivalence.py. The steps here are
+for the benchmark only.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from dsu_models import codes, losses
 from dsu_models.nn import layers, networks, plain
@@ -29,65 +27,6 @@ from dsu_models.stages.classifier import ClassifierStage
 from dsu_models.stages.lenc import LencStage
 from dsu_models.stages.stage1 import Stage1, keep_tensor, rolled_labels
 from dsu_models.stages.stage2 import Stage2
-
-
-def _plain_linear(self, x, extra_bias=None):
-    return F.linear(x, plain.weight_norm(self.weight, 0, self.scale, 1.0),
-                    layers._with_extra(self.bias, extra_bias))
-
-
-def _plain_conv(self, x, extra_bias=None):
-    return F.conv2d(x, plain.weight_norm(self.weight, 0, self.scale, 1.0),
-                    layers._with_extra(self.bias, extra_bias), self.stride, self.padding)
-
-
-def _plain_conv_transpose(self, x, extra_bias=None):
-    return F.conv_transpose2d(x, plain.weight_norm(self.weight, 1, self.scale, self.gain),
-                              layers._with_extra(self.bias, extra_bias), self.stride, self.padding)
-
-
-def _plain_act(self, x):
-    return plain.snprelu(x, self.bias, self.slope)
-
-
-def _plain_add(self, shortcut, residual):
-    return plain.residual_add(shortcut, residual, self.alpha, self.beta)
-
-
-def _plain_pool(x, pad=0):
-    return F.avg_pool2d(x, 2, padding=pad, count_include_pad=True)
-
-
-def _plain_layer_act(layer, act, x):
-    return act(layer(x))
-
-
-_PLAIN = [(layers.WNLinear, "forward", _plain_linear), (layers.WNConv2d, "forward", _plain_conv),
-          (layers.WNConvTranspose2d, "forward", _plain_conv_transpose),
-          (layers.SNPReLU, "forward", _plain_act), (layers.ResidualAdd, "forward", _plain_add),
-          (layers.Chain, "forward", nn.Sequential.forward),
-          (networks, "avg_pool_2x2", _plain_pool), (networks, "upsample_2x", plain.upsample_2x),
-          (networks, "layer_act", _plain_layer_act)]
-
-
-@contextmanager
-def _swapped(replacements):
-    """Within the block each ``(owner, name, fn)`` has ``owner.name = fn``;
-    the originals are put back after it."""
-    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in replacements]
-    try:
-        for owner, name, fn in replacements:
-            setattr(owner, name, fn)
-        yield
-    finally:
-        for owner, name, fn in saved:
-            setattr(owner, name, fn)
-
-
-def straightforward_layers():
-    """Context manager: within it every network runs the plain-formula layers
-    (same parameters, same math; see the module docstring)."""
-    return _swapped(_PLAIN)
 
 
 _REMOVED = [(layers.SNPReLU, "forward", lambda self, x: x),
@@ -102,16 +41,7 @@ def without_elementwise_layers():
     bound. What is left (convolutions, linear layers, weight norm, losses, Adam)
     is work any implementation of the networks does, so a step timed there
     bounds what faster elementwise layers could ever gain."""
-    return _swapped(_REMOVED)
-
-
-def straightforward_optimizers(stage) -> None:
-    """Replace the stage's (fused) Adam optimizers by ``torch.optim.Adam`` with
-    its defaults (on CPU, a loop over the parameters), same groups and settings."""
-    for key, opt in stage.optimizers.items():
-        groups = [{k: v for k, v in g.items() if k not in ("fused", "foreach")}
-                  for g in opt.param_groups]
-        stage.optimizers[key] = torch.optim.Adam(groups)
+    return plain.swapped(_REMOVED)
 
 
 def offset_loop(*images):

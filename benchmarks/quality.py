@@ -28,9 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import torch  # noqa: E402
+import torch
 
 BAR = {"swap_acc_mean": (">=", 0.9), "preserve_mean": (">=", 0.8), "leak_excess_mean": ("<=", 0.1)}
 LABELED = "labeled_factors=[floor_hue, wall_hue, object_hue, shape]"

@@ -24,14 +24,10 @@ import argparse
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import torch  # noqa: E402
+import torch
 
 
 def stage_and_source(cfg):

@@ -18,7 +18,7 @@ implementation of the same networks and math (``benchmarks/naive.py``): the
 step written player by player with a per-sample random offset, the layers
 written straight from their formulas and plain (unfused) Adam. ``naive`` is
 its images/s and ``ratio`` ours over it. ``struct`` times the same naive step
-with this repository's layers and optimizers, so ``ours / struct`` is what the
+with this repository's fast layers and optimizers, so ``ours / struct`` is what the
 stage structure alone saves and ``struct / naive`` what the layers save.
 (``lenc_real`` has no baseline of its own: it is ``lenc``'s baseline with
 ``generated_weight: 0``.) ``--bound`` adds ``bound``: our step with the activations, residual adds and
@@ -39,19 +39,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# run as a script, this folder is on sys.path: naive.py imports as a sibling
 from naive import (naive_classifier_step, naive_lenc_step, naive_stage1_step,  # noqa: E402
-                   naive_stage2_step, straightforward_layers, straightforward_optimizers,
-                   without_elementwise_layers)
+                   naive_stage2_step, without_elementwise_layers)
 
 from dsu_models import codes  # noqa: E402
 from dsu_models.allocator import retain_freed_memory  # noqa: E402
+from dsu_models.nn.plain import plain_layers, plain_optimizers  # noqa: E402
 from dsu_models.config import layered_dict, resolve  # noqa: E402
 from dsu_models.data.base import FactorInfo  # noqa: E402
 from dsu_models.stages.classifier import ClassifierStage  # noqa: E402
@@ -148,10 +146,10 @@ def naive_steps(config: str, stage_name: str, factors, device, step) -> dict:
     struct = stages_for(eager_cfg, factors, device)[stage_name]
     torch.manual_seed(0)
     plain = stages_for(eager_cfg, factors, device)[stage_name]
-    straightforward_optimizers(plain)
+    plain_optimizers(plain)
 
     def naive_step(batch):
-        with straightforward_layers():
+        with plain_layers():
             return step(plain, batch)
 
     return {"struct": lambda batch: step(struct, batch), "naive": naive_step}

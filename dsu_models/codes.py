@@ -111,16 +111,22 @@ def stratified_normal(
 
 
 def nested_dropout_mask(
-    keep_prob: Tensor, batch: int, generator: torch.Generator | None = None
+    keep_prob: Tensor, batch: int, generator: torch.Generator | None = None,
+    segment: Tensor | None = None, segments: int = 1,
 ) -> Tensor:
     """Nested-dropout keep mask ``(batch, m)``, float in {0, 1}.
 
     keep_prob: ``(m,)`` non-increasing, ``p_0 = 1``. One ``r ~ U(0,1)`` per sample;
     dim j is kept iff ``p_j >= r``, so the kept dims of a sample are always a
     prefix (nested). ``r`` is plain uniform, not stratified, as docs/method.md states.
+    Several codes side by side (stage 2's ``[u, l_1..l_K]``): ``segment`` ``(m,)``
+    gives each dim its code's index in ``[0, segments)``, and each code draws its
+    own ``r`` (each keeps its own prefix).
     """
     dtype = keep_prob.dtype if keep_prob.is_floating_point() else torch.get_default_dtype()
-    r = torch.rand(batch, 1, generator=generator, device=keep_prob.device, dtype=dtype)
+    r = torch.rand(batch, segments, generator=generator, device=keep_prob.device, dtype=dtype)
+    if segment is not None:
+        r = r[:, segment]
     return (keep_prob.to(dtype).unsqueeze(0) >= r).to(dtype)
 
 
@@ -130,6 +136,8 @@ def sample_code(
     keep_prob: KeepProb,
     training: bool,
     generator: torch.Generator | None = None,
+    segment: Tensor | None = None,
+    segments: int = 1,
 ) -> tuple[Tensor, Tensor]:
     """Sample a code with nested dropout. Returns ``(code, mask)``, both ``(B, m)``.
 
@@ -138,14 +146,16 @@ def sample_code(
     dim is replaced by an independent (stratified) prior draw from N(0, 1), so no
     gradient reaches the encoder through dropped dims. With ``training=False`` or
     ``keep_prob=None`` the mask is all ones. ``m = 0`` gives empty ``(B, 0)`` tensors.
+    ``segment``/``segments``: several codes sampled in one draw, each with its own
+    dropout level (:func:`nested_dropout_mask`).
     """
     batch, size = mean.shape
     noise_args = dict(generator=generator, device=mean.device, dtype=mean.dtype)
-    code = mean + std * stratified_normal(batch, size, **noise_args)
+    code = torch.addcmul(mean, std, stratified_normal(batch, size, **noise_args))
     kp = _as_keep_prob(keep_prob, mean)
     if not training or kp is None or size == 0:
         return code, torch.ones_like(mean)
-    mask = nested_dropout_mask(kp, batch, generator=generator)
+    mask = nested_dropout_mask(kp, batch, generator=generator, segment=segment, segments=segments)
     prior = stratified_normal(batch, size, **noise_args)
     return torch.where(mask.bool(), code, prior), mask
 

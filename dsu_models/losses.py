@@ -64,9 +64,19 @@ def adversarial_ll(log_probs: Tensor, labels: Tensor) -> Tensor:
     return _pick(log_probs, labels).mean()
 
 
+def lsgan_real_loss(d_real: Tensor) -> Tensor:
+    """Least-squares D loss of real images: ``mean((D(real) - 1)^2)``."""
+    return (d_real - 1.0).square().mean()
+
+
+def lsgan_fake_loss(d_fake: Tensor) -> Tensor:
+    """Least-squares D loss of fakes: ``mean((D(fake) + 1)^2)``."""
+    return (d_fake + 1.0).square().mean()
+
+
 def lsgan_d_loss(d_real: Tensor, d_fake: Tensor) -> Tensor:
     """Least-squares D loss: ``mean((D(real) - 1)^2) + mean((D(fake) + 1)^2)``."""
-    return (d_real - 1.0).square().mean() + (d_fake + 1.0).square().mean()
+    return lsgan_real_loss(d_real) + lsgan_fake_loss(d_fake)
 
 
 def lsgan_g_loss(d_fake: Tensor) -> Tensor:

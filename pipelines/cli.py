@@ -261,13 +261,13 @@ def full_main(argv: list[str] | None = None) -> int:
     client = None
     try:
         tracking_uri = args.tracking_uri or tracking.default_tracking_uri()
-        experiment_id = tracking.setup(tracking_uri, args.experiment)
         from mlflow.tracking import MlflowClient
-        client = MlflowClient(tracking_uri)
-        if args.resume:
+        if args.resume:  # the run's own config, from its store
+            experiment_id = tracking.setup(tracking_uri, args.experiment)
+            client = MlflowClient(tracking_uri)
             cfg, config_arg, overrides = resume_config(args, client, tracking_uri)
             check_data(cfg)
-        else:
+        else:  # a bad config touches nothing, not even the store
             config_arg = args.config if (args.config or args.overrides or args.dataset
                                          or args.data) else "quick"
             cfg, overrides = _prologue(args, config_arg)
@@ -279,6 +279,9 @@ def full_main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"--stages: {bad} not among this config's stages {wanted}")
             wanted = [s for s in wanted if s in chosen]
         check_launch(cfg, args, wanted)
+        if not args.resume:
+            experiment_id = tracking.setup(tracking_uri, args.experiment)
+            client = MlflowClient(tracking_uri)
         init_ray(args.num_cpus or pipeline_cpus())
         cfg, data_dir = ensure_data(cfg, config_arg, overrides)
         if args.resume:

@@ -22,6 +22,15 @@ os.environ[faults.PLAN_ENV] = str(FAULT_DIR / "plan.json")
 faults.install()
 
 
+LAST = ("test_ray_job_submit_against_a_local_head",)  # shuts the session's Ray down
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Tests that need the machine to themselves run last, so that the session's
+    Ray is not started a second time after them."""
+    items.sort(key=lambda item: item.name in LAST)
+
+
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(FAULT_DIR, ignore_errors=True)
 
@@ -38,6 +47,16 @@ def faults_plan(tmp_path):
 
     yield plan
     Path(os.environ[faults.PLAN_ENV]).unlink(missing_ok=True)
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_store_not_inherited():
+    """``mlflow.set_tracking_uri`` also sets ``$MLFLOW_TRACKING_URI``, which the
+    pipeline's default store follows: one test's store (a server it stopped) must
+    not become the next test's default."""
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from dsu_models import allocator
+from tests.tiny import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,37 +24,12 @@ def test_retain_freed_memory_sets_the_thresholds_once():
     assert allocator.retain_freed_memory() is True
 
 
-_PROBE = """
-import resource, sys, torch
-from dsu_models.allocator import retain_freed_memory
-from dsu_models.stages.stage1 import Stage1
-from tests.tiny import tiny_batch, tiny_config, tiny_factors
-torch.set_num_threads(2)
-if sys.argv[1] == "retain":
-    retain_freed_memory()   # what every training runner does first
-
-def train():
-    cfg = tiny_config("image_size=32", "architecture.conv_channels=[32, 64]",
-                      "architecture.fc_features=256", "all_stages.batch_size=64")
-    torch.manual_seed(0)
-    stage = Stage1(cfg, tiny_factors(cfg), "cpu")
-    batch = tiny_batch(cfg, 64)
-    for _ in range(4):                               # the heap grows to its peak
-        stage.train_step(batch)
-    faults = []
-    for _ in range(7):
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        stage.train_step(batch)
-        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    print(sorted(faults)[3])                         # the median step
-
-train()
-"""
-
-
 def _median_faults(mode: str) -> int:
-    out = subprocess.run([sys.executable, "-c", _PROBE, mode], cwd=ROOT, capture_output=True, text=True,
-                         timeout=300)
+    """The median stage-1 step's minor faults in a fresh process (the probe of
+    benchmarks/page_faults.py, main thread, 7 steps after 4 warm-up steps)."""
+    probe = load_benchmark("page_faults").PROBE
+    out = subprocess.run([sys.executable, "-c", probe, mode, "main", "7"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     return int(out.stdout.strip().splitlines()[-1])
 

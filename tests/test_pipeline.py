@@ -190,10 +190,11 @@ def test_against_a_real_mlflow_server(ray_session, home, tmp_path):
 
 
 def test_bad_config_or_missing_data_fails_before_ray(tmp_path):
+    """The script itself, as users call it (more refusals, in-process:
+    tests/test_pipeline_refusals.py)."""
     env = dict(os.environ, DSU_HOME=str(tmp_path / "home"))
     env.pop("RAY_ADDRESS", None)
-    cases = [(["stage1.cla1_mode=bogus"], "stage1.cla1_mode: 'bogus'"),
-             (["--dataset", "mnist"], "pass --data"),
+    cases = [(["stage1.cla1_mode=bogus", "--dataset", "mnist"], "stage1.cla1_mode: 'bogus'"),
              (["--data", str(tmp_path / "nowhere")], "nowhere")]
     for args, fragment in cases:
         done = subprocess.run([sys.executable, "pipelines/full.py", *args], cwd=REPO, env=env,

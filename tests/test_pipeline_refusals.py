@@ -169,3 +169,10 @@ def test_the_default_store_follows_mlflow_tracking_uri(tmp_path, monkeypatch):
     assert tracking.default_tracking_uri() == f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
     assert tracking.default_tracking_uri() == "http://127.0.0.1:5999"
+
+
+def test_a_dataset_that_is_not_built_in_needs_its_prepared_folder(store, capsys):
+    assert _run(store, "--dataset", "mnist") == 2
+    err = capsys.readouterr().err
+    assert "pass --data" in err and "prepare_data.py mnist" in err
+    assert not store["started"]

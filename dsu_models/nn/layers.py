@@ -110,7 +110,7 @@ class WNConv2d(nn.Module):
     def forward(self, x: Tensor, extra_bias: Tensor | None = None) -> Tensor:
         """``extra_bias``: ``(out_ch,)`` added to the bias (see ``WNLinear``)."""
         weight, bias = self.normalised_weight(), _with_extra(self.bias, extra_bias)
-        if (x.requires_grad and _cpu_eager(x) and x.shape[-2] % 2 == 0 and x.shape[-1] % 2 == 0
+        if (x.requires_grad and _fast_cpu_path(x) and x.shape[-2] % 2 == 0 and x.shape[-1] % 2 == 0
                 and _subpixel_applies(weight.shape[2:], self.stride, self.padding)):
             return _Conv2dSubPixelGrad.apply(x, weight, bias, self.padding[0])
         return F.conv2d(x, weight, bias, self.stride, self.padding)
@@ -147,7 +147,7 @@ class WNConvTranspose2d(nn.Module):
     def forward(self, x: Tensor, extra_bias: Tensor | None = None) -> Tensor:
         """``extra_bias``: ``(out_ch,)`` added to the bias (see ``WNLinear``)."""
         weight, bias = self.normalised_weight(), _with_extra(self.bias, extra_bias)
-        if _cpu_eager(x) and _subpixel_applies(weight.shape[2:], self.stride, self.padding):
+        if _fast_cpu_path(x) and _subpixel_applies(weight.shape[2:], self.stride, self.padding):
             return _SubPixelConvTranspose.apply(x, weight, bias, self.padding[0])
         return F.conv_transpose2d(x, weight, bias, self.stride, self.padding)
 
@@ -157,10 +157,12 @@ class WNConvTranspose2d(nn.Module):
                 f"padding={self.padding}, affine={self.scale is not None}")
 
 
-def _cpu_eager(x: Tensor) -> bool:
-    """Whether ``x`` is on the CPU outside ``torch.compile``: where the layers
-    below replace aten kernels that are slow on CPU (CUDA and the compiler keep
-    aten's)."""
+def _fast_cpu_path(x: Tensor) -> bool:
+    """The one condition under which the layers below swap aten's kernels for
+    their own (sub-pixel convs, strided pooling, the C kernels of ``native.py``):
+    ``x`` on the CPU, outside ``torch.compile`` (CUDA and the compiler keep aten's,
+    which are fast there). Every choice is the same function computed another
+    way; ``plain.plain_layers()`` switches the networks to the formulas instead."""
     return x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
@@ -287,7 +289,7 @@ def avg_pool_2x2(x: Tensor, pad: int = 0) -> Tensor:
     """``F.avg_pool2d(x, 2, padding=pad, count_include_pad=True)`` for
     ``x: (B, C, H, W)``: through ``_Pool2x2`` on CPU when ``H + 2 pad`` and
     ``W + 2 pad`` are even, aten's kernel otherwise (and under ``torch.compile``)."""
-    if _cpu_eager(x) and (x.shape[-2] + 2 * pad) % 2 == 0 and (x.shape[-1] + 2 * pad) % 2 == 0:
+    if _fast_cpu_path(x) and (x.shape[-2] + 2 * pad) % 2 == 0 and (x.shape[-1] + 2 * pad) % 2 == 0:
         return _Pool2x2.apply(x, pad)
     return F.avg_pool2d(x, 2, padding=pad, count_include_pad=True)
 
@@ -311,7 +313,7 @@ class _Upsample2x(torch.autograd.Function):
 def upsample_2x(x: Tensor, crop: int = 0) -> Tensor:
     """``F.interpolate(x, scale_factor=2, mode="nearest")`` cropped by ``crop``
     per side: ``(B, C, H, W) -> (B, C, 2H - 2 crop, 2W - 2 crop)``."""
-    if _cpu_eager(x) and native.applies(x):
+    if _fast_cpu_path(x) and native.applies(x):
         return _Upsample2x.apply(x, crop)
     return plain.upsample_2x(x, crop)
 
@@ -321,25 +323,8 @@ def _channel_view(v: Tensor, ndim: int) -> Tensor:
     return v.view(-1, *([1] * (ndim - 2)))
 
 
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-_VAR_FLOOR = 1e-8
-
-
-def _moment_terms(b: Tensor, a: Tensor) -> dict[str, Tensor]:
-    """Analytic moments of ``prelu(z + b; a)``, ``z ~ N(0, 1)``, per channel, and
-    the pieces their derivatives need (see ``SNPReLU.output_moments``)."""
-    cdf = torch.special.ndtr(b)
-    pdf = torch.exp(-0.5 * b * b) * _INV_SQRT_2PI
-    pos_mean = b * cdf + pdf
-    pos_sq = (b * b + 1.0) * cdf + b * pdf
-    neg_mean = b - pos_mean
-    neg_sq = b * b + 1.0 - pos_sq
-    mean = pos_mean + a * neg_mean
-    var = pos_sq + a * a * neg_sq - mean * mean
-    # var -> 0 only for a ~ 0 and b << 0 (a dead unit); keep the division finite.
-    std = var.clamp_min(_VAR_FLOOR).sqrt()
-    return dict(cdf=cdf, pos_mean=pos_mean, neg_mean=neg_mean, neg_sq=neg_sq,
-                mean=mean, var=var, std=std)
+_VAR_FLOOR = plain.VAR_FLOOR
+_moment_terms = plain.prelu_moments  # the moments are written once, in the reference path
 
 
 def _reduce_dims(t: Tensor) -> tuple[int, ...]:
@@ -372,7 +357,7 @@ class _SNPReLUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, t: Tensor, b: Tensor, a: Tensor) -> Tensor:
-        ctx.native = _cpu_eager(t) and native.applies(t, b, a)
+        ctx.native = _fast_cpu_path(t) and native.applies(t, b, a)
         if ctx.native:  # the same math in one fused pass each way (nn/native.py)
             ctx.save_for_backward(t, b, a)
             return native.snprelu_forward(t, b, a)
@@ -452,14 +437,8 @@ class SNPReLU(nn.Module):
         self.slope = nn.Parameter(torch.full((channels,), 0.25))
 
     def output_moments(self) -> tuple[Tensor, Tensor]:
-        """Per-channel ``(mean, std)`` of ``prelu(z + b; a)``, ``z ~ N(0, 1)``.
-
-        With ``t = z + b``, ``t+ = max(t, 0)``, ``t- = min(t, 0)``:
-        ``E[t+] = b*Phi(b) + phi(b)``, ``E[t+^2] = (b^2+1)*Phi(b) + b*phi(b)``,
-        ``E[t-] = b - E[t+]``, ``E[t-^2] = b^2 + 1 - E[t+^2]``; since
-        ``t+ * t- = 0``, ``E[y] = E[t+] + a*E[t-]`` and
-        ``E[y^2] = E[t+^2] + a^2*E[t-^2]``.
-        """
+        """Per-channel ``(mean, std)`` of ``prelu(z + b; a)``, ``z ~ N(0, 1)``
+        (:func:`plain.prelu_moments`)."""
         m = _moment_terms(self.bias, self.slope)
         return m["mean"], m["std"]
 
@@ -544,7 +523,7 @@ class ResidualAdd(nn.Module):
 
     def forward(self, shortcut: Tensor, residual: Tensor) -> Tensor:
         alpha, beta = self.coefficients()
-        if (_cpu_eager(shortcut) and shortcut.shape == residual.shape
+        if (_fast_cpu_path(shortcut) and shortcut.shape == residual.shape
                 and native.applies(shortcut, residual, alpha)):
             return _ResidualAddFunction.apply(shortcut, residual, alpha, beta)
         n = shortcut.dim()

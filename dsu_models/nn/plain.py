@@ -1,16 +1,19 @@
-"""The layers of docs/method.md section 5 written straight from their formulas,
-differentiated by autograd, as a first implementation writes them.
+"""The reference path: the layers of docs/method.md section 5 written straight
+from their formulas and differentiated by autograd, as a first implementation
+writes them, and the one switch that puts every network on them.
 
-``layers.py`` computes the same functions faster (fused weight norm, a
-hand-written SNPReLU backward, activation shifts folded into biases, strided
-pooling, a sub-pixel final layer). ``tests/test_perf_equivalence.py`` checks
-the fast layers against these formulas, and ``benchmarks/naive.py`` runs the
-networks with them (``straightforward_layers``) as the baseline the stage
-throughput is compared with. Not used in training.
+``layers.py`` is the fast path: the same functions computed faster (fused
+weight norm, a hand-written SNPReLU backward and, on CPU, C kernels,
+activation shifts folded into biases, strided pooling, a sub-pixel final
+layer). The networks and the stages are written once, against ``layers.py``;
+:func:`plain_layers` runs them on the formulas here instead, with the same
+parameters. ``tests/test_perf_equivalence.py`` checks the fast path against
+this one, and ``benchmarks/stage_throughput.py`` times it as the baseline.
 """
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -29,18 +32,39 @@ def weight_norm(weight: Tensor, unit_dim: int, scale: Tensor | None, gain: float
     return weight * factor
 
 
-def snprelu(x: Tensor, b: Tensor, a: Tensor) -> Tensor:
-    """``(prelu(x + b; a) - mean) / std`` per channel (dim 1), with the analytic
-    moments of ``prelu(z + b; a)`` for ``z ~ N(0, 1)``."""
+VAR_FLOOR = 1e-8
+
+
+def prelu_moments(b: Tensor, a: Tensor) -> dict[str, Tensor]:
+    """The analytic moments of ``y = prelu(t; a)``, ``t = z + b``, ``z ~ N(0, 1)``,
+    per channel: ``mean``, ``var``, ``std``, and the pieces their derivatives use.
+
+    With ``t+ = max(t, 0)``, ``t- = min(t, 0)``, ``Phi``/``phi`` the standard
+    normal cdf/pdf: ``E[t+] = b Phi(b) + phi(b)``, ``E[t+^2] = (b^2 + 1) Phi(b) +
+    b phi(b)``, ``E[t-] = b - E[t+]``, ``E[t-^2] = b^2 + 1 - E[t+^2]``; since
+    ``t+ t- = 0``, ``E[y] = E[t+] + a E[t-]`` and ``E[y^2] = E[t+^2] + a^2 E[t-^2]``.
+    The only place these are written (the C kernels in ``native_kernels.c``
+    compute the same and are tested against this)."""
     cdf = 0.5 * (1.0 + torch.erf(b / math.sqrt(2.0)))
     pdf = torch.exp(-0.5 * b * b) / math.sqrt(2.0 * math.pi)
     pos_mean = b * cdf + pdf
     pos_sq = (b * b + 1.0) * cdf + b * pdf
-    mean = pos_mean + a * (b - pos_mean)
-    var = pos_sq + a * a * (b * b + 1.0 - pos_sq) - mean * mean
-    std = var.clamp_min(1e-8).sqrt()
+    neg_mean = b - pos_mean
+    neg_sq = b * b + 1.0 - pos_sq
+    mean = pos_mean + a * neg_mean
+    var = pos_sq + a * a * neg_sq - mean * mean
+    # var -> 0 only for a ~ 0 and b << 0 (a dead unit); keep the division finite.
+    std = var.clamp_min(VAR_FLOOR).sqrt()
+    return dict(cdf=cdf, pos_mean=pos_mean, neg_mean=neg_mean, neg_sq=neg_sq,
+                mean=mean, var=var, std=std)
+
+
+def snprelu(x: Tensor, b: Tensor, a: Tensor) -> Tensor:
+    """``(prelu(x + b; a) - mean) / std`` per channel (dim 1), with the analytic
+    moments of ``prelu(z + b; a)`` for ``z ~ N(0, 1)``."""
+    m = prelu_moments(b, a)
     view = [1, -1] + [1] * (x.dim() - 2)
-    return (F.prelu(x + b.view(view), a) - mean.view(view)) / std.view(view)
+    return (F.prelu(x + b.view(view), a) - m["mean"].view(view)) / m["std"].view(view)
 
 
 def residual_add(shortcut: Tensor, residual: Tensor, alpha: Tensor, beta: Tensor) -> Tensor:
@@ -55,3 +79,68 @@ def upsample_2x(x: Tensor, crop: int = 0) -> Tensor:
     """Nearest 2x upsampling of ``x: (B, C, H, W)``, cropped by ``crop`` per side."""
     up = F.interpolate(x, scale_factor=2, mode="nearest")
     return up[:, :, crop:-crop, crop:-crop] if crop else up
+
+
+def avg_pool_2x2(x: Tensor, pad: int = 0) -> Tensor:
+    """2x2 average pooling after zero padding by ``pad`` per side."""
+    return F.avg_pool2d(x, 2, padding=pad, count_include_pad=True)
+
+
+# ----------------------------------------------------------------- the switch
+
+
+@contextmanager
+def swapped(replacements):
+    """Within the block each ``(owner, name, fn)`` has ``owner.name = fn``; the
+    originals are put back after it (also on an error)."""
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in replacements]
+    try:
+        for owner, name, fn in replacements:
+            setattr(owner, name, fn)
+        yield
+    finally:
+        for owner, name, fn in saved:
+            setattr(owner, name, fn)
+
+
+def _reference_layers() -> list:
+    from torch import nn
+
+    from dsu_models.nn import layers, networks
+
+    def linear(self, x, extra_bias=None):
+        return F.linear(x, weight_norm(self.weight, 0, self.scale, 1.0),
+                        layers._with_extra(self.bias, extra_bias))
+
+    def conv(self, x, extra_bias=None):
+        return F.conv2d(x, weight_norm(self.weight, 0, self.scale, 1.0),
+                        layers._with_extra(self.bias, extra_bias), self.stride, self.padding)
+
+    def conv_transpose(self, x, extra_bias=None):
+        return F.conv_transpose2d(x, weight_norm(self.weight, 1, self.scale, self.gain),
+                                  layers._with_extra(self.bias, extra_bias), self.stride, self.padding)
+
+    return [(layers.WNLinear, "forward", linear), (layers.WNConv2d, "forward", conv),
+            (layers.WNConvTranspose2d, "forward", conv_transpose),
+            (layers.SNPReLU, "forward", lambda self, x: snprelu(x, self.bias, self.slope)),
+            (layers.ResidualAdd, "forward",
+             lambda self, shortcut, residual: residual_add(shortcut, residual, self.alpha, self.beta)),
+            (layers.Chain, "forward", nn.Sequential.forward),      # no bias folding
+            (networks, "avg_pool_2x2", avg_pool_2x2), (networks, "upsample_2x", upsample_2x),
+            (networks, "layer_act", lambda layer, act, x: act(layer(x)))]
+
+
+def plain_layers():
+    """Context manager: within it every network runs the reference path (the
+    formulas above, autograd for the gradients) with its own parameters; outside
+    it, the fast path of ``layers.py``. The one switch between the two."""
+    return swapped(_reference_layers())
+
+
+def plain_optimizers(stage) -> None:
+    """Replace the stage's (fused) Adam optimizers by ``torch.optim.Adam`` with its
+    defaults (on CPU, a loop over the parameters), same groups and settings."""
+    for key, opt in stage.optimizers.items():
+        groups = [{k: v for k, v in g.items() if k not in ("fused", "foreach")}
+                  for g in opt.param_groups]
+        stage.optimizers[key] = torch.optim.Adam(groups)

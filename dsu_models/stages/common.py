@@ -91,6 +91,23 @@ def detached_call(module: nn.Module, *args, method: str = "forward", **kwargs):
     return functional_call(_MethodCall(module, method), frozen, args, kwargs)
 
 
+def as_if_frozen(loss: Tensor, inputs: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """The term that trains the producers of a network's inputs with ``loss`` as
+    if the network's parameters were frozen, from the network's one forward pass.
+
+    ``inputs``: ``(source, copy)`` pairs, where the network ran on ``copy =
+    source.detach().requires_grad_()``. ``loss``'s gradient with respect to each
+    copy is taken here (nothing reaches the network's parameters), and the
+    returned ``sum(source * grad)`` hands exactly that gradient to ``source`` when
+    it is back-propagated with the other losses. Same gradients as running the
+    network a second time through :func:`detached_call`, one forward and one
+    backward of the network cheaper."""
+    grads = torch.autograd.grad(loss, [copy for _, copy in inputs], retain_graph=True,
+                                allow_unused=True)  # e.g. an image classifier ignores u
+    return sum(((source * g).sum() for (source, _), g in zip(inputs, grads) if g is not None),
+               loss.new_zeros(()))
+
+
 def compile_networks(*modules: nn.Module | None):
     """``torch.compile`` the networks' big regions in place (``Config.compile``).
 

@@ -26,10 +26,10 @@ Gradient routing, with one forward pass of every network:
 - The adversarial loss updates E and B, G's FC part when ``gen_fc_adv`` and
   G's conv part when ``gen_conv_adv``. The parts of G it must not train run with
   detached parameters (:func:`common.detached_call`) so gradients pass through
-  them to E and B without reaching their weights. It never trains C: its
-  gradient with respect to C's (detached) inputs is taken first, through C's
-  single forward pass, and injected into the cross image and ``u``; then one
-  backward pass of everything else.
+  them to E and B without reaching their weights. It never trains C: it reaches
+  the cross image and ``u`` through C as if C were frozen
+  (:func:`common.as_if_frozen`, from C's one forward pass); then one backward
+  pass of everything.
 
 Degenerate cases: with no labeled factors (K = 0) this is a plain VAE; with
 ``unknown_size == 0`` a label-conditioned decoder. Neither has C.
@@ -49,8 +49,8 @@ from dsu_models.grids import sample_grids
 from dsu_models.models import (build_embedders, build_encoder, build_generator,
                                build_stage1_classifier)
 from dsu_models.nn.layers import random_offset
-from dsu_models.stages.common import (Stage, adam, compile_networks, detached_call, params,
-                                      ramp)
+from dsu_models.stages.common import (Stage, adam, as_if_frozen, compile_networks, detached_call,
+                                      params, ramp)
 
 
 def keep_tensor(keep: list[float] | None, device) -> Tensor | None:
@@ -166,25 +166,30 @@ class Stage1(Stage):
         else:
             x_hat, noise_std = self.generator(z)
         terms["rec"] = losses.reconstruction_nll(x_hat, x, noise_std)
+
+        # What the step minimises, and which parameters each term trains:
+        #   rec, ucode, ubatch, lcode, lbatch     E, B and G
+        #   cla_nll                               C only (it reads detached inputs)
+        #   weight * adv                          E, B and the parts of G the options
+        #                                         name; never C (C as if frozen)
         total = (s.rec_weight * terms["rec"] + s.ucode_weight * terms["ucode"]
                  + s.ubatch_weight * terms["ubatch"] + s.lcode_weight * terms["lcode"]
                  + s.lbatch_weight * terms["lbatch"])
-
-        to_backward = total
+        backward = total
         if self.adversarial:
-            nll, adv, accuracy, injected = self._classifier_losses(x, y, u_codes[0], u_masks[0], weight,
-                                                                   z_cross, top_cross)
-            terms.update(cla_nll=nll, adv=adv, cla_acc=accuracy)
-            total = total + nll + weight * adv
-            to_backward = to_backward + nll + injected
+            nll, adv, accuracy, adv_through_c = self._classifier_losses(
+                x, y, u_codes[0], u_masks[0], weight, z_cross, top_cross)
+            terms.update(cla_nll=nll, adv=adv.detach(), cla_acc=accuracy)
+            total = total + nll + weight * adv.detach()
+            backward = backward + nll + adv_through_c  # = weight * adv, routed past C's weights
         terms["total"] = total
 
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
         # Gradients for the parameters only: C's detached input copies need none
-        # here (the adversarial part took theirs), so C's first layer skips its
-        # input gradient, a third of that layer's backward.
-        to_backward.backward(inputs=[p for p in self.trainable_parameters() if p.requires_grad])
+        # here (as_if_frozen took theirs), so C's first layer skips its input
+        # gradient, a third of that layer's backward.
+        backward.backward(inputs=[p for p in self.trainable_parameters() if p.requires_grad])
         metrics = self.finish(terms)  # before the step: a bad loss never reaches the weights
         for opt in self.optimizers.values():
             opt.step()
@@ -194,18 +199,16 @@ class Stage1(Stage):
 
     def _classifier_losses(self, x: Tensor, y: Tensor, u: Tensor, u_mask: Tensor, weight: float,
                            z_cross: Tensor | None, top_cross: Tensor | None):
-        """C's NLL and the adversarial loss, from ONE forward pass of C.
+        """C's NLL of the true labels and the adversarial loss, from ONE forward
+        pass of C on detached copies of its inputs (the cross image and ``u``).
 
-        C runs on detached copies of its inputs (the cross image and ``u``), so
-        back-propagating the NLL trains C only. The adversarial loss must train
-        E, B and the selected parts of G but not C: its gradient with respect to
-        those input copies is taken here (C's parameters get none of it) and
-        handed on through the returned ``injected`` term, whose gradient with
-        respect to the real cross image and ``u`` is exactly that gradient.
-        This equals running C a second time with detached parameters, one
-        forward pass of C cheaper. ``z_cross``: G's input for the cross image
-        (None in ``code`` mode); ``top_cross``: its top features when the caller
-        ran G's FC part for it already. Returns (nll, adv, accuracy, injected).
+        The NLL, back-propagated, trains C only. The adversarial loss must train
+        E, B and the selected parts of G but not C: ``adv_through_c``
+        (:func:`common.as_if_frozen`) carries ``weight * adv``'s gradient to the
+        real cross image and ``u`` and none to C's weights. ``z_cross``: G's input
+        for the cross image (None in ``code`` mode); ``top_cross``: its top
+        features when the caller ran G's FC part for it already.
+        Returns (nll, adv, accuracy, adv_through_c).
         """
         s = self.scfg
         use_adv = weight > 0
@@ -221,16 +224,14 @@ class Stage1(Stage):
             accuracy = torch.stack([(lp.argmax(1) == y[:, k]).float().mean()
                                     for k, lp in enumerate(log_probs)]).mean()
         adv = x.new_zeros(())
-        injected = x.new_zeros(())
+        adv_through_c = x.new_zeros(())
         if use_adv:
             for k, lp in enumerate(log_probs):
                 adv = adv + (losses.adversarial_nlu(lp, y[:, k], self.freqs[k])
                              if s.cla1_adv_mode == "nlu" else losses.adversarial_ll(lp, y[:, k]))
             pairs = [(t, c) for t, c in ((x_cross, c_x), (u, c_u)) if c is not None]
-            grads = torch.autograd.grad(weight * adv, [c for _, c in pairs], retain_graph=True,
-                                        allow_unused=True)  # image mode: C ignores u
-            injected = sum((t * g).sum() for (t, _), g in zip(pairs, grads) if g is not None)
-        return nll, adv.detach(), accuracy, injected
+            adv_through_c = as_if_frozen(weight * adv, pairs)
+        return nll, adv, accuracy, adv_through_c
 
     def _cross_input(self, u: Tensor, u_mask: Tensor, y: Tensor) -> Tensor:
         """G's input for the cross image: ``u`` with the codes of ``y_alt``."""

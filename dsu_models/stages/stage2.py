@@ -82,6 +82,8 @@ where it has one):
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
@@ -107,9 +109,55 @@ def _frozen(module: nn.Module, state: dict) -> nn.Module:
     return module.requires_grad_(False).eval()
 
 
-def _fake_ls(d: Tensor) -> Tensor:
-    """Least-squares D loss of fakes: ``mean((D(fake) + 1)^2)``."""
-    return (d + 1.0).square().mean()
+@dataclass(frozen=True)
+class Rows:
+    """Where each group of images sits in one iteration's stacked batches, so
+    the step can name them instead of computing offsets.
+
+    G2 makes the fakes ``[rec (n, with the rec branch), cross (n, with the cross
+    branch)]`` in one forward; D and R judge ``[real (n), fakes]`` in one forward
+    and, with ``fake_reflect``, their outputs gain ``n`` reflection rows at the end.
+    """
+    n: int
+    rec_branch: bool
+    cross_branch: bool
+
+    @property
+    def fakes(self) -> int:
+        return self.n * (self.rec_branch + self.cross_branch)
+
+    # in G2's output (the fakes) and in the stacked fake labels
+    @property
+    def rec(self) -> slice:
+        return slice(0, self.n)
+
+    @property
+    def cross(self) -> slice:
+        start = self.n * self.rec_branch
+        return slice(start, start + self.n)
+
+    # in D's and R's inputs and outputs
+    @property
+    def real(self) -> slice:
+        return slice(0, self.n)
+
+    @property
+    def judged_fakes(self) -> slice:
+        return slice(self.n, self.n + self.fakes)
+
+    @property
+    def judged_rec(self) -> slice:
+        return slice(self.n, 2 * self.n)
+
+    @property
+    def judged_cross(self) -> slice:
+        start = self.n + self.n * self.rec_branch
+        return slice(start, start + self.n)
+
+    @property
+    def reflections(self) -> slice:
+        start = self.n + self.fakes
+        return slice(start, start + self.n)
 
 
 class Stage2(Stage):
@@ -253,14 +301,17 @@ class Stage2(Stage):
         included; ``batch`` already on the device. See the module docstring."""
         s = self.scfg
         x, y = batch["image"], batch["labels"]
-        n = x.shape[0]
+        rows = Rows(x.shape[0], self.rec_branch, self.cross_branch)
         terms: dict[str, Tensor] = {}
         mean_l, std_l = self._labeled_params(x, y, terms)
         mu, sigma = self._unknown_params(batch, x)
-        code, mask = self._sample(torch.cat([mu, mean_l], 1), torch.cat([sigma, std_l], 1))
+        # the whole code [u, l_1..l_K] in one stratified draw; each factor its own dropout level
+        code, mask = codes.sample_code(torch.cat([mu, mean_l], 1), torch.cat([sigma, std_l], 1),
+                                       self.keep if self.any_dropout else None, training=True,
+                                       segment=self.segment, segments=self.num_labeled + 1)
         u = code[:, :self.unknown_size]
 
-        # Branch inputs, stacked along the batch: rec rows first, then cross rows.
+        # Branch inputs, stacked along the batch as in ``rows``: rec, then cross.
         z_rows, y_rows, target_rows = [], [], []
         if self.rec_branch:
             z_rows.append(torch.cat([code, 1.0 - mask], 1))
@@ -276,17 +327,17 @@ class Stage2(Stage):
         targets = torch.cat(y_rows)
 
         if self.rec_branch:
-            terms["rec"] = losses.reconstruction_nll(fakes[:n], x, noise_std[:n])
+            terms["rec"] = losses.reconstruction_nll(fakes[rows.rec], x, noise_std[rows.rec])
         if self.encoder is not None:
             mean_hat = self.encoder(fakes)[0][0]
             terms["match"] = losses.match_loss(mean_hat, torch.cat(target_rows), self.match_std)
 
-        stack = torch.cat([x, fakes])
-        if self.dis_mode:
-            stack = torch.cat([stack, self._partners(u, y, u_cross, y_alt)], 1)
+        stack = torch.cat([x, fakes])            # what D judges: [real, fakes]
+        if self.dis_mode:                        # ... as pairs with G1's image of the same code
+            stack = torch.cat([stack, self._partners(rows, u, y, u_cross, y_alt)], 1)
         if s.random_offset:
-            stack = self._shift(stack, n)
-        self._adversarial_terms(stack, n, y, targets, terms)
+            stack = self._shift(stack, rows)
+        self._adversarial_terms(stack, rows, y, targets, terms)
 
         weights = {"rec": s.rec_weight, "lcode": s.lcode_weight, "lbatch": s.lbatch_weight,
                    "match": s.match_weight, "g_dis": s.dis_weight, "g_cla": s.cla2_weight,
@@ -325,20 +376,6 @@ class Stage2(Stage):
         empty = x.new_zeros(x.shape[0], 0)
         return empty, empty
 
-    def _sample(self, mean: Tensor, std: Tensor) -> tuple[Tensor, Tensor]:
-        """Sample the whole code ``[u, l_1..l_K]`` (B, M) in one stratified draw.
-        Nested dropout: one level ``r`` per sample and factor; the unknown dims
-        have keep probability 1, so ``u`` is never dropped. Returns (code, mask)."""
-        batch, size = mean.shape
-        kw = dict(device=mean.device, dtype=mean.dtype)
-        code = torch.addcmul(mean, std, codes.stratified_normal(batch, size, **kw))
-        if not self.any_dropout:
-            return code, torch.ones_like(code)
-        level = torch.rand(batch, self.num_labeled + 1, **kw)[:, self.segment]
-        keep = self.keep.to(mean.dtype) >= level
-        prior = codes.stratified_normal(batch, size, **kw)
-        return torch.where(keep, code, prior), keep.to(mean.dtype)
-
     def _cross_codes(self, code: Tensor, mask: Tensor, y: Tensor, mu: Tensor):
         """Cross-branch code: labeled parts (codes and masks) rolled per factor by
         independent offsets in [1, B), ``u`` kept or replaced by a random code.
@@ -359,11 +396,12 @@ class Stage2(Stage):
         return code_alt, mask_alt, y_alt, code[:, :m_u], mu
 
     @torch.no_grad()
-    def _partners(self, u: Tensor, y: Tensor, u_cross: Tensor | None, y_alt: Tensor | None) -> Tensor:
+    def _partners(self, rows: Rows, u: Tensor, y: Tensor, u_cross: Tensor | None,
+                  y_alt: Tensor | None) -> Tensor:
         """G1's pair images for the rows ``[real, rec fakes, cross fakes]``: one G1
         forward over ``[(u, y), (u_cross, y_alt)]`` with B1's means, nothing
         dropped; the real row's image is reused for the rec branch."""
-        n = u.shape[0]
+        n = rows.n
         us, ys = [u], [y]
         if self.cross_branch:
             us.append(u_cross)
@@ -372,16 +410,16 @@ class Stage2(Stage):
         means = [emb(labels[:, k])[0] for k, emb in enumerate(self.embedders1 or [])]
         z = torch.cat([torch.cat(us)] + means, 1)
         images = self.generator1(torch.cat([z, torch.zeros_like(z)], 1))[0]
-        rows = [images[:n]] + ([images[:n]] if self.rec_branch else []) + \
-            ([images[n:]] if self.cross_branch else [])
-        return torch.cat(rows)
+        real = images[:n]
+        return torch.cat([real] + ([real] if self.rec_branch else []) +
+                         ([images[n:]] if self.cross_branch else []))
 
     # ------------------------------------------------------------ adversaries
 
-    def _shift(self, stack: Tensor, n: int) -> Tensor:
+    def _shift(self, stack: Tensor, rows: Rows) -> Tensor:
         """Random offset of the rows ``[real, rec, cross]``: a real image and its
         reconstruction share a shift; cross fakes get their own."""
-        height, width = stack.shape[-2:]
+        height, width, n = stack.shape[-2], stack.shape[-1], rows.n
         dy, dx = sample_offsets(n, height, width, stack.device)
         ys, xs = [dy], [dx]
         if self.rec_branch:
@@ -393,28 +431,27 @@ class Stage2(Stage):
             xs.append(cx)
         return shift_images((stack,), torch.cat(ys), torch.cat(xs))[0]
 
-    def _judge(self, net: nn.Module, inputs: Tensor, n: int):
+    def _judge(self, net: nn.Module, inputs: Tensor, rows: Rows):
         """``net`` (D or R) on ``inputs`` (rows ``[real, fakes]``); with
-        ``fake_reflect`` the output gains ``n`` rows judging ``2*c(real) - c(rec)``
-        (``c``: the trunk's convolutional features)."""
+        ``fake_reflect`` the output gains ``rows.reflections``, judging
+        ``2*c(real) - c(rec)`` (``c``: the trunk's convolutional features)."""
         feats = net.trunk.conv(inputs).flatten(1)
         if self.reflect:
-            feats = torch.cat([feats, 2.0 * feats[:n] - feats[n:2 * n]])
+            feats = torch.cat([feats, 2.0 * feats[rows.real] - feats[rows.judged_rec]])
         return net.head(net.trunk.fc(feats))
 
-    def _fake_mean(self, loss_fn, out, n: int, targets: Tensor) -> Tensor:
-        """Branch-weighted fake loss on ``out`` rows ``[real, fakes, reflections]``:
-        ``branch_factor * sum_branch loss_fn(rows, targets)``; the rec branch's
-        loss is averaged with that of its reflections."""
-        nf = targets.shape[0]
+    def _fake_mean(self, loss_fn, out: Tensor, rows: Rows, targets: Tensor) -> Tensor:
+        """Branch-weighted fake loss on ``out`` (rows ``[real, fakes, reflections]``):
+        ``branch_factor * sum_branch loss_fn(its rows, its target labels)``; the
+        rec branch's loss is averaged with that of its reflections."""
         parts = []
         if self.rec_branch:
-            rec = loss_fn(out[n:2 * n], targets[:n])
+            rec = loss_fn(out[rows.judged_rec], targets[rows.rec])
             if self.reflect:
-                rec = 0.5 * (rec + loss_fn(out[n + nf:], targets[:n]))
+                rec = 0.5 * (rec + loss_fn(out[rows.reflections], targets[rows.rec]))
             parts.append(rec)
         if self.cross_branch:
-            parts.append(loss_fn(out[nf:n + nf], targets[nf - n:]))
+            parts.append(loss_fn(out[rows.judged_cross], targets[rows.cross]))
         return self.branch_factor * sum(parts)
 
     def _padded(self, logits: list[Tensor]) -> Tensor:
@@ -424,25 +461,27 @@ class Stage2(Stage):
         flat = torch.cat(list(logits) + [pad], 1).index_select(1, self.pad_index)
         return flat.view(-1, self.num_labeled, self.max_classes)
 
-    def _adversarial_terms(self, stack: Tensor, n: int, y: Tensor, targets: Tensor, terms: dict):
+    def _adversarial_terms(self, stack: Tensor, rows: Rows, y: Tensor, targets: Tensor, terms: dict):
         """D, R and generator adversarial terms. ``stack``: rows ``[real, fakes]``
         (D's input; R reads the first C channels); ``targets``: the fakes' labels.
-        D/R train on ``stack.detach()``; the generator's terms run D/R detached."""
+        D and R learn from ``stack.detach()`` (their losses train only them); the
+        generator's terms run D and R with detached parameters (they train only
+        the generator side)."""
         s = self.scfg
-        judged, fake_in = stack.detach(), stack[n:]
-        d = self._judge(self.discriminator, judged, n)
-        terms["d_real"] = (d[:n] - 1.0).square().mean()
-        terms["d_fake"] = self._fake_mean(lambda out, _: _fake_ls(out), d, n, targets)
+        judged, fake_in = stack.detach(), stack[rows.judged_fakes]
+        d = self._judge(self.discriminator, judged, rows)
+        terms["d_real"] = losses.lsgan_real_loss(d[rows.real])
+        terms["d_fake"] = self._fake_mean(lambda out, _: losses.lsgan_fake_loss(out), d, rows, targets)
         terms["g_dis"] = losses.lsgan_g_loss(detached_call(self.discriminator, fake_in))
         if self.classifier is None:
             return
         k, c, r_net = self.num_labeled, self.cfg.image_channels, self.classifier
         if s.cla2_adv:
-            logits = self._padded(self._judge(r_net, judged[:, :c], n))
-            terms["r_real"] = k * losses.cla2_real_loss(logits[:n].flatten(0, 1), y.flatten())
+            logits = self._padded(self._judge(r_net, judged[:, :c], rows))
+            terms["r_real"] = k * losses.cla2_real_loss(logits[rows.real].flatten(0, 1), y.flatten())
             terms["r_fake"] = self._fake_mean(
                 lambda out, t: k * losses.cla2_fake_loss(out.flatten(0, 1), t.flatten()),
-                logits, n, targets)
+                logits, rows, targets)
             g_logits = detached_call(r_net, fake_in[:, :c])
         else:
             g_logits = r_net(fake_in[:, :c])  # frozen: no parameter gradients
