@@ -10,7 +10,10 @@ the resolved ``config``, the final ``weights`` (``encoder`` = E from stage 1 whe
 ``stage2.use_embedding: false``), the factor tables ``factors`` (labeled, config
 order) and ``all_factors`` (every ground-truth factor) as ``FactorInfo.to_dict``
 dicts, ``code_stats`` (the distilled unknown's statistics, or None),
-``generator_stage`` and the stages' ``iterations``.
+``generator_stage``, the stages' ``iterations`` and, optionally, ``examples``: a
+few held-out images of the training data (``images`` uint8 ``(N, C, S, S)``,
+``labels`` int64 ``(N, F)`` over ``all_factors``), so that a served model can
+show content images to swap wherever it runs (:func:`example_rows`).
 
 Files (:func:`save_bundle`): ``DIR/model.pt`` plus ``DIR/config.yaml`` and
 ``DIR/factors.json`` for people. :func:`load_bundle` reads a directory, a
@@ -58,7 +61,7 @@ class ModelLoadError(RuntimeError):
 
 def make_bundle(stage1: dict, stage2: dict | None = None, lenc: dict | None = None,
                 code_stats: dict | None = None, factors: list[FactorInfo] | None = None,
-                all_factors: list[FactorInfo] | None = None) -> dict:
+                all_factors: list[FactorInfo] | None = None, examples: dict | None = None) -> dict:
     """A model bundle from stage hand-offs (``Stage.handoff()`` dicts).
 
     stage2 None: a stage-1 model (G1, B1; no S). lenc: S when stage 2 kept
@@ -66,7 +69,8 @@ def make_bundle(stage1: dict, stage2: dict | None = None, lenc: dict | None = No
     train codes (``train.run(...)["codes"]["stats"]``). factors: the labeled
     factors' infos in config order (class names); default from the config, with
     the class frequencies the embedders hold. all_factors: every ground-truth
-    factor (default: the config's factor table).
+    factor (default: the config's factor table). examples: :func:`example_rows`
+    of held-out data, or None.
     """
     handoffs = {"stage1": stage1, "stage2": stage2, "lenc": lenc}
     for name, h in handoffs.items():
@@ -88,16 +92,41 @@ def make_bundle(stage1: dict, stage2: dict | None = None, lenc: dict | None = No
         if missing:
             raise ValueError(f"make_bundle: code_stats lacks {missing}")
         stats = {k: code_stats[k].detach().cpu() for k in _STAT_KEYS}
+    if examples is not None:
+        _check_examples(cfg, examples, all_factors)
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "config": last["config"],
             "weights": weights, "factors": [f.to_dict() for f in factors],
             "all_factors": [f.to_dict() for f in all_factors], "code_stats": stats,
             "generator_stage": "stage2" if stage2 is not None else "stage1",
-            "iterations": {n: int(h["iteration"]) for n, h in given.items()}}
+            "iterations": {n: int(h["iteration"]) for n, h in given.items()},
+            "examples": examples}
 
 
-def bundle_from_run(results: dict, train=None) -> dict:
+EXAMPLES = 16  # held-out images a bundle carries by default
+
+
+def example_rows(dataset, n: int = EXAMPLES) -> dict:
+    """The first ``n`` images of an ``InMemoryDataset`` (a test or plot split) and
+    their labels over all its factors, as a bundle's ``examples``."""
+    n = min(n, len(dataset))
+    return {"images": dataset.images[:n].clone().to(torch.uint8),
+            "labels": dataset.labels[:n].clone().to(torch.int64)}
+
+
+def _check_examples(cfg: Config, examples: dict, all_factors: list[FactorInfo]):
+    images, labels = examples.get("images"), examples.get("labels")
+    shape = (cfg.image_channels, cfg.image_size, cfg.image_size)
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4 \
+            or tuple(images.shape[1:]) != shape:
+        raise ValueError(f"make_bundle: examples['images'] must be uint8 (N, {', '.join(map(str, shape))})")
+    if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != (images.shape[0], len(all_factors)):
+        raise ValueError(f"make_bundle: examples['labels'] must be ({images.shape[0]}, {len(all_factors)})")
+
+
+def bundle_from_run(results: dict, train=None, test=None) -> dict:
     """A bundle from :func:`dsu_models.train.run`'s result ``{stage: handoff, "codes": ...}``.
-    train: the train split (an ``InMemoryDataset``) for class names; optional."""
+    train: the train split (an ``InMemoryDataset``) for class names; test: the
+    held-out split its ``examples`` come from; both optional."""
     factors = all_factors = None
     if train is not None:
         cfg = config_from_dict(results["stage1"]["config"])
@@ -105,8 +134,9 @@ def bundle_from_run(results: dict, train=None) -> dict:
         by_name = {f.name: f for f in all_factors}
         factors = [by_name[name] for name in cfg.labeled_factors]
     stats = results["codes"]["stats"] if "codes" in results else None
+    examples = example_rows(test) if test is not None and len(test) else None
     return make_bundle(results["stage1"], results.get("stage2"), results.get("lenc"), stats,
-                       factors, all_factors)
+                       factors, all_factors, examples)
 
 
 def _shared(key: str) -> bool:

@@ -93,6 +93,8 @@ class DisUnknownModel:
         self.generator_stage: str = bundle["generator_stage"]
         self.iterations: dict[str, int] = dict(bundle["iterations"])
         self.batch_size = cfg.evaluate.batch_size
+        # held-out images (uint8 (N, C, S, S)) and their labels over all_factors, or None
+        self.examples: dict | None = bundle.get("examples")
         stats = bundle.get("code_stats")
         self.code_stats = {k: v.clone() for k, v in stats.items()} if stats is not None else None
         self._build(bundle["weights"])

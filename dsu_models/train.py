@@ -169,7 +169,7 @@ def run(cfg: Config, out: Path, log: Callable[[str], None] = print,
                 distill_mod.save_codes(results["codes"], codes_path)
     if all(name in results for name in cfg.active_stages()):
         from dsu_models.bundle import bundle_from_run, save_bundle
-        model_dir = save_bundle(bundle_from_run(results, train), out / "model")
+        model_dir = save_bundle(bundle_from_run(results, train, test), out / "model")
         log(f"model: {model_dir} (python -m dsu_models swap --model {out} ...)")
     return results
 

@@ -9,12 +9,11 @@ rounding.
 """
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from servers import free_port
 
 
 
@@ -65,12 +64,6 @@ def _worker(rank: int, world: int, port: int, case: str, out: str):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_two_workers_match_one(case, tmp_path):
     torch.set_num_threads(1)
@@ -81,7 +74,7 @@ def test_two_workers_match_one(case, tmp_path):
     single = _params(stage)
 
     out = str(tmp_path / "rank0.pt")
-    mp.start_processes(_worker, args=(2, _free_port(), case, out), nprocs=2, join=True,
+    mp.start_processes(_worker, args=(2, free_port(), case, out), nprocs=2, join=True,
                        start_method="spawn")
     double = torch.load(out, weights_only=True)
     moved = [k for k in single if not torch.equal(single[k], before[k])]

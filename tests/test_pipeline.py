@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,7 @@ from dsu_models import models
 from dsu_models.config import config_from_dict
 from pipelines.tracking import runs as tracking
 from pipelines.cli import full_main
+from servers import free_port, wait_for
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -36,23 +35,6 @@ TINY = ["--config", "tiny", "image_size=8", "architecture.conv_channels=[8]",
 def home(tmp_path, monkeypatch):
     monkeypatch.setenv("DSU_HOME", str(tmp_path / "home"))
     return tmp_path / "home"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for(url: str, seconds: float = 60):
-    """Poll ``url`` until it answers (a server started by the test)."""
-    for _ in range(int(seconds * 2)):
-        try:
-            urllib.request.urlopen(url, timeout=1)
-            return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer within {seconds} s")
 
 
 def _parent_ids(client: MlflowClient) -> list[str]:
@@ -167,7 +149,7 @@ def test_killed_pipeline_resumes_the_unfinished_stage_from_its_checkpoint(ray_se
 
 
 def test_against_a_real_mlflow_server(ray_session, home, tmp_path):
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
@@ -175,7 +157,7 @@ def test_against_a_real_mlflow_server(ray_session, home, tmp_path):
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         uri = f"http://127.0.0.1:{port}"
-        _wait_for(f"{uri}/health")
+        wait_for(f"{uri}/health")
         assert full_main(TINY + ["--stages", "stage1", "--tracking-uri", uri]) == 0
         client = MlflowClient(uri)
         (parent,) = _parent_ids(client)
@@ -216,16 +198,16 @@ def test_ray_job_submit_against_a_local_head(home, tmp_path):
         ray.shutdown()
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
     env.pop("RAY_ADDRESS", None)
-    dash = _free_port()
+    dash = free_port()
     temp_dir = tempfile.mkdtemp(prefix="dsu-head-", dir="/tmp")
     head = subprocess.Popen(
         ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-         f"--port={_free_port()}", "--num-cpus=2", "--dashboard-host=127.0.0.1",
+         f"--port={free_port()}", "--num-cpus=2", "--dashboard-host=127.0.0.1",
          f"--dashboard-port={dash}", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         address = f"http://127.0.0.1:{dash}"
-        _wait_for(f"{address}/api/version", seconds=120)
+        wait_for(f"{address}/api/version", seconds=120)
         runtime_env = '{"env_vars": {"DSU_HOME": "%s"}}' % home
         for _ in range(30):  # the dashboard answers before its job agent is up
             done = subprocess.run(

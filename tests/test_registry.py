@@ -153,3 +153,61 @@ def test_cli_reads_the_champion_from_the_store(tiny, registered, tmp_path, capsy
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: models:/disunknown-nope/7: could not download")
     assert err.count("\n") == 1
+
+
+# a sitecustomize that hides this repository's editable install, so the process
+# it runs in can import dsu_models only from what the logged model carries
+_HIDE_EDITABLE = """
+import sys
+sys.meta_path[:] = [f for f in sys.meta_path
+                    if not getattr(f, "__module__", "").startswith("__editable___disunknown")]
+sys.path[:] = [p for p in sys.path if p and not p.rstrip("/").endswith(%r)]
+"""
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_with_the_models_own_code(tiny, registered, tmp_path):
+    """``mlflow models serve`` on the champion, in processes where this repository is
+    not importable: /invocations gives DisUnknownModel's images."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import urllib.request
+    from pathlib import Path
+
+    from servers import free_port, stop, wait_for
+
+    repo = Path(__file__).resolve().parents[1]
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text(_HIDE_EDITABLE % repo.name)
+    env = {**os.environ, "PYTHONPATH": str(hide), "MLFLOW_TRACKING_URI": registered["uri"]}
+    probe = subprocess.run([sys.executable, "-c", "import dsu_models"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True)
+    assert probe.returncode != 0 and "No module named 'dsu_models'" in probe.stderr
+
+    port = free_port()
+    mlflow_cli = Path(sys.executable).with_name("mlflow")
+    server = subprocess.Popen([str(mlflow_cli), "models", "serve", "-m", CHAMPION, "--env-manager",
+                               "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_for(f"http://127.0.0.1:{port}/ping", 180, server)
+        x = tiny["test"].images[:3]
+        labels = [[1, 2, 3, 0], [0, 0, 0, 1], [-1, -1, 5, -1]]
+        body = json.dumps({"inputs": {"images": x.permute(0, 2, 3, 1).tolist(),
+                                      "labels": labels}}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            served = np.asarray(json.load(reply)["predictions"], dtype=np.uint8)
+    finally:
+        stop(server)
+        log = server.stdout.read().decode(errors="replace")
+    local = DisUnknownModel.load(tiny["bundle_dir"], device="cpu")
+    expect = to_hwc_uint8(local.swap_labels(x, torch.tensor(labels)))
+    assert served.shape == (3, 16, 16, 3), log[-2000:]
+    assert np.array_equal(served, expect)
+    # the scoring process imported dsu_models from the model's own copy
+    assert str(repo) not in log

@@ -33,6 +33,17 @@ from pipelines.tracking import runs as tracking
 MODEL_DIR = "model"
 
 
+def _plot_split(data_dir: str, cfg: Config, test):
+    """The plot split (the images every picture uses); the test split when it has none."""
+    from dsu_models.data import read_split
+    from dsu_models.data.errors import DataError
+
+    try:
+        return read_split(data_dir, "plot", image_size=cfg.image_size)
+    except (DataError, FileNotFoundError):
+        return test
+
+
 def evaluate_in_process(cfg: Config, data_dir: str, runs: dict, run_id: str, tracking_uri: str,
                         device: str = "cpu", log=print) -> dict[str, float]:
     """Bundle, evaluate and log to ``run_id``; returns the metrics."""
@@ -40,7 +51,7 @@ def evaluate_in_process(cfg: Config, data_dir: str, runs: dict, run_id: str, tra
 
     from dsu_models.data import read_split
     from dsu_models.evaluation import evaluate, load_or_train_oracles
-    from dsu_models.bundle import make_bundle, save_bundle
+    from dsu_models.bundle import example_rows, make_bundle, save_bundle
     from dsu_models.inference import DisUnknownModel
     from dsu_models.plots import evaluation_pictures
     from pipelines.data.upstream import load_upstream
@@ -55,7 +66,8 @@ def evaluate_in_process(cfg: Config, data_dir: str, runs: dict, run_id: str, tra
         test = read_split(data_dir, "test", image_size=cfg.image_size)
         by_name = {f.name: f for f in train.factors}
         bundle = make_bundle(handoffs["stage1"], handoffs["stage2"], handoffs["lenc"], stats,
-                             [by_name[n] for n in cfg.labeled_factors], list(train.factors))
+                             [by_name[n] for n in cfg.labeled_factors], list(train.factors),
+                             example_rows(_plot_split(data_dir, cfg, test)))
         model = DisUnknownModel(bundle, device=device)
 
         started = time.perf_counter()

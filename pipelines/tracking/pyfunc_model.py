@@ -5,7 +5,13 @@
 so nothing is pickled; MLflow runs it when the model is loaded and
 :func:`mlflow.models.set_model` below names the model object. The bundle
 directory (``dsu_models.inference.save_bundle``) travels as the ``bundle``
-artifact. The loading environment needs the ``dsu_models`` package.
+artifact, and the ``dsu_models`` package travels as the model's code
+(``code_paths``), so the loading environment needs only the logged requirements
+(torch, numpy, pillow, pyyaml, mlflow).
+
+Served with ``mlflow models serve -m models:/disunknown-<dataset>@champion``, the
+``/invocations`` endpoint takes ``{"inputs": {"images": [...], "labels": [...]}}``
+(nested lists in the shapes below) and answers ``{"predictions": [...]}``.
 
 ``predict(model_input)`` swaps labels onto content images:
 

@@ -5,7 +5,11 @@
 as an MLflow pyfunc model in a run, from the models-from-code file
 ``pipelines/tracking/pyfunc_model.py`` with the bundle as its ``bundle`` artifact, a
 tensor signature (``images`` uint8 ``(-1, S, S, C)``, ``labels`` int64
-``(-1, K)`` -> uint8 ``(-1, S, S, C)``) and an input example. It registers the
+``(-1, K)`` -> uint8 ``(-1, S, S, C)``), an input example, and the
+``dsu_models`` package itself as its code (``code_paths``; MLflow puts it on
+``sys.path`` when the model loads), so that ``mlflow models serve`` and a fresh
+environment built from the logged requirements can load it without this
+repository installed. It registers the
 model as ``disunknown-<dataset>``, tags the new version with its summary score,
 dataset and run id, and moves ``alias`` (default ``champion``) to the new
 version only when its summary beats the current holder's (strictly), or when
@@ -22,6 +26,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
+import tempfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -33,12 +39,15 @@ from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types.schema import Schema, TensorSpec
 
+import dsu_models
 from dsu_models.inference import DisUnknownModel
 
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 SUMMARY_TAG, DATASET_TAG, RUN_TAG = "dsu.summary", "dsu.dataset", "dsu.run_id"
 MODEL_PREFIX = "disunknown-"
-_REQUIREMENTS = ("torch", "torchvision", "numpy", "pillow", "pyyaml", "mlflow")
+# what ``dsu_models.inference`` imports, pinned to the versions installed here
+_REQUIREMENTS = ("torch", "numpy", "pillow", "pyyaml", "mlflow")
+CODE_DIR = Path(dsu_models.__file__).resolve().parent
 
 
 @dataclass
@@ -91,6 +100,15 @@ def _requirements() -> list[str]:
         except metadata.PackageNotFoundError:
             out.append(name)
     return out
+
+
+@contextlib.contextmanager
+def _package_copy():
+    """A clean copy of the ``dsu_models`` package (no ``__pycache__``) for ``code_paths``."""
+    with tempfile.TemporaryDirectory(prefix="dsu-code-") as tmp:
+        target = Path(tmp) / CODE_DIR.name
+        shutil.copytree(CODE_DIR, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.so"))
+        yield target
 
 
 @contextlib.contextmanager
@@ -172,10 +190,11 @@ def log_and_register(client: MlflowClient | str, run_id: str, bundle_dir: str | 
     signature, example = signature_for(model)
     name = model_name(dataset)
     summary = float(summary)
-    with _tracking(client), _in_run(client, run_id):
+    with _tracking(client), _in_run(client, run_id), _package_copy() as code:
         info = mlflow.pyfunc.log_model(name=artifact_name, python_model=str(PYFUNC_FILE),
                                        artifacts={"bundle": str(bundle_dir)}, signature=signature,
-                                       input_example=example, pip_requirements=_requirements())
+                                       input_example=example, pip_requirements=_requirements(),
+                                       code_paths=[str(code)])
     tags = {SUMMARY_TAG: repr(summary), DATASET_TAG: dataset, RUN_TAG: run_id}
     with _tracking(client):  # the registry looks the logged model up through the tracking URI
         version = str(_register(client, name, info, run_id, tags).version)
