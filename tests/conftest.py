@@ -70,11 +70,9 @@ def _ray_temp_dir():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-@pytest.fixture
-def ray_session(_ray_temp_dir):
-    """The test session's local Ray instance (2 CPUs, the tests' fault injection in
-    every worker), started on first use and again after a test that shut it down
-    (the ``ray job submit`` test needs the machine to itself)."""
+def _ensure_ray(temp_dir: str):
+    """Start the test session's local Ray unless it is up (2 CPUs, the tests' fault
+    injection in every worker)."""
     import ray
     if not ray.is_initialized():
         from pipelines.cluster.ray_init import init_ray
@@ -84,9 +82,22 @@ def ray_session(_ray_temp_dir):
         ray.cloudpickle.register_pickle_by_value(faults)
         runtime_env = {"worker_process_setup_hook": faults.install,
                        "env_vars": {faults.PLAN_ENV: os.environ[faults.PLAN_ENV]}}
-        init_ray(2, num_gpus=0, _temp_dir=_ray_temp_dir, log_to_driver=True,
+        init_ray(2, num_gpus=0, _temp_dir=temp_dir, log_to_driver=True,
                  configure_logging=False, runtime_env=runtime_env)
     return ray
+
+
+@pytest.fixture
+def ray_session(_ray_temp_dir):
+    """The test session's local Ray instance, started on first use and again after a
+    test that shut it down (the ``ray job submit`` test needs the machine to itself)."""
+    return _ensure_ray(_ray_temp_dir)
+
+
+@pytest.fixture(scope="module")
+def ray_module(_ray_temp_dir):
+    """The same instance, for module-scoped fixtures (a Serve application)."""
+    return _ensure_ray(_ray_temp_dir)
 
 
 @pytest.fixture(scope="module")
