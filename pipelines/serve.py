@@ -77,14 +77,16 @@ def app_args(a: argparse.Namespace) -> dict:
 
 
 def start(args: dict, host: str = "127.0.0.1", port: int = 8000, name: str = APP_NAME,
-          route_prefix: str = "/"):
+          route_prefix: str = "/", access_log: bool = False):
     """Deploy the application on the running Ray (Serve's proxy on host:port) and
     return its handle; raises ``ModelLoadError`` (the loader's) or RuntimeError."""
     from ray import serve
 
     from pipelines.serving.app import build
 
-    serve.start(http_options={"host": host, "port": port})
+    # per-request access lines cost the proxy and the replica more than a small model's swap
+    serve.start(http_options={"host": host, "port": port},
+                logging_config={"enable_access_log": access_log, "log_level": "WARNING"})
     try:
         return serve.run(build(args), name=name, route_prefix=route_prefix)
     except RuntimeError as exc:

@@ -296,3 +296,17 @@ def test_explorer_page_in_headless_chromium(service):
         assert (ARTIFACTS / "explorer.png").stat().st_size > 1000
     finally:
         driver.quit()
+
+
+def test_the_shipped_serve_config_builds_the_application():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    config = ServeDeploySchema.model_validate(
+        yaml.safe_load((Path(__file__).resolve().parents[1] / "serve_config.yaml").read_text()))
+    (application,) = config.applications
+    assert config.http_options.host == "127.0.0.1"
+    assert application.import_path == "pipelines.serving.app:build"
+    built = build(application.args)
+    assert type(built).__name__ == "Application"
+    assert application.args["autoscaling"]["max_replicas"] >= application.args["autoscaling"]["min_replicas"]

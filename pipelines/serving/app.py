@@ -29,6 +29,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 
+from dsu_models.allocator import retain_freed_memory
 from dsu_models.inference import DisUnknownModel, to_hwc_uint8
 from pipelines.serving import protocol as p
 
@@ -71,8 +72,8 @@ def _split(array, sizes: list[int]) -> list:
     return out
 
 
-@serve.deployment(name="disunknown", max_ongoing_requests=64,
-                  ray_actor_options={"num_cpus": 1})
+@serve.deployment(name="disunknown", max_ongoing_requests=64, ray_actor_options={"num_cpus": 1},
+                  logging_config={"enable_access_log": False, "log_level": "WARNING"})
 @serve.ingress(api)
 class SwapService:
     """See the module docstring. ``limits``: :class:`protocol.Limits` fields;
@@ -82,6 +83,9 @@ class SwapService:
                  limits: dict | None = None, max_batch_size: int = 16,
                  batch_wait_timeout_s: float = 0.004, threads: int | None = None):
         torch.set_num_threads(threads or 1)
+        # the networks run in a worker thread, whose glibc arena would give freed
+        # activations back to the kernel after every pass (dsu_models.allocator)
+        retain_freed_memory()
         self.uri = str(model)
         self.limits = p.Limits(**(limits or {}))
         self.model = DisUnknownModel.load(self.uri, device=device, tracking_uri=tracking_uri)
@@ -262,4 +266,7 @@ def build(args: dict):
     if "batch_wait_timeout_s" in args:
         args["batch_wait_timeout_s"] = float(args["batch_wait_timeout_s"])
     args["threads"] = threads
+    if not args.get("tracking_uri"):
+        from pipelines.tracking.runs import default_tracking_uri
+        args["tracking_uri"] = default_tracking_uri()
     return SwapService.options(**options).bind(**args)
