@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import io
 import json
 import statistics
 import sys
@@ -31,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 DEADLINE_S = 600        # the whole load test stops after this
 REQUEST_TIMEOUT_S = 30
@@ -50,12 +48,6 @@ def build_model(config: str, overrides: list[str], out: Path) -> Path:
     results = run(cfg, out / "run", log=lambda line: None)
     train, test = load_data(cfg)
     return save_bundle(bundle_from_run(results, train, test), out / "model")
-
-
-def png(image_chw: torch.Tensor) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image_chw.permute(1, 2, 0).numpy().squeeze()).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -171,6 +163,7 @@ def main(argv=None) -> int:
 
     from dsu_models.inference import DisUnknownModel
     from pipelines.serve import start
+    from pipelines.serving.protocol import encode_png
 
     torch.set_num_threads(a.threads)
     with tempfile.TemporaryDirectory(prefix="dsu-serve-load-") as tmp:
@@ -181,7 +174,7 @@ def main(argv=None) -> int:
         images = (model.examples["images"] if model.examples is not None else
                   torch.randint(0, 256, (16, model.config.image_channels, model.config.image_size,
                                          model.config.image_size), dtype=torch.uint8))
-        bodies = [png(im) for im in images]
+        bodies = [encode_png(im.permute(1, 2, 0).numpy()) for im in images]
         print(f"model: {model_uri} ({model}); swapping {factor!r} over {classes} classes; "
               f"{a.threads} torch thread(s)", flush=True)
 

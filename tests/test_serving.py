@@ -24,6 +24,7 @@ from PIL import Image
 from dsu_models.inference import DisUnknownModel, to_hwc_uint8
 from pipelines.serve import app_args, parse_args, start
 from pipelines.serving.app import build
+from pipelines.serving.protocol import encode_png
 from pipelines.tracking.registry import log_and_register
 from servers import free_port
 from tiny_model import shared_tiny
@@ -74,9 +75,7 @@ def _refusal(url: str, body, content_type: str = "application/json") -> tuple[in
 
 
 def _png(image_chw: torch.Tensor) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(image_chw.permute(1, 2, 0).numpy()).save(out, format="PNG")
-    return out.getvalue()
+    return encode_png(image_chw.permute(1, 2, 0).numpy())
 
 
 def _decode(b64: str) -> np.ndarray:

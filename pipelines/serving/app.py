@@ -64,6 +64,22 @@ def registry_facts(uri: str, tracking_uri: str | None) -> dict:
             "run_id": version.run_id, "summary": float(summary) if summary is not None else None}
 
 
+def describe(uri: str, m: DisUnknownModel, facts: dict, limits: p.Limits) -> dict:
+    """What ``GET /info`` says of the model (all but the request counts)."""
+    hidden = [f.name for f in m.all_factors if f.name not in m.labeled_factors]
+    examples = []
+    if m.examples is not None:
+        examples = [{f.name: f.names()[v] for f, v in zip(m.all_factors, row)}
+                    for row in m.examples["labels"].tolist()]
+    return {"model": uri, **facts,
+            "factors": [{"name": f.name, "classes": f.classes, "class_names": list(f.names())}
+                        for f in m.factors],
+            "unknown_factors": hidden, "unknown_size": m.unknown_size,
+            "image_size": m.config.image_size, "channels": m.config.image_channels,
+            "can_set_labels": m.embedders is not None, "can_read_labels": m.label_encoder is not None,
+            "examples": examples, "device": str(m.device), "limits": asdict(limits)}
+
+
 def _split(array, sizes: list[int]) -> list:
     out, start = [], 0
     for n in sizes:
@@ -89,7 +105,8 @@ class SwapService:
         self.uri = str(model)
         self.limits = p.Limits(**(limits or {}))
         self.model = DisUnknownModel.load(self.uri, device=device, tracking_uri=tracking_uri)
-        self.facts = registry_facts(self.uri, tracking_uri)
+        self.description = describe(self.uri, self.model, registry_facts(self.uri, tracking_uri),
+                                    self.limits)
         for method in (self._swap_batch, self._encode_batch, self._generate_batch):
             method.set_max_batch_size(max_batch_size)
             method.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -170,22 +187,7 @@ class SwapService:
 
     @api.get("/info")
     async def info(self) -> dict:
-        m = self.model
-        hidden = [f.name for f in m.all_factors if f.name not in m.labeled_factors]
-        examples = []
-        if m.examples is not None:
-            by_name = [f.name for f in m.all_factors]
-            for row in m.examples["labels"].tolist():
-                examples.append({name: m.all_factors[j].names()[v] for j, (name, v) in
-                                 enumerate(zip(by_name, row))})
-        return {"model": self.uri, **self.facts,
-                "factors": [{"name": f.name, "classes": f.classes, "class_names": list(f.names())}
-                            for f in m.factors],
-                "unknown_factors": hidden, "unknown_size": m.unknown_size,
-                "image_size": m.config.image_size, "channels": m.config.image_channels,
-                "can_set_labels": m.embedders is not None, "can_read_labels": m.label_encoder is not None,
-                "examples": examples, "device": str(m.device), "limits": asdict(self.limits),
-                "served": dict(self.served)}
+        return {**self.description, "served": dict(self.served)}
 
     @api.get("/examples/{index}.png")
     async def example(self, index: int) -> Response:
@@ -258,14 +260,12 @@ def build(args: dict):
         options["autoscaling_config"] = dict(autoscaling)
     else:
         options["num_replicas"] = int(replicas or 1)
-    threads = args.get("threads") or max(1, int(options["ray_actor_options"]["num_cpus"]))
-    int_keys = ("max_batch_size", "threads")
-    for key in int_keys:
-        if key in args:
+    for key in ("max_batch_size", "threads"):   # `serve run ... key=value` passes strings
+        if args.get(key) is not None:
             args[key] = int(args[key])
     if "batch_wait_timeout_s" in args:
         args["batch_wait_timeout_s"] = float(args["batch_wait_timeout_s"])
-    args["threads"] = threads
+    args["threads"] = args.get("threads") or max(1, int(options["ray_actor_options"]["num_cpus"]))
     if not args.get("tracking_uri"):
         from pipelines.tracking.runs import default_tracking_uri
         args["tracking_uri"] = default_tracking_uri()
