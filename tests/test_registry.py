@@ -3,6 +3,8 @@ model is logged and registered, the alias moves only to better models, and the
 champion loads through DisUnknownModel.load, mlflow.pyfunc and the CLI."""
 from __future__ import annotations
 
+import os
+
 import mlflow
 import numpy as np
 import pytest
@@ -211,3 +213,31 @@ def test_mlflow_models_serve_answers_with_the_models_own_code(tiny, registered, 
     assert np.array_equal(served, expect)
     # the scoring process imported dsu_models from the model's own copy
     assert str(repo) not in log
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("DSU_FRESH_ENV") != "1",
+                    reason="builds a fresh uv environment with torch (minutes, gigabytes): "
+                           "DSU_FRESH_ENV=1 runs it")
+def test_fresh_environment_predicts_the_same_images(tiny, registered, tmp_path, monkeypatch):
+    """``mlflow.models.predict(env_manager="uv")``: the logged model's own
+    requirements and code, installed into a new environment, give
+    DisUnknownModel's images."""
+    import json
+
+    monkeypatch.setenv("UV_PYTHON_DOWNLOADS", "never")  # the interpreter this session runs
+    x = tiny["test"].images[:3]
+    labels = [[1, 2, 3, 0], [0, 0, 0, 1], [-1, -1, 5, -1]]
+    (tmp_path / "input.json").write_text(json.dumps(
+        {"inputs": {"images": x.permute(0, 2, 3, 1).tolist(), "labels": labels}}))
+    version = registered["registrations"][0].version
+    was_set, old = mlflow.tracking.is_tracking_uri_set(), mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(registered["uri"])
+    try:
+        mlflow.models.predict(model_uri=f"models:/{NAME}/{version}", input_path=str(tmp_path / "input.json"),
+                              content_type="json", output_path=str(tmp_path / "out.json"), env_manager="uv")
+    finally:
+        mlflow.set_tracking_uri(old if was_set else None)
+    served = np.asarray(json.loads((tmp_path / "out.json").read_text())["predictions"], dtype=np.uint8)
+    local = DisUnknownModel.load(tiny["bundle_dir"], device="cpu")
+    assert np.array_equal(served, to_hwc_uint8(local.swap_labels(x, torch.tensor(labels))))
