@@ -191,6 +191,9 @@ class Config:
 
     dataset: str = "shapes3d"
     data_path: str | None = None
+    # where the Ray pipeline keeps what every node reaches (a shared path or a
+    # URI, see pipelines.cluster.storage); None: $DSU_STORAGE, else $DSU_HOME
+    storage: str | None = None
     # built-in procedural datasets; None: the Ray pipeline prepares the whole factor
     # grid, the single-process runner draws data.sources.builtin.DEFAULT_SAMPLES
     num_samples: int | None = None

@@ -25,6 +25,7 @@ from dsu_models.config import Config, ConfigError, config_diff, load_resolved
 from dsu_models.data import DataError
 from dsu_models.data.sources.builtin import BUILTIN
 from dsu_models.factory import build_config
+from pipelines.cluster import storage
 from pipelines.cluster.ray_init import init_ray, pipeline_cpus
 from pipelines.tracking import runs as tracking
 
@@ -85,6 +86,9 @@ def add_common(parser: argparse.ArgumentParser):
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. stage1.cla1_weight=0.3")
     parser.add_argument("--dataset", help="dataset name (same as dataset=NAME)")
     parser.add_argument("--data", help="prepared dataset directory (same as data_path=DIR)")
+    parser.add_argument("--storage", metavar="URI",
+                        help="storage every node reaches: a shared folder or s3://, gs://... "
+                             "(same as storage=URI; default $DSU_STORAGE, else $DSU_HOME)")
     parser.add_argument("--workers", type=int, default=1, help="Ray Train workers per stage")
     parser.add_argument("--gpu", action="store_true", help="one GPU per worker")
     parser.add_argument("--cpus-per-worker", type=float, default=None)
@@ -106,6 +110,8 @@ def overrides_of(args) -> list[str]:
         extra.insert(0, f"dataset={args.dataset}")
     if args.data:
         extra.append(f"data_path={Path(args.data).resolve()}")
+    if args.storage:
+        extra.append(f"storage={args.storage}")
     return extra
 
 
@@ -116,7 +122,9 @@ def builtin_dir(cfg: Config) -> Path:
     from dsu_models.data.sources import make_plan
     plan = make_plan(cfg.dataset, builtin_options(cfg))
     digest = content_hash(cfg.dataset, plan.image_size, plan.options, plan.fingerprint)
-    return tracking.dsu_home() / "prepared" / f"{cfg.dataset}-{cfg.image_size}px-{digest[:12]}"
+    return storage.local_path(storage.resolve(cfg.storage), "prepared",
+                              f"{cfg.dataset}-{cfg.image_size}px-{digest[:12]}",
+                              purpose="preparing a built-in dataset")
 
 
 def check_data(cfg: Config):
@@ -181,7 +189,28 @@ def _prologue(args, config_arg):
     overrides = overrides_of(args)
     cfg = build_config(config_arg, overrides)
     check_data(cfg)
-    return cfg, overrides
+    return pin_storage(cfg, overrides)
+
+
+def pin_storage(cfg: Config, overrides: list[str]) -> tuple[Config, list[str]]:
+    """The config with its storage root resolved (``--storage``, ``storage:``,
+    ``$DSU_STORAGE``, ``$DSU_HOME``), so the runs log where their checkpoints and
+    data went and a resume finds them there."""
+    import dataclasses
+
+    root = storage.resolve(cfg.storage)
+    if cfg.storage == root:
+        return cfg, overrides
+    return dataclasses.replace(cfg, storage=root), overrides + [f"storage={root}"]
+
+
+def join_cluster(args, cfg: Config, tracking_uri: str):
+    """Start or join Ray; on several nodes, prove the storage and the MLflow
+    store reach every one of them (``pipelines.cluster.storage``)."""
+    ray = init_ray(args.num_cpus or pipeline_cpus())
+    nodes = storage.check_reachable(cfg.storage, tracking_uri, ray)
+    if nodes > 1:
+        print(f"[cluster] {nodes} nodes; storage {cfg.storage}", flush=True)
 
 
 TRAINED = ("stage1", "classifier", "stage2", "lenc")
@@ -232,8 +261,9 @@ def resume_config(args, client, tracking_uri: str) -> tuple[Config, str, list[st
         overrides = overrides_of(args)
         if not (args.config or overrides):
             return logged, None, []
-        if logged.data_path and not any(o.startswith("data_path=") for o in overrides):
-            overrides.append(f"data_path={logged.data_path}")  # where it was prepared
+        for key in ("data_path", "storage"):  # where it was prepared and checkpointed
+            if getattr(logged, key) and not any(o.startswith(f"{key}=") for o in overrides):
+                overrides.append(f"{key}={getattr(logged, key)}")
         config_arg = args.config or str(path)
         asked = build_config(config_arg, overrides)
     changed = config_diff(logged, asked)
@@ -267,6 +297,7 @@ def full_main(argv: list[str] | None = None) -> int:
             client = MlflowClient(tracking_uri)
             cfg, config_arg, overrides = resume_config(args, client, tracking_uri)
             check_data(cfg)
+            cfg, overrides = pin_storage(cfg, overrides)
         else:  # a bad config touches nothing, not even the store
             config_arg = args.config if (args.config or args.overrides or args.dataset
                                          or args.data) else "quick"
@@ -282,7 +313,7 @@ def full_main(argv: list[str] | None = None) -> int:
         if not args.resume:
             experiment_id = tracking.setup(tracking_uri, args.experiment)
             client = MlflowClient(tracking_uri)
-        init_ray(args.num_cpus or pipeline_cpus())
+        join_cluster(args, cfg, tracking_uri)
         cfg, data_dir = ensure_data(cfg, config_arg, overrides)
         if args.resume:
             parent = args.resume
@@ -345,7 +376,7 @@ def stage_main(stage: str, argv: list[str] | None = None) -> int:
             tracking.require_complete(client, run_id, up)
         if args.parent:
             tracking.pipeline_run(client, args.parent, flag="--parent")
-        init_ray(args.num_cpus or pipeline_cpus())
+        join_cluster(args, cfg, tracking_uri)
         cfg, data_dir = ensure_data(cfg, args.config, overrides)
         if args.parent:
             parent = args.parent

@@ -20,12 +20,20 @@ class Stop(Exception):
     """Raised where the pipeline would start its Ray jobs."""
 
 
+class _OneNode:
+    """What the storage check asks of Ray, for a single-node instance."""
+
+    @staticmethod
+    def nodes():
+        return [{"Alive": True, "NodeID": "0" * 56, "NodeManagerAddress": "127.0.0.1"}]
+
+
 @pytest.fixture
 def store(tmp_path, monkeypatch):
     """A local MLflow store and a prepared dataset; Ray never starts."""
     monkeypatch.setenv("DSU_HOME", str(tmp_path / "home"))
     started = []
-    monkeypatch.setattr(cli, "init_ray", lambda *a, **k: started.append(a))
+    monkeypatch.setattr(cli, "init_ray", lambda *a, **k: started.append(a) or _OneNode)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     data = prepare("shapes3d", tmp_path / "data", num_samples=64, image_size=8)
     return {"uri": uri, "data": str(data), "started": started, "client": MlflowClient(uri)}

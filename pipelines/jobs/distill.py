@@ -3,7 +3,8 @@
     python pipelines/stage.py distill --parent RUN_ID --stage1-run RUN_ID [--data DIR] [options]
 
 An actor pool (GPU when asked for) encodes every train and test image with
-stage 1's encoder E and writes ``(id, mu, sigma)`` as Parquet; the driver then
+stage 1's encoder E and writes ``(id, mu, sigma)`` as Parquet under the
+storage root (``<storage>/codes/<run id>``, reached by every node); the driver then
 streams the train codes through ``CodeStatsAccumulator`` to get the float64
 code statistics (docs/method.md section 7). Both are logged to the ``distill``
 MLflow run as ``codes/<split>/*.parquet`` and ``stats.pt``; stage 2 joins the
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
@@ -24,6 +26,7 @@ from dsu_models.config import Config, config_from_dict
 from dsu_models.data import to_float
 from dsu_models.files import load_torch
 from dsu_models.models import build_encoder
+from pipelines.cluster import storage
 from pipelines.tracking import runs as tracking
 
 
@@ -80,15 +83,27 @@ def run_distill(cfg: Config, data_dir: str, stage1_run: str, run_id: str, tracki
         else:
             handoff = load_torch(tracking.download(stage1_run, "handoff.pt", tracking_uri, tmp / "in"))
             weights = ray.put(handoff["weights"]["encoder"])
-            for split in ("train", "test"):
-                ds = train_dataset(data_dir, split, cfg.image_size, shuffle_blocks=False)
-                codes = ds.map_batches(
-                    EncodeUnknown, batch_size=batch_size, batch_format="numpy",
-                    compute=ray.data.ActorPoolStrategy(size=actors),
-                    # half a CPU per actor leaves room for the read/decode tasks
-                    num_gpus=1 if use_gpu else 0, num_cpus=0.5,
-                    fn_constructor_kwargs={"cfg": cfg.to_dict(), "weights": weights, "use_gpu": use_gpu})
-                codes.write_parquet(str(tmp / "codes" / split))
+            # the write tasks run on any node: they write under the shared storage,
+            # and the driver copies the result into MLflow, then removes it
+            staged = storage.join(storage.resolve(cfg.storage), "codes", run_id)
+            fs, staged_path = storage.filesystem(staged)
+            fs.delete_dir_contents(staged_path, missing_dir_ok=True)  # a retried distill's leftovers
+            try:
+                for split in ("train", "test"):
+                    ds = train_dataset(data_dir, split, cfg.image_size, shuffle_blocks=False)
+                    codes = ds.map_batches(
+                        EncodeUnknown, batch_size=batch_size, batch_format="numpy",
+                        compute=ray.data.ActorPoolStrategy(size=actors),
+                        # half a CPU per actor leaves room for the read/decode tasks
+                        num_gpus=1 if use_gpu else 0, num_cpus=0.5,
+                        fn_constructor_kwargs={"cfg": cfg.to_dict(), "weights": weights,
+                                               "use_gpu": use_gpu})
+                    codes.write_parquet(storage.join(staged, split))
+                pafs.copy_files(staged_path, str(tmp / "codes"), source_filesystem=fs,
+                                destination_filesystem=pafs.LocalFileSystem())
+            finally:
+                if fs.get_file_info(staged_path).type != pafs.FileType.NotFound:
+                    fs.delete_dir(staged_path)
             stats = code_stats_from_parquet(tmp / "codes" / "train", cfg.unknown_size)
             client.log_artifacts(run_id, str(tmp / "codes"), artifact_path="codes")
         torch.save(stats, tmp / "stats.pt")

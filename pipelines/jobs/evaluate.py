@@ -7,7 +7,7 @@
    (``dsu_models.bundle.make_bundle``: E, G2, B2, S, resolved config,
    factor table with class names);
 2. reads the prepared train/test splits and trains the oracles, or loads them
-   from the cache under ``$DSU_HOME/oracles`` (keyed by the data's content);
+   from the cache under ``<storage>/oracles`` (keyed by the data's content);
 3. computes the metric set of ``dsu_models.evaluation.evaluate`` and logs it to
    the ``evaluate`` run, with the pictures of ``dsu_models.plots`` (swap
    matrix, class sweeps, code scatter plots, label embeddings) and the model
@@ -28,6 +28,7 @@ import torch
 
 from dsu_models.config import Config
 from dsu_models.grids import to_hwc
+from pipelines.cluster import storage
 from pipelines.tracking import runs as tracking
 
 MODEL_DIR = "model"
@@ -71,7 +72,8 @@ def evaluate_in_process(cfg: Config, data_dir: str, runs: dict, run_id: str, tra
         model = DisUnknownModel(bundle, device=device)
 
         started = time.perf_counter()
-        oracles = load_or_train_oracles(train, test, cfg.evaluate, tracking.dsu_home() / "oracles",
+        oracles = load_or_train_oracles(train, test, cfg.evaluate,
+                                        storage.oracle_cache(storage.resolve(cfg.storage)),
                                         device=model.device, log=log)
         log(f"[evaluate] oracles ready in {time.perf_counter() - started:.0f} s: "
             + ", ".join(f"{k} {v:.3f}" for k, v in oracles.test_accuracy.items()))

@@ -14,7 +14,7 @@ from dsu_models.data.base import FactorInfo
 from dsu_models.plots import SCATTER_POINTS
 from pipelines.cluster.placement import default_cpus_per_worker, node_cpus
 from pipelines.jobs.worker import train_loop
-from pipelines.tracking import runs as tracking
+from pipelines.cluster import storage
 
 
 # ----------------------------------------------------------------- driver
@@ -70,13 +70,13 @@ def run_stage(stage: str, cfg: Config, data_dir: str, run_id: str, upstream: dic
         # the first 8 rows are the sample batch, all of them the code-scatter set
         "plot": plot_rows(data_dir, cfg, n=SCATTER_POINTS), "all_factors": all_factors,
     }
-    storage = storage_path or str(tracking.dsu_home() / "ray_results")
+    storage_path = storage_path or storage.join(storage.resolve(cfg.storage), "ray_results")
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus_per_worker}),
-        run_config=RunConfig(storage_path=storage, name=f"{stage}-{run_id}",
+        run_config=RunConfig(storage_path=storage_path, name=f"{stage}-{run_id}",
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=max_failures)),
         datasets={"train": train_dataset(data_dir, "train", cfg.image_size)},

@@ -18,7 +18,7 @@ and for stage 2 the upstream runs and their config. Then:
   At the end the sweep run records the best trial (tags ``best.<key>``,
   metric ``best_<objective>``; params ``best.<key>`` once every trial has
   finished) and logs ``best_config.yaml``.
-- Files under ``$DSU_HOME/tune/<name>/``: Tune's experiment (trial
+- Files under ``<storage>/tune/<name>/`` (``pipelines.cluster.storage``): Tune's experiment (trial
   checkpoints), ``sweep.json`` (how to resume), ``space.yaml``,
   ``base_config.yaml`` and ``best_config.yaml``. The last is a user-level
   config (layered keys): ``pipelines/full.py --config best_config.yaml``.
@@ -48,6 +48,7 @@ from dsu_models.files import write_text
 from pipelines.tracking import runs as tracking
 from pipelines.sweeps import upstream as tune_upstream
 from pipelines.cli import check_data, overrides_of
+from pipelines.cluster import storage
 from pipelines.cluster.ray_init import init_ray
 from pipelines.sweeps.space import Space, load_space
 from pipelines.sweeps.trial import BASE_FILE, SWEEP_TAG, run_trial, trial_dirname
@@ -56,8 +57,9 @@ PATH_TAG = "dsu.tune.path"
 SWEEP_FILE, SPACE_FILE = "sweep.json", "space.yaml"
 
 
-def tune_root() -> Path:
-    return tracking.dsu_home() / "tune"
+def tune_root(root: str) -> Path:
+    """Sweep folders: ``<storage>/tune``, which every node reaches."""
+    return storage.local_path(root, "tune", purpose="a sweep's folder")
 
 
 def absolute_uri(uri: str | None) -> str:
@@ -81,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key=value, e.g. stage1.iterations=2000")
     p.add_argument("--dataset", help="dataset name (same as dataset=NAME)")
     p.add_argument("--data", help="prepared dataset directory (same as data_path=DIR)")
+    p.add_argument("--storage", metavar="URI",
+                   help="storage every node reaches (same as storage=URI; default $DSU_STORAGE, "
+                        "else $DSU_HOME); sweeps live in its tune/ folder")
     p.add_argument("--cpus-per-trial", type=float, default=1.0)
     p.add_argument("--gpus-per-trial", type=float, default=0.0)
     p.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: as resources allow)")
@@ -90,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reduction-factor", type=float, default=2.0, help="ASHA: keep the top 1/rf at each rung")
     p.add_argument("--max-failures", type=int, default=0, help="retries of a crashed trial from its checkpoint")
     p.add_argument("--search-seed", type=int, default=0, help="seed of the random search")
-    p.add_argument("--name", help="sweep name (folder under $DSU_HOME/tune); default <stage>-<time>")
+    p.add_argument("--name", help="sweep name (folder under <storage>/tune); default <stage>-<time>")
     p.add_argument("--experiment", default="disunknown-tune")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow store; default $MLFLOW_TRACKING_URI, else sqlite:///$DSU_HOME/mlflow.db (~/.disunknown)")
@@ -176,7 +181,8 @@ def create_sweep(args, space: Space, cfg: Config, base: dict, spec: dict | None,
     """The sweep folder (space, base config, ``sweep.json``) and its MLflow run."""
     tracking_uri = absolute_uri(args.tracking_uri)
     name = args.name or f"{space.stage}-{time.strftime('%Y%m%d-%H%M%S')}"
-    folder = tune_root() / name
+    root = storage.resolve(cfg.storage)
+    folder = tune_root(root) / name
     if folder.exists():
         raise ValueError(f"sweep folder {folder} exists: --resume it or pick another --name")
     folder.mkdir(parents=True)
@@ -191,7 +197,7 @@ def create_sweep(args, space: Space, cfg: Config, base: dict, spec: dict | None,
         "reduction_factor": args.reduction_factor, "max_concurrent": args.max_concurrent,
         "cpus_per_trial": args.cpus_per_trial, "gpus_per_trial": args.gpus_per_trial,
         "max_failures": args.max_failures, "search_seed": args.search_seed, "upstream": spec,
-        "oracle_cache": str(tracking.dsu_home() / "oracles"),
+        "oracle_cache": str(storage.oracle_cache(root)), "storage": root,
     }
     experiment_id = tracking.setup(tracking_uri, args.experiment)
     run = client.create_run(experiment_id, run_name=f"tune-{name}",
@@ -286,7 +292,9 @@ def run(sweep: dict, num_cpus: int | None, restore: bool) -> int:
     client.update_run(sweep["sweep_run_id"], status="RUNNING")
     space = load_space(Path(sweep["folder"]) / SPACE_FILE)
     ctx = make_context(sweep)
-    init_ray(num_cpus)
+    ray = init_ray(num_cpus)
+    storage.check_reachable(sweep.get("storage") or str(Path(sweep["folder"]).parents[1]),
+                            sweep["tracking_uri"], ray)
     print(f"[tune] sweep {sweep['name']}: MLflow run {sweep['sweep_run_id']}, folder {sweep['folder']}",
           flush=True)
     results = make_tuner(sweep, ctx, space, restore).fit()

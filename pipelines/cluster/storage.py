@@ -1,0 +1,149 @@
+"""The pipeline's storage: the one place every node of the cluster reaches.
+
+Ray Train's and Tune's ``storage_path``, prepared datasets (built-in ones too),
+the distilled codes on their way to MLflow and the oracle cache live under one
+root, chosen by ``--storage``, else the config's ``storage:``, else
+``$DSU_STORAGE``, else ``$DSU_HOME`` (a single machine's default)::
+
+    <root>/prepared/<dataset>-<size>px-<hash>/   prepared Parquet datasets
+    <root>/ray_results/<stage>-<run id>/         Ray Train checkpoints
+    <root>/codes/<distill run id>/<split>/       distilled codes (removed once in MLflow)
+    <root>/oracles/                              evaluation oracles, by data content
+    <root>/tune/<sweep>/                         Tune experiments and sweep outputs
+
+The root is an absolute path (a shared filesystem: NFS, EFS, Lustre mounted at
+the same place on every node) or a URI that pyarrow's filesystems read
+(``s3://bucket/prefix``, ``gs://...``, ``hdfs://...``), which Ray Train, Tune
+and Ray Data take directly.
+
+On a cluster of several nodes :func:`check_reachable` proves the root is shared
+before any work starts: the driver writes a marker file and a task pinned to
+each node looks for it. A root some node cannot see is refused with the nodes
+named and what to pass instead; so is an MLflow store that is a file on the
+driver's node (training rank 0 logs from wherever it runs).
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+from dsu_models.config import ConfigError
+
+ENV = "DSU_STORAGE"
+# the URI schemes pyarrow.fs.FileSystem.from_uri resolves (besides file://)
+URI_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
+HINT = ("pass --storage (or storage: in the config, or DSU_STORAGE) a folder every node "
+        "mounts at the same path (NFS/EFS) or a URI such as s3://BUCKET/PREFIX")
+
+
+def resolve(configured: str | None) -> str:
+    """The storage root: ``configured`` (``--storage`` / ``storage:``), else
+    ``$DSU_STORAGE``, else ``$DSU_HOME``; paths made absolute, URIs checked."""
+    from pipelines.tracking.runs import dsu_home
+
+    value = configured or os.environ.get(ENV) or str(dsu_home())
+    return normalise(value)
+
+
+def normalise(value: str) -> str:
+    """An absolute path for a local path or ``file://`` URI; the URI itself
+    (without a trailing slash) for the other schemes. Raises ConfigError for an
+    empty value or a scheme pyarrow cannot read."""
+    text = str(value).strip()
+    if not text:
+        raise ConfigError("storage: empty; " + HINT)
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        return str(Path(text).expanduser().resolve())
+    if scheme == "file":
+        return str(Path(rest or "/").resolve())
+    if scheme not in URI_SCHEMES or not rest.strip("/"):
+        raise ConfigError(f"storage: {text!r} is neither an absolute path nor a URI pyarrow reads "
+                          f"({', '.join(s + '://' for s in URI_SCHEMES)})")
+    return text.rstrip("/")
+
+
+def is_uri(root: str) -> bool:
+    return "://" in root
+
+
+def join(root: str, *parts: str) -> str:
+    """``root/part/...`` for a path or a URI alike."""
+    return "/".join([root.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def filesystem(root: str):
+    """``(pyarrow filesystem, path within it)`` for ``root``."""
+    import pyarrow.fs as pafs
+
+    if not is_uri(root):
+        return pafs.LocalFileSystem(), root
+    return pafs.FileSystem.from_uri(root)
+
+
+def local_path(root: str, *parts: str, purpose: str) -> Path:
+    """``root/parts`` as a local path, for the steps that need a filesystem path
+    (ConfigError on a URI root, naming ``purpose``)."""
+    if is_uri(root):
+        raise ConfigError(f"storage {root}: {purpose} needs a filesystem path (a shared mount) "
+                          f"in this version; pass --storage a folder every node mounts")
+    return Path(join(root, *parts))
+
+
+def oracle_cache(root: str) -> Path:
+    """The evaluation oracles' cache: under a path root (shared by the nodes),
+    else (a URI root) on this node's ``$DSU_HOME``."""
+    from pipelines.tracking.runs import dsu_home
+
+    return Path(join(str(dsu_home()) if is_uri(root) else root, "oracles"))
+
+
+def _sees(root: str, marker: str) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, base = filesystem(root)
+    return fs.get_file_info(join(base, marker)).type == pafs.FileType.File
+
+
+def alive_nodes(ray) -> list[dict]:
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def check_reachable(root: str, tracking_uri: str, ray, timeout_s: float = 120) -> int:
+    """Refuse a storage root or MLflow store that some alive node of the cluster
+    cannot reach (ConfigError naming the nodes and what to pass). Returns the
+    number of alive nodes; with one node there is nothing to prove."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = alive_nodes(ray)
+    if len(nodes) < 2:
+        return len(nodes)
+    if not tracking_uri.startswith(("http://", "https://", "databricks")):
+        raise ConfigError(f"--tracking-uri {tracking_uri}: this cluster has {len(nodes)} nodes and a "
+                          f"training worker on any of them logs to MLflow, but this store is a file on "
+                          f"the driver's node; start `mlflow server --host ADDRESS` and pass "
+                          f"--tracking-uri http://ADDRESS:5000")
+    fs, base = filesystem(root)
+    marker = f".dsu-reach-{uuid.uuid4().hex}"
+    try:
+        fs.create_dir(base, recursive=True)
+        with fs.open_output_stream(join(base, marker)) as out:
+            out.write(b"reachable\n")
+    except OSError as exc:
+        raise ConfigError(f"storage {root}: cannot write there ({exc}); {HINT}") from None
+    probe = ray.remote(num_cpus=0, max_retries=0)(_sees)
+    try:
+        refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                .remote(root, marker) for n in nodes]
+        seen = ray.get(refs, timeout=timeout_s)
+    finally:
+        try:
+            fs.delete_file(join(base, marker))
+        except OSError:
+            pass
+    blind = [f"{n['NodeManagerAddress']} ({n['NodeID'][:8]})" for n, ok in zip(nodes, seen) if not ok]
+    if blind:
+        raise ConfigError(f"storage {root} is not shared: {len(blind)} of the cluster's {len(nodes)} nodes "
+                          f"cannot see it ({', '.join(blind)}); {HINT}")
+    return len(nodes)

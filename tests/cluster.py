@@ -1,0 +1,174 @@
+"""A real multi-node Ray cluster on this one machine, whose nodes share no disk.
+
+The head (no CPUs: nothing trains there) runs in the test's own mount namespace.
+Each worker node is a ``ray start --address=... --block`` process with its own
+resources and its own ``--temp-dir``, started in a mount namespace of its own
+(``unshare --mount --propagation private``) in which the driver's ``DSU_HOME``,
+the test's scratch folders and the head's Ray temp dir are each hidden behind
+an empty tmpfs. Only the ``shared`` folder (standing for an NFS mount) and the
+installed code are what every node sees alike. A node is killed by SIGKILL of
+its whole process group (raylet, object store, workers) and of anything else
+still in its namespace.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from servers import free_port
+
+RAY = str(Path(sys.executable).with_name("ray"))
+# a dead node is noticed within seconds instead of half a minute
+FAST_FAILURE = {"RAY_health_check_period_ms": "500", "RAY_health_check_timeout_ms": "1000",
+                "RAY_health_check_failure_threshold": "3", "RAY_AUTH_MODE": "disabled",
+                "RAY_USAGE_STATS_ENABLED": "0"}
+
+_NODE_SCRIPT = """set -e
+for d in "$@"; do mount -t tmpfs -o size=64m dsu-hidden "$d"; done
+exec "{ray}" start --address={address} --num-cpus={cpus} --temp-dir={temp} \
+  --object-store-memory={store} --block --disable-usage-stats
+"""
+
+
+def namespaces_work() -> str | None:
+    """None when a private mount namespace with a tmpfs can be made here, else why not."""
+    if shutil.which("unshare") is None:
+        return "no unshare(1) on this machine"
+    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                            "mount -t tmpfs none /mnt && echo ok"], capture_output=True, text=True)
+    if probe.returncode != 0 or "ok" not in probe.stdout:
+        return f"cannot make a mount namespace: {(probe.stderr or probe.stdout).strip()[:200]}"
+    return None
+
+
+class Cluster:
+    """``Cluster(hidden=[...])``: ``start()`` the head, ``add_node(name, cpus)``,
+    ``kill_node(name)``, ``shutdown()``. ``root`` holds ``shared/`` (the storage
+    every node sees), ``home/`` (the driver's DSU_HOME) and ``scratch/``."""
+
+    def __init__(self, hidden: list[str | Path] = ()):
+        self.root = Path(tempfile.mkdtemp(prefix="dsu-cluster-"))
+        self.shared, self.home, self.scratch = (self.root / n for n in ("shared", "home", "scratch"))
+        self.head_temp = self.root / "head-ray"
+        for d in (self.shared, self.home, self.scratch, self.head_temp):
+            d.mkdir()
+        self.hidden = [str(p) for p in (self.home, self.scratch, self.head_temp, *hidden)]
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.nodes: dict[str, subprocess.Popen] = {}
+        self.env = {**os.environ, **FAST_FAILURE}
+        self.env.pop("RAY_ADDRESS", None)
+
+    def start(self, wait_s: float = 90):
+        log = open(self.root / "head.log", "wb")
+        self.head = subprocess.Popen(
+            [RAY, "start", "--head", "--num-cpus=0", f"--port={self.port}", f"--temp-dir={self.head_temp}",
+             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={free_port()}",
+             "--node-ip-address=127.0.0.1", "--object-store-memory=200000000", "--block",
+             "--disable-usage-stats"],
+            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self._wait_for(1, self.head, "head.log", wait_s)
+        return self
+
+    def _wait_for(self, nodes: int, proc: subprocess.Popen, log: str, wait_s: float):
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline and proc.poll() is None:
+            if self.alive_nodes() >= nodes:
+                return
+            time.sleep(1)
+        raise RuntimeError(f"{log}: the node did not join: {(self.root / log).read_text()[-2000:]}")
+
+    def add_node(self, name: str, cpus: int, wait_s: float = 90):
+        temp = self.root / f"node-{name}"
+        temp.mkdir()
+        script = _NODE_SCRIPT.format(ray=RAY, address=self.address, cpus=cpus, temp=temp,
+                                     store=150_000_000)
+        log = open(self.root / f"node-{name}.log", "wb")
+        self.nodes[name] = subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", "bash", "-c", script, "node", *self.hidden],
+            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self._wait_for(len(self.nodes) + 1, self.nodes[name], f"node-{name}.log", wait_s)
+        return self
+
+    def alive_nodes(self) -> int:
+        # asked from a process of its own: this one may hold the test session's Ray
+        out = subprocess.run([sys.executable, "-c", _COUNT, self.address], env=self.env,
+                             capture_output=True, text=True, timeout=60)
+        return int(out.stdout.strip() or 0)
+
+    def namespace_of(self, name: str) -> str:
+        return os.readlink(f"/proc/{self.nodes[name].pid}/ns/mnt")
+
+    def pids_in(self, name: str) -> list[int]:
+        """Every process in the node's mount namespace."""
+        ns, found = self.namespace_of(name), []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    if os.readlink(f"/proc/{entry}/ns/mnt") == ns:
+                        found.append(int(entry))
+                except OSError:
+                    pass
+        return found
+
+    def node_running(self, name: str, text: str) -> bool:
+        """Whether a process of the node has ``text`` in its command line."""
+        for pid in self.pids_in(name):
+            try:
+                if text in Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode():
+                    return True
+            except OSError:
+                pass
+        return False
+
+    def kill_node(self, name: str):
+        """SIGKILL the node: its process group, then whatever else is in its namespace."""
+        _kill(self.nodes[name], self.pids_in(name))
+
+    def shutdown(self):
+        """Kill every node and the head (only this cluster's processes: the test
+        session's own Ray instance lives on), and remove the folders."""
+        for name, proc in self.nodes.items():
+            if proc.poll() is None:
+                self.kill_node(name)
+        if getattr(self, "head", None) is not None:
+            _kill(self.head, _pids_with(str(self.head_temp)))
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _pids_with(text: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if text in Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode():
+                    found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+def _kill(leader: subprocess.Popen, pids: list[int]):
+    try:
+        os.killpg(leader.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    leader.wait(30)
+
+
+_COUNT = """
+import sys, ray
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+print(sum(1 for n in ray.nodes() if n["Alive"]))
+"""
