@@ -24,6 +24,7 @@ from pathlib import Path
 from servers import free_port
 
 RAY = str(Path(sys.executable).with_name("ray"))
+LABEL = "dsu_test_node_"  # each worker node carries the resource LABEL + its name
 # a dead node is noticed within seconds instead of half a minute
 FAST_FAILURE = {"RAY_health_check_period_ms": "500", "RAY_health_check_timeout_ms": "1000",
                 "RAY_health_check_failure_threshold": "3", "RAY_AUTH_MODE": "disabled",
@@ -32,7 +33,7 @@ FAST_FAILURE = {"RAY_health_check_period_ms": "500", "RAY_health_check_timeout_m
 _NODE_SCRIPT = """set -e
 for d in "$@"; do mount -t tmpfs -o size=64m dsu-hidden "$d"; done
 exec "{ray}" start --address={address} --num-cpus={cpus} --temp-dir={temp} \
-  --object-store-memory={store} --block --disable-usage-stats
+  --object-store-memory={store} --resources='{{"{label}": 1}}' --block --disable-usage-stats
 """
 
 
@@ -61,6 +62,7 @@ class Cluster:
         self.hidden = [str(p) for p in (self.home, self.scratch, self.head_temp, *hidden)]
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
+        self.dashboard_port = free_port()
         self.nodes: dict[str, subprocess.Popen] = {}
         self.env = {**os.environ, **FAST_FAILURE}
         self.env.pop("RAY_ADDRESS", None)
@@ -69,7 +71,7 @@ class Cluster:
         log = open(self.root / "head.log", "wb")
         self.head = subprocess.Popen(
             [RAY, "start", "--head", "--num-cpus=0", f"--port={self.port}", f"--temp-dir={self.head_temp}",
-             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={free_port()}",
+             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
              "--node-ip-address=127.0.0.1", "--object-store-memory=200000000", "--block",
              "--disable-usage-stats"],
             env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -88,11 +90,12 @@ class Cluster:
         temp = self.root / f"node-{name}"
         temp.mkdir()
         script = _NODE_SCRIPT.format(ray=RAY, address=self.address, cpus=cpus, temp=temp,
-                                     store=150_000_000)
+                                     store=150_000_000, label=LABEL + name)
         log = open(self.root / f"node-{name}.log", "wb")
         self.nodes[name] = subprocess.Popen(
             ["unshare", "--mount", "--propagation", "private", "bash", "-c", script, "node", *self.hidden],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            env={**self.env, "RAY_ADDRESS": self.address},  # its actors join this cluster, not another
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self._wait_for(len(self.nodes) + 1, self.nodes[name], f"node-{name}.log", wait_s)
         return self
 
@@ -101,6 +104,21 @@ class Cluster:
         out = subprocess.run([sys.executable, "-c", _COUNT, self.address], env=self.env,
                              capture_output=True, text=True, timeout=60)
         return int(out.stdout.strip() or 0)
+
+    def nodes_running(self, class_part: str) -> list[str]:
+        """The names of the nodes that hold a live actor whose class name contains
+        ``class_part`` (asked of the head's state API)."""
+        from ray.util.state import list_actors, list_nodes
+
+        address = f"http://127.0.0.1:{self.dashboard_port}"
+        names = {}
+        for node in list_nodes(address=address, detail=True):
+            for key in node.resources_total:
+                if key.startswith(LABEL):
+                    names[node.node_id] = key[len(LABEL):]
+        actors = list_actors(address=address, filters=[("state", "=", "ALIVE")], limit=10000)
+        return sorted({names[a.node_id] for a in actors
+                       if class_part in (a.class_name or "") and a.node_id in names})
 
     def namespace_of(self, name: str) -> str:
         return os.readlink(f"/proc/{self.nodes[name].pid}/ns/mnt")
@@ -116,16 +134,6 @@ class Cluster:
                 except OSError:
                     pass
         return found
-
-    def node_running(self, name: str, text: str) -> bool:
-        """Whether a process of the node has ``text`` in its command line."""
-        for pid in self.pids_in(name):
-            try:
-                if text in Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode():
-                    return True
-            except OSError:
-                pass
-        return False
 
     def kill_node(self, name: str):
         """SIGKILL the node: its process group, then whatever else is in its namespace."""

@@ -1,0 +1,160 @@
+"""The pipeline on a real multi-node Ray cluster whose nodes share no disk
+(tests/cluster.py): a head with no CPUs and three worker nodes, each in its own
+mount namespace where the driver's DSU_HOME, the test's folders and the head's
+Ray temp dir are empty; only the storage folder is seen by all (standing for
+NFS). MLflow is a real ``mlflow server`` on 127.0.0.1.
+
+- Node-local storage and a file MLflow store are refused up front, naming
+  what to pass.
+- ``full.py --workers 2 --storage SHARED`` completes while a worker node is
+  SIGKILLed in the middle of stage 2: the group restarts on the spare node from
+  the last checkpoint, the iteration count continues, the model loads and
+  swaps; checkpoints and data are under the storage, nothing under DSU_HOME.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from cluster import Cluster, namespaces_work
+from servers import free_port, stop, wait_for
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+STAGE2_ITERATIONS = 40
+ARTIFACTS = Path(os.environ.get("DSU_TEST_ARTIFACTS", REPO / "test-artifacts"))
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    reason = namespaces_work()
+    if reason:
+        print(f"multi-node cluster tests skipped: {reason}")
+        pytest.skip(reason)
+    c = Cluster(hidden=[tmp_path_factory.getbasetemp()])
+    mlflow_server = None
+    try:
+        c.start()
+        for name in ("a", "b", "c"):  # two hold the stage's workers, one is the spare
+            c.add_node(name, cpus=3)
+        port = free_port()
+        mlflow_server = subprocess.Popen(
+            [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1",
+             "--port", str(port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{c.scratch / 'mlflow.db'}",
+             "--artifacts-destination", str(c.scratch / "artifacts")],
+            stdout=open(c.root / "mlflow.log", "wb"), stderr=subprocess.STDOUT)
+        wait_for(f"http://127.0.0.1:{port}/health", 180, mlflow_server)
+        c.tracking_uri = f"http://127.0.0.1:{port}"
+        yield c
+    finally:
+        if mlflow_server is not None:
+            stop(mlflow_server)
+        c.shutdown()
+
+
+def pipeline(c: Cluster, *args: str) -> subprocess.Popen:
+    env = {**c.env, "RAY_ADDRESS": c.address, "DSU_HOME": str(c.home), "PYTHONUNBUFFERED": "1"}
+    env.pop("DSU_STORAGE", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.Popen([sys.executable, "pipelines/full.py", "--config", "tiny", *args],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_node_local_storage_and_a_file_store_are_refused(cluster):
+    proc = pipeline(cluster, "--tracking-uri", cluster.tracking_uri)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2, out[-3000:]
+    error = [line for line in out.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and f"storage {cluster.home} is not shared" in error[0], out[-3000:]
+    assert "3 of the cluster's 4 nodes cannot see it" in error[0] and "--storage" in error[0]
+    assert not any(cluster.home.iterdir())  # the probe's marker is gone
+
+    proc = pipeline(cluster, "--storage", str(cluster.shared),
+                    "--tracking-uri", f"sqlite:///{cluster.scratch / 'local.db'}")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2, out[-3000:]
+    assert "start `mlflow server" in out and "--tracking-uri http://" in out, out[-3000:]
+
+
+def _worker_node(c: Cluster) -> str | None:
+    """A live node that holds one of the running Train workers."""
+    live = [n for n in c.nodes_running("TrainWorker") if c.nodes[n].poll() is None]
+    return live[0] if live else None
+
+
+def test_pipeline_survives_a_node_killed_in_stage2(cluster):
+    from mlflow.tracking import MlflowClient
+
+    from dsu_models.inference import DisUnknownModel
+
+    proc = pipeline(cluster, "--workers", "2", "--cpus-per-worker", "2", "--storage", str(cluster.shared),
+                    "--tracking-uri", cluster.tracking_uri, f"stage2.iterations={STAGE2_ITERATIONS}",
+                    "stage2.checkpoint_interval=10", "stage2.report_interval=5")
+    lines: list[str] = []
+    killed: dict = {}
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line)
+            m = re.search(r"\[stage2\] (\d+)/%d \|" % STAGE2_ITERATIONS, line)
+            if m and int(m.group(1)) >= 15 and not killed:
+                name = _worker_node(cluster)
+                if name is not None:
+                    killed.update(name=name, at=int(m.group(1)), time=time.monotonic())
+                    cluster.kill_node(name)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        proc.wait(timeout=1200)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        reader.join(30)
+    out = "".join(lines)
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "cluster-pipeline.log").write_text(out)
+    assert proc.returncode == 0, out[-6000:]
+    assert killed, "no stage-2 Train worker was found to kill\n" + out[-3000:]
+    resumed = [int(m) for m in re.findall(r"\[stage2\] resuming from iteration (\d+)", out)]
+    assert resumed and 10 <= resumed[-1] <= killed["at"], out[-6000:]
+    after = [int(m) for m in re.findall(r"\[stage2\] (\d+)/%d \|" % STAGE2_ITERATIONS,
+                                        out[out.index("[stage2] resuming"):])]
+    assert after and after[0] > resumed[-1] and after[-1] == STAGE2_ITERATIONS
+    assert "finished pipeline run" in out
+
+    # nothing on the driver's DSU_HOME; data and checkpoints under the storage
+    assert not any(cluster.home.iterdir()), sorted(map(str, cluster.home.rglob("*")))
+    shared = cluster.shared
+    assert len(list((shared / "prepared").glob("shapes3d-16px-*/manifest.json"))) == 1
+    for stage in ("stage1", "classifier", "stage2", "lenc"):
+        assert list((shared / "ray_results").glob(f"{stage}-*/checkpoint_*")), stage
+    assert not list((shared / "codes").glob("*/*"))  # distilled codes went to MLflow, then away
+    assert list((shared / "oracles").glob("*.pt"))
+
+    client = MlflowClient(cluster.tracking_uri)
+    parent = re.search(r"finished pipeline run (\w+)", out).group(1)
+    children = {r.data.tags["dsu.stage"]: r for r in client.search_runs(
+        [client.get_run(parent).info.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")}
+    for stage, artifact in (("stage1", "handoff.pt"), ("classifier", "handoff.pt"),
+                            ("stage2", "handoff.pt"), ("lenc", "handoff.pt"), ("distill", "codes"),
+                            ("evaluate", "model")):
+        names = [a.path for a in client.list_artifacts(children[stage].info.run_id)]
+        assert artifact in names, (stage, names)
+    steps = [m.step for m in client.get_metric_history(children["stage2"].info.run_id, "images_per_s")]
+    assert max(steps) == STAGE2_ITERATIONS
+
+    model = DisUnknownModel.load("models:/disunknown-shapes3d@champion", device="cpu",
+                                 tracking_uri=cluster.tracking_uri)
+    images = model.examples["images"][:2]
+    swapped = model.swap(images, {"shape": 1})
+    assert swapped.shape == (2, 16, 16, 3)
+    print(f"node {killed['name']} killed at stage-2 iteration {killed['at']}; resumed from {resumed[-1]}")
