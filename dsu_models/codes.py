@@ -14,7 +14,7 @@ Choices where docs/method.md is silent are written in the docstrings below.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -189,17 +189,32 @@ def code_loss(mean: Tensor, std: Tensor, keep_prob: KeepProb) -> Tensor:
     return keep_weighted_sum(kl_to_prior(mean, std).mean(dim=0), keep_prob)
 
 
-def batch_loss(mean: Tensor, std: Tensor, keep_prob: KeepProb) -> Tensor:
+def batch_loss(mean: Tensor, std: Tensor, keep_prob: KeepProb,
+               reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Batch loss (scalar): KL of the batch's fitted ``N(bm, bv)`` to N(0, 1) per dim.
 
     ``bm`` = batch mean of ``mean``; ``bv`` = unbiased batch variance of ``mean`` +
     batch mean of ``std^2``; per dim ``0.5*(bm^2 + bv - log bv - 1)``, keep-prob
     weighted and summed. Choices: with B = 1 the variance of ``mean`` is taken as
     0 (the unbiased one is undefined); ``bv`` is clamped at 1e-8 before the log.
+
+    ``reduce``: for a batch split over data-parallel workers, a sum over the
+    workers that carries gradients (``pipelines.cluster.collective.sum_over_workers``):
+    the statistics are then those of the global batch, from one reduction of
+    the per-dim sums of ``mean``, ``mean^2`` and ``std^2`` and the row count.
     """
-    correction = 1 if mean.shape[0] > 1 else 0
-    bm = mean.mean(dim=0)
-    bv = mean.var(dim=0, correction=correction) + std.square().mean(dim=0)
+    if reduce is None:
+        correction = 1 if mean.shape[0] > 1 else 0
+        bm = mean.mean(dim=0)
+        bv = mean.var(dim=0, correction=correction) + std.square().mean(dim=0)
+    else:
+        m = mean.shape[1]
+        sums = reduce(torch.cat([mean.sum(0), mean.square().sum(0), std.square().sum(0),
+                                 mean.new_full((1,), mean.shape[0])]))
+        n = sums[3 * m]
+        bm = sums[:m] / n
+        scatter = (sums[m:2 * m] - n * bm.square()).clamp_min(0)
+        bv = scatter / (n - 1).clamp_min(1) + sums[2 * m:3 * m] / n  # n = 1: variance 0, as above
     bv = bv.clamp_min(1e-8)
     return keep_weighted_sum(0.5 * (bm.square() + bv - torch.log(bv) - 1.0), keep_prob)
 

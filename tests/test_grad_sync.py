@@ -3,9 +3,10 @@
 Two gloo processes, each on half of a global batch, synchronised by
 ``pipelines.cluster.collective.allreduce_gradients`` (one all-reduce per iteration),
 must make the same parameter update as one process on the whole batch.
-Batch-statistic losses are off (they are not decomposable over shards) and
-sampling noise is made deterministic, so the comparison is exact up to float
-rounding.
+Sampling noise is made deterministic, so the comparison is exact up to float
+rounding. With the batch-statistic losses on, the workers reduce the batch
+statistics with gradients (``sum_over_workers``) and must still match one
+process; a non-finite loss on one worker stops both in the same iteration.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ CASES = {
     "classifier": ["classifier.random_offset=false"],
     "stage1": ["stage1.cla1_mode=code", "stage1.ubatch_weight=0", "stage1.lbatch_weight=0",
                "nested_dropout=false", "stage1.lr_ramp=0"],
+    "stage1-batch": ["stage1.cla1_mode=code", "stage1.ubatch_weight=1", "stage1.lbatch_weight=1",
+                     "nested_dropout=false", "stage1.lr_ramp=0"],
 }
 
 
@@ -64,9 +67,12 @@ def _worker(rank: int, world: int, port: int, case: str, out: str):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_two_workers_match_one(case, tmp_path):
+@pytest.mark.parametrize("case", ["classifier", "stage1"])
+def test_two_workers_match_one(case, tmp_path, monkeypatch):
+    from dsu_models import codes
+
     torch.set_num_threads(1)
+    monkeypatch.setattr(codes, "stratified_normal", codes.stratified_normal)  # _build replaces it
     stage, batch = _build(case)
     before = _params(stage)
     for _ in range(2):
@@ -81,3 +87,78 @@ def test_two_workers_match_one(case, tmp_path):
     assert moved, "the step changed nothing: the comparison would be empty"
     for key in single:
         assert torch.allclose(single[key], double[key], atol=1e-6, rtol=1e-4), key
+
+
+def _batch_worker(rank: int, world: int, port: int, out: str):
+    """Stage 1 with its batch-statistic losses on, synchronised as the Train worker does."""
+    from pipelines.cluster.collective import allreduce_gradients, broadcast_state, sum_over_workers
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        stage, batch = _build("stage1-batch")
+        broadcast_state(stage)
+        if world > 1:
+            stage.grad_sync, stage.batch_reduce = allreduce_gradients, sum_over_workers
+        half = batch["image"].shape[0] // world
+        shard = {k: v[rank * half:(rank + 1) * half] for k, v in batch.items()}
+        losses = [stage.train_step(shard) for _ in range(2)]
+        if rank == 0:
+            torch.save({"params": _params(stage), "losses": [[l[k] for k in sorted(l)] for l in losses]}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_batch_statistic_losses_over_two_workers_match_one(tmp_path):
+    """With the batch KL terms on (weight 1), two workers on half batches make
+    the same update as one worker on the whole batch: the losses are computed
+    over the global batch with gradients through the reduction."""
+    results = {}
+    for world in (1, 2):
+        out = str(tmp_path / f"world{world}.pt")
+        mp.start_processes(_batch_worker, args=(world, free_port(), out), nprocs=world, join=True,
+                           start_method="spawn")
+        results[world] = torch.load(out, weights_only=True)
+    one, two = results[1], results[2]
+    for key in one["params"]:
+        assert torch.allclose(one["params"][key], two["params"][key], atol=1e-6, rtol=1e-4), key
+    assert torch.allclose(torch.tensor(one["losses"]), torch.tensor(two["losses"]), rtol=1e-4, atol=1e-6)
+    # without the reduction the halves' statistics differ from the whole batch's
+    from dsu_models import codes
+    mu = torch.randn(8, 3) * torch.arange(1, 9).unsqueeze(1)
+    sigma = torch.rand(8, 3) + 0.1
+    whole = codes.batch_loss(mu, sigma, None)
+    halves = (codes.batch_loss(mu[:4], sigma[:4], None) + codes.batch_loss(mu[4:], sigma[4:], None)) / 2
+    assert not torch.allclose(whole, halves, rtol=1e-3)
+    assert torch.allclose(codes.batch_loss(mu, sigma, None, reduce=lambda t: t), whole, rtol=1e-5)
+
+
+def _nan_worker(rank: int, world: int, port: int, out: str):
+    from dsu_models.stages.common import NonFiniteLossError
+    from pipelines.cluster.collective import allreduce_gradients, broadcast_state, sum_over_workers
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        stage, batch = _build("stage1-batch")
+        broadcast_state(stage)
+        stage.grad_sync, stage.batch_reduce = allreduce_gradients, sum_over_workers
+        shard = {k: v[rank * 4:(rank + 1) * 4] for k, v in batch.items()}
+        stage.train_step(shard)
+        if rank == 1:  # only this rank's data goes bad
+            shard["image"] = torch.full_like(shard["image"], float("nan"))
+        try:
+            stage.train_step(shard)
+            outcome = "went on"
+        except NonFiniteLossError as exc:
+            outcome = f"stopped at {exc.iteration}"
+        torch.save({"outcome": outcome}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_non_finite_loss_on_one_worker_stops_every_worker_in_that_iteration(tmp_path):
+    out = str(tmp_path / "nan")
+    mp.start_processes(_nan_worker, args=(2, free_port(), out), nprocs=2, join=True, start_method="spawn")
+    outcomes = [torch.load(f"{out}.{r}", weights_only=True)["outcome"] for r in (0, 1)]
+    assert outcomes == ["stopped at 1", "stopped at 1"]

@@ -223,9 +223,14 @@ class Stage:
         self.iteration = 0
         self.models: dict[str, nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
-        # Data-parallel runners set this: called once per iteration, after the
-        # backward pass and before the optimizer steps (e.g. one all-reduce).
-        self.grad_sync: Callable[["Stage"], None] | None = None
+        # Data-parallel runners set these. grad_sync(stage, losses): once per
+        # iteration, after the backward pass and before the optimizer steps, it
+        # averages the gradients and the loss values over the workers (one
+        # all-reduce) and returns the averaged losses. batch_reduce: a sum over
+        # the workers that carries gradients, so the batch-statistic losses see
+        # the global batch (codes.batch_loss).
+        self.grad_sync: Callable[["Stage", Tensor], Tensor] | None = None
+        self.batch_reduce: Callable[[Tensor], Tensor] | None = None
 
     # ------------------------------------------------------------ steps
 
@@ -237,12 +242,14 @@ class Stage:
 
         Call it after ``backward()`` and before the optimizer steps, while
         ``self.iteration`` is still the index of the iteration being computed,
-        so a non-finite loss never reaches the weights. Runs ``grad_sync``
-        first when a data-parallel runner set it."""
-        if self.grad_sync is not None:
-            self.grad_sync(self)
+        so a non-finite loss never reaches the weights. With ``grad_sync`` (a
+        data-parallel runner) the values are the workers' means, so a term that
+        is non-finite on any worker stops every worker in the same iteration."""
         names = list(terms)
-        values = torch.stack([terms[n].detach().float().reshape(()) for n in names]).tolist()
+        stacked = torch.stack([terms[n].detach().float().reshape(()) for n in names])
+        if self.grad_sync is not None:
+            stacked = self.grad_sync(self, stacked)
+        values = stacked.tolist()
         for n, v in zip(names, values):
             if not math.isfinite(v):
                 raise NonFiniteLossError(self.name, self.iteration, n, v)

@@ -129,7 +129,8 @@ class Stage1(Stage):
             out_masks.append(mask)
             if terms is not None:
                 terms["lcode"] = terms["lcode"] + emb.code_loss(self.keep_l[k])
-                terms["lbatch"] = terms["lbatch"] + codes.batch_loss(mean, std, self.keep_l[k])
+                terms["lbatch"] = terms["lbatch"] + codes.batch_loss(mean, std, self.keep_l[k],
+                                                                         reduce=self.batch_reduce)
         return out_codes, out_masks
 
     def train_step(self, batch: dict) -> dict[str, float]:
@@ -147,7 +148,7 @@ class Stage1(Stage):
             u, u_mask = codes.sample_code(mu, sigma, self.keep_u, training=True)
             u_codes, u_masks = [u], [u_mask]
             terms["ucode"] = codes.code_loss(mu, sigma, self.keep_u)
-            terms["ubatch"] = codes.batch_loss(mu, sigma, self.keep_u)
+            terms["ubatch"] = codes.batch_loss(mu, sigma, self.keep_u, reduce=self.batch_reduce)
         l_codes, l_masks = self._labeled_codes(y, terms)
 
         z = codes.generator_input(u_codes + l_codes, u_masks + l_masks)

@@ -365,7 +365,7 @@ class Stage2(Stage):
             std = torch.cat([sd for _, sd in parts], 1)
             keep = self.keep[self.unknown_size:]
             terms["lcode"] = codes.code_loss(mean, std, keep)
-            terms["lbatch"] = codes.batch_loss(mean, std, keep)
+            terms["lbatch"] = codes.batch_loss(mean, std, keep, reduce=self.batch_reduce)
             return mean, std
         empty = x.new_zeros(x.shape[0], 0)
         return empty, empty

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dsu_models.config import Config
 from dsu_models.data.base import FactorInfo
 from dsu_models.plots import SCATTER_POINTS
+from dsu_models.stages.common import NonFiniteLossError
 from pipelines.cluster.placement import default_cpus_per_worker, node_cpus
 from pipelines.jobs.worker import train_loop
 from pipelines.cluster import storage
@@ -81,4 +82,8 @@ def run_stage(stage: str, cfg: Config, data_dir: str, run_id: str, upstream: dic
                              failure_config=FailureConfig(max_failures=max_failures)),
         datasets={"train": train_dataset(data_dir, "train", cfg.image_size)},
     )
-    return trainer.fit()
+    result = trainer.fit()
+    stopped = result.return_value if isinstance(result.return_value, dict) else {}
+    if "non_finite" in stopped:
+        raise NonFiniteLossError(*stopped["non_finite"])
+    return result

@@ -7,8 +7,12 @@ reports to Ray Train and (rank 0) logs to MLflow.
   the per-worker batch is ``batch_size / workers`` so the global batch matches
   the config. Stage 2 joins the distilled codes to images by ``id``.
 - **Gradients**: with several workers, ``Stage.grad_sync`` is one flat
-  all-reduce per iteration (``pipelines.cluster.collective``); rank 0's
-  weights are broadcast at start.
+  all-reduce per iteration of the gradients and the loss values
+  (``pipelines.cluster.collective``), and ``Stage.batch_reduce`` makes the
+  batch-statistic losses see the global batch (a sum that carries gradients);
+  rank 0's weights are broadcast at start. A loss that is non-finite on any
+  rank is non-finite in the average, so every rank stops in that iteration and
+  the stage fails once with that error (no retry from the checkpoint).
 - **Checkpoints**: at each checkpoint iteration rank 0 reports the full stage
   state with ``ray.train.report``; after a worker dies the group restarts
   from it (``FailureConfig``) and the iteration count continues.
@@ -31,7 +35,8 @@ from dsu_models.data.base import FactorInfo, InMemoryDataset, to_float
 from dsu_models.factory import make_stage
 from dsu_models.files import load_torch, save_torch
 from dsu_models.loop import Sink, run_stage
-from pipelines.cluster.collective import allreduce_gradients, broadcast_state
+from dsu_models.stages.common import NonFiniteLossError
+from pipelines.cluster.collective import allreduce_gradients, broadcast_state, sum_over_workers
 from pipelines.data.upstream import HANDOFF, load_upstream, lookup_codes
 from pipelines.tracking import runs as tracking
 
@@ -145,6 +150,7 @@ def _train_in(config: dict, workdir: Path):
     if world > 1:
         broadcast_state(stage)
         stage.grad_sync = allreduce_gradients
+        stage.batch_reduce = sum_over_workers
 
     codes = upstream["codes"] or {}
     plot = config["plot"]
@@ -164,7 +170,12 @@ def _train_in(config: dict, workdir: Path):
         return batch_from(rows, config["label_columns"], codes.get("train"), cfg.unknown_size)
 
     sink = TrainSink(rank, client, config["run_id"], workdir)
-    run_stage(stage, next_batch, sink, plot_batch=plot_batch if rank == 0 else None, plot_set=plot_set)
+    try:
+        run_stage(stage, next_batch, sink, plot_batch=plot_batch if rank == 0 else None, plot_set=plot_set)
+    except NonFiniteLossError as exc:
+        # every rank sees the same averaged losses, so all stop here together;
+        # returned, not raised: a retry from the checkpoint would only repeat it
+        return {"non_finite": [exc.stage, exc.iteration, exc.term, exc.value]}
     if rank == 0:
         path = workdir / HANDOFF
         handoff = stage.handoff()
