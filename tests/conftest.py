@@ -37,12 +37,13 @@ def pytest_sessionfinish(session, exitstatus):
 
 @pytest.fixture
 def faults_plan(tmp_path):
-    """``plan(iteration, stage=None, kill=False, rank="last") -> marker``: the next
+    """``plan(iteration, stage=None, kill=False, rank="last", nan=False) -> marker``: the next
     matching training step fails once (see ``tests/faults.py``); the marker file
     exists once it has fired. The plan is removed after the test."""
-    def plan(iteration: int, stage: str | None = None, kill: bool = False, rank: str = "last") -> Path:
+    def plan(iteration: int, stage: str | None = None, kill: bool = False, rank: str = "last",
+             nan: bool = False) -> Path:
         marker = tmp_path / f"fault-{stage}-{iteration}"
-        faults.plan(Path(os.environ[faults.PLAN_ENV]), iteration, marker, stage, kill, rank)
+        faults.plan(Path(os.environ[faults.PLAN_ENV]), iteration, marker, stage, kill, rank, nan)
         return marker
 
     yield plan

@@ -27,11 +27,12 @@ class InjectedFault(RuntimeError):
 
 
 def plan(path: Path, iteration: int, marker: Path, stage: str | None = None, kill: bool = False,
-         rank: str = "last") -> None:
+         rank: str = "last", nan: bool = False) -> None:
     """Fail once at ``iteration`` of ``stage`` (any stage when None) on the last
-    rank (``rank="last"``) or on any rank (``"any"``)."""
+    rank (``rank="last"``) or on any rank (``"any"``); ``nan``: instead of
+    failing, that step's images are NaN (a non-finite loss on that rank)."""
     path.write_text(json.dumps({"stage": stage, "iteration": iteration, "marker": str(marker),
-                                "kill": kill, "rank": rank}))
+                                "kill": kill, "rank": rank, "nan": nan}))
 
 
 def _rank() -> tuple[int, int]:
@@ -43,20 +44,23 @@ def _rank() -> tuple[int, int]:
         return 0, 1
 
 
-def _maybe_fail(stage) -> None:
+def _maybe_fail(stage) -> bool:
+    """Fire the planned fault if it is due; True: poison this step's batch."""
     path = os.environ.get(PLAN_ENV)
     if not path or not os.path.exists(path):
-        return
+        return False
     p = json.loads(Path(path).read_text())
     if stage.iteration != p["iteration"] or p["stage"] not in (None, stage.name):
-        return
+        return False
     rank, world = _rank()
     if p["rank"] == "last" and rank != world - 1:
-        return
+        return False
     try:
         os.close(os.open(p["marker"], os.O_CREAT | os.O_EXCL | os.O_WRONLY))
     except FileExistsError:
-        return
+        return False
+    if p.get("nan"):
+        return True
     if p["kill"]:
         os.kill(os.getpid(), signal.SIGKILL)
     raise InjectedFault(f"test fault: simulated failure of {stage.name} at iteration {stage.iteration}")
@@ -73,7 +77,8 @@ def _wrap(cls) -> None:
 
     @functools.wraps(step)
     def wrapped(self, batch, _step=step):
-        _maybe_fail(self)
+        if _maybe_fail(self):
+            batch = {**batch, "image": batch["image"] * float("nan")}
         return _step(self, batch)
 
     wrapped._dsu_faults = True

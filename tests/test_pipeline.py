@@ -124,6 +124,19 @@ def test_pipeline_two_workers_failure_and_resume(ray_session, home, tmp_path, ca
     assert version.run_id in {children["register"].info.run_id, children["evaluate"].info.run_id}
 
 
+def test_a_non_finite_loss_on_one_worker_fails_the_stage_once(ray_session, home, capsys, faults_plan):
+    """NaN images on the last of two workers at iteration 3: both ranks stop in
+    that iteration (their averaged losses are non-finite) and the stage fails
+    once with that error, not retried from its checkpoint."""
+    marker = faults_plan(3, stage="stage1", nan=True)
+    assert full_main(TINY + ["--workers", "2", "--cpus-per-worker", "0.5", "--stages", "stage1"]) == 1
+    assert marker.exists(), "the planned fault did not fire"
+    captured = capsys.readouterr()
+    error = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "NonFiniteLossError" in error[0] and "at iteration 3" in error[0], captured.err
+    assert "resuming from iteration" not in captured.out
+
+
 def test_killed_pipeline_resumes_the_unfinished_stage_from_its_checkpoint(ray_session, home, tmp_path,
                                                                          faults_plan):
     """A stage that dies with no retries left stops the pipeline; ``--resume``

@@ -70,7 +70,7 @@ def train_loop(config: dict):
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
     try:
-        _train_in(config, workdir)
+        return _train_in(config, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
