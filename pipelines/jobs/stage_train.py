@@ -45,9 +45,13 @@ def labeled_infos(manifest: dict, cfg: Config) -> tuple[list[dict], list[int]]:
 def run_stage(stage: str, cfg: Config, data_dir: str, run_id: str, upstream: dict,
               tracking_uri: str, workers: int = 1, use_gpu: bool = False,
               cpus_per_worker: float | None = None, max_failures: int = 2,
-              storage_path: str | None = None):
+              storage_path: str | None = None, callbacks: list | None = None,
+              judge: dict | None = None):
     """Fit the stage as a TorchTrainer; resumes from the latest checkpoint of the
-    same MLflow run (the Ray run name is the run id). Returns the Ray Result."""
+    same MLflow run (the Ray run name is the run id). Returns the Ray Result.
+    ``callbacks``: Ray Train callbacks (a Tune trial's ``TuneReportCallback``);
+    ``judge``: ``{"oracle_cache": ...}`` makes rank 0 add the model's metrics
+    (``pipelines.sweeps.trial.Judge``) to every report."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -70,6 +74,7 @@ def run_stage(stage: str, cfg: Config, data_dir: str, run_id: str, upstream: dic
         "cache": shard_fits_in_memory(manifest, "train", cfg.image_size, workers, cfg.worker_cache_mb),
         # the first 8 rows are the sample batch, all of them the code-scatter set
         "plot": plot_rows(data_dir, cfg, n=SCATTER_POINTS), "all_factors": all_factors,
+        "judge": judge,
     }
     storage_path = storage_path or storage.join(storage.resolve(cfg.storage), "ray_results")
     trainer = TorchTrainer(
@@ -79,7 +84,8 @@ def run_stage(stage: str, cfg: Config, data_dir: str, run_id: str, upstream: dic
                                      resources_per_worker={"CPU": cpus_per_worker}),
         run_config=RunConfig(storage_path=storage_path, name=f"{stage}-{run_id}",
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             failure_config=FailureConfig(max_failures=max_failures)),
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             callbacks=callbacks),
         datasets={"train": train_dataset(data_dir, "train", cfg.image_size)},
     )
     result = trainer.fit()

@@ -90,8 +90,9 @@ class TrainSink(Sink):
     """Every rank reports to Ray Train; rank 0 also prints, logs to MLflow and
     attaches the checkpoint."""
 
-    def __init__(self, rank: int, client, run_id: str, workdir: Path):
+    def __init__(self, rank: int, client, run_id: str, workdir: Path, judge=None):
         self.rank, self.client, self.run_id, self.workdir = rank, client, run_id, workdir
+        self.judge = judge  # a Tune trial's: rank 0's reports carry the model's metrics
 
     def pictures(self, stage, images):  # only rank 0 is given a plot batch
         tracking.log_pictures(self.client, self.run_id, images, stage.iteration, stage.name)
@@ -106,6 +107,8 @@ class TrainSink(Sink):
             return
         say(f"[{stage.name}] {it}/{stage.scfg.iterations} | "
             + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        if self.judge is not None:
+            metrics.update(self.judge(stage))
         tracking.log_metrics(self.client, self.run_id, metrics, it)
         if not checkpoint:
             ray.train.report({"iteration": it, **metrics})
@@ -169,7 +172,14 @@ def _train_in(config: dict, workdir: Path):
         _, rows = next(epochs)
         return batch_from(rows, config["label_columns"], codes.get("train"), cfg.unknown_size)
 
-    sink = TrainSink(rank, client, config["run_id"], workdir)
+    judge = None
+    if rank == 0 and config.get("judge"):  # a trainer-backed Tune trial (pipelines.sweeps.trial)
+        from dsu_models.factory import load_data
+        from pipelines.sweeps.trial import Judge
+        train, test = load_data(cfg)
+        judge = Judge({"stage": name, "upstream": upstream, **config["judge"]}, cfg, train, test,
+                      factors, device)
+    sink = TrainSink(rank, client, config["run_id"], workdir, judge)
     try:
         run_stage(stage, next_batch, sink, plot_batch=plot_batch if rank == 0 else None, plot_set=plot_set)
     except NonFiniteLossError as exc:

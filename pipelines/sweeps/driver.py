@@ -51,10 +51,14 @@ from pipelines.cli import check_data, overrides_of
 from pipelines.cluster import storage
 from pipelines.cluster.ray_init import init_ray
 from pipelines.sweeps.space import Space, load_space
-from pipelines.sweeps.trial import BASE_FILE, SWEEP_TAG, run_trial, trial_dirname
+from pipelines.sweeps.trial import BASE_FILE, SWEEP_TAG, run_trainer_trial, run_trial, trial_dirname
 
 PATH_TAG = "dsu.tune.path"
 SWEEP_FILE, SPACE_FILE = "sweep.json", "space.yaml"
+
+
+# a trainer-backed trial's own share (Tune refuses zero); its workers take --cpus-per-trial each
+TRIAL_DRIVER_CPU = 0.01
 
 
 def tune_root(root: str) -> Path:
@@ -86,7 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", metavar="URI",
                    help="storage every node reaches (same as storage=URI; default $DSU_STORAGE, "
                         "else $DSU_HOME); sweeps live in its tune/ folder")
-    p.add_argument("--cpus-per-trial", type=float, default=1.0)
+    p.add_argument("--cpus-per-trial", type=float, default=1.0,
+                   help="CPUs of an in-process trial, or of each Train worker with --train-workers")
+    p.add_argument("--train-workers", type=int, default=0, metavar="N",
+                   help="each trial launches the stage's TorchTrainer with N workers (Ray Data "
+                        "streaming, a GPU each with --gpus-per-trial > 0); 0: trials train in-process")
     p.add_argument("--gpus-per-trial", type=float, default=0.0)
     p.add_argument("--max-concurrent", type=int, default=None, help="trials at once (default: as resources allow)")
     p.add_argument("--report-every", type=int, default=200, help="iterations between reports (and checkpoints)")
@@ -165,6 +173,11 @@ def new_sweep(args) -> dict:
     clash = [k for k in clash if k in space.keys]
     if clash:
         raise ConfigError(f"{', '.join(clash)}: both swept (search space {space.path}) and overridden")
+    if args.train_workers < 0:
+        raise ValueError(f"--train-workers {args.train_workers}: 0 (in-process trials) or more")
+    if args.train_workers and args.runner_dir:
+        raise ValueError("--train-workers: trainer-backed trials read stage 1 from MLflow runs "
+                         "(--pipeline-run or --stage1-run...), not from --runner-dir")
     tracking_uri = absolute_uri(args.tracking_uri)
     client = MlflowClient(tracking_uri)
     spec, upstream = None, None
@@ -198,6 +211,7 @@ def create_sweep(args, space: Space, cfg: Config, base: dict, spec: dict | None,
         "cpus_per_trial": args.cpus_per_trial, "gpus_per_trial": args.gpus_per_trial,
         "max_failures": args.max_failures, "search_seed": args.search_seed, "upstream": spec,
         "oracle_cache": str(storage.oracle_cache(root)), "storage": root,
+        "train_workers": args.train_workers,
     }
     experiment_id = tracking.setup(tracking_uri, args.experiment)
     run = client.create_run(experiment_id, run_name=f"tune-{name}",
@@ -235,18 +249,29 @@ def reopen_sweep(target: str, tracking_uri: str | None) -> dict:
 
 def make_context(sweep: dict) -> dict:
     """What every trial needs, shipped once through the object store. Stage 2:
-    the upstream hand-offs and codes, and the oracles trained now (cached)."""
+    the upstream hand-offs and codes (in-process trials; trainer-backed ones
+    download them in their workers), and the oracles trained now (cached).
+    Trainer-backed trials: the prepared data (a built-in dataset is prepared
+    under the storage now) and where their Ray Train runs live."""
     folder = Path(sweep["folder"])
     ctx = {"stage": sweep["stage"], "base_config": str(folder / BASE_FILE),
            "tracking_uri": sweep["tracking_uri"], "sweep_run_id": sweep["sweep_run_id"],
            "sweep_name": sweep["name"], "report_every": sweep["report_every"],
            "threads": max(1, int(sweep["cpus_per_trial"])),
-           "oracle_cache": sweep["oracle_cache"]}
+           "oracle_cache": sweep["oracle_cache"], "train_workers": sweep.get("train_workers", 0)}
+    cfg = build_config(ctx["base_config"], [])
+    if ctx["train_workers"]:
+        from pipelines.cli import ensure_data
+        _, ctx["data_dir"] = ensure_data(cfg, ctx["base_config"], [])
+        ctx.update(use_gpu=sweep["gpus_per_trial"] > 0, max_failures=sweep["max_failures"],
+                   cpus_per_worker=sweep["cpus_per_trial"],
+                   trainer_storage=str(folder / "trainers"),
+                   upstream_runs=(sweep["upstream"] or {}).get("runs", {}))
     if sweep["stage"] == "stage2":
-        with tempfile.TemporaryDirectory() as tmp:
-            ctx["upstream"] = tune_upstream.load(sweep["upstream"], sweep["tracking_uri"], Path(tmp))
+        if not ctx["train_workers"]:
+            with tempfile.TemporaryDirectory() as tmp:
+                ctx["upstream"] = tune_upstream.load(sweep["upstream"], sweep["tracking_uri"], Path(tmp))
         from dsu_models.evaluation import load_or_train_oracles
-        cfg = build_config(ctx["base_config"], [])
         train, test = load_data(cfg)
         print(f"[tune] oracles for {cfg.dataset} (cached in {ctx['oracle_cache']})", flush=True)
         load_or_train_oracles(train, test, cfg.evaluate, ctx["oracle_cache"],
@@ -263,8 +288,12 @@ def make_tuner(sweep: dict, ctx: dict, space: Space, restore: bool):
 
     # A snapshot per checkpoint is what resuming needs; Tune warns about it at every report.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
-                                    {"cpu": sweep["cpus_per_trial"], "gpu": sweep["gpus_per_trial"]})
+    if ctx["train_workers"]:  # the trial only drives its TorchTrainer, whose workers hold the resources
+        trainable = tune.with_resources(tune.with_parameters(run_trainer_trial, ctx=ctx),
+                                        {"cpu": TRIAL_DRIVER_CPU})
+    else:
+        trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
+                                        {"cpu": sweep["cpus_per_trial"], "gpu": sweep["gpus_per_trial"]})
     folder = sweep["folder"]
     if restore and tune.Tuner.can_restore(folder):
         return tune.Tuner.restore(folder, trainable, resume_errored=True)
@@ -291,10 +320,10 @@ def run(sweep: dict, num_cpus: int | None, restore: bool) -> int:
     client = MlflowClient(sweep["tracking_uri"])
     client.update_run(sweep["sweep_run_id"], status="RUNNING")
     space = load_space(Path(sweep["folder"]) / SPACE_FILE)
-    ctx = make_context(sweep)
     ray = init_ray(num_cpus)
     storage.check_reachable(sweep.get("storage") or str(Path(sweep["folder"]).parents[1]),
                             sweep["tracking_uri"], ray)
+    ctx = make_context(sweep)
     print(f"[tune] sweep {sweep['name']}: MLflow run {sweep['sweep_run_id']}, folder {sweep['folder']}",
           flush=True)
     results = make_tuner(sweep, ctx, space, restore).fit()

@@ -177,6 +177,34 @@ def run_trial(sampled: dict, ctx: dict):
     client.set_terminated(run_id, "FINISHED")
 
 
+def run_trainer_trial(sampled: dict, ctx: dict):
+    """Tune function trainable that launches the stage's ``TorchTrainer``
+    (``pipelines.jobs.stage_train.run_stage``: ``ctx["train_workers"]`` workers
+    streaming the prepared data from Ray Data, GPUs with ``gpus_per_trial``),
+    every report judged by rank 0 and forwarded to Tune by
+    ``TuneReportCallback``, so ASHA stops it like an in-process trial. Its Ray
+    Train run lives under the sweep folder, named by the trial's MLflow run, so a
+    resumed sweep's trial continues from its last checkpoint."""
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from pipelines.jobs.stage_train import run_stage
+
+    every, name = ctx["report_every"], ctx["stage"]
+    cfg = build_config(ctx["base_config"], Space.overrides(sampled) + [
+        f"data_path={ctx['data_dir']}", f"{name}.report_interval={every}",
+        f"{name}.checkpoint_interval={every}"])
+    client = MlflowClient(ctx["tracking_uri"])
+    run_id = trial_run(client, ctx, tune.get_context().get_trial_id(), sampled, cfg)
+    run_stage(name, cfg, ctx["data_dir"], run_id, ctx["upstream_runs"], ctx["tracking_uri"],
+              workers=ctx["train_workers"], use_gpu=ctx["use_gpu"], cpus_per_worker=ctx["cpus_per_worker"],
+              max_failures=ctx["max_failures"],
+              storage_path=ctx["trainer_storage"], callbacks=[TuneReportCallback()],
+              judge={"oracle_cache": ctx["oracle_cache"]})
+    client.set_terminated(run_id, "FINISHED")
+
+
 class TrialSink(Sink):
     """Each report: the mean losses (``loss_<term>``) and the judge's metrics of
     the stage so far, to MLflow at ``step = iteration`` with the sample grids,
