@@ -158,3 +158,30 @@ def test_pipeline_survives_a_node_killed_in_stage2(cluster):
     swapped = model.swap(images, {"shape": 1})
     assert swapped.shape == (2, 16, 16, 3)
     print(f"node {killed['name']} killed at stage-2 iteration {killed['at']}; resumed from {resumed[-1]}")
+
+
+def test_trainer_backed_sweep_on_the_cluster(cluster):
+    """Two trials x one Train worker on the worker nodes; the sweep folder, the
+    trials' Ray Train runs and the prepared data are under the storage, and the
+    best config is written there."""
+    space = cluster.shared / "space.yaml"  # the driver reads it; the nodes need not
+    space.write_text("stage: stage1\nspace:\n  stage1.lr: {grid: [0.01, 0.0]}\n")
+    env = {**cluster.env, "RAY_ADDRESS": cluster.address, "DSU_HOME": str(cluster.home)}
+    env.pop("DSU_STORAGE", None)
+    proc = subprocess.run(
+        [sys.executable, "pipelines/tune.py", "--space", str(space), "--samples", "1", "--name", "ct",
+         "--report-every", "2", "--grace-period", "4", "--train-workers", "1", "--cpus-per-trial", "1",
+         "--storage", str(cluster.shared), "--tracking-uri", cluster.tracking_uri,
+         "--config", "tiny", "image_size=8", "architecture.conv_channels=[8]", "num_samples=240",
+         "all_stages.batch_size=8", "stage1.iterations=4", "evaluate.pairs=64", "evaluate.probe_samples=200",
+         "evaluate.oracle_epochs=1", "evaluate.oracle_samples=200", "evaluate.oracle_width=8"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    out = proc.stdout + proc.stderr
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "cluster-sweep.log").write_text(out)
+    assert proc.returncode == 0, out[-4000:]
+    folder = cluster.shared / "tune" / "ct"
+    assert (folder / "best_config.yaml").is_file(), out[-3000:]
+    assert len(list((folder / "trainers").glob("stage1-*/checkpoint_*"))) >= 2
+    assert list((cluster.shared / "prepared").glob("shapes3d-8px-*/manifest.json"))
+    assert not any(cluster.home.iterdir())
