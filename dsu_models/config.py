@@ -213,6 +213,11 @@ class Config:
     # in memory after the first epoch when it fits in this many MiB (0 = always
     # stream from Ray Data); 1024 holds 343k RGB images at 32 px, 87k at 64 px
     worker_cache_mb: int = 1024
+    # Ray Train stages: the decoded training split is materialized once in the
+    # cluster's object store when it fits in this many MiB (0 = off): decoded
+    # once for all workers and epochs, and a restarted worker group reads it
+    # from there instead of decoding again
+    cluster_cache_mb: int = 0
     architecture: ArchConfig = field(default_factory=ArchConfig)
     all_stages: dict[str, Any] = field(default_factory=dict)
     stage1: Stage1Config = field(default_factory=Stage1Config)
@@ -620,6 +625,8 @@ def resolve(raw: dict, data_factors: dict[str, int] | None = None) -> Config:
         raise ConfigError(f"image_channels: {cfg.image_channels} (must be at least 1)")
     if not 0.0 < cfg.test_portion < 1.0:
         raise ConfigError(f"test_portion: {cfg.test_portion} (must be within (0, 1))")
+    if cfg.cluster_cache_mb < 0:
+        raise ConfigError(f"cluster_cache_mb: {cfg.cluster_cache_mb} (must be >= 0; 0 turns it off)")
     if cfg.worker_cache_mb < 0:
         raise ConfigError(f"worker_cache_mb: {cfg.worker_cache_mb} (must be >= 0; 0 turns the cache off)")
     if cfg.num_samples is not None and cfg.num_samples < 2:

@@ -132,6 +132,28 @@ def test_train_dataset_columns(ray_session, tmp_path):
     assert row["labels"].shape == (5,) and row["labels"].dtype == np.int64
 
 
+def test_cluster_cache_materializes_a_split_that_fits(ray_session, tmp_path):
+    from ray.data.dataset import MaterializedDataset
+
+    from pipelines.data.loading import cluster_cached, decoded_mb, train_dataset
+
+    out = prepare("sprites", tmp_path / "p", num_samples=100, image_size=16)
+    manifest = read_manifest(out)
+    size = decoded_mb(manifest, "train", 16)
+    assert 0 < size < 1
+    streamed = train_dataset(out)
+    assert cluster_cached(streamed, manifest, "train", 16, 0) is streamed          # off
+    assert cluster_cached(streamed, manifest, "train", 16, size / 2) is streamed   # does not fit
+    cached = cluster_cached(train_dataset(out), manifest, "train", 16, 1)
+    assert isinstance(cached, MaterializedDataset)
+    plain = read_split(out, "train")
+    by_id = {int(i): k for k, i in enumerate(plain.ids)}
+    rows = cached.take_all()
+    assert sorted(int(r["id"]) for r in rows) == sorted(by_id)
+    for row in rows[:5]:
+        assert np.array_equal(row["image"], plain.images[by_id[int(row["id"])]].numpy())
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("cache", [False, True])
 def test_two_workers_get_disjoint_covering_shards(ray_session, tmp_path, cache):

@@ -64,6 +64,22 @@ def _parquet_reader_v1():
         ctx.use_datasource_v2 = old
 
 
+def decoded_mb(manifest: dict, split: str, image_size: int) -> float:
+    """MiB of ``split`` decoded (uint8 images, int64 ids and labels)."""
+    row_bytes = manifest["channels"] * image_size ** 2 + 8 * (1 + len(manifest["factors"]))
+    return manifest["splits"][split]["rows"] * row_bytes / 2 ** 20
+
+
+def cluster_cached(ds: ray.data.Dataset, manifest: dict, split: str, image_size: int,
+                   budget_mb: float) -> ray.data.Dataset:
+    """``ds`` materialized in the cluster's object store when ``split`` decoded
+    fits in ``budget_mb`` MiB (decoded once for every worker and epoch), else
+    ``ds`` itself, streamed."""
+    if budget_mb > 0 and decoded_mb(manifest, split, image_size) <= budget_mb:
+        return ds.materialize()
+    return ds
+
+
 def shard_fits_in_memory(manifest: dict, split: str, image_size: int, workers: int,
                          budget_mb: float) -> bool:
     """Whether one worker's share of ``split``, decoded (uint8 images, int64 ids and

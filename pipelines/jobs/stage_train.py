@@ -57,7 +57,7 @@ def run_stage(stage: str, cfg: Config, data_dir: str, run_id: str, upstream: dic
 
     from dsu_models.data import read_manifest
     from dsu_models.data.manifest import factor_infos
-    from pipelines.data.loading import shard_fits_in_memory, train_dataset
+    from pipelines.data.loading import cluster_cached, shard_fits_in_memory, train_dataset
 
     scfg = getattr(cfg, stage)
     if scfg.batch_size % workers:
@@ -86,7 +86,8 @@ def run_stage(stage: str, cfg: Config, data_dir: str, run_id: str, upstream: dic
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=max_failures),
                              callbacks=callbacks),
-        datasets={"train": train_dataset(data_dir, "train", cfg.image_size)},
+        datasets={"train": cluster_cached(train_dataset(data_dir, "train", cfg.image_size), manifest,
+                                          "train", cfg.image_size, cfg.cluster_cache_mb)},
     )
     result = trainer.fit()
     stopped = result.return_value if isinstance(result.return_value, dict) else {}
