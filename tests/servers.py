@@ -1,17 +1,13 @@
 """Servers that tests start: a free loopback port, and waiting until one answers."""
 from __future__ import annotations
 
-import socket
 import subprocess
 import time
 import urllib.request
 
+from pipelines.cluster.local_cluster import free_port  # noqa: F401  (the tests' one copy)
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+
 
 
 def wait_for(url: str, seconds: float = 60, process: subprocess.Popen | None = None):

@@ -1,5 +1,5 @@
 """The pipeline on a real multi-node Ray cluster whose nodes share no disk
-(tests/cluster.py): a head with no CPUs and three worker nodes, each in its own
+(pipelines/cluster/local_cluster.py): a head with no CPUs and three worker nodes, each in its own
 mount namespace where the driver's DSU_HOME, the test's folders and the head's
 Ray temp dir are empty; only the storage folder is seen by all (standing for
 NFS). MLflow is a real ``mlflow server`` on 127.0.0.1.
@@ -23,8 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster import Cluster, namespaces_work
-from servers import free_port, stop, wait_for
+from pipelines.cluster.local_cluster import Cluster, namespaces_work
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -39,24 +38,13 @@ def cluster(tmp_path_factory):
         print(f"multi-node cluster tests skipped: {reason}")
         pytest.skip(reason)
     c = Cluster(hidden=[tmp_path_factory.getbasetemp()])
-    mlflow_server = None
     try:
         c.start()
         for name in ("a", "b", "c"):  # two hold the stage's workers, one is the spare
             c.add_node(name, cpus=3)
-        port = free_port()
-        mlflow_server = subprocess.Popen(
-            [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1",
-             "--port", str(port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{c.scratch / 'mlflow.db'}",
-             "--artifacts-destination", str(c.scratch / "artifacts")],
-            stdout=open(c.root / "mlflow.log", "wb"), stderr=subprocess.STDOUT)
-        wait_for(f"http://127.0.0.1:{port}/health", 180, mlflow_server)
-        c.tracking_uri = f"http://127.0.0.1:{port}"
+        c.start_mlflow()
         yield c
     finally:
-        if mlflow_server is not None:
-            stop(mlflow_server)
         c.shutdown()
 
 

@@ -1,4 +1,7 @@
-"""A real multi-node Ray cluster on this one machine, whose nodes share no disk.
+"""A real multi-node Ray cluster on one machine, whose nodes share no disk: for
+trying the distributed path on a laptop, and for the tests and benchmarks that
+prove it (tests/test_cluster.py, benchmarks/cluster.py). Linux, as root (mount
+namespaces).
 
 The head (no CPUs: nothing trains there) runs in the test's own mount namespace.
 Each worker node is a ``ray start --address=... --block`` process with its own
@@ -15,13 +18,20 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from servers import free_port
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 
 RAY = str(Path(sys.executable).with_name("ray"))
 LABEL = "dsu_test_node_"  # each worker node carries the resource LABEL + its name
@@ -50,7 +60,7 @@ def namespaces_work() -> str | None:
 
 class Cluster:
     """``Cluster(hidden=[...])``: ``start()`` the head, ``add_node(name, cpus)``,
-    ``kill_node(name)``, ``shutdown()``. ``root`` holds ``shared/`` (the storage
+    ``start_mlflow()``, ``kill_node(name)``, ``shutdown()``. ``root`` holds ``shared/`` (the storage
     every node sees), ``home/`` (the driver's DSU_HOME) and ``scratch/``."""
 
     def __init__(self, hidden: list[str | Path] = ()):
@@ -99,6 +109,29 @@ class Cluster:
         self._wait_for(len(self.nodes) + 1, self.nodes[name], f"node-{name}.log", wait_s)
         return self
 
+    def start_mlflow(self, wait_s: float = 180) -> str:
+        """An ``mlflow server`` on 127.0.0.1 (store and artifacts under
+        ``scratch/``, which the worker nodes cannot see: they reach it by HTTP);
+        returns its tracking URI. Stopped by :meth:`shutdown`."""
+        import urllib.request
+
+        port = free_port()
+        self.mlflow = subprocess.Popen(
+            [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1",
+             "--port", str(port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{self.scratch / 'mlflow.db'}",
+             "--artifacts-destination", str(self.scratch / "artifacts")],
+            stdout=open(self.root / "mlflow.log", "wb"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline and self.mlflow.poll() is None:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                self.tracking_uri = f"http://127.0.0.1:{port}"
+                return self.tracking_uri
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError(f"mlflow server did not answer: {(self.root / 'mlflow.log').read_text()[-2000:]}")
+
     def alive_nodes(self) -> int:
         # asked from a process of its own: this one may hold the test session's Ray
         out = subprocess.run([sys.executable, "-c", _COUNT, self.address], env=self.env,
@@ -142,6 +175,12 @@ class Cluster:
     def shutdown(self):
         """Kill every node and the head (only this cluster's processes: the test
         session's own Ray instance lives on), and remove the folders."""
+        if getattr(self, "mlflow", None) is not None and self.mlflow.poll() is None:
+            self.mlflow.terminate()
+            try:
+                self.mlflow.wait(20)
+            except subprocess.TimeoutExpired:
+                self.mlflow.kill()
         for name, proc in self.nodes.items():
             if proc.poll() is None:
                 self.kill_node(name)
