@@ -10,6 +10,8 @@ process; a non-finite loss on one worker stops both in the same iteration.
 """
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -48,23 +50,34 @@ def _params(stage) -> dict:
             for n, p in mod.named_parameters()}
 
 
-def _worker(rank: int, world: int, port: int, case: str, out: str):
-    from pipelines.cluster.collective import allreduce_gradients, broadcast_state
+@contextlib.contextmanager
+def _synced_stage(rank: int, world: int, port: int, case: str, batch_statistics: bool = False):
+    """In a gloo process group: ``(stage, this rank's shard of the batch)``, the
+    stage synchronised as the Train worker does (gradients and losses averaged;
+    with ``batch_statistics`` the batch losses reduced too) when ``world > 1``."""
+    from pipelines.cluster.collective import allreduce_gradients, broadcast_state, sum_over_workers
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         stage, batch = _build(case)
         broadcast_state(stage)
-        stage.grad_sync = allreduce_gradients
+        if world > 1:
+            stage.grad_sync = allreduce_gradients
+            if batch_statistics:
+                stage.batch_reduce = sum_over_workers
         half = batch["image"].shape[0] // world
-        shard = {k: v[rank * half:(rank + 1) * half] for k, v in batch.items()}
+        yield stage, {k: v[rank * half:(rank + 1) * half] for k, v in batch.items()}
+    finally:
+        dist.destroy_process_group()
+
+
+def _worker(rank: int, world: int, port: int, case: str, out: str):
+    with _synced_stage(rank, world, port, case) as (stage, shard):
         for _ in range(2):
             stage.train_step(shard)
         if rank == 0:
             torch.save(_params(stage), out)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("case", ["classifier", "stage1"])
@@ -91,22 +104,10 @@ def test_two_workers_match_one(case, tmp_path, monkeypatch):
 
 def _batch_worker(rank: int, world: int, port: int, out: str):
     """Stage 1 with its batch-statistic losses on, synchronised as the Train worker does."""
-    from pipelines.cluster.collective import allreduce_gradients, broadcast_state, sum_over_workers
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        stage, batch = _build("stage1-batch")
-        broadcast_state(stage)
-        if world > 1:
-            stage.grad_sync, stage.batch_reduce = allreduce_gradients, sum_over_workers
-        half = batch["image"].shape[0] // world
-        shard = {k: v[rank * half:(rank + 1) * half] for k, v in batch.items()}
+    with _synced_stage(rank, world, port, "stage1-batch", batch_statistics=True) as (stage, shard):
         losses = [stage.train_step(shard) for _ in range(2)]
         if rank == 0:
             torch.save({"params": _params(stage), "losses": [[l[k] for k in sorted(l)] for l in losses]}, out)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_batch_statistic_losses_over_two_workers_match_one(tmp_path):
@@ -135,15 +136,8 @@ def test_batch_statistic_losses_over_two_workers_match_one(tmp_path):
 
 def _nan_worker(rank: int, world: int, port: int, out: str):
     from dsu_models.stages.common import NonFiniteLossError
-    from pipelines.cluster.collective import allreduce_gradients, broadcast_state, sum_over_workers
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        stage, batch = _build("stage1-batch")
-        broadcast_state(stage)
-        stage.grad_sync, stage.batch_reduce = allreduce_gradients, sum_over_workers
-        shard = {k: v[rank * 4:(rank + 1) * 4] for k, v in batch.items()}
+    with _synced_stage(rank, world, port, "stage1-batch", batch_statistics=True) as (stage, shard):
         stage.train_step(shard)
         if rank == 1:  # only this rank's data goes bad
             shard["image"] = torch.full_like(shard["image"], float("nan"))
@@ -153,8 +147,6 @@ def _nan_worker(rank: int, world: int, port: int, out: str):
         except NonFiniteLossError as exc:
             outcome = f"stopped at {exc.iteration}"
         torch.save({"outcome": outcome}, f"{out}.{rank}")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_a_non_finite_loss_on_one_worker_stops_every_worker_in_that_iteration(tmp_path):

@@ -158,15 +158,8 @@ class Cluster:
 
     def pids_in(self, name: str) -> list[int]:
         """Every process in the node's mount namespace."""
-        ns, found = self.namespace_of(name), []
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    if os.readlink(f"/proc/{entry}/ns/mnt") == ns:
-                        found.append(int(entry))
-                except OSError:
-                    pass
-        return found
+        ns = self.namespace_of(name)
+        return _pids(lambda pid: os.readlink(f"/proc/{pid}/ns/mnt") == ns)
 
     def kill_node(self, name: str):
         """SIGKILL the node: its process group, then whatever else is in its namespace."""
@@ -185,16 +178,19 @@ class Cluster:
             if proc.poll() is None:
                 self.kill_node(name)
         if getattr(self, "head", None) is not None:
-            _kill(self.head, _pids_with(str(self.head_temp)))
+            temp = str(self.head_temp)
+            _kill(self.head, _pids(lambda pid: temp in Path(f"/proc/{pid}/cmdline").read_bytes()
+                                   .replace(b"\0", b" ").decode()))
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def _pids_with(text: str) -> list[int]:
+def _pids(match) -> list[int]:
+    """The live processes for which ``match(pid)`` holds (ones that vanish meanwhile are skipped)."""
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                if text in Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode():
+                if match(entry):
                     found.append(int(entry))
             except OSError:
                 pass

@@ -18,10 +18,15 @@ def default_cpus_per_worker(nodes: list[float], workers: int, use_gpu: bool = Fa
     return 0.5
 
 
+def alive_nodes(ray) -> list[dict]:
+    """``ray.nodes()`` entries of the live nodes (``ray``: the module, or a stand-in)."""
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
 def node_cpus() -> list[float]:
     """The CPUs of each live node of the Ray cluster this process is connected to."""
     import ray
-    return [n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]]
+    return [n["Resources"].get("CPU", 0) for n in alive_nodes(ray)]
 
 
 def _fits(nodes: list[float], workers: int, share: float) -> bool:

@@ -29,6 +29,7 @@ import uuid
 from pathlib import Path
 
 from dsu_models.config import ConfigError
+from pipelines.cluster.placement import alive_nodes
 
 ENV = "DSU_STORAGE"
 # the URI schemes pyarrow.fs.FileSystem.from_uri resolves (besides file://)
@@ -104,10 +105,6 @@ def _sees(root: str, marker: str) -> bool:
 
     fs, base = filesystem(root)
     return fs.get_file_info(join(base, marker)).type == pafs.FileType.File
-
-
-def alive_nodes(ray) -> list[dict]:
-    return [n for n in ray.nodes() if n.get("Alive")]
 
 
 def check_reachable(root: str, tracking_uri: str, ray, timeout_s: float = 120) -> int:

@@ -64,10 +64,14 @@ def _parquet_reader_v1():
         ctx.use_datasource_v2 = old
 
 
+def row_bytes(manifest: dict, image_size: int) -> int:
+    """Bytes of one decoded row: uint8 image, int64 id and labels."""
+    return manifest["channels"] * image_size ** 2 + 8 * (1 + len(manifest["factors"]))
+
+
 def decoded_mb(manifest: dict, split: str, image_size: int) -> float:
-    """MiB of ``split`` decoded (uint8 images, int64 ids and labels)."""
-    row_bytes = manifest["channels"] * image_size ** 2 + 8 * (1 + len(manifest["factors"]))
-    return manifest["splits"][split]["rows"] * row_bytes / 2 ** 20
+    """MiB of ``split`` decoded."""
+    return manifest["splits"][split]["rows"] * row_bytes(manifest, image_size) / 2 ** 20
 
 
 def cluster_cached(ds: ray.data.Dataset, manifest: dict, split: str, image_size: int,
@@ -85,8 +89,7 @@ def shard_fits_in_memory(manifest: dict, split: str, image_size: int, workers: i
     """Whether one worker's share of ``split``, decoded (uint8 images, int64 ids and
     labels), fits in ``budget_mb`` MiB. Every rank computes the same answer."""
     rows = manifest["splits"][split]["rows"]
-    row_bytes = manifest["channels"] * image_size ** 2 + 8 * (1 + len(manifest["factors"]))
-    return budget_mb > 0 and math.ceil(rows / workers) * row_bytes <= budget_mb * 2 ** 20
+    return budget_mb > 0 and math.ceil(rows / workers) * row_bytes(manifest, image_size) <= budget_mb * 2 ** 20
 
 
 def iter_epochs(shard, batch_size: int, epochs: int | None = None, shuffle_buffer: int = 2048,
