@@ -303,31 +303,3 @@ def test_stage2_sweep_reuses_stage1_from_mlflow(ray_session, home, tmp_path, cap
     assert best.stage1 == cfg.stage1 and 0.5 <= best.stage2.dis_weight <= 2.0
     assert math.isfinite(sweep.data.metrics["best_summary"])
     assert json.loads((home / "tune" / "s2" / "sweep.json").read_text())["upstream"]["runs"] == runs
-
-
-def test_trainer_backed_stage1_sweep_writes_its_best_config(ray_session, home, tmp_path, capsys):
-    """--train-workers 1: each of two trials launches the stage's TorchTrainer
-    (Ray Data streaming the prepared built-in data), rank 0 judges every report
-    and Tune receives it; the sweep picks the better lr and writes best_config."""
-    space = _space(tmp_path, "stage: stage1\nspace:\n  stage1.lr: {grid: [0.01, 0.0]}\n")
-    argv = (["--space", str(space), "--samples", "1", "--report-every", "2", "--grace-period", "4",
-             "--cpus-per-trial", "0.4", "--train-workers", "1", "--name", "tt"]
-            + TINY + ["stage1.iterations=4"])
-    assert main(argv) == 0, capsys.readouterr()
-    out = capsys.readouterr().out
-    client = MlflowClient(tracking.default_tracking_uri())
-    (sweep,) = _sweep_runs(client)
-    trials = _trial_runs(client, sweep.info.run_id)
-    assert len(trials) == 2
-    for run in trials.values():  # rank 0 of each trial's trainer logged the judged reports
-        assert _steps(client, run.info.run_id, "stage1_objective") == [2, 4]
-        assert "handoff.pt" in {a.path for a in client.list_artifacts(run.info.run_id)}
-    folder = home / "tune" / "tt"
-    assert sorted(p.name.split("-")[0] for p in (folder / "trainers").iterdir()) == ["stage1", "stage1"]
-    best = read_yaml(folder / "best_config.yaml", "best config")
-    final = {float(r.data.params["sampled.stage1.lr"]): r.data.metrics["stage1_objective"]
-             for r in trials.values()}
-    assert final[0.01] != final[0.0]  # Tune chose by the objective rank 0 reported
-    assert best["stage1"]["lr"] == max(final, key=final.get)
-    assert build_config(str(folder / "best_config.yaml"), []).stage1.iterations == 4
-    assert "[tune]" in out
