@@ -27,7 +27,7 @@ from pipelines.cluster.local_cluster import Cluster, namespaces_work
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
-STAGE2_ITERATIONS = 80
+STAGE2_ITERATIONS = 40
 # tiny nets on 8 px images: the cost is Ray's (worker groups, restarts), not the maths
 SMALL = ["image_size=8", "architecture.conv_channels=[8]", "architecture.fc_features=16",
          "num_samples=240", "all_stages.batch_size=8", "all_stages.iterations=6",
@@ -104,13 +104,9 @@ def test_pipeline_survives_a_node_killed_in_stage2(cluster):
         for line in proc.stdout:
             lines.append(line)
             m = re.search(r"\[stage2\] (\d+)/%d \|" % STAGE2_ITERATIONS, line)
-            if m and int(m.group(1)) >= 10 and "ckpt" not in killed:
-                killed["ckpt"] = time.monotonic()
-            # Ray Train registers a checkpoint only once its controller has
-            # collected every rank's report, a little after the workers move
-            # on: kill a few seconds after the first one, not at once
-            if m and int(m.group(1)) >= 15 and time.monotonic() - killed.get("ckpt", 1e18) > 3 \
-                    and "name" not in killed:
+            # soon after the checkpoint at 10, likely before Ray Train has
+            # registered it: the group resumes from the storage folder's newest
+            if m and int(m.group(1)) >= 15 and "name" not in killed:
                 name = _worker_node(cluster)
                 if name is not None:
                     killed.update(name=name, at=int(m.group(1)), time=time.monotonic())

@@ -67,6 +67,8 @@ def run_stage(stage: str, cfg: Config, data_dir: str, run_id: str, upstream: dic
     manifest = read_manifest(data_dir)
     infos, columns = labeled_infos(manifest, cfg)
     all_factors = [f.to_dict() for f in factor_infos(manifest)]
+    storage_path = storage_path or storage.join(storage.resolve(cfg.storage), "ray_results")
+    ray_run = f"{stage}-{run_id}"
     loop_config = {
         "stage": stage, "cfg": cfg.to_dict(), "factors": infos, "label_columns": columns,
         "upstream": upstream, "tracking_uri": tracking_uri, "run_id": run_id,
@@ -74,15 +76,14 @@ def run_stage(stage: str, cfg: Config, data_dir: str, run_id: str, upstream: dic
         "cache": shard_fits_in_memory(manifest, "train", cfg.image_size, workers, cfg.worker_cache_mb),
         # the first 8 rows are the sample batch, all of them the code-scatter set
         "plot": plot_rows(data_dir, cfg, n=SCATTER_POINTS), "all_factors": all_factors,
-        "judge": judge,
+        "judge": judge, "run_folder": storage.join(storage_path, ray_run),
     }
-    storage_path = storage_path or storage.join(storage.resolve(cfg.storage), "ray_results")
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus_per_worker}),
-        run_config=RunConfig(storage_path=storage_path, name=f"{stage}-{run_id}",
+        run_config=RunConfig(storage_path=storage_path, name=ray_run,
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=max_failures),
                              callbacks=callbacks),

@@ -15,7 +15,12 @@ reports to Ray Train and (rank 0) logs to MLflow.
   the stage fails once with that error (no retry from the checkpoint).
 - **Checkpoints**: at each checkpoint iteration rank 0 reports the full stage
   state with ``ray.train.report``; after a worker dies the group restarts
-  from it (``FailureConfig``) and the iteration count continues.
+  from it (``FailureConfig``) and the iteration count continues. A group
+  restarts from the newest checkpoint in the run's storage folder that loads,
+  which may be newer than the one Ray Train hands back: Ray registers a
+  checkpoint only once its controller has collected every rank's report, so
+  a node that dies right after a checkpoint was written would otherwise cost
+  the work since the one before (or the whole stage).
 - **Tracking**: rank 0 logs metrics and pictures to the stage's MLflow run and,
   at the end, the hand-off (weights + config) as the ``handoff.pt`` artifact.
   Every rank reports to Ray Train.
@@ -36,6 +41,7 @@ from dsu_models.factory import make_stage
 from dsu_models.files import load_torch, save_torch
 from dsu_models.loop import Sink, run_stage
 from dsu_models.stages.common import NonFiniteLossError
+from pipelines.cluster import storage
 from pipelines.cluster.collective import allreduce_gradients, broadcast_state, sum_over_workers
 from pipelines.data.upstream import HANDOFF, load_upstream, lookup_codes
 from pipelines.tracking import runs as tracking
@@ -121,6 +127,34 @@ class TrainSink(Sink):
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def newest_state(run_folder: str, workdir: Path, device) -> dict | None:
+    """The stage state of the newest ``checkpoint_*`` folder under the run's
+    storage folder (a path or URI) whose state file loads; ``None`` when there
+    is none. Every rank sees the same files (no group is writing when one
+    starts), so every rank picks the same one. A copy cut short by a dead node
+    fails to load and the one before it is taken."""
+    import pyarrow.fs as pafs
+
+    from dsu_models.files import CheckpointError
+
+    fs, root = storage.filesystem(run_folder)
+    entries = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    folders = sorted((e.path for e in entries if e.type == pafs.FileType.Directory
+                      and e.base_name.startswith("checkpoint_")), reverse=True)
+    for folder in folders:
+        local = workdir / "resume" / Path(folder).name
+        try:
+            local.mkdir(parents=True, exist_ok=True)
+            pafs.copy_files(f"{folder}/{STATE_FILE}", str(local / STATE_FILE),
+                            source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+            return load_torch(local / STATE_FILE, map_location=device)
+        except (FileNotFoundError, OSError, CheckpointError):
+            continue
+        finally:
+            shutil.rmtree(local, ignore_errors=True)
+    return None
+
+
 def _train_in(config: dict, workdir: Path):
     import ray.train
     import ray.train.torch
@@ -141,10 +175,12 @@ def _train_in(config: dict, workdir: Path):
     torch.manual_seed(cfg.seed)
     stage = make_stage(name, cfg, factors, upstream, device)
 
+    state = newest_state(config["run_folder"], workdir, device)
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
+    if state is None and checkpoint is not None:
         with checkpoint.as_directory() as d:
             state = load_torch(Path(d) / STATE_FILE, map_location=device)
+    if state is not None:
         stage.load_state_dict(state, restore_random=False)
         if rank == 0:
             say(f"[{name}] resuming from iteration {stage.iteration}")
