@@ -54,8 +54,8 @@ def stage1(cluster, tracking_uri: str, workers: int, iterations: int, batch: int
             if victims:
                 cluster.kill_node(victims[0])
                 killed["at"] = time.monotonic()
-        elif killed and "resuming from iteration" in line:
-            killed["resumed"] = True
+        elif killed and ("resuming from iteration" in line or "Started training worker group" in line):
+            killed["resumed"] = True  # a new group (from the checkpoint, or from scratch)
         elif killed.get("resumed") and "recovered" not in killed and m:
             killed["recovered"] = time.monotonic() - killed["at"]
     proc.wait()
@@ -68,7 +68,8 @@ def stage1(cluster, tracking_uri: str, workers: int, iterations: int, batch: int
     rates = [m.value for m in sorted(client.get_metric_history(run_id, "images_per_s"), key=lambda m: m.step)]
     done = re.search(r"\[stage1\] done in (\d+) s", text)
     return {"rate": statistics.median(rates[1:] or rates), "stage_s": int(done.group(1)) if done else wall,
-            "run_id": run_id, "recovery_s": killed.get("recovered")}
+            "run_id": run_id, "recovery_s": killed.get("recovered"),
+            "resumed_at": [int(x) for x in re.findall(r"resuming from iteration (\d+)", text)]}
 
 
 def handoff_cost(shared: Path) -> tuple[float, float, float]:
@@ -127,7 +128,8 @@ def main() -> int:
                   f"Train worker by then); stage {killed['stage_s']} s", flush=True)
         else:
             print(f"  node killed mid stage 1: first report of the restarted group "
-                  f"{killed['recovery_s']:.1f} s after the kill; stage {killed['stage_s']} s", flush=True)
+                  f"{killed['recovery_s']:.1f} s after the kill (resumed from iteration "
+                  f"{killed['resumed_at'] or 'none'}); stage {killed['stage_s']} s", flush=True)
     finally:
         cluster.shutdown()
     return 0
