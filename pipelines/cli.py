@@ -109,22 +109,21 @@ def overrides_of(args) -> list[str]:
     if args.dataset:
         extra.insert(0, f"dataset={args.dataset}")
     if args.data:
-        extra.append(f"data_path={Path(args.data).resolve()}")
+        extra.append(f"data_path={args.data if storage.is_uri(args.data) else Path(args.data).resolve()}")
     if args.storage:
         extra.append(f"storage={args.storage}")
     return extra
 
 
-def builtin_dir(cfg: Config) -> Path:
-    """Where a built-in dataset is prepared: named by its content hash, so a
-    changed generator or option never collides with an older preparation."""
-    from dsu_models.data.manifest import content_hash
+def builtin_dir(cfg: Config) -> str:
+    """Where a built-in dataset is prepared (a path or a URI under the storage):
+    named by its content hash, so a changed generator or option never collides
+    with an older preparation."""
+    from dsu_models.data.prepared import planned_digest
     from dsu_models.data.sources import make_plan
-    plan = make_plan(cfg.dataset, builtin_options(cfg))
-    digest = content_hash(cfg.dataset, plan.image_size, plan.options, plan.fingerprint)
-    return storage.local_path(storage.resolve(cfg.storage), "prepared",
-                              f"{cfg.dataset}-{cfg.image_size}px-{digest[:12]}",
-                              purpose="preparing a built-in dataset")
+    digest = planned_digest(make_plan(cfg.dataset, builtin_options(cfg)))
+    return storage.join(storage.resolve(cfg.storage), "prepared",
+                        f"{cfg.dataset}-{cfg.image_size}px-{digest[:12]}")
 
 
 def check_data(cfg: Config):
@@ -151,12 +150,12 @@ def ensure_data(cfg: Config, config_arg, overrides: list[str]) -> tuple[Config, 
     """Prepare a built-in dataset (Ray Data job, reused when prepared before);
     returns the config re-resolved against the prepared manifest, and the dir."""
     if cfg.data_path:
-        return cfg, str(Path(cfg.data_path).resolve())
-    from pipelines.jobs.prepare import prepare_with_ray
+        return cfg, cfg.data_path if storage.is_uri(cfg.data_path) else str(Path(cfg.data_path).resolve())
+    from pipelines.jobs.prepare import prepare_into
     out = builtin_dir(cfg)
     print(f"[prepare] {cfg.dataset} -> {out}", flush=True)
-    prepare_with_ray(cfg.dataset, out, **builtin_options(cfg))
-    return build_config(config_arg, overrides + [f"data_path={out}"]), str(out)
+    prepare_into(cfg.dataset, out, **builtin_options(cfg))
+    return build_config(config_arg, overrides + [f"data_path={out}"]), out
 
 
 def execute(stage: str, cfg: Config, data_dir: str, parent_id: str, runs: dict, args,

@@ -6,10 +6,13 @@ NFS). MLflow is a real ``mlflow server`` on 127.0.0.1.
 
 - Node-local storage and a file MLflow store are refused up front, naming
   what to pass.
-- ``full.py --workers 2 --storage SHARED`` completes while a worker node is
-  SIGKILLed in the middle of stage 2: the group restarts on the spare node from
-  the last checkpoint, the iteration count continues, the model loads and
-  swaps; checkpoints and data are under the storage, nothing under DSU_HOME.
+- ``full.py --workers 2 --storage s3://...`` (an S3 service on 127.0.0.1, so
+  the nodes share no disk at all) completes while a worker node is SIGKILLed
+  in the middle of stage 2: the group restarts on the spare node from the last
+  checkpoint, the iteration count continues, the model loads and swaps; the
+  built-in dataset, checkpoints and distilled codes went through the bucket,
+  nothing under DSU_HOME.
+- A trainer-backed sweep runs with the shared folder as its storage.
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ def cluster(tmp_path_factory):
         pytest.skip(reason)
     c = Cluster(hidden=[tmp_path_factory.getbasetemp()])
     try:
+        c.bucket = c.start_s3()
         c.start()
         for name in ("a", "b", "c"):  # two hold the stage's workers, one is the spare
             c.add_node(name, cpus=3)
@@ -82,6 +86,17 @@ def _left_in(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
 
 
+def _s3_listing(c: Cluster, root: str) -> list[str]:
+    """Every object under ``root`` (``s3://bucket/...``), as paths below it."""
+    import pyarrow.fs as pafs
+
+    fs = pafs.S3FileSystem(access_key="test", secret_key="test", region="us-east-1", scheme="http",
+                           endpoint_override=c.env["AWS_ENDPOINT_URL"].split("://", 1)[1])
+    base = root.split("://", 1)[1]
+    found = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+    return sorted(i.path[len(base) + 1:] for i in found if i.type == pafs.FileType.File)
+
+
 def _worker_node(c: Cluster) -> str | None:
     """A live node that holds one of the running Train workers."""
     live = [n for n in c.nodes_running("TrainWorker") if c.nodes[n].poll() is None]
@@ -93,7 +108,8 @@ def test_pipeline_survives_a_node_killed_in_stage2(cluster):
 
     from dsu_models.inference import DisUnknownModel
 
-    proc = pipeline(cluster, "--workers", "2", "--cpus-per-worker", "2", "--storage", str(cluster.shared),
+    root = f"{cluster.bucket}/pipeline"
+    proc = pipeline(cluster, "--workers", "2", "--cpus-per-worker", "2", "--storage", root,
                     "--tracking-uri", cluster.tracking_uri, *SMALL, f"stage2.iterations={STAGE2_ITERATIONS}",
                     "stage2.checkpoint_interval=10", "stage2.report_interval=5",
                     "stage2.sample_interval=40")
@@ -132,14 +148,15 @@ def test_pipeline_survives_a_node_killed_in_stage2(cluster):
     assert after and after[0] > resumed[-1] and after[-1] == STAGE2_ITERATIONS
     assert "finished pipeline run" in out
 
-    # nothing on the driver's DSU_HOME; data and checkpoints under the storage
-    assert _left_in(cluster.home) == []
-    shared = cluster.shared
-    assert len(list((shared / "prepared").glob("shapes3d-8px-*/manifest.json"))) == 1
+    # nothing on the driver's DSU_HOME or the shared folder; data and checkpoints in the bucket
+    assert _left_in(cluster.home) == [] and _left_in(cluster.shared) == []
+    stored = _s3_listing(cluster, root)
+    manifests = [f for f in stored if re.fullmatch(r"prepared/shapes3d-8px-\w+/manifest\.json", f)]
+    assert len(manifests) == 1, stored
+    assert any(f.startswith(manifests[0].rsplit("/", 1)[0] + "/train/") for f in stored)
     for stage in ("stage1", "classifier", "stage2", "lenc"):
-        assert list((shared / "ray_results").glob(f"{stage}-*/checkpoint_*")), stage
-    assert not list((shared / "codes").glob("*/*"))  # distilled codes went to MLflow, then away
-    assert list((shared / "oracles").glob("*.pt"))
+        assert any(re.match(rf"ray_results/{stage}-\w+/checkpoint_[^/]+/state\.pt$", f) for f in stored), stage
+    assert not [f for f in stored if f.startswith("codes/")]  # distilled codes went to MLflow, then away
 
     client = MlflowClient(cluster.tracking_uri)
     parent = re.search(r"finished pipeline run (\w+)", out).group(1)

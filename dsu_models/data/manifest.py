@@ -58,15 +58,48 @@ def write(directory: Path, manifest: dict) -> None:
     (Path(directory) / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
+def is_uri(directory) -> bool:
+    """A prepared dataset named by a URI that pyarrow's filesystems read
+    (``s3://bucket/prepared/x``); ``file://`` and plain paths are local."""
+    text = str(directory)
+    return "://" in text and not text.startswith("file://")
+
+
+def member(directory, *parts: str):
+    """``directory/parts``: a Path for a local directory, a URI string for a URI."""
+    if is_uri(directory):
+        return "/".join([str(directory).rstrip("/"), *parts])
+    return Path(directory).joinpath(*parts)
+
+
+def _read_member(directory, name: str) -> str | None:
+    """A small text file of a prepared directory (None when it is not there)."""
+    if not is_uri(directory):
+        path = Path(directory) / name
+        return path.read_text(encoding="utf-8") if path.is_file() else None
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(member(directory, name))
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        return f.read().decode("utf-8")
+
+
 def read_manifest(directory) -> dict:
-    """The manifest of a prepared directory; DataError if it is not one."""
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
+    """The manifest of a prepared directory (a path, or a URI such as
+    ``s3://bucket/prepared/x``); DataError if it is not one."""
+    path = member(directory, MANIFEST)
+    try:
+        text = _read_member(directory, MANIFEST)
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: unreadable manifest: {e}") from e
+    if text is None:
         raise DataError(f"{directory} is not a prepared dataset (no {MANIFEST}); "
                         f"run pipelines/prepare_data.py SOURCE --out {directory}")
     try:
-        m = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        m = json.loads(text)
+    except json.JSONDecodeError as e:
         raise DataError(f"{path}: unreadable manifest: {e}") from e
     if not isinstance(m, dict):
         raise DataError(f"{path}: not a manifest of a prepared dataset (a JSON "

@@ -113,13 +113,18 @@ def _checked_images(plan: SourcePlan, chunk) -> np.ndarray:
     return images
 
 
+def planned_digest(plan: SourcePlan) -> str:
+    """The content hash a preparation of ``plan`` will have (its manifest's ``content_hash``)."""
+    return mf.content_hash(plan.source, plan.image_size, plan.options, plan.fingerprint)
+
+
 def begin(source: str, out_dir, overwrite: bool = False, **options):
     """Plan a preparation. Returns (plan, digest, staging dir) or (None, digest, None)
     when ``out_dir`` already holds this exact preparation (hash match)."""
     out = Path(out_dir)
     check_replaceable(out, overwrite)        # refuse a foreign directory before planning
     plan = make_plan(source, options)
-    digest = mf.content_hash(source, plan.image_size, plan.options, plan.fingerprint)
+    digest = planned_digest(plan)
     if check_replaceable(out, overwrite, digest):
         return None, digest, None
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -280,11 +285,12 @@ def _remove_stale_staging(out: Path) -> None:
 
 
 # ---------------------------------------------------------------- reading
-def split_files(directory, split: str) -> list[Path]:
+def split_files(directory, split: str) -> list:
+    """The split's Parquet files: Paths, or URI strings for a URI directory."""
     m = mf.read_manifest(directory)
     if split not in m["splits"]:
         raise DataError(f"{directory}: no split {split!r}; splits are {sorted(m['splits'])}")
-    return [Path(directory) / split / f for f in m["splits"][split]["files"]]
+    return [mf.member(directory, split, f) for f in m["splits"][split]["files"]]
 
 
 def read_split(directory, split: str, image_size: int | None = None) -> InMemoryDataset:
@@ -297,7 +303,7 @@ def read_split(directory, split: str, image_size: int | None = None) -> InMemory
     factors = mf.factor_infos(m)
     ids, images, labels = [], [], []
     for p in split_files(directory, split):
-        t = pq.read_table(p)
+        t = pq.read_table(str(p))  # a URI is read through its pyarrow filesystem
         ids.append(t["id"].to_numpy())
         images.append(decode_batch(t["image"].to_pylist(), m["channels"]))
         labels.append(np.stack([t[f.name].to_numpy() for f in factors], 1))

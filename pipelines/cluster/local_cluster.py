@@ -9,7 +9,9 @@ resources and its own ``--temp-dir``, started in a mount namespace of its own
 (``unshare --mount --propagation private``) in which the driver's ``DSU_HOME``,
 the test's scratch folders and the head's Ray temp dir are each hidden behind
 an empty tmpfs. Only the ``shared`` folder (standing for an NFS mount) and the
-installed code are what every node sees alike. A node is killed by SIGKILL of
+installed code are what every node sees alike; ``start_s3()`` (before
+``start()``) adds an S3 service on 127.0.0.1 (moto's server, in memory)
+for storage that is an object store rather than a mount. A node is killed by SIGKILL of
 its whole process group (raylet, object store, workers) and of anything else
 still in its namespace.
 """
@@ -76,6 +78,31 @@ class Cluster:
         self.nodes: dict[str, subprocess.Popen] = {}
         self.env = {**os.environ, **FAST_FAILURE}
         self.env.pop("RAY_ADDRESS", None)
+
+    def start_s3(self, bucket: str = "dsu", wait_s: float = 60) -> str:
+        """An S3 service on 127.0.0.1 (``moto_server``) holding ``bucket``; every
+        process of this cluster (head, nodes, drivers started with :attr:`env`)
+        reaches it through the ``AWS_*`` variables set here. Call before
+        :meth:`start`. Returns ``s3://bucket``."""
+        import urllib.request
+
+        port = free_port()
+        self.s3 = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1",
+                                    "-p", str(port)],
+                                   stdout=open(self.root / "s3.log", "wb"), stderr=subprocess.STDOUT)
+        endpoint = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                urllib.request.urlopen(urllib.request.Request(f"{endpoint}/{bucket}", method="PUT"), timeout=2)
+                break
+            except OSError:
+                if time.monotonic() > deadline or self.s3.poll() is not None:
+                    raise RuntimeError(f"the S3 service did not start: {(self.root / 's3.log').read_text()[-2000:]}")
+                time.sleep(0.5)
+        self.env.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test",
+                        AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
+        return f"s3://{bucket}"
 
     def start(self, wait_s: float = 90):
         log = open(self.root / "head.log", "wb")
@@ -168,12 +195,13 @@ class Cluster:
     def shutdown(self):
         """Kill every node and the head (only this cluster's processes: the test
         session's own Ray instance lives on), and remove the folders."""
-        if getattr(self, "mlflow", None) is not None and self.mlflow.poll() is None:
-            self.mlflow.terminate()
-            try:
-                self.mlflow.wait(20)
-            except subprocess.TimeoutExpired:
-                self.mlflow.kill()
+        for service in (getattr(self, "mlflow", None), getattr(self, "s3", None)):
+            if service is not None and service.poll() is None:
+                service.terminate()
+                try:
+                    service.wait(20)
+                except subprocess.TimeoutExpired:
+                    service.kill()
         for name, proc in self.nodes.items():
             if proc.poll() is None:
                 self.kill_node(name)

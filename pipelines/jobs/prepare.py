@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dsu_models.data.manifest import MANIFEST
 from dsu_models.data.prepared import abort, begin, finish, run_task
 
 
@@ -68,3 +69,41 @@ def prepare_with_ray(source: str, out_dir, *, overwrite: bool = False, **options
     except BaseException:
         abort(staging)
         raise
+
+
+def prepare_into(source: str, out: str, **options) -> str:
+    """Prepare ``source`` into ``out``: a path every node sees (the Ray Data job
+    above), or a URI (``s3://...``), for which the preparation runs in this
+    process into a local folder and is uploaded, the shards first and the
+    manifest last, so a reader never takes a half-uploaded folder for a
+    prepared one. A URI that already holds this preparation (same content
+    hash) is reused."""
+    from pipelines.cluster import storage
+
+    if not storage.is_uri(out):
+        return str(prepare_with_ray(source, out, **options))
+    import tempfile
+
+    import pyarrow.fs as pafs
+
+    from dsu_models.data import DataError, read_manifest
+    from dsu_models.data.prepared import planned_digest, prepare
+    from dsu_models.data.sources import make_plan
+
+    digest = planned_digest(make_plan(source, options))
+    try:
+        if read_manifest(out).get("content_hash") == digest:
+            return out
+    except DataError:
+        pass  # not there yet (or an older format): prepare it
+    fs, root = storage.filesystem(out)
+    local_fs = pafs.LocalFileSystem()
+    with tempfile.TemporaryDirectory(prefix="dsu-prepare-") as tmp:
+        local = prepare(source, Path(tmp) / "data", **options)
+        manifest = Path(tmp) / MANIFEST
+        (local / MANIFEST).rename(manifest)
+        fs.create_dir(root, recursive=True)
+        pafs.copy_files(str(local), root, source_filesystem=local_fs, destination_filesystem=fs)
+        pafs.copy_files(str(manifest), f"{root}/{MANIFEST}", source_filesystem=local_fs,
+                        destination_filesystem=fs)
+    return out
