@@ -178,40 +178,56 @@ def test_pipeline_survives_a_node_killed_in_stage2(cluster):
     print(f"node {killed['name']} killed at stage-2 iteration {killed['at']}; resumed from {resumed[-1]}")
 
 
-def test_trainer_backed_sweep_on_the_cluster(cluster):
+@pytest.mark.parametrize("where", ["shared", "s3"])
+def test_trainer_backed_sweep_on_the_cluster(cluster, where):
     """--train-workers 1: each of two trials launches the stage's TorchTrainer on
     the worker nodes (Ray Data streaming the prepared data from the storage),
     rank 0 judges every report and Tune receives it; the sweep picks the better
-    lr by that objective and writes its best config under the storage."""
+    lr by that objective and writes its best config under the storage: the
+    shared folder, or (mirrored from the driver's DSU_HOME) the bucket."""
     from mlflow.tracking import MlflowClient
 
     from dsu_models.factory import build_config
     from pipelines.sweeps.trial import TRIAL_TAG
 
-    space = cluster.shared / "space.yaml"  # the driver reads it; the nodes need not
+    name = f"ct-{where}"
+    root = str(cluster.shared) if where == "shared" else f"{cluster.bucket}/sweeps"
+    space = cluster.scratch / "space.yaml"  # the driver reads it; the nodes need not
     space.write_text("stage: stage1\nspace:\n  stage1.lr: {grid: [0.01, 0.0]}\n")
     env = {**cluster.env, "RAY_ADDRESS": cluster.address, "DSU_HOME": str(cluster.home)}
     env.pop("DSU_STORAGE", None)
     proc = subprocess.run(
-        [sys.executable, "pipelines/tune.py", "--space", str(space), "--samples", "1", "--name", "ct",
+        [sys.executable, "pipelines/tune.py", "--space", str(space), "--samples", "1", "--name", name,
          "--report-every", "2", "--grace-period", "4", "--train-workers", "1", "--cpus-per-trial", "1",
-         "--storage", str(cluster.shared), "--tracking-uri", cluster.tracking_uri,
+         "--storage", root, "--tracking-uri", cluster.tracking_uri,
          "--config", "tiny", *SMALL, "stage1.iterations=4"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     out = proc.stdout + proc.stderr
     ARTIFACTS.mkdir(exist_ok=True)
-    (ARTIFACTS / "cluster-sweep.log").write_text(out)
+    (ARTIFACTS / f"cluster-sweep-{where}.log").write_text(out)
     assert proc.returncode == 0, out[-4000:]
     assert "[tune]" in out
-    folder = cluster.shared / "tune" / "ct"
-    assert sorted(p.name.split("-")[0] for p in (folder / "trainers").iterdir()) == ["stage1", "stage1"]
-    assert len(list((folder / "trainers").glob("stage1-*/checkpoint_*"))) >= 2
-    assert list((cluster.shared / "prepared").glob("shapes3d-8px-*/manifest.json"))
-    assert _left_in(cluster.home) == []
+    if where == "shared":
+        folder = cluster.shared / "tune" / name
+        stored = [str(p.relative_to(cluster.shared)) for p in cluster.shared.rglob("*") if p.is_file()]
+        assert _left_in(cluster.home) == []
+    else:
+        folder = cluster.home / "tune" / name  # the record, on the driver; mirrored to the bucket
+        stored = _s3_listing(cluster, root)
+        assert _left_in(cluster.home) == sorted(["tune", f"tune/{name}"] + [
+            f"tune/{name}/{f}" for f in ("base_config.yaml", "best_config.yaml", "space.yaml", "sweep.json")])
+        for f in ("base_config.yaml", "best_config.yaml", "space.yaml", "sweep.json"):
+            assert f"tune/{name}/{f}" in stored, stored
+    assert (folder / "best_config.yaml").is_file(), out[-3000:]
+    trainers = {f.split("/")[3] for f in stored if f.startswith(f"tune/{name}/trainers/stage1-")
+                and re.search(r"/checkpoint_[^/]+/state\.pt$", f)}
+    assert len(trainers) == 2, stored  # each trial's Ray Train run checkpointed under the storage
+    assert any(re.fullmatch(r"prepared/shapes3d-8px-\w+/manifest\.json", f) for f in stored)
 
     client = MlflowClient(cluster.tracking_uri)
     exp = client.get_experiment_by_name("disunknown-tune")
-    (sweep,) = client.search_runs([exp.experiment_id], filter_string="tags.`dsu.tune.path` != ''")
+    (sweep,) = client.search_runs([exp.experiment_id],
+                                  f"tags.`dsu.tune.sweep` = '{name}' and tags.`dsu.tune.path` != ''")
     trials = client.search_runs([exp.experiment_id],
                                 filter_string=f"tags.mlflow.parentRunId = '{sweep.info.run_id}'")
     assert len(trials) == 2 and all(TRIAL_TAG in r.data.tags for r in trials)

@@ -14,7 +14,11 @@ root, chosen by ``--storage``, else the config's ``storage:``, else
 The root is an absolute path (a shared filesystem: NFS, EFS, Lustre mounted at
 the same place on every node) or a URI that pyarrow's filesystems read
 (``s3://bucket/prefix``, ``gs://...``, ``hdfs://...``), which Ray Train, Tune
-and Ray Data take directly.
+and Ray Data take directly. With a URI, a built-in dataset is prepared on the
+driver and uploaded (manifest last), the oracle cache stays on each node's
+``$DSU_HOME``, and a sweep's record (space, base config, ``sweep.json``, best
+config) is written on the driver's ``$DSU_HOME/tune/<sweep>`` and mirrored to
+``<root>/tune/<sweep>``.
 
 On a cluster of several nodes :func:`check_reachable` proves the root is shared
 before any work starts: the driver writes a marker file and a task pinned to
@@ -83,13 +87,19 @@ def filesystem(root: str):
     return pafs.FileSystem.from_uri(root)
 
 
-def local_path(root: str, *parts: str, purpose: str) -> Path:
-    """``root/parts`` as a local path, for the steps that need a filesystem path
-    (ConfigError on a URI root, naming ``purpose``)."""
-    if is_uri(root):
-        raise ConfigError(f"storage {root}: {purpose} needs a filesystem path (a shared mount) "
-                          f"in this version; pass --storage a folder every node mounts")
-    return Path(join(root, *parts))
+def mirror(folder: Path, dest: str | None) -> None:
+    """Copy the files directly in ``folder`` to the URI ``dest`` (nothing when
+    ``dest`` is None): a sweep's record, kept on the driver and in the storage."""
+    if dest is None:
+        return
+    import pyarrow.fs as pafs
+
+    fs, base = filesystem(dest)
+    fs.create_dir(base, recursive=True)
+    for path in sorted(folder.iterdir()):
+        if path.is_file():
+            pafs.copy_files(str(path), join(base, path.name), source_filesystem=pafs.LocalFileSystem(),
+                            destination_filesystem=fs)
 
 
 def oracle_cache(root: str) -> Path:

@@ -62,8 +62,13 @@ TRIAL_DRIVER_CPU = 0.01
 
 
 def tune_root(root: str) -> Path:
-    """Sweep folders: ``<storage>/tune``, which every node reaches."""
-    return storage.local_path(root, "tune", purpose="a sweep's folder")
+    """The sweep records' folder: ``<storage>/tune``, or for a URI storage
+    ``$DSU_HOME/tune`` on the driver, mirrored to ``<storage>/tune`` (Tune's
+    own state and the trials' Ray Train runs are written there directly)."""
+    if storage.is_uri(root):
+        from pipelines.tracking.runs import dsu_home
+        return dsu_home() / "tune"
+    return Path(storage.join(root, "tune"))
 
 
 def absolute_uri(uri: str | None) -> str:
@@ -204,6 +209,9 @@ def create_sweep(args, space: Space, cfg: Config, base: dict, spec: dict | None,
     total = getattr(cfg, space.stage).iterations
     sweep = {
         "name": name, "folder": str(folder), "stage": space.stage, "objective": space.objective,
+        # where Tune keeps its state and the trials theirs; a URI storage gets the record mirrored
+        "tune_storage": storage.join(root, "tune"),
+        "mirror": storage.join(root, "tune", name) if storage.is_uri(root) else None,
         "space_source": str(space.path), "tracking_uri": tracking_uri, "experiment": args.experiment,
         "samples": args.samples, "iterations": total, "report_every": min(args.report_every, total),
         "grace_period": min(args.grace_period or args.report_every, total),
@@ -226,6 +234,7 @@ def create_sweep(args, space: Space, cfg: Config, base: dict, spec: dict | None,
     client.log_artifact(run.info.run_id, str(folder / SPACE_FILE))
     client.log_artifact(run.info.run_id, str(folder / BASE_FILE))
     write_text(folder / SWEEP_FILE, json.dumps(sweep, indent=1))  # last: the folder is now resumable
+    storage.mirror(folder, sweep["mirror"])
     return sweep
 
 
@@ -254,7 +263,10 @@ def make_context(sweep: dict) -> dict:
     Trainer-backed trials: the prepared data (a built-in dataset is prepared
     under the storage now) and where their Ray Train runs live."""
     folder = Path(sweep["folder"])
+    tune_storage = sweep.get("tune_storage") or str(folder.parent)
+    # the trials get the base config's text: they may run where the record folder is not
     ctx = {"stage": sweep["stage"], "base_config": str(folder / BASE_FILE),
+           "base_text": (folder / BASE_FILE).read_text(),
            "tracking_uri": sweep["tracking_uri"], "sweep_run_id": sweep["sweep_run_id"],
            "sweep_name": sweep["name"], "report_every": sweep["report_every"],
            "threads": max(1, int(sweep["cpus_per_trial"])),
@@ -265,7 +277,7 @@ def make_context(sweep: dict) -> dict:
         _, ctx["data_dir"] = ensure_data(cfg, ctx["base_config"], [])
         ctx.update(use_gpu=sweep["gpus_per_trial"] > 0, max_failures=sweep["max_failures"],
                    cpus_per_worker=sweep["cpus_per_trial"],
-                   trainer_storage=str(folder / "trainers"),
+                   trainer_storage=storage.join(tune_storage, sweep["name"], "trainers"),
                    upstream_runs=(sweep["upstream"] or {}).get("runs", {}))
     if sweep["stage"] == "stage2":
         if not ctx["train_workers"]:
@@ -294,9 +306,10 @@ def make_tuner(sweep: dict, ctx: dict, space: Space, restore: bool):
     else:
         trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
                                         {"cpu": sweep["cpus_per_trial"], "gpu": sweep["gpus_per_trial"]})
-    folder = sweep["folder"]
-    if restore and tune.Tuner.can_restore(folder):
-        return tune.Tuner.restore(folder, trainable, resume_errored=True)
+    tune_storage = sweep.get("tune_storage") or str(Path(sweep["folder"]).parent)
+    experiment = storage.join(tune_storage, sweep["name"])
+    if restore and tune.Tuner.can_restore(experiment):
+        return tune.Tuner.restore(experiment, trainable, resume_errored=True)
     scheduler = ASHAScheduler(time_attr="iteration", max_t=sweep["iterations"],
                               grace_period=sweep["grace_period"], reduction_factor=sweep["reduction_factor"])
     return tune.Tuner(
@@ -306,7 +319,7 @@ def make_tuner(sweep: dict, ctx: dict, space: Space, restore: bool):
             max_concurrent_trials=sweep["max_concurrent"], trial_dirname_creator=trial_dirname,
             search_alg=BasicVariantGenerator(random_state=sweep["search_seed"])),
         run_config=tune.RunConfig(
-            name=sweep["name"], storage_path=str(Path(folder).parent), verbose=0,
+            name=sweep["name"], storage_path=tune_storage, verbose=0,
             callbacks=[SweepProgress(sweep)],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=sweep["max_failures"])))

@@ -23,6 +23,7 @@ from ray import tune
 from dsu_models.config import layered_dict, read_yaml
 from dsu_models.factory import build_config
 from dsu_models.files import write_text
+from pipelines.cluster import storage
 from pipelines.sweeps.space import Space
 from pipelines.sweeps.trial import BASE_FILE, BEST_FILE, TRIAL_TAG, trial_config
 
@@ -157,6 +158,7 @@ def write_best_config(sweep: dict, sampled: dict) -> Path:
                      f"python pipelines/full.py --config {path}\n" + yaml.safe_dump(best, sort_keys=False))
     if build_config(str(path), []) != trial_config(str(base), sampled):
         raise RuntimeError(f"{path}: does not reproduce the best trial's config")
+    storage.mirror(folder, sweep.get("mirror"))
     return path
 
 

@@ -50,6 +50,22 @@ def trial_dirname(trial) -> str:
     return trial.trial_id
 
 
+def base_config_file(ctx: dict) -> str:
+    """The sweep's base config as a file on this node: the record folder's
+    when this node sees it, else a copy of the text the driver shipped."""
+    if Path(ctx["base_config"]).is_file() or "base_text" not in ctx:
+        return ctx["base_config"]
+    import hashlib
+
+    from dsu_models.files import write_text
+    digest = hashlib.sha256(ctx["base_text"].encode()).hexdigest()[:16]
+    path = Path(tempfile.gettempdir()) / f"dsu-sweep-{ctx['sweep_name']}-{digest}" / BASE_FILE
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text(path, ctx["base_text"])
+    return str(path)
+
+
 def trial_config(base_config: str, sampled: dict) -> Config:
     """The resolved config of one trial: base YAML + sampled values."""
     return build_config(base_config, Space.overrides(sampled))
@@ -154,7 +170,7 @@ def run_trial(sampled: dict, ctx: dict):
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # a line per checkpoint otherwise
     torch.set_num_threads(ctx["threads"])
     retain_freed_memory()
-    cfg = trial_config(ctx["base_config"], sampled)
+    cfg = trial_config(base_config_file(ctx), sampled)
     device = _device(ctx)
     train, test = load_data(cfg)
     _, factors = labeled_view(cfg, train)
@@ -192,7 +208,7 @@ def run_trainer_trial(sampled: dict, ctx: dict):
     from pipelines.jobs.stage_train import run_stage
 
     every, name = ctx["report_every"], ctx["stage"]
-    cfg = build_config(ctx["base_config"], Space.overrides(sampled) + [
+    cfg = build_config(base_config_file(ctx), Space.overrides(sampled) + [
         f"data_path={ctx['data_dir']}", f"{name}.report_interval={every}",
         f"{name}.checkpoint_interval={every}"])
     client = MlflowClient(ctx["tracking_uri"])
