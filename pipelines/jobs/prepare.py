@@ -104,6 +104,6 @@ def prepare_into(source: str, out: str, **options) -> str:
         (local / MANIFEST).rename(manifest)
         fs.create_dir(root, recursive=True)
         pafs.copy_files(str(local), root, source_filesystem=local_fs, destination_filesystem=fs)
-        pafs.copy_files(str(manifest), f"{root}/{MANIFEST}", source_filesystem=local_fs,
+        pafs.copy_files(str(manifest), storage.join(root, MANIFEST), source_filesystem=local_fs,
                         destination_filesystem=fs)
     return out
