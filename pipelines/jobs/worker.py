@@ -148,7 +148,7 @@ def newest_state(run_folder: str, workdir: Path, device) -> dict | None:
             pafs.copy_files(f"{folder}/{STATE_FILE}", str(local / STATE_FILE),
                             source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
             return load_torch(local / STATE_FILE, map_location=device)
-        except (FileNotFoundError, OSError, CheckpointError):
+        except (OSError, CheckpointError):  # missing (FileNotFoundError) or cut short
             continue
         finally:
             shutil.rmtree(local, ignore_errors=True)

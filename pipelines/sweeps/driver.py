@@ -71,6 +71,12 @@ def tune_root(root: str) -> Path:
     return Path(storage.join(root, "tune"))
 
 
+def tune_storage(sweep: dict) -> str:
+    """Where Tune keeps the sweep's state and the trials theirs (``<storage>/tune``;
+    sweeps recorded before this key: their folder's parent)."""
+    return sweep.get("tune_storage") or str(Path(sweep["folder"]).parent)
+
+
 def absolute_uri(uri: str | None) -> str:
     """Trials run with another working directory: a relative SQLite path is made absolute."""
     uri = uri or tracking.default_tracking_uri()
@@ -263,7 +269,6 @@ def make_context(sweep: dict) -> dict:
     Trainer-backed trials: the prepared data (a built-in dataset is prepared
     under the storage now) and where their Ray Train runs live."""
     folder = Path(sweep["folder"])
-    tune_storage = sweep.get("tune_storage") or str(folder.parent)
     # the trials get the base config's text: they may run where the record folder is not
     ctx = {"stage": sweep["stage"], "base_config": str(folder / BASE_FILE),
            "base_text": (folder / BASE_FILE).read_text(),
@@ -277,7 +282,7 @@ def make_context(sweep: dict) -> dict:
         _, ctx["data_dir"] = ensure_data(cfg, ctx["base_config"], [])
         ctx.update(use_gpu=sweep["gpus_per_trial"] > 0, max_failures=sweep["max_failures"],
                    cpus_per_worker=sweep["cpus_per_trial"],
-                   trainer_storage=storage.join(tune_storage, sweep["name"], "trainers"),
+                   trainer_storage=storage.join(tune_storage(sweep), sweep["name"], "trainers"),
                    upstream_runs=(sweep["upstream"] or {}).get("runs", {}))
     if sweep["stage"] == "stage2":
         if not ctx["train_workers"]:
@@ -306,8 +311,7 @@ def make_tuner(sweep: dict, ctx: dict, space: Space, restore: bool):
     else:
         trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx),
                                         {"cpu": sweep["cpus_per_trial"], "gpu": sweep["gpus_per_trial"]})
-    tune_storage = sweep.get("tune_storage") or str(Path(sweep["folder"]).parent)
-    experiment = storage.join(tune_storage, sweep["name"])
+    experiment = storage.join(tune_storage(sweep), sweep["name"])
     if restore and tune.Tuner.can_restore(experiment):
         return tune.Tuner.restore(experiment, trainable, resume_errored=True)
     scheduler = ASHAScheduler(time_attr="iteration", max_t=sweep["iterations"],
@@ -319,7 +323,7 @@ def make_tuner(sweep: dict, ctx: dict, space: Space, restore: bool):
             max_concurrent_trials=sweep["max_concurrent"], trial_dirname_creator=trial_dirname,
             search_alg=BasicVariantGenerator(random_state=sweep["search_seed"])),
         run_config=tune.RunConfig(
-            name=sweep["name"], storage_path=tune_storage, verbose=0,
+            name=sweep["name"], storage_path=tune_storage(sweep), verbose=0,
             callbacks=[SweepProgress(sweep)],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             failure_config=tune.FailureConfig(max_failures=sweep["max_failures"])))

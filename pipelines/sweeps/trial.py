@@ -53,7 +53,7 @@ def trial_dirname(trial) -> str:
 def base_config_file(ctx: dict) -> str:
     """The sweep's base config as a file on this node: the record folder's
     when this node sees it, else a copy of the text the driver shipped."""
-    if Path(ctx["base_config"]).is_file() or "base_text" not in ctx:
+    if Path(ctx["base_config"]).is_file():
         return ctx["base_config"]
     import hashlib
 
