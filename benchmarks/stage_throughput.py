@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import time
 
 import torch
@@ -67,9 +68,12 @@ CONFIGS = {
 }
 
 
-def build(name: str, device: str, compile_: bool = False):
+STRAIGHT = ["precision=fp32", "channels_last=false", "cuda_graphs=false"]
+
+
+def build(name: str, device: str, compile_: bool = False, extra: list[str] = ()):
     overrides, data_factors = CONFIGS[name]
-    extra = [f"device={device}", f"compile={str(compile_).lower()}"]
+    extra = [f"device={device}", f"compile={str(compile_).lower()}", *extra]
     cfg = resolve(layered_dict({}, overrides + extra), data_factors)
     factors = [FactorInfo(n, spec.classes, (), tuple([1.0 / spec.classes] * spec.classes))
                for n, spec in cfg.labeled()]
@@ -102,11 +106,12 @@ def _rate(step, batch: dict, steps: int, device: torch.device) -> float:
 
 
 def timed_together(steps_by_name: dict, batch: dict, steps: int, device: torch.device,
-                   repeats: int = 1, warmup: int = 2) -> tuple[dict, float]:
-    """Best images/s of each step function over ``repeats`` rounds; each round
-    times every function for ``steps`` steps in turn, so that a slow spell of a
-    shared machine hits them alike. Also returns the first function's warm-up
-    seconds (compile time with ``--compile``)."""
+                   repeats: int = 1, warmup: int = 2, stat: str = "best") -> tuple[dict, float]:
+    """Images/s of each step function over ``repeats`` rounds (``stat``: the best
+    round, or the median); each round times every function for ``steps`` steps
+    in turn, so that a slow spell of a shared machine hits them alike. Also
+    returns the first function's warm-up seconds (compile time with
+    ``--compile``; on CUDA also cuDNN's autotuning and the graph capture)."""
     warm = 0.0
     for i, step in enumerate(steps_by_name.values()):
         start = time.perf_counter()
@@ -115,11 +120,50 @@ def timed_together(steps_by_name: dict, batch: dict, steps: int, device: torch.d
         _sync(device)
         if i == 0:
             warm = time.perf_counter() - start
-    best = dict.fromkeys(steps_by_name, 0.0)
+    rates: dict[str, list[float]] = {name: [] for name in steps_by_name}
     for _ in range(repeats):
         for name, step in steps_by_name.items():
-            best[name] = max(best[name], _rate(step, batch, steps, device))
-    return best, warm
+            rates[name].append(_rate(step, batch, steps, device))
+    pick = max if stat == "best" else statistics.median
+    return {name: pick(r) for name, r in rates.items()}, warm
+
+
+def gpu_memory_mib(step, batch: dict, device: torch.device) -> float:
+    """Peak GPU memory (MiB) over two steps: weights, optimizer state, a CUDA
+    graph's pool and the step's transient tensors."""
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(2):
+        step(batch)
+    _sync(device)
+    return torch.cuda.max_memory_allocated(device) / 2 ** 20
+
+
+def kernel_seconds_per_step(step, batch: dict, steps: int, device: torch.device) -> float | None:
+    """The GPU's kernel time per step, summed from the profiler's CUDA
+    activities (None when the profiler records none)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step(batch)
+        _sync(device)
+    total_us = 0.0
+    for event in prof.key_averages():
+        total_us += getattr(event, "self_device_time_total", 0.0) or 0.0
+    return total_us / 1e6 / steps if total_us > 0 else None
+
+
+def step_flops(stage, batch: dict) -> int:
+    """Floating-point operations of one eager step (forward and backward;
+    convolutions and matrix products, which is where nearly all of them are)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        stage.train_step(batch)
+    return counter.get_total_flops()
 
 
 def stages_for(cfg, factors, device):
@@ -138,10 +182,10 @@ def stages_for(cfg, factors, device):
 
 
 def naive_steps(config: str, stage_name: str, factors, device, step) -> dict:
-    """The naive ``step`` on fresh eager stages: with this repository's layers
-    and optimizers (``struct``), and with the straightforward layers and plain
-    Adam (``naive``)."""
-    eager_cfg, _ = build(config, str(device), False)
+    """The naive ``step`` on fresh eager float32 stages: with this repository's
+    layers and optimizers (``struct``), and with the straightforward layers and
+    plain Adam (``naive``)."""
+    eager_cfg, _ = build(config, str(device), False, STRAIGHT)
     torch.manual_seed(0)
     struct = stages_for(eager_cfg, factors, device)[stage_name]
     torch.manual_seed(0)
@@ -164,62 +208,121 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--stat", choices=("best", "median"), default="best",
+                        help="each figure: the best round, or the median round")
     parser.add_argument("--compile", action="store_true", help="compile: true for our stages")
     parser.add_argument("--configs", default="mnist,rgb32,shapes64")
+    parser.add_argument("--stages", default="stage1,classifier,stage2,lenc,lenc_real")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--precisions", default="auto",
+                        help="our stages in each of these precisions (auto,fp32,bf16,fp16)")
+    parser.add_argument("--large-batch", type=int, default=0,
+                        help="also time our stages (last precision) at this batch size")
     parser.add_argument("--no-naive", action="store_true")
     parser.add_argument("--bound", action="store_true",
                         help="also time our step without activations, residual adds and pools")
     args = parser.parse_args()
     retain_freed_memory()  # as every training runner does (dsu_models/allocator.py)
     device = resolve_device(args.device)
-    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print(f"compile {args.compile}; best of {args.repeats} x {args.steps} steps")
-    print(f"{'config':9} {'stage':10} {'batch':>5} {'img/s':>9} {'struct':>9} {'naive':>9} "
-          f"{'ratio':>6} {'warm-up s':>9}" + (f" {'bound':>9} {'max':>6}" if args.bound else ""))
+    cuda = device.type == "cuda"
+    precisions = args.precisions.split(",")
+    print(f"device {device}"
+          + (f" ({torch.cuda.get_device_name(device)})" if cuda else "")
+          + f", torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"compile {args.compile}; {args.stat} of {args.repeats} x {args.steps} steps; "
+          f"ours in {', '.join(precisions)}")
+    head = f"{'config':9} {'stage':10} {'batch':>5} " + " ".join(f"{p:>9}" for p in precisions)
+    head += f" {'struct':>9} {'naive':>9} {'ratio':>6} {'warm-up s':>9}"
+    if args.bound:
+        head += f" {'bound':>9} {'max':>6}"
+    if cuda:
+        head += f" {'MiB':>7} {'busy':>5} {'TFLOP/s':>8}"
+    if args.large_batch:
+        head += f" {'@' + str(args.large_batch):>9}"
+    print(head)
     naive = {"stage1": naive_stage1_step, "stage2": naive_stage2_step,
              "classifier": naive_classifier_step, "lenc": naive_lenc_step, "lenc_real": naive_lenc_step}
     for name in args.configs.split(","):
-        torch.manual_seed(0)
-        cfg, factors = build(name, str(device), args.compile)
-        stages = stages_for(cfg, factors, device)
+        ours = {}
+        for p in precisions:
+            torch.manual_seed(0)
+            cfg, factors = build(name, str(device), args.compile, [f"precision={p}"])
+            ours[p] = stages_for(cfg, factors, device)
         schedule = {}
-        for stage_name, stage in stages.items():
+        for stage_name in args.stages.split(","):
+            runs = {}
+            for p in precisions:
+                stage = ours[p][stage_name]
+                stage.iteration = stage.steady_from()  # lr ramps done: the steady step
+                runs[p] = stage.train_step
             bs = stage.scfg.batch_size
             batch = batch_for(cfg, bs, stage_name == "stage2")
-            runs = {"ours": stage.train_step}
             if stage_name in naive and not args.no_naive:
                 runs.update(naive_steps(name, stage_name, factors, device, naive[stage_name]))
             if args.bound:
                 runs["bound"] = lambda b, step=stage.train_step: _without_elementwise(step, b)
-            rates, warm = timed_together(runs, batch, args.steps, device, args.repeats)
-            rate = rates["ours"]
+            # on CUDA: cuDNN autotuning, then the graph's warm-up steps and capture
+            rates, warm = timed_together(runs, batch, args.steps, device, args.repeats,
+                                         warmup=8 if cuda else 2, stat=args.stat)
+            fastest = max(precisions, key=lambda p: rates[p])
+            line = f"{name:9} {stage_name:10} {bs:5d} " + " ".join(f"{rates[p]:9.1f}" for p in precisions)
             struct_col = base_col = ratio_col = ""
             if "naive" in rates:
                 struct_col, base_col = f"{rates['struct']:.1f}", f"{rates['naive']:.1f}"
-                ratio_col = f"{rate / rates['naive']:.2f}"
-            bound_col = ""
+                ratio_col = f"{rates[fastest] / rates['naive']:.2f}"
+            line += f" {struct_col:>9} {base_col:>9} {ratio_col:>6} {warm:9.1f}"
             if "bound" in rates:
-                bound_col = f"{rates['bound']:9.1f}"
+                line += f" {rates['bound']:9.1f}"
                 if "naive" in rates:
-                    bound_col += f" {rates['bound'] / rates['naive']:6.2f}"
-            print(f"{name:9} {stage_name:10} {bs:5d} {rate:9.1f} {struct_col:>9} {base_col:>9} "
-                  f"{ratio_col:>6} {warm:9.1f}{bound_col}", flush=True)
+                    line += f" {rates['bound'] / rates['naive']:6.2f}"
+            if cuda:
+                line += gpu_columns(name, stage_name, fastest, ours[fastest][stage_name], batch,
+                                    rates[fastest], device)
+            if args.large_batch:
+                line += f" {large_batch_rate(name, stage_name, fastest, args, device):9.1f}"
+            print(line, flush=True)
             if stage_name != "lenc_real":
                 schedule[stage_name] = (stage.scfg.iterations, bs, rates)
-        if all("naive" in rates for _, _, rates in schedule.values()):
-            print(whole_training(name, schedule), flush=True)
+        if schedule and all("naive" in rates for _, _, rates in schedule.values()):
+            for p in precisions:
+                print(whole_training(name, schedule, p), flush=True)
 
 
-def whole_training(config: str, schedule: dict) -> str:
+def gpu_columns(config: str, stage_name: str, precision: str, stage, batch: dict, rate: float,
+                device) -> str:
+    """Peak memory of our step, the share of its wall time the GPU spends in
+    kernels, and the TFLOP/s it reaches (FLOPs counted on a fresh eager copy)."""
+    memory = gpu_memory_mib(stage.train_step, batch, device)
+    kernel_s = kernel_seconds_per_step(stage.train_step, batch, 5, device)
+    wall_s = batch["image"].shape[0] / rate
+    busy = f"{min(kernel_s / wall_s, 9.99):5.0%}" if kernel_s else f"{'?':>5}"
+    cfg, factors = build(config, str(device), False, [f"precision={precision}", "cuda_graphs=false"])
+    flops = step_flops(stages_for(cfg, factors, device)[stage_name], batch)
+    return f" {memory:7.0f} {busy} {flops / wall_s / 1e12:8.2f}"
+
+
+def large_batch_rate(config: str, stage_name: str, precision: str, args, device) -> float:
+    """Our step's images/s at ``--large-batch`` (learning rates as configured)."""
+    cfg, factors = build(config, str(device), args.compile,
+                         [f"precision={precision}", f"all_stages.batch_size={args.large_batch}"])
+    stage = stages_for(cfg, factors, device)[stage_name]
+    stage.iteration = stage.steady_from()
+    batch = batch_for(cfg, args.large_batch, stage_name == "stage2")
+    rates, _ = timed_together({"ours": stage.train_step}, batch, args.steps, device, args.repeats,
+                              warmup=8 if device.type == "cuda" else 2, stat=args.stat)
+    return rates["ours"]
+
+
+def whole_training(config: str, schedule: dict, ours: str) -> str:
     """One line: the hours all four stages take at the config's iterations (its
-    dataset's defaults, docs/method.md section 10) at the measured rates, ours and
-    naive; so each stage counts by its share of a whole training run."""
+    dataset's defaults, docs/method.md section 10) at the measured rates, ours
+    (in precision ``ours``) and naive; so each stage counts by its share of a
+    whole training run."""
     hours = {who: sum(iters * bs / rates[who] for iters, bs, rates in schedule.values()) / 3600
-             for who in ("ours", "naive")}
+             for who in (ours, "naive")}
     steps = ", ".join(f"{stage} {iters // 1000}k" for stage, (iters, _, _) in schedule.items())
-    return (f"{config:9} whole training ({steps} iterations): ours {hours['ours']:.1f} h, "
-            f"naive {hours['naive']:.1f} h, ratio {hours['naive'] / hours['ours']:.2f}")
+    return (f"{config:9} whole training ({steps} iterations): ours {ours} {hours[ours]:.2f} h, "
+            f"naive {hours['naive']:.2f} h, ratio {hours['naive'] / hours[ours]:.2f}")
 
 
 if __name__ == "__main__":

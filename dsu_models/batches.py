@@ -25,16 +25,20 @@ class BatchSource:
 
     ``codes``: optional ``{"mu", "sigma"}`` (N, m) aligned with ``data`` rows
     (stage 2 joins the distilled unknown codes to their images).
+    ``pinned`` (for a CUDA stage): the batch stays uint8 (a quarter of the bytes
+    of float32) in page-locked memory, so the stage's copy to the GPU does not
+    block the host and the conversion to [-1, 1] runs on the GPU
+    (``Stage.to_device``).
     """
 
     def __init__(self, cfg: Config, data: InMemoryDataset, batch_size: int, seed: int,
-                 codes: dict | None = None):
+                 codes: dict | None = None, pinned: bool = False):
         if len(data) < batch_size:
             raise ValueError(f"{data.name}: {len(data)} training images, fewer than the batch "
                              f"size {batch_size}")
         self.data, self.batch_size, self.seed = data, batch_size, seed
         self.labels, self.factors = labeled_view(cfg, data)
-        self.codes = codes
+        self.codes, self.pinned = codes, pinned
         self.per_epoch = len(data) // batch_size
         self._epoch, self._perm = -1, None
 
@@ -47,8 +51,13 @@ class BatchSource:
 
     def batch(self, iteration: int) -> dict:
         index = self.indices(iteration)
-        out = {"image": to_float(self.data.images[index]), "labels": self.labels[index]}
+        images = self.data.images[index]
+        out = {"image": images if self.pinned else to_float(images), "labels": self.labels[index]}
         if self.codes is not None:
             out["mu"] = self.codes["mu"][index]
             out["sigma"] = self.codes["sigma"][index]
+        if self.pinned:
+            # PyTorch's caching host allocator reuses a page-locked block only
+            # once the copy that read it has finished
+            out = {k: v.pin_memory() for k, v in out.items()}
         return out

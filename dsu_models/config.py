@@ -24,6 +24,10 @@ Choices where docs/method.md is silent (written down here once):
   from G2's swaps (``stages/lenc.py``); 0 trains it on real images only.
 - ``compile`` defaults to false: on CPU it costs minutes of compile time per
   stage for a modest speed-up (see ``benchmarks/stage_throughput.py --compile``).
+- ``precision``, ``channels_last`` and ``cuda_graphs`` default to what measured
+  fastest on each device while the losses still track float32's
+  (docs/benchmarks.md, "On a GPU"); none changes the method's math beyond
+  rounding.
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ from typing import Any
 import yaml
 
 from dsu_models.codes import keep_probabilities
+from dsu_models.precision import PRECISIONS
 from dsu_models.nn.networks import default_architecture
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -209,6 +214,17 @@ class Config:
     seed: int = 0
     device: str = "auto"
     compile: bool = False  # torch.compile the networks in place (stages/common.py); keys unchanged
+    # numeric precision of training (dsu_models/precision.py): auto (bf16 on a CUDA
+    # device, fp32 elsewhere), fp32, bf16 (autocast, no loss scaling), fp16 (autocast
+    # and a dynamic loss scale)
+    precision: str = "auto"
+    # conv networks and images in channels-last layout; null: on for CUDA, off on CPU
+    channels_last: bool | None = None
+    # cuDNN's autotuner picks each convolution's fastest algorithm (CUDA only)
+    cudnn_benchmark: bool = True
+    # each step replayed as one CUDA graph once the schedule is constant
+    # (stages/graphs.py); null: on for CUDA (a CPU has no graphs)
+    cuda_graphs: bool | None = None
     # Ray Train workers keep their decoded share of the training split (uint8 pixels)
     # in memory after the first epoch when it fits in this many MiB (0 = always
     # stream from Ray Data); 1024 holds 343k RGB images at 32 px, 87k at 64 px
@@ -632,6 +648,9 @@ def resolve(raw: dict, data_factors: dict[str, int] | None = None) -> Config:
     if cfg.num_samples is not None and cfg.num_samples < 2:
         raise ConfigError(f"num_samples: {cfg.num_samples} (must be at least 2)")
     _check_device(cfg.device)
+    _check_choice(cfg.precision, PRECISIONS, "precision")
+    if cfg.cuda_graphs and cfg.device == "cpu":
+        raise ConfigError("cuda_graphs: true needs a CUDA device (device is cpu)")
     _resolve_factors(cfg, data_factors)
     _resolve_unknown(cfg)
     _resolve_architecture(cfg)

@@ -2,16 +2,19 @@
 
     batches in -> ``stage.train_step`` -> pictures when the stage says they are
     due -> every ``report_every`` / ``checkpoint_every`` iterations a report of
-    the mean losses since the last one, with a checkpoint when one is due.
+    the mean losses since the last one (``stage.take_losses``), with a
+    checkpoint when one is due.
 
 The single-process runner (``dsu_models.train``), the Ray Train worker
 (``pipelines/jobs/worker.py``) and the Tune trial (``pipelines/sweeps/trial.py``)
 all run a stage through :func:`run_stage`; what differs between them is where
 reports, pictures and checkpoints go, which each says with a :class:`Sink`.
 
-A non-finite loss raises ``NonFiniteLossError`` from the stage's step (see
-``dsu_models.stages.common``): the loop stops at once, before any report or
-checkpoint of that iteration, so the last checkpoint is the last good state.
+A non-finite loss raises ``NonFiniteLossError`` (see ``dsu_models.stages.common``):
+on a CPU from the stage's step, so the loop stops at once; on a GPU, where
+the step does not wait for the device, the bad step is skipped on the device
+and the error comes from the next report, before its checkpoint. Either way
+the last checkpoint is the last good state.
 Resuming is loading a saved ``stage.state_dict()`` before calling
 :func:`run_stage`; :class:`FileCheckpoints` does that for a folder on disk.
 """
@@ -52,26 +55,18 @@ class Cadence:
         return cls(stage.scfg.report_interval, stage.scfg.checkpoint_interval)
 
 
-class _Meter:
-    """Running sums of the step metrics and the images/s clock since the last report."""
+class _Clock:
+    """The images/s clock since the last report."""
 
     def __init__(self, iteration: int, images_per_step: int):
         self.images_per_step = images_per_step
-        self.sums: dict[str, float] = {}
-        self.count = 0
         self.since, self.since_it = time.perf_counter(), iteration
 
-    def add(self, metrics: dict[str, float]):
-        for k, v in metrics.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
-        self.count += 1
-
-    def take(self, iteration: int) -> tuple[dict[str, float], float]:
+    def take(self, iteration: int) -> float:
         now = time.perf_counter()
         rate = (iteration - self.since_it) * self.images_per_step / max(now - self.since, 1e-9)
-        mean = {k: v / max(self.count, 1) for k, v in self.sums.items()}
-        self.sums, self.count, self.since, self.since_it = {}, 0, now, iteration
-        return mean, rate
+        self.since, self.since_it = now, iteration
+        return rate
 
 
 def run_stage(stage, next_batch: Callable[[int], dict], sink: Sink, cadence: Cadence | None = None,
@@ -83,10 +78,10 @@ def run_stage(stage, next_batch: Callable[[int], dict], sink: Sink, cadence: Cad
     a labeled set for code scatter plots); no pictures without ``plot_batch``.
     Images/s count the stage's configured (global) batch per iteration."""
     cadence = cadence or Cadence.of(stage)
-    meter = _Meter(stage.iteration, stage.scfg.batch_size)
+    clock = _Clock(stage.iteration, stage.scfg.batch_size)
     draws = plot_batch is not None and hasattr(stage, "pictures")
     while not stage.done:
-        meter.add(stage.train_step(next_batch(stage.iteration)))
+        stage.train_step(next_batch(stage.iteration))
         it = stage.iteration
         if draws:
             images = stage.pictures(plot_batch, plot_set)
@@ -94,8 +89,11 @@ def run_stage(stage, next_batch: Callable[[int], dict], sink: Sink, cadence: Cad
                 sink.pictures(stage, images)
         save = it % cadence.checkpoint_every == 0 or stage.done
         if save or it % cadence.report_every == 0:
-            losses, rate = meter.take(it)
-            sink.report(stage, losses, rate, save)
+            # the loss sums live on the device: reading them is the one sync of
+            # the report, and a deferred non-finite loss raises here, before
+            # the checkpoint
+            losses = stage.take_losses()
+            sink.report(stage, losses, clock.take(it), save)
 
 
 class FileCheckpoints:

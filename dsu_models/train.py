@@ -147,7 +147,8 @@ def run(cfg: Config, out: Path, log: Callable[[str], None] = print,
                         "code_stats": results["codes"]["stats"] if "codes" in results else None}
             stage = make_stage(name, cfg, factors, upstream, device)
             codes = results["codes"]["codes"] if name == "stage2" else {}
-            source = BatchSource(cfg, train, getattr(cfg, name).batch_size, cfg.seed, codes.get("train"))
+            source = BatchSource(cfg, train, getattr(cfg, name).batch_size, cfg.seed, codes.get("train"),
+                                 pinned=device.type == "cuda")
             plot_batch = BatchSource(cfg, test, min(8, len(test)), cfg.seed, codes.get("test")).batch(0)
             torch.manual_seed(cfg.seed + len(results))
             try:

@@ -239,8 +239,8 @@ def test_first_layer_input_gradient_equals_conv(cin, size, fast):
 
 def test_whole_training_weighs_stages_by_their_iterations():
     bench = load_benchmark("stage_throughput")
-    schedule = {"stage1": (3600, 10, {"ours": 20.0, "naive": 10.0}),   # 0.5 h vs 1 h
-                "classifier": (1800, 10, {"ours": 10.0, "naive": 10.0})}  # 0.5 h both
-    line = bench.whole_training("rgb32", schedule)
+    schedule = {"stage1": (3600, 10, {"bf16": 20.0, "naive": 10.0}),   # 0.5 h vs 1 h
+                "classifier": (1800, 10, {"bf16": 10.0, "naive": 10.0})}  # 0.5 h both
+    line = bench.whole_training("rgb32", schedule, "bf16")
     assert "stage1 3k, classifier 1k iterations" in line
-    assert "ours 1.0 h, naive 1.5 h, ratio 1.50" in line
+    assert "ours bf16 1.00 h, naive 1.50 h, ratio 1.50" in line

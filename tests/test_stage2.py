@@ -145,7 +145,7 @@ def test_gradient_routing(mode):
     assert frozen and all(not p.requires_grad for m in frozen for p in m.parameters())
 
     # Generator terms reach G2 and B2 only; D and R run detached for them.
-    terms = stage.loss_terms(batch)
+    terms, _ = stage.loss_terms(batch)
     generator_terms = ["rec", "g_dis", "g_cla", "lcode"] + (["match"] if mode == "mse" else [])
     sum(terms[t] for t in generator_terms).backward()
     assert _no_grad(d) and _no_grad(r)
@@ -154,12 +154,12 @@ def test_gradient_routing(mode):
     stage.optimizers["main"].zero_grad(set_to_none=True)
 
     # The adversarial generator term alone: G2 gets a gradient, D none.
-    stage.loss_terms(batch)["g_dis"].backward()
+    stage.loss_terms(batch)[0]["g_dis"].backward()
     assert _no_grad(d) and not _no_grad(g)
     stage.optimizers["main"].zero_grad(set_to_none=True)
 
     # D and R terms reach D and R only (fakes are detached for them).
-    terms = stage.loss_terms(batch)
+    terms, _ = stage.loss_terms(batch)
     (terms["d_real"] + terms["d_fake"] + terms["r_real"] + terms["r_fake"]).backward()
     assert _no_grad(g) and _no_grad(b)
     assert not _no_grad(d) and not _no_grad(r)

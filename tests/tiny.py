@@ -57,3 +57,35 @@ def load_benchmark(name: str):
     finally:
         sys.path.remove(str(folder))
     return module
+
+
+def tiny_stages(cfg: Config, device="cpu") -> dict:
+    """All four stages of ``cfg`` on ``device``, each from its fresh upstream
+    stages' hand-offs, and stage 2's code statistics of random codes."""
+    from dsu_models import codes
+    from dsu_models.stages.classifier import ClassifierStage
+    from dsu_models.stages.lenc import LencStage
+    from dsu_models.stages.stage1 import Stage1
+    from dsu_models.stages.stage2 import Stage2
+
+    factors = tiny_factors(cfg)
+    m = cfg.unknown_size
+    g = torch.Generator().manual_seed(1)
+    stats = codes.code_statistics(torch.randn(64, m, generator=g) * 0.8,
+                                  torch.rand(64, m, generator=g) * 0.5 + 0.1)
+    s1 = Stage1(cfg, factors, device)
+    cla = ClassifierStage(cfg, factors, device)
+    s2 = Stage2(cfg, factors, {"stage1": s1.handoff(), "classifier": cla.handoff(), "code_stats": stats},
+                device)
+    lenc = LencStage(cfg, factors, {"stage2": s2.handoff(), "code_stats": stats}, device)
+    return {"stage1": s1, "classifier": cla, "stage2": s2, "lenc": lenc}
+
+
+def tiny_stage_batch(cfg: Config, stage: str, batch: int = 8, seed: int = 0) -> dict:
+    """:func:`tiny_batch`, with unknown codes for stage 2."""
+    out = tiny_batch(cfg, batch, seed)
+    if stage == "stage2":
+        g = torch.Generator().manual_seed(seed + 100)
+        out["mu"] = torch.randn(batch, cfg.unknown_size, generator=g)
+        out["sigma"] = torch.rand(batch, cfg.unknown_size, generator=g) * 0.3 + 0.05
+    return out

@@ -67,11 +67,15 @@ class WNLinear(nn.Module):
 
     Each output unit's weight row is divided by its L2 norm at every forward,
     times a learned per-output ``scale`` (init 1) when ``affine``.
+    ``full_precision``: computed in float32 even inside an autocast region (the
+    networks' output heads: codes, noise std and logits stay float32; see
+    ``dsu_models/precision.py``); a head is small, so this costs nothing.
     """
 
-    def __init__(self, in_f: int, out_f: int, affine: bool = False):
+    def __init__(self, in_f: int, out_f: int, affine: bool = False, full_precision: bool = False):
         super().__init__()
         self.in_features, self.out_features = in_f, out_f
+        self.full_precision = full_precision
         self.weight = _raw_weight((out_f, in_f), (1,))
         self.bias = nn.Parameter(torch.zeros(out_f))
         self.scale = nn.Parameter(torch.ones(out_f)) if affine else None
@@ -82,6 +86,9 @@ class WNLinear(nn.Module):
     def forward(self, x: Tensor, extra_bias: Tensor | None = None) -> Tensor:
         """``extra_bias``: ``(out_f,)`` added to the bias (a following activation's
         input shift, folded in to save a pass over the output)."""
+        if self.full_precision and torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return F.linear(x.float(), self.normalised_weight(), _with_extra(self.bias, extra_bias))
         return F.linear(x, self.normalised_weight(), _with_extra(self.bias, extra_bias))
 
     def extra_repr(self) -> str:
@@ -162,8 +169,11 @@ def _fast_cpu_path(x: Tensor) -> bool:
     their own (sub-pixel convs, strided pooling, the C kernels of ``native.py``):
     ``x`` on the CPU, outside ``torch.compile`` (CUDA and the compiler keep aten's,
     which are fast there). Every choice is the same function computed another
-    way; ``plain.plain_layers()`` switches the networks to the formulas instead."""
-    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+    way; ``plain.plain_layers()`` switches the networks to the formulas instead.
+    Not under autocast: the hand-written backward passes take the dtype of
+    their saved inputs (a ``bf16`` run on a CPU takes aten's)."""
+    return (x.device.type == "cpu" and not torch.compiler.is_compiling()
+            and not torch.is_autocast_enabled("cpu"))
 
 
 def _subpixel_applies(kernel: tuple[int, ...], stride: tuple[int, int],
@@ -361,11 +371,14 @@ class _SNPReLUFunction(torch.autograd.Function):
         if ctx.native:  # the same math in one fused pass each way (nn/native.py)
             ctx.save_for_backward(t, b, a)
             return native.snprelu_forward(t, b, a)
+        # the moments and the coefficients below are float32 (b, a are); the
+        # big tensor keeps its own dtype (bfloat16 under autocast)
         m = _moment_terms(b, a)
         inv_std = 1.0 / m["std"]
-        n = t.dim()
-        out = F.prelu(t, a)
-        torch.addcmul(_channel_view(-m["mean"] * inv_std, n), out, _channel_view(inv_std, n), out=out)
+        n, dt = t.dim(), t.dtype
+        out = F.prelu(t, a.to(dt))
+        torch.addcmul(_channel_view((-m["mean"] * inv_std).to(dt), n), out,
+                      _channel_view(inv_std.to(dt), n), out=out)
         coef = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             dm_db = m["cdf"] + a * (1.0 - m["cdf"])
@@ -385,7 +398,7 @@ class _SNPReLUFunction(torch.autograd.Function):
             return grad_t, grad_b if ctx.needs_input_grad[1] else None, \
                 grad_a if ctx.needs_input_grad[2] else None
         t, out, a, inv_std, coef = ctx.saved_tensors
-        n, dims = t.dim(), _reduce_dims(t)
+        n, dims, dt = t.dim(), _reduce_dims(t), t.dtype
         # grad where t > 0, else 0 (ReLU's backward kernel). On CPU this and the
         # broadcast multiplies below take a third of the time of aten's prelu
         # backward kernel, which computes the same two tensors (2.0 vs 6.2 ms at
@@ -394,13 +407,14 @@ class _SNPReLUFunction(torch.autograd.Function):
         grad_t = None
         if ctx.needs_input_grad[0]:
             # inv_std * (grad where t > 0, a * grad elsewhere)
-            grad_t = torch.addcmul(grad * _channel_view(a * inv_std, n), grad_pos,
-                                   _channel_view((1.0 - a) * inv_std, n))
+            grad_t = torch.addcmul(grad * _channel_view((a * inv_std).to(dt), n), grad_pos,
+                                   _channel_view(((1.0 - a) * inv_std).to(dt), n))
         if coef is None:
             return grad_t, None, None
-        sum_g = grad.sum(dims)
-        sum_g_out = (grad * out).sum(dims)          # = sum(g * (y - mean)) * inv_std
-        sum_g_neg = ((grad - grad_pos) * t).sum(dims)  # sum(g * min(t, 0)): d prelu / d a
+        f32 = torch.promote_types(dt, torch.float32)  # per-channel sums: float32 at least
+        sum_g = grad.sum(dims, dtype=f32)
+        sum_g_out = (grad * out).sum(dims, dtype=f32)          # = sum(g * (y - mean)) * inv_std
+        sum_g_neg = ((grad - grad_pos) * t).sum(dims, dtype=f32)  # sum(g * min(t, 0)): d prelu / d a
         grad_b = coef[0] * sum_g + coef[1] * sum_g_out
         grad_a = coef[2] * sum_g_neg + coef[3] * sum_g + coef[4] * sum_g_out
         return grad_t, grad_b, grad_a
@@ -414,8 +428,9 @@ def snprelu(t: Tensor, bias: Tensor, slope: Tensor) -> Tensor:
     formula, which the compiler fuses and differentiates itself."""
     if torch.compiler.is_compiling():
         m = _moment_terms(bias, slope)
-        n = t.dim()
-        return (F.prelu(t, slope) - _channel_view(m["mean"], n)) / _channel_view(m["std"], n)
+        n, dt = t.dim(), t.dtype
+        return ((F.prelu(t, slope.to(dt)) - _channel_view(m["mean"].to(dt), n))
+                / _channel_view(m["std"].to(dt), n))
     return _SNPReLUFunction.apply(t, bias, slope)
 
 
@@ -443,7 +458,7 @@ class SNPReLU(nn.Module):
         return m["mean"], m["std"]
 
     def forward(self, x: Tensor) -> Tensor:
-        return snprelu(x + _channel_view(self.bias, x.dim()), self.bias, self.slope)
+        return snprelu(x + _channel_view(self.bias.to(x.dtype), x.dim()), self.bias, self.slope)
 
     def forward_shifted(self, t: Tensor) -> Tensor:
         """``t = x + self.bias`` (the caller added the bias) -> the activation of ``x``."""
@@ -526,9 +541,9 @@ class ResidualAdd(nn.Module):
         if (_fast_cpu_path(shortcut) and shortcut.shape == residual.shape
                 and native.applies(shortcut, residual, alpha)):
             return _ResidualAddFunction.apply(shortcut, residual, alpha, beta)
-        n = shortcut.dim()
-        return torch.addcmul(shortcut * _channel_view(alpha, n), residual,
-                             _channel_view(beta, n))
+        n, dt = shortcut.dim(), torch.result_type(shortcut, residual)
+        return torch.addcmul(shortcut * _channel_view(alpha.to(dt), n), residual,
+                             _channel_view(beta.to(dt), n))
 
     def extra_repr(self) -> str:
         return f"{self.alpha.numel()}"

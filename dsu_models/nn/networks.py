@@ -25,7 +25,8 @@ Choices where docs/method.md is silent:
 - The down shortcut pools first and then applies the 1x1 conv (4x fewer pixels);
   the up shortcut applies the 1x1 conv first and then upsamples, as specified.
 - Output heads (encoder mean/pre-std, generator noise std, discriminator,
-  classifiers) are affine ``WNLinear`` layers (learned per-output scale, init 1);
+  classifiers) are affine ``WNLinear`` layers (learned per-output scale, init 1),
+  computed in float32 under mixed precision (``dsu_models/precision.py``);
   the encoder's mean and pre-std heads are one layer split afterwards, as are a
   classifier's per-factor heads (weight normalisation is per output unit, so
   this is identical to separate layers).
@@ -236,7 +237,7 @@ class Encoder(nn.Module):
                            fc_features, fc_layers)
         total = sum(self.code_sizes)
         # Rows [0, total) are the means, [total, 2*total) the pre-stds.
-        self.heads = WNLinear(fc_features, 2 * total, affine=True)
+        self.heads = WNLinear(fc_features, 2 * total, affine=True, full_precision=True)
         if zero_init:
             with torch.no_grad():
                 self.heads.scale.zero_()
@@ -265,7 +266,7 @@ class GeneratorFC(nn.Module):
         super().__init__()
         self.top_shape = top_shape
         self.body = _fc_stack(2 * code_size, fc_features, fc_layers)
-        self.std_head = WNLinear(fc_features, 1, affine=True)
+        self.std_head = WNLinear(fc_features, 1, affine=True, full_precision=True)
         top_features = math.prod(top_shape)
         if has_conv:
             self.top = Chain(WNLinear(fc_features, top_features), SNPReLU(top_features))
@@ -351,7 +352,7 @@ class Discriminator(nn.Module):
         super().__init__()
         self.trunk = Trunk(image_channels, image_size, conv_channels, conv_layers,
                            fc_features, fc_layers)
-        self.out = WNLinear(fc_features, 1, affine=True)
+        self.out = WNLinear(fc_features, 1, affine=True, full_precision=True)
 
     def features(self, x: Tensor) -> Tensor:
         return self.trunk(x)
@@ -369,7 +370,7 @@ class _SplitHeads(nn.Module):
     def __init__(self, in_features: int, class_counts: list[int], extra_fake: bool):
         super().__init__()
         self.sizes = [int(n) + int(extra_fake) for n in class_counts]
-        self.linear = WNLinear(in_features, sum(self.sizes), affine=True)
+        self.linear = WNLinear(in_features, sum(self.sizes), affine=True, full_precision=True)
 
     def forward(self, f: Tensor) -> list[Tensor]:
         return list(self.linear(f).split(self.sizes, dim=1))

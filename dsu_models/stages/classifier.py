@@ -31,7 +31,7 @@ from dsu_models.config import Config
 from dsu_models.data.base import FactorInfo
 from dsu_models.models import build_image_classifier, check_factors
 from dsu_models.nn.layers import random_offset
-from dsu_models.stages.common import Stage, adam, batched_accuracy, compile_networks, params
+from dsu_models.stages.common import Stage, adam, batched_accuracy, params
 
 
 class ClassifierStage(Stage):
@@ -52,15 +52,12 @@ class ClassifierStage(Stage):
         self.models = {"classifier": self.classifier}
         self.optimizers = {"classifier": adam([{"params": params(self.classifier),
                                                 "lr": self.scfg.lr}], self.scfg.betas)}
-        if cfg.compile:
-            compile_networks(self.classifier)
+        self.setup_networks(self.classifier)
 
-    def train_step(self, batch: dict) -> dict[str, float]:
-        """batch: ``image`` (B, C, H, W) in [-1, 1], ``labels`` (B, K) int64."""
-        batch = self.to_device(batch)
+    def loss_terms(self, batch: dict) -> tuple[dict[str, Tensor], Tensor]:
+        """batch: ``image`` (B, C, H, W) in [-1, 1], ``labels`` (B, K) int64 (on the
+        device). NLL of the true labels over the first ``n_k`` outputs per factor."""
         x, y = batch["image"], batch["labels"]
-        self.train(True)
-        self.set_lrs()
         if self.scfg.random_offset:
             x = random_offset(x)
         logits = self.classifier(x)
@@ -72,15 +69,7 @@ class ClassifierStage(Stage):
             with torch.no_grad():
                 terms[f"acc_{name}"] = (logits[k][:, :n].argmax(1) == y[:, k]).float().mean()
             total = total + nll
-        terms = {"total": total, **terms}
-
-        opt = self.optimizers["classifier"]
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        metrics = self.finish(terms)  # raises before the step on a non-finite term
-        opt.step()
-        self.iteration += 1
-        return metrics
+        return {"total": total, **terms}, total
 
     @torch.no_grad()
     def evaluate(self, images: Tensor, labels: Tensor, batch_size: int | None = None) -> dict[str, float]:

@@ -1,11 +1,14 @@
-"""What every stage shares: device, optimizers with linear LR ramps, loss
-bookkeeping with a non-finite check, full checkpoint state and gradient routing.
+"""What every stage shares: device and precision, optimizers with linear LR
+ramps, the step itself (backward, non-finite check, optimizer updates, CUDA
+graphs), loss bookkeeping, full checkpoint state and gradient routing.
 
 A stage module builds its models and optimizers from the resolved config and
-exposes ``train_step(batch) -> dict of floats``, ``state_dict()`` /
+writes its iteration as ``loss_terms(batch) -> (terms, objective)``; the base
+class's ``train_step(batch)`` runs it. It also exposes ``state_dict()`` /
 ``load_state_dict()`` (models, optimizers, iteration, RNG) and ``handoff()``
 (what the next stage needs). Batches are dicts of tensors:
-``image`` (B, C, H, W) float in [-1, 1], ``labels`` (B, K) int64 (labeled
+``image`` (B, C, H, W) float in [-1, 1] (or uint8 in [0, 255], converted on the
+device: a quarter of the bytes to copy), ``labels`` (B, K) int64 (labeled
 factors in config order); stage 2 adds ``mu`` and ``sigma`` (B, m_u).
 """
 from __future__ import annotations
@@ -19,7 +22,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from dsu_models import precision as prec
 from dsu_models.config import Config, ConfigError
+from dsu_models.data.base import to_float
+from dsu_models.stages.graphs import StepGraph
 
 
 class NonFiniteLossError(RuntimeError):
@@ -209,10 +215,71 @@ def rng_state_from_tensors(saved: dict) -> dict:
     return state
 
 
+class _LossBook:
+    """Running sums of a stage's loss terms since the last report, on the
+    device, and (with deferred checks) the first non-finite step among them.
+    ``add`` is device work only (it is part of a captured CUDA graph); the
+    host counts the steps."""
+
+    def __init__(self):
+        self.names: list[str] | None = None
+        self.sums = self.first_bad = self.bad_values = self.step_no = None
+        self.count = 0
+
+    def add(self, names: list[str], stacked: Tensor, track_bad: bool) -> Tensor | None:
+        """Add one step's values; with ``track_bad`` return its non-finite flag
+        (0-d float32 on the device, 1.0 when some term is inf or NaN)."""
+        if self.names is None:
+            self.names = names
+            self.sums = torch.zeros_like(stacked)
+            self.bad_values = torch.zeros_like(stacked)
+            self.first_bad = torch.full((), -1, dtype=torch.int64, device=stacked.device)
+            self.step_no = torch.zeros((), dtype=torch.int64, device=stacked.device)
+        elif names != self.names:
+            raise RuntimeError(f"loss terms changed between steps: {self.names} -> {names}")
+        self.sums.add_(stacked)
+        if not track_bad:
+            return None
+        bad = ~torch.isfinite(stacked).all()
+        first = bad & (self.first_bad < 0)
+        self.first_bad.copy_(torch.where(first, self.step_no, self.first_bad))
+        self.bad_values.copy_(torch.where(first, stacked, self.bad_values))
+        self.step_no.add_(1)
+        return bad.float()
+
+    def take(self) -> tuple[dict[str, float], int, dict[str, float]]:
+        """(mean of each term, first non-finite step's index in the window or -1,
+        that step's values); resets the window. One device sync."""
+        if self.names is None or self.count == 0:
+            return {}, -1, {}
+        values = torch.cat([self.sums / self.count, self.bad_values,
+                            self.first_bad.to(self.sums.dtype).reshape(1)]).tolist()
+        n = len(self.names)
+        self.sums.zero_()
+        self.step_no.zero_()
+        self.first_bad.fill_(-1)
+        self.count = 0
+        return (dict(zip(self.names, values[:n])), int(values[-1]),
+                dict(zip(self.names, values[n:2 * n])))
+
+
 class Stage:
-    """State bookkeeping shared by the four stage modules (composition target,
-    not a framework): subclasses fill ``self.models`` and ``self.optimizers``
-    and implement ``train_step`` and ``handoff``."""
+    """State bookkeeping and the step shared by the four stage modules
+    (composition target, not a framework): subclasses fill ``self.models`` and
+    ``self.optimizers``, call :meth:`setup_networks` at the end of their
+    constructor, and implement ``loss_terms`` and ``handoff``.
+
+    One step (:meth:`train_step`): the batch goes to the device; the subclass's
+    ``loss_terms`` runs under the configured precision (``precision.py``); the
+    objective is back-propagated into the optimizers' parameters; the terms are
+    checked and added up (:meth:`finish`); every optimizer steps. On a CPU the
+    check reads the values at once and a non-finite term raises before any
+    weight moves. On a GPU nothing waits for the device: a non-finite step is
+    skipped on the device (fused Adam's ``found_inf``: no weight or optimizer
+    state changes) and raised at the next report (:meth:`take_losses`), before
+    that report's checkpoint, naming the iteration where it happened; and once
+    the schedule is constant the step replays as a CUDA graph (``graphs.py``).
+    """
 
     name = "stage"
 
@@ -231,29 +298,143 @@ class Stage:
         # the global batch (codes.batch_loss).
         self.grad_sync: Callable[["Stage", Tensor], Tensor] | None = None
         self.batch_reduce: Callable[[Tensor], Tensor] | None = None
+        cuda = self.device.type == "cuda"
+        self.autocast_dtype = prec.autocast_dtype(cfg.precision, self.device)
+        self.loss_scale = (prec.LossScale(self.device) if self.autocast_dtype == torch.float16
+                           else None)
+        self.channels_last = cuda if cfg.channels_last is None else cfg.channels_last
+        self.use_graphs = (cuda if cfg.cuda_graphs is None else cfg.cuda_graphs) and cuda
+        # deferred: loss values stay on the device until a report (no per-step sync)
+        self.deferred_checks = cuda
+        prec.configure_backends(self.device, cfg.cudnn_benchmark)
+        self._book = _LossBook()
+        self._window_start = 0
+        self._graph: StepGraph | None = None
+
+    def setup_networks(self, *compiled: nn.Module | None):
+        """End of a subclass constructor: every network of the stage in
+        channels-last layout when configured, and ``compiled`` compiled when
+        ``cfg.compile`` (:func:`compile_networks`)."""
+        if self.channels_last:
+            for module in vars(self).values():
+                if isinstance(module, nn.Module):
+                    module.to(memory_format=torch.channels_last)
+        if self.cfg.compile:
+            compile_networks(*compiled)
 
     # ------------------------------------------------------------ steps
 
     def to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        out = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        image = out.get("image")
+        if image is not None:
+            if image.dtype == torch.uint8:
+                image = to_float(image)
+            if self.channels_last and image.dim() == 4:
+                image = image.contiguous(memory_format=torch.channels_last)
+            out["image"] = image
+        return out
 
-    def finish(self, terms: dict[str, Tensor]) -> dict[str, float]:
-        """Losses -> floats with one device sync; raise on a non-finite term.
+    def loss_terms(self, batch: dict) -> tuple[dict[str, Tensor], Tensor]:
+        """The iteration's loss terms (0-d tensors, reported) and the objective
+        to back-propagate; ``batch`` is on the device. Written by each stage."""
+        raise NotImplementedError
 
-        Call it after ``backward()`` and before the optimizer steps, while
-        ``self.iteration`` is still the index of the iteration being computed,
-        so a non-finite loss never reaches the weights. With ``grad_sync`` (a
-        data-parallel runner) the values are the workers' means, so a term that
-        is non-finite on any worker stops every worker in the same iteration."""
+    def steady_from(self) -> int:
+        """The first iteration from which every step runs the same kernels with
+        the same constants (learning-rate ramps done); stages with ramps of
+        their own extend it. A CUDA graph is captured only from there."""
+        starts = [g.get("ramp_start", 0) for o in self.optimizers.values() for g in o.param_groups]
+        return max(starts, default=0) + self.scfg.lr_ramp
+
+    def train_step(self, batch: dict) -> dict[str, float] | None:
+        """One iteration. Returns the terms as floats when the values are checked
+        at once (CPU), else None (read them with :meth:`take_losses`)."""
+        batch = self.to_device(batch)
+        self.train(True)
+        self.set_lrs()
+        metrics = None
+        if self._graphable(batch):
+            if self._graph is None:
+                self._graph = StepGraph(self._device_step, list(self.optimizers.values()), self.name)
+            self._graph.run(batch)
+        else:
+            metrics = self._device_step(batch)
+        self._book.count += 1
+        self.iteration += 1
+        return metrics
+
+    def _graphable(self, batch: dict) -> bool:
+        return (self.use_graphs and self.grad_sync is None and self.loss_scale is None
+                and self.iteration >= self.steady_from()
+                and (self._graph is None or self._graph.usable(batch)))
+
+    def _device_step(self, batch: dict) -> dict[str, float] | None:
+        """The step's device work (what a CUDA graph captures): losses, backward,
+        bookkeeping, optimizer updates. Host values only without deferred checks."""
+        with prec.autocast(self.device, self.autocast_dtype, cache=self._graph is None):
+            terms, objective = self.loss_terms(batch)
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        if self.loss_scale is not None:
+            objective = objective * self.loss_scale.scale
+        # gradients for the optimizers' parameters only (no input gradients of
+        # networks whose inputs were detached copies; stage 1's as_if_frozen)
+        objective.backward(inputs=[p for p in self.trainable_parameters() if p.requires_grad])
+        metrics, bad = self.finish(terms)  # before the step: a bad loss never reaches the weights
+        self._optimizer_steps(bad)
+        return metrics
+
+    def _optimizer_steps(self, bad: Tensor | None):
+        """Every optimizer steps, skipping (on the device) when ``bad`` is 1, or
+        when the fp16 loss scale finds non-finite gradients."""
+        grad_bad = None
+        if self.loss_scale is not None:
+            grad_bad = self.loss_scale.unscale(self.trainable_parameters())
+            bad = grad_bad if bad is None else torch.maximum(bad, grad_bad)
+        for opt in self.optimizers.values():
+            if bad is not None:
+                opt.found_inf = bad  # fused Adam: no update of weights or state when 1
+            opt.step()
+            if bad is not None:
+                del opt.found_inf
+        if grad_bad is not None:
+            self.loss_scale.update(grad_bad)
+
+    def finish(self, terms: dict[str, Tensor]) -> tuple[dict[str, float] | None, Tensor | None]:
+        """Add the terms to the running sums; check that every one is finite.
+
+        Called after ``backward()`` and before the optimizer steps. With
+        ``grad_sync`` (a data-parallel runner) the values are the workers'
+        means, so a term that is non-finite on any worker stops every worker in
+        the same iteration. Immediate checks (CPU): returns ``(floats, None)``
+        and raises ``NonFiniteLossError`` here, while ``self.iteration`` is still
+        the index of the iteration being computed. Deferred (GPU): returns
+        ``(None, flag)``, the flag making the optimizer steps skip on the device."""
         names = list(terms)
         stacked = torch.stack([terms[n].detach().float().reshape(()) for n in names])
         if self.grad_sync is not None:
             stacked = self.grad_sync(self, stacked)
+        bad = self._book.add(names, stacked, track_bad=self.deferred_checks)
+        if self.deferred_checks:
+            return None, bad
         values = stacked.tolist()
         for n, v in zip(names, values):
             if not math.isfinite(v):
                 raise NonFiniteLossError(self.name, self.iteration, n, v)
-        return dict(zip(names, values))
+        return dict(zip(names, values)), None
+
+    def take_losses(self) -> dict[str, float]:
+        """The mean of each term over the steps since the last call (one device
+        sync). With deferred checks, raises ``NonFiniteLossError`` naming the
+        first iteration since then whose loss was not finite (that step and
+        any later non-finite ones changed nothing)."""
+        means, first_bad, values = self._book.take()
+        start, self._window_start = self._window_start, self.iteration
+        if first_bad >= 0:
+            term = next((n for n, v in values.items() if not math.isfinite(v)), next(iter(values)))
+            raise NonFiniteLossError(self.name, start + first_bad, term, values[term])
+        return means
 
     def set_lrs(self):
         for opt in self.optimizers.values():
@@ -270,10 +451,13 @@ class Stage:
     # ------------------------------------------------------------ state
 
     def state_dict(self) -> dict:
-        return {"stage": self.name, "iteration": self.iteration,
-                "models": {k: m.state_dict() for k, m in self.models.items()},
-                "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
-                "rng": rng_state_tensors(capture_rng())}
+        state = {"stage": self.name, "iteration": self.iteration,
+                 "models": {k: m.state_dict() for k, m in self.models.items()},
+                 "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+                 "rng": rng_state_tensors(capture_rng())}
+        if self.loss_scale is not None:
+            state["loss_scale"] = self.loss_scale.state_dict()
+        return state
 
     def load_state_dict(self, state: dict, restore_random: bool = True):
         if state["stage"] != self.name:
@@ -282,7 +466,10 @@ class Stage:
             m.load_state_dict(state["models"][k])
         for k, o in self.optimizers.items():
             o.load_state_dict(state["optimizers"][k])
-        self.iteration = int(state["iteration"])
+        if self.loss_scale is not None and "loss_scale" in state:
+            self.loss_scale.load_state_dict(state["loss_scale"])
+        self.iteration = self._window_start = int(state["iteration"])
+        self._graph = None  # the optimizer state tensors are new: capture again
         if restore_random:
             restore_rng(rng_state_from_tensors(state["rng"]))
 

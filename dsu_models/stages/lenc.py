@@ -59,7 +59,7 @@ from dsu_models.distill import image_batches
 from dsu_models.embedder import nearest_class
 from dsu_models.grids import rows_grid
 from dsu_models.models import build_embedders, build_encoder, build_generator
-from dsu_models.stages.common import Stage, adam, batched_accuracy, compile_networks, params
+from dsu_models.stages.common import Stage, adam, batched_accuracy, params
 from dsu_models.stages.stage1 import rolled_labels
 
 _STAT_KEYS = ("mean", "std", "eigenvalues", "eigenvectors")
@@ -94,8 +94,7 @@ class LencStage(Stage):
         self.models = {"label_encoder": self.encoder}
         self.optimizers = {"label_encoder": adam([{"params": params(self.encoder),
                                                    "lr": self.scfg.lr}], self.scfg.betas)}
-        if cfg.compile:
-            compile_networks(self.encoder, self.generator)
+        self.setup_networks(self.encoder, self.generator)
 
     def _frozen_upstream(self, cfg: Config, factors: list[FactorInfo], upstream: dict):
         handoff = upstream["stage2"]
@@ -142,13 +141,10 @@ class LencStage(Stage):
         u = codes.sample_from_statistics(self.code_stats, labels.shape[0], dtype=dtype)
         return self.generate(u, l_codes), targets
 
-    def train_step(self, batch: dict) -> dict[str, float]:
-        """batch: ``image`` (B, C, H, W) in [-1, 1], ``labels`` (B, K) int64."""
-        batch = self.to_device(batch)
+    def loss_terms(self, batch: dict) -> tuple[dict[str, Tensor], Tensor]:
+        """batch: ``image`` (B, C, H, W) in [-1, 1], ``labels`` (B, K) int64 (on the device)."""
         x, y = batch["image"], batch["labels"]
         b = x.shape[0]
-        self.train(True)
-        self.set_lrs()
         w = self.scfg.generated_weight
         with torch.no_grad():
             real_targets = self.targets(y)
@@ -156,20 +152,13 @@ class LencStage(Stage):
             kl_real = losses.labeled_encoder_loss(real_targets, self.encoder(x))
             total, parts = kl_real, {"kl_real": kl_real}
         else:
-            x_gen, gen_targets = self.generated_batch(y, x.dtype)
-            predictions = self.encoder(torch.cat([x, x_gen]))
+            x_gen, gen_targets = self.generated_batch(y, torch.float32)
+            predictions = self.encoder(torch.cat([x, x_gen.to(x.dtype)]))
             kl_real = losses.labeled_encoder_loss(real_targets, [(m[:b], s[:b]) for m, s in predictions])
             kl_gen = losses.labeled_encoder_loss(gen_targets, [(m[b:], s[b:]) for m, s in predictions])
             total = (1.0 - w) * kl_real + w * kl_gen
             parts = {"kl_real": kl_real, "kl_gen": kl_gen}
-
-        opt = self.optimizers["label_encoder"]
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        metrics = self.finish({"total": total, **parts})
-        opt.step()
-        self.iteration += 1
-        return metrics
+        return {"total": total, **parts}, total
 
     # ------------------------------------------------------------ outputs
 

@@ -49,8 +49,7 @@ from dsu_models.grids import sample_grids
 from dsu_models.models import (build_embedders, build_encoder, build_generator,
                                build_stage1_classifier)
 from dsu_models.nn.layers import random_offset
-from dsu_models.stages.common import (Stage, adam, as_if_frozen, compile_networks, detached_call,
-                                      params, ramp)
+from dsu_models.stages.common import Stage, adam, as_if_frozen, detached_call, params, ramp
 
 
 def keep_tensor(keep: list[float] | None, device) -> Tensor | None:
@@ -104,8 +103,7 @@ class Stage1(Stage):
         if self.classifier is not None:
             self.optimizers["classifier"] = adam([{"params": params(self.classifier), "lr": s.lr}],
                                                  s.betas)
-        if cfg.compile:
-            compile_networks(*self.models.values())
+        self.setup_networks(*self.models.values())
 
     # ---------------------------------------------------------------- step
 
@@ -133,12 +131,11 @@ class Stage1(Stage):
                                                                          reduce=self.batch_reduce)
         return out_codes, out_masks
 
-    def train_step(self, batch: dict) -> dict[str, float]:
+    def loss_terms(self, batch: dict) -> tuple[dict[str, Tensor], Tensor]:
+        """One iteration's terms (module docstring, steps 1-7) and the objective
+        whose backward pass trains every network as the table below says."""
         s = self.scfg
-        batch = self.to_device(batch)
         x, y = batch["image"], batch["labels"]
-        self.train(True)
-        self.set_lrs()
         zero = x.new_zeros(())
         terms = {"rec": zero, "ucode": zero, "ubatch": zero, "lcode": zero, "lbatch": zero}
 
@@ -184,19 +181,16 @@ class Stage1(Stage):
             total = total + nll + weight * adv.detach()
             backward = backward + nll + adv_through_c  # = weight * adv, routed past C's weights
         terms["total"] = total
+        terms["adv_weight"] = x.new_full((), weight)
+        # The base class back-propagates into the parameters only: C's detached
+        # input copies need no gradient (as_if_frozen took theirs), so C's first
+        # layer skips its input gradient, a third of that layer's backward.
+        return terms, backward
 
-        for opt in self.optimizers.values():
-            opt.zero_grad(set_to_none=True)
-        # Gradients for the parameters only: C's detached input copies need none
-        # here (as_if_frozen took theirs), so C's first layer skips its input
-        # gradient, a third of that layer's backward.
-        backward.backward(inputs=[p for p in self.trainable_parameters() if p.requires_grad])
-        metrics = self.finish(terms)  # before the step: a bad loss never reaches the weights
-        for opt in self.optimizers.values():
-            opt.step()
-        self.iteration += 1
-        metrics["adv_weight"] = weight
-        return metrics
+    def steady_from(self) -> int:
+        """The learning-rate ramps and the adversarial weight's ``cla1_ramp``."""
+        ramp_end = self.scfg.cla1_ramp[1] if self.scfg.cla1_ramp is not None else 0
+        return max(super().steady_from(), ramp_end)
 
     def _classifier_losses(self, x: Tensor, y: Tensor, u: Tensor, u_mask: Tensor, weight: float,
                            z_cross: Tensor | None, top_cross: Tensor | None):

@@ -94,7 +94,7 @@ from dsu_models.grids import sample_grids
 from dsu_models.models import (build_discriminator, build_embedders, build_encoder,
                                build_generator, build_image_classifier, check_factors)
 from dsu_models.nn.layers import sample_offsets, shift_images
-from dsu_models.stages.common import Stage, adam, compile_networks, detached_call, params
+from dsu_models.stages.common import Stage, adam, detached_call, params
 
 
 def _weights(handoff: dict | None, stage: str) -> dict:
@@ -202,8 +202,7 @@ class Stage2(Stage):
             if s.cla2_adv:
                 groups.append({"params": params(self.classifier), "lr": s.lr})
         self.optimizers = {"main": adam(groups, s.betas)}
-        if cfg.compile:
-            compile_networks(*self.models.values(), self.generator1, self.encoder)
+        self.setup_networks(*self.models.values(), self.generator1, self.encoder)
 
     # ------------------------------------------------------------ setup
 
@@ -280,25 +279,11 @@ class Stage2(Stage):
 
     # ------------------------------------------------------------ step
 
-    def train_step(self, batch: dict) -> dict[str, float]:
-        """One iteration of docs/method.md section 8 (one backward pass, one Adam
-        step; gradient routing as in the module docstring). Returns the
-        unweighted terms and ``total`` as floats (one device sync)."""
-        batch = self.to_device(batch)
-        self.train(True)
-        self.set_lrs()
-        terms = self.loss_terms(batch)
-        opt = self.optimizers["main"]
-        opt.zero_grad(set_to_none=True)
-        terms["total"].backward()
-        metrics = self.finish(terms)  # before the step: a bad loss never reaches the weights
-        opt.step()
-        self.iteration += 1
-        return metrics
-
-    def loss_terms(self, batch: dict) -> dict[str, Tensor]:
+    def loss_terms(self, batch: dict) -> tuple[dict[str, Tensor], Tensor]:
         """Every loss term of one iteration (tensors with graph), ``total``
-        included; ``batch`` already on the device. See the module docstring."""
+        included, and ``total`` as the objective (one backward pass, one Adam
+        step; gradient routing as in the module docstring); ``batch`` already on
+        the device."""
         s = self.scfg
         x, y = batch["image"], batch["labels"]
         rows = Rows(x.shape[0], self.rec_branch, self.cross_branch)
@@ -343,7 +328,7 @@ class Stage2(Stage):
                    "match": s.match_weight, "g_dis": s.dis_weight, "g_cla": s.cla2_weight,
                    "d_real": 1.0, "d_fake": 1.0, "r_real": 1.0, "r_fake": s.cla2_fake_weight}
         terms["total"] = sum(weights[k] * v for k, v in terms.items())
-        return terms
+        return terms, terms["total"]
 
     # ------------------------------------------------------------ codes
 
