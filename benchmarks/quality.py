@@ -83,12 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     from dsu_models.evaluation import evaluate, load_or_train_oracles
     from dsu_models.inference import DisUnknownModel
     from dsu_models.factory import build_config, load_data
+    from dsu_models.stages.common import resolve_device
     from dsu_models.train import run
 
     base = build_config(args.config, [LABELED] + args.overrides)
     cfg = build_config(args.config, [LABELED] + args.overrides + scaled_overrides(base, args.scale))
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="dsu-quality-"))
-    print(f"quality: {cfg.dataset} {cfg.image_size} px, labeled {cfg.labeled_factors}, hidden "
+    print(f"quality: {cfg.dataset} {cfg.image_size} px, device {cfg.device}, precision {cfg.precision}, labeled {cfg.labeled_factors}, hidden "
           f"{cfg.hidden()}; iterations " + ", ".join(f"{s} {getattr(cfg, s).iterations}"
                                                     for s in cfg.active_stages()) + f"; out {out}",
           flush=True)
@@ -97,12 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     train_wall = time.perf_counter() - started
 
     train, test = load_data(cfg)
+    device = resolve_device(cfg.device)  # the evaluation runs where the training ran
     started = time.perf_counter()
-    oracles = load_or_train_oracles(train, test, cfg.evaluate, args.cache)
+    oracles = load_or_train_oracles(train, test, cfg.evaluate, args.cache, device)
     oracle_wall = time.perf_counter() - started
     model = DisUnknownModel.from_handoffs(
         stage1=results["stage1"], stage2=results.get("stage2"), lenc=results.get("lenc"),
-        code_stats=results["codes"]["stats"], all_factors=train.factors, device="cpu")
+        code_stats=results["codes"]["stats"], all_factors=train.factors, device=str(device))
     started = time.perf_counter()
     metrics = evaluate(model, train, test, cfg.evaluate, oracles)
     eval_wall = time.perf_counter() - started

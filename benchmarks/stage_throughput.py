@@ -298,7 +298,9 @@ def gpu_columns(config: str, stage_name: str, precision: str, stage, batch: dict
     busy = f"{min(kernel_s / wall_s, 9.99):5.0%}" if kernel_s else f"{'?':>5}"
     cfg, factors = build(config, str(device), False, [f"precision={precision}", "cuda_graphs=false"])
     flops = step_flops(stages_for(cfg, factors, device)[stage_name], batch)
-    return f" {memory:7.0f} {busy} {flops / wall_s / 1e12:8.2f}"
+    graph = getattr(stage, "_graph", None)
+    mode = "graph" if graph is not None and graph.graph is not None else "eager"
+    return f" {memory:7.0f} {busy} {flops / wall_s / 1e12:8.2f} {mode} {flops / 1e9:.2f} GFLOP/step"
 
 
 def large_batch_rate(config: str, stage_name: str, precision: str, args, device) -> float:
