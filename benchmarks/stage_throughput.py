@@ -233,8 +233,11 @@ def main():
     parser.add_argument("--configs", default="mnist,rgb32,shapes64")
     parser.add_argument("--stages", default="stage1,classifier,stage2,lenc,lenc_real")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--precisions", default="auto",
-                        help="our stages in each of these precisions (auto,fp32,bf16,fp16)")
+    parser.add_argument("--precisions", default="fp32",
+                        help="our stages in each of these precisions (fp32,bf16,fp16)")
+    parser.add_argument("--ablate", default="",
+                        help="comma-separated overrides, e.g. cuda_graphs=false,channels_last=false: "
+                             "our stages (first precision) with each one alone, a column each")
     parser.add_argument("--large-batch", type=int, default=0,
                         help="also time our stages (last precision) at this batch size")
     parser.add_argument("--no-naive", action="store_true")
@@ -245,12 +248,13 @@ def main():
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
     precisions = args.precisions.split(",")
+    ablations = [a for a in args.ablate.split(",") if a]
     print(f"device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if cuda else "")
           + f", torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(f"compile {args.compile}; {args.stat} of {args.repeats} x {args.steps} steps; "
           f"ours in {', '.join(precisions)}")
-    head = f"{'config':9} {'stage':10} {'batch':>5} " + " ".join(f"{p:>9}" for p in precisions)
+    head = f"{'config':9} {'stage':10} {'batch':>5} " + " ".join(f"{p:>9}" for p in precisions + ablations)
     head += f" {'struct':>9} {'naive':>9} {'ratio':>6} {'warm-up s':>9}"
     if args.bound:
         head += f" {'bound':>9} {'max':>6}"
@@ -267,13 +271,18 @@ def main():
             torch.manual_seed(0)
             cfg, factors = build(name, str(device), args.compile, [f"precision={p}"])
             ours[p] = stages_for(cfg, factors, device)
+        for a in ablations:
+            torch.manual_seed(0)
+            ablated, _ = build(name, str(device), args.compile, [f"precision={precisions[0]}", a])
+            ours[a] = stages_for(ablated, factors, device)
         schedule = {}
         for stage_name in args.stages.split(","):
             runs = {}
-            for p in precisions:
-                stage = ours[p][stage_name]
-                stage.iteration = stage.steady_from()  # lr ramps done: the steady step
-                runs[p] = stage.train_step
+            for p in precisions + ablations:
+                variant = ours[p][stage_name]
+                variant.iteration = variant.steady_from()  # lr ramps done: the steady step
+                runs[p] = variant.train_step
+            stage = ours[precisions[0]][stage_name]
             bs = stage.scfg.batch_size
             batch = batch_for(cfg, bs, stage_name == "stage2")
             if stage_name in naive and not args.no_naive:
@@ -284,7 +293,8 @@ def main():
             rates, warm = timed_together(runs, batch, args.steps, device, args.repeats,
                                          warmup=8 if cuda else 2, stat=args.stat)
             fastest = max(precisions, key=lambda p: rates[p])
-            line = f"{name:9} {stage_name:10} {bs:5d} " + " ".join(f"{rates[p]:9.1f}" for p in precisions)
+            line = f"{name:9} {stage_name:10} {bs:5d} " + " ".join(f"{rates[p]:9.1f}"
+                                                                   for p in precisions + ablations)
             struct_col = base_col = ratio_col = ""
             if "naive" in rates:
                 struct_col, base_col = f"{rates['struct']:.1f}", f"{rates['naive']:.1f}"

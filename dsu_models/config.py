@@ -214,10 +214,9 @@ class Config:
     seed: int = 0
     device: str = "auto"
     compile: bool = False  # torch.compile the networks in place (stages/common.py); keys unchanged
-    # numeric precision of training (dsu_models/precision.py): auto (bf16 on a CUDA
-    # device, fp32 elsewhere), fp32, bf16 (autocast, no loss scaling), fp16 (autocast
-    # and a dynamic loss scale)
-    precision: str = "auto"
+    # numeric precision of training (dsu_models/precision.py): fp32, bf16 (autocast,
+    # no loss scaling), fp16 (autocast and a dynamic loss scale)
+    precision: str = "fp32"
     # conv networks and images in channels-last layout; null: on for CUDA, off on CPU
     channels_last: bool | None = None
     # cuDNN's autotuner picks each convolution's fastest algorithm (CUDA only)

@@ -1,14 +1,19 @@
 """Numeric precision and device settings of a training step (``Config.precision``,
 ``channels_last``, ``cudnn_benchmark``; docs/usage.md, "On a GPU").
 
-- ``fp32``: everything in float32 (the method as specified).
+- ``fp32`` (default): everything in float32 (the method as specified).
 - ``bf16``: the convolutions and linear layers run under ``torch.autocast`` in
   bfloat16; bfloat16 has float32's exponent range, so no loss scaling is needed.
 - ``fp16``: the same in float16, with a dynamic loss scale (:class:`LossScale`),
   because float16 gradients underflow.
-- ``auto``: bf16 on a CUDA device that supports it, fp32 elsewhere (on a CPU
-  bfloat16 is slower than float32 and the CPU kernels of ``nn/native.py`` are
-  float32 only).
+
+fp32 is the default because it measured fastest: on an H200 at the method's
+batch sizes (64 at 32 px, 32 at 64 px) a step is hundreds of small kernels
+whose cost is their number, not their arithmetic, and autocast adds cast
+kernels; bf16 ran at 0.95-1.05x of fp32 (docs/benchmarks.md, "On a GPU"). Its
+losses and swaps track fp32's, so it is there for larger networks and batches.
+On a CPU bfloat16 is slower than float32 and the CPU kernels of
+``nn/native.py`` are float32 only.
 
 What stays in float32 under autocast, because the method needs it there: the
 weight normalisation (``torch._weight_norm`` is not an autocast op, so norms are
@@ -26,16 +31,12 @@ import contextlib
 import torch
 from torch import Tensor
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype ``precision`` means on ``device`` (None: float32, no autocast)."""
-    if precision == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return None
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype ``precision`` means (None: float32, no autocast)."""
     return _DTYPES.get(precision)
 
 
@@ -47,21 +48,6 @@ def autocast(device: torch.device, dtype: torch.dtype | None, cache: bool = True
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype, cache_enabled=cache)
-
-
-def full_precision(x: Tensor):
-    """A context in which ``x``'s device runs float32 whatever the caller's
-    autocast, with ``x`` itself upcast: ``with full_precision(x) as x32: ...``."""
-    @contextlib.contextmanager
-    def ctx():
-        with torch.autocast(x.device.type, enabled=False):
-            yield x.float()
-    return ctx()
-
-
-def autocasting(x: Tensor) -> bool:
-    """Whether an autocast region is active for ``x``'s device type."""
-    return torch.is_autocast_enabled(x.device.type)
 
 
 def configure_backends(device: torch.device, cudnn_benchmark: bool) -> None:

@@ -102,8 +102,7 @@ def test_runner_end_to_end_on_cuda(tmp_path):
 
     cfg = build_config("tiny", ["num_samples=200", "all_stages.iterations=12", "all_stages.lr_ramp=2",
                                 "all_stages.report_interval=4", "all_stages.sample_interval=6",
-                                "all_stages.checkpoint_interval=6", "device=cuda"])
-    assert cfg.precision == "auto"
+                                "all_stages.checkpoint_interval=6", "device=cuda", "precision=bf16"])
     lines: list[str] = []
     run(cfg, tmp_path, log=lines.append)
     assert any("[stage2] 12/12" in line for line in lines)

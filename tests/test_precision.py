@@ -178,7 +178,7 @@ def test_uint8_images_are_converted_on_the_device():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("precision=fp8", "precision: 'fp8' is not one of auto, fp32, bf16, fp16"),
+    ("precision=fp8", "precision: 'fp8' is not one of fp32, bf16, fp16"),
     ("cuda_graphs=true", "cuda_graphs: true needs a CUDA device"),
 ])
 def test_bad_precision_settings_are_refused(override, message):

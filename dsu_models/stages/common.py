@@ -299,7 +299,7 @@ class Stage:
         self.grad_sync: Callable[["Stage", Tensor], Tensor] | None = None
         self.batch_reduce: Callable[[Tensor], Tensor] | None = None
         cuda = self.device.type == "cuda"
-        self.autocast_dtype = prec.autocast_dtype(cfg.precision, self.device)
+        self.autocast_dtype = prec.autocast_dtype(cfg.precision)
         self.loss_scale = (prec.LossScale(self.device) if self.autocast_dtype == torch.float16
                            else None)
         self.channels_last = cuda if cfg.channels_last is None else cfg.channels_last
