@@ -130,15 +130,27 @@ def timed_together(steps_by_name: dict, batch: dict, steps: int, device: torch.d
     return {name: pick(r) for name, r in rates.items()}, warm
 
 
-def gpu_memory_mib(step, batch: dict, device: torch.device) -> float:
-    """Peak GPU memory (MiB) over two steps: weights, optimizer state, a CUDA
-    graph's pool and the step's transient tensors."""
+def gpu_memory_mib(build_stage, batch: dict, device: torch.device) -> float:
+    """Peak GPU memory (MiB) of one stage alone: its weights, optimizer state,
+    CUDA graph pool and a step's transient tensors, above what was allocated
+    before ``build_stage()`` made it (the benchmark's other stages)."""
+    import gc
+
+    gc.collect()
     _sync(device)
+    base = torch.cuda.memory_allocated(device)
+    stage = build_stage()
+    gc.collect()  # the stages built beside it (their upstream) are gone
     torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(2):
-        step(batch)
+    stage.iteration = stage.steady_from()
+    for _ in range(10):  # past the graph's warm-up and capture
+        stage.train_step(batch)
     _sync(device)
-    return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    peak = torch.cuda.max_memory_allocated(device) - base
+    del stage
+    gc.collect()
+    torch.cuda.empty_cache()
+    return peak / 2 ** 20
 
 
 def kernel_seconds_per_step(step, batch: dict, steps: int, device: torch.device) -> float | None:
@@ -319,12 +331,14 @@ def main():
 
 def gpu_columns(config: str, stage_name: str, precision: str, stage, batch: dict, rate: float,
                 device) -> str:
-    """Peak memory of our step, the share of its wall time the GPU spends in
-    kernels, and the TFLOP/s it reaches (FLOPs counted on a fresh eager copy)."""
-    memory = gpu_memory_mib(stage.train_step, batch, device)
+    """Peak memory of our stage alone, the share of its step's wall time the
+    GPU spends in kernels, and the TFLOP/s it reaches (FLOPs counted on a fresh
+    eager copy)."""
     kernel_s = kernel_seconds_per_step(stage.train_step, batch, 5, device)
     wall_s = batch["image"].shape[0] / rate
     busy = f"{min(kernel_s / wall_s, 9.99):5.0%}" if kernel_s else f"{'?':>5}"
+    cfg, factors = build(config, str(device), False, [f"precision={precision}"])
+    memory = gpu_memory_mib(lambda: stages_for(cfg, factors, device)[stage_name], batch, device)
     cfg, factors = build(config, str(device), False, [f"precision={precision}", "cuda_graphs=false"])
     flops = step_flops(stages_for(cfg, factors, device)[stage_name], batch)
     graph = getattr(stage, "_graph", None)
