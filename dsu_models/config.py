@@ -158,6 +158,11 @@ class Stage2Config(StageConfig):
     lbatch_weight: float = 0.1
     zero_init: bool = True
     emb_plot_interval: int = 1000
+    # an exponential moving average of G2 and its label side, handed on instead of
+    # the last weights (stages/ema.py); 0: off, the method
+    ema_decay: float = 0.0
+    # the discriminator's (and the adversarial classifier's) learning rate; null: lr
+    dis_lr: float | None = None
 
 
 @dataclass
@@ -611,6 +616,10 @@ def _resolve_stages(cfg: Config):
     if not 0.0 <= cfg.lenc.generated_weight < 1.0:
         raise ConfigError(f"lenc.generated_weight: {cfg.lenc.generated_weight} (must be within [0, 1): "
                           f"real images always keep a share)")
+    if not 0.0 <= s2.ema_decay < 1.0:
+        raise ConfigError(f"stage2.ema_decay: {s2.ema_decay} (must be within [0, 1); 0 turns it off)")
+    if s2.dis_lr is not None and s2.dis_lr <= 0:
+        raise ConfigError(f"stage2.dis_lr: {s2.dis_lr} (must be positive, or null for stage2.lr)")
     if s2.random_ucode and cfg.unknown_size == 0:
         raise ConfigError("stage2.random_ucode: true needs an unknown code (unknown_size is 0)")
     ev = cfg.evaluate

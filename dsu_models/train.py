@@ -119,9 +119,12 @@ def distill_codes(cfg: Config, handoff: dict, train: InMemoryDataset, test: InMe
 
 def run(cfg: Config, out: Path, log: Callable[[str], None] = print,
         stages: list[str] | None = None,
-        on_report: Callable[[str, int, dict], None] | None = None) -> dict:
+        on_report: Callable[[str, int, dict], None] | None = None,
+        watch: Callable[[object], None] | None = None) -> dict:
     """Run every active stage in order, resuming what DIR already holds.
-    Returns ``{stage: handoff}`` plus ``"codes"``."""
+    Returns ``{stage: handoff}`` plus ``"codes"``. ``on_report(stage name,
+    iteration, mean losses)`` and ``watch(stage)`` are called after every
+    report (``watch`` gets the running stage, e.g. to evaluate its hand-off)."""
     out = Path(out)
     device = resolve_device(cfg.device)  # a missing CUDA is refused before anything is written
     check_out_dir(cfg, out)
@@ -152,7 +155,12 @@ def run(cfg: Config, out: Path, log: Callable[[str], None] = print,
             plot_batch = BatchSource(cfg, test, min(8, len(test)), cfg.seed, codes.get("test")).batch(0)
             torch.manual_seed(cfg.seed + len(results))
             try:
-                report = (lambda it, m, _n=name: on_report(_n, it, m)) if on_report else None
+                def report(it: int, mean: dict, _name=name, _stage=stage):
+                    if on_report:
+                        on_report(_name, it, mean)
+                    if watch:
+                        watch(_stage)
+
                 train_stage(stage, source, stage_dir, plot_batch, log, report, plot_set)
             except NonFiniteLossError:
                 log(f"[{name}] stopped; the last good checkpoint is {stage_dir / 'checkpoint.pt'}")

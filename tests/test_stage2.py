@@ -74,6 +74,8 @@ OPTIONS = [
      "stage2.unknown_mode=mse"],
     ["labeled_factors=null"], ["labeled_factors=null", "stage2.unknown_mode=mse",
                                "stage2.fake_reflect=true"],
+    ["stage2.ema_decay=0.99", "stage2.dis_lr=0.0002"],
+    ["stage2.ema_decay=0.99", "stage2.use_embedding=false"], ["labeled_factors=[]", "stage2.ema_decay=0.99"],
 ]
 
 
@@ -235,3 +237,49 @@ def test_upstream_is_checked():
     cfg = tiny_config("stage2.random_ucode=true")
     with pytest.raises(ValueError, match="code_stats"):
         Stage2(cfg, tiny_factors(cfg), dict(upstream_for(cfg), code_stats=None), device="cpu")
+
+
+def test_weight_average_follows_the_weights_with_its_decay():
+    from dsu_models.stages.ema import WeightAverage
+
+    net = torch.nn.Linear(2, 1)
+    avg = WeightAverage({"net": net}, decay=0.5)
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    start = avg.copies["net"].weight.clone()
+    avg.update()                    # n = 1: d = min(0.5, 2 / 11) = 2/11
+    d = 2 / 11
+    torch.testing.assert_close(avg.copies["net"].weight, d * start + (1 - d) * 1.0)
+    for _ in range(30):
+        avg.update()                # d reaches 0.5: converges to the weights
+    torch.testing.assert_close(avg.copies["net"].weight, torch.ones(1, 2), atol=1e-6, rtol=0)
+    assert not avg.copies["net"].weight.requires_grad
+
+
+def test_ema_is_what_stage2_hands_on_and_checkpoints():
+    stage, upstream = make("stage2.ema_decay=0.9")
+    batch = batch_for(stage.cfg)
+    for _ in range(4):
+        stage.train_step(batch)
+    live = stage.generator.state_dict()
+    averaged = stage.models["generator_ema"].state_dict()
+    handed = stage.handoff()["weights"]
+    assert any(not torch.equal(live[k], averaged[k]) for k in live)
+    assert all(torch.equal(handed["generator"][k], averaged[k]) for k in averaged)
+    assert all(torch.equal(handed["embedders"][k], v)
+               for k, v in stage.models["embedders_ema"].state_dict().items())
+    state = stage.state_dict()
+    again, _ = make("stage2.ema_decay=0.9", seed=1)
+    again.load_state_dict(state)
+    assert all(torch.equal(again.models["generator_ema"].state_dict()[k], v) for k, v in averaged.items())
+    plain, _ = make()
+    assert "generator_ema" not in plain.models  # off: the method's checkpoint and hand-off
+
+
+def test_dis_lr_sets_the_adversaries_learning_rate():
+    stage, _ = make("stage2.dis_lr=0.0003", "stage2.lr_ramp=0")
+    stage.set_lrs()
+    lrs = {id(p): g["lr"] for g in stage.optimizers["main"].param_groups for p in g["params"]}
+    assert lrs[id(next(stage.discriminator.parameters()))] == pytest.approx(3e-4)
+    assert lrs[id(next(stage.classifier.parameters()))] == pytest.approx(3e-4)
+    assert lrs[id(next(stage.generator.parameters()))] == pytest.approx(stage.scfg.lr)

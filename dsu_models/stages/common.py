@@ -316,9 +316,9 @@ class Stage:
         channels-last layout when configured, and ``compiled`` compiled when
         ``cfg.compile`` (:func:`compile_networks`)."""
         if self.channels_last:
-            for module in vars(self).values():
-                if isinstance(module, nn.Module):
-                    module.to(memory_format=torch.channels_last)
+            modules = [m for m in vars(self).values() if isinstance(m, nn.Module)]
+            for module in modules + list(self.models.values()):
+                module.to(memory_format=torch.channels_last)
         if self.cfg.compile:
             compile_networks(*compiled)
 
@@ -383,7 +383,12 @@ class Stage:
         objective.backward(inputs=[p for p in self.trainable_parameters() if p.requires_grad])
         metrics, bad = self.finish(terms)  # before the step: a bad loss never reaches the weights
         self._optimizer_steps(bad)
+        self.after_update()
         return metrics
+
+    def after_update(self):
+        """Device work after the optimizer steps (part of a captured step);
+        stage 2's weight average."""
 
     def _optimizer_steps(self, bad: Tensor | None):
         """Every optimizer steps, skipping (on the device) when ``bad`` is 1, or

@@ -79,6 +79,11 @@ where it has one):
 - The stratified noise of the unknown and labeled codes is drawn jointly over
   all their dimensions (each dimension is still stratified on its own); each
   labeled factor draws its own nested-dropout level per sample.
+
+Options beyond docs/method.md, off by default (the method is one setting away):
+``ema_decay`` hands on an exponential moving average of G2 and B2 (or S)
+instead of their last weights (``stages/ema.py``); ``dis_lr`` gives D and R a
+learning rate of their own (two time-scale updates).
 """
 from __future__ import annotations
 
@@ -95,6 +100,7 @@ from dsu_models.models import (build_discriminator, build_embedders, build_encod
                                build_generator, build_image_classifier, check_factors)
 from dsu_models.nn.layers import sample_offsets, shift_images
 from dsu_models.stages.common import Stage, adam, detached_call, params
+from dsu_models.stages.ema import WeightAverage
 
 
 def _weights(handoff: dict | None, stage: str) -> dict:
@@ -189,8 +195,9 @@ class Stage2(Stage):
         self._init_stats(upstream["code_stats"])
 
         self.models = {"generator": self.generator, "discriminator": self.discriminator}
+        dis_lr = s.lr if s.dis_lr is None else s.dis_lr
         groups = [{"params": params(self.generator), "lr": s.lr},
-                  {"params": params(self.discriminator), "lr": s.lr}]
+                  {"params": params(self.discriminator), "lr": dis_lr}]
         if self.embedders is not None:
             self.models["embedders"] = self.embedders
             groups.append({"params": params(self.embedders), "lr": s.emb_lr})
@@ -200,8 +207,14 @@ class Stage2(Stage):
         if self.classifier is not None:
             self.models["classifier"] = self.classifier
             if s.cla2_adv:
-                groups.append({"params": params(self.classifier), "lr": s.lr})
+                groups.append({"params": params(self.classifier), "lr": dis_lr})
         self.optimizers = {"main": adam(groups, s.betas)}
+        self.average = None
+        if s.ema_decay > 0:  # what is handed on: G2 and its label side, averaged
+            side = {n: m for n, m in (("generator", self.generator), ("embedders", self.embedders),
+                                      ("label_encoder", self.label_encoder)) if m is not None}
+            self.average = WeightAverage(side, s.ema_decay)
+            self.models.update({f"{n}_ema": m for n, m in self.average.copies.items()})
         self.setup_networks(*self.models.values(), self.generator1, self.encoder)
 
     # ------------------------------------------------------------ setup
@@ -473,26 +486,44 @@ class Stage2(Stage):
         terms["g_cla"] = k * losses.cla2_generator_loss(self._padded(g_logits).flatten(0, 1),
                                                        targets.flatten())
 
+    def after_update(self):
+        if self.average is not None:
+            self.average.update()
+
+    def handoff(self) -> dict:
+        """As every stage's, with the averaged networks in place of the last
+        weights when ``ema_decay`` is on."""
+        out = super().handoff()
+        if self.average is not None:
+            out["weights"].update({n: self.weights(f"{n}_ema")[f"{n}_ema"] for n in self.average.copies})
+        return out
+
+    def _shown(self, name: str):
+        """The network handed on under ``name``: its average when there is one."""
+        return self.models.get(f"{name}_ema", getattr(self, name))
+
     # ------------------------------------------------------------ outputs
 
     @torch.no_grad()
     def generate(self, u: Tensor | None, label_codes: list[Tensor]) -> Tensor:
-        """G2's images (B, C, H, W) from unknown codes ``u`` (B, m_u) (None or
-        empty when m_u = 0) and labeled codes ``[(B, m_k)]``, nothing dropped."""
+        """G2's images (B, C, H, W) (the averaged G2 with ``ema_decay``) from
+        unknown codes ``u`` (B, m_u) (None or empty when m_u = 0) and labeled
+        codes ``[(B, m_k)]``, nothing dropped."""
         z = torch.cat(([u] if u is not None else []) + list(label_codes), 1)
-        was_training = self.generator.training
-        self.generator.eval()
-        images = self.generator(torch.cat([z, torch.zeros_like(z)], 1))[0]
-        self.generator.train(was_training)
+        generator = self._shown("generator")
+        was_training = generator.training
+        generator.eval()
+        images = generator(torch.cat([z, torch.zeros_like(z)], 1))[0]
+        generator.train(was_training)
         return images
 
     @torch.no_grad()
     def label_means(self, x: Tensor, y: Tensor) -> list[Tensor]:
         """Labeled code means ``[(B, m_k)]``: B2(y) means, or S(x) means."""
         if self.embedders is not None:
-            return [emb(y[:, k])[0] for k, emb in enumerate(self.embedders)]
+            return [emb(y[:, k])[0] for k, emb in enumerate(self._shown("embedders"))]
         if self.label_encoder is not None:
-            return [mean for mean, _ in self.label_encoder(x)]
+            return [mean for mean, _ in self._shown("label_encoder")(x)]
         return []
 
     @torch.no_grad()
@@ -521,7 +552,7 @@ class Stage2(Stage):
         u = batch["mu"] if self.unknown_size else None
 
         def embed(labels: Tensor) -> list[Tensor]:
-            return [emb(labels[:, k])[0] for k, emb in enumerate(self.embedders)]
+            return [emb(labels[:, k])[0] for k, emb in enumerate(self._shown("embedders"))]
 
         return plots.class_sweep_pictures(x, u, y, embed, self.generate, self.factors)
 
@@ -529,7 +560,8 @@ class Stage2(Stage):
         """``embedding_<factor>``: B2's normalised class codes (nothing without B2)."""
         if self.embedders is None:
             return {}
-        return plots.embedding_plots(self.embedders, self.factors, f"stage 2 it {self.iteration}: ")
+        return plots.embedding_plots(self._shown("embedders"), self.factors,
+                                     f"stage 2 it {self.iteration}: ")
 
     def pictures(self, batch: dict, data=None) -> dict[str, Tensor]:
         """The pictures due after this iteration: :meth:`sample_images` and
