@@ -60,6 +60,16 @@ def test_uncached_epochs_reread_the_shard():
         assert torch.allclose((batch["image"][:, 0, 0, 0] + 1) * 127.5, batch["id"].float(), atol=1e-4)
 
 
+@pytest.mark.parametrize("cache", [False, True])
+def test_raw_epochs_leave_images_uint8_for_the_gpu(cache):
+    """What a GPU worker asks for: the stage converts on the device."""
+    from pipelines.data.loading import iter_epochs
+
+    for _, batch in iter_epochs(FakeShard(40), 16, epochs=2, shuffle_buffer=0, cache=cache, raw=True):
+        assert batch["image"].dtype == torch.uint8
+        assert torch.equal(batch["image"][:, 0, 0, 0].long(), batch["id"])
+
+
 def test_shard_fits_in_memory():
     from pipelines.data.loading import shard_fits_in_memory
 

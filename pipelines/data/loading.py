@@ -94,9 +94,13 @@ def shard_fits_in_memory(manifest: dict, split: str, image_size: int, workers: i
 
 def iter_epochs(shard, batch_size: int, epochs: int | None = None, shuffle_buffer: int = 2048,
                 seed: int = 0, drop_last: bool = True, device: str | None = None,
-                cache: bool = False) -> Iterator[tuple[int, dict]]:
+                cache: bool = False, raw: bool = False) -> Iterator[tuple[int, dict]]:
     """(epoch, batch) over ``epochs`` passes (None = forever): ``id`` (B,) int64,
     ``image`` (B, C, H, W) float32 in [-1, 1], ``labels`` (B, F) int64, on ``device``.
+
+    ``raw`` (a GPU worker): the images stay uint8 on the CPU, in page-locked
+    memory when CUDA is there, for the stage to copy without blocking and to
+    convert on the GPU (``Stage.to_device``): a quarter of the bytes of float32.
 
     Each pass re-reads the shard; rows are shuffled through a buffer of
     ``shuffle_buffer`` rows with a per-epoch seed (0 = no shuffling).
@@ -112,7 +116,7 @@ def iter_epochs(shard, batch_size: int, epochs: int | None = None, shuffle_buffe
     for epoch in (itertools.count() if epochs is None else range(epochs)):
         if table is not None:
             for batch in _cached_epoch(table, batch_size, seed + epoch, drop_last):
-                yield epoch, _for_training(batch, device)
+                yield epoch, _for_training(batch, device, raw)
             continue
         kwargs = {}
         if shuffle_buffer:
@@ -126,7 +130,7 @@ def iter_epochs(shard, batch_size: int, epochs: int | None = None, shuffle_buffe
                 stored.append({k: batch[k].clone() for k in DTYPES})
                 if drop_last and len(batch["id"]) < batch_size:
                     continue
-            yield epoch, _for_training(batch, device)
+            yield epoch, _for_training(batch, device, raw)
         if cache:
             if not stored:
                 raise ValueError("iter_epochs: the shard is empty")
@@ -153,9 +157,12 @@ def _to_torch(arrays: dict) -> dict:
     return out
 
 
-def _for_training(batch: dict, device: str | None) -> dict:
+def _for_training(batch: dict, device: str | None, raw: bool = False) -> dict:
     """Moves the batch to ``device`` (uint8 images: a quarter of the bytes to copy
-    to a GPU) and maps the images to float32 in [-1, 1] there."""
+    to a GPU) and maps the images to float32 in [-1, 1] there; ``raw``: leaves
+    it uint8 on the CPU, page-locked when CUDA is available."""
+    if raw:
+        return {k: v.pin_memory() for k, v in batch.items()} if torch.cuda.is_available() else batch
     out = {k: v.to(device=device or "cpu") for k, v in batch.items()}
     out["image"] = to_float(out["image"])
     return out

@@ -202,7 +202,7 @@ def _train_in(config: dict, workdir: Path):
 
     per_worker = getattr(cfg, name).batch_size // world
     epochs = iter_epochs(ray.train.get_dataset_shard("train"), per_worker, seed=cfg.seed * 31 + rank,
-                         device="cpu", cache=config["cache"])
+                         device="cpu", cache=config["cache"], raw=stage.device.type == "cuda")
 
     def next_batch(_iteration: int) -> dict:
         _, rows = next(epochs)
