@@ -17,13 +17,21 @@ multiplied by ``--scale``, then evaluates the final model
 
 ``--dataset``: ``shapes3d`` (labeled floor_hue, wall_hue, object_hue, shape;
 unknown scale, orientation) or ``sprites`` (labeled shape, scale; unknown
-orientation, x, y: labels that are small geometric details).
+orientation, x, y: labels that are small geometric details); without it, the
+config's own dataset and labels (the ``quality`` preset's: shapes3d as above;
+``--config quick``: the default run's, the object labeled, the room unknown).
 
 ``--eval-every N`` also evaluates the model every N stage-2 iterations (stage
 1's encoder with stage 2's generator so far; oracles trained once, up front,
 and cached), and prints time to quality: the training wall minutes (stages 1
 and 2 so far, distillation and the classifier included, evaluations not) at
 which each bar was first met.
+
+``--tracking-uri URI`` (``--experiment``, default ``quality``) also records
+the run in MLflow: the resolved config, every milestone's figures with the
+stage-2 iteration as their step (so MLflow draws swap accuracy per factor
+against iterations) and ``training_minutes`` beside them, then the final
+figures, the wall times and the minutes to each bar.
 
 Training time is the wall time of the stages (distillation included); oracle
 training (cached per dataset under ``--cache``) and the evaluation itself are
@@ -110,8 +118,9 @@ class _Milestones:
     with stage 1's, judged by the oracles; the evaluations' own time is kept
     off the training clock."""
 
-    def __init__(self, every: int, out: Path, train, test, ecfg, oracles, device, started: float):
-        self.every, self.out, self.train, self.test = every, out, train, test
+    def __init__(self, every: int, out: Path, train, test, ecfg, oracles, device, started: float,
+                 record=None):
+        self.every, self.out, self.train, self.test, self.record = every, out, train, test, record
         self.ecfg, self.oracles, self.device, self.started = ecfg, oracles, device, started
         self.spent = 0.0      # seconds of evaluation, not training
         self.rows: list[tuple[int, float, dict]] = []
@@ -122,6 +131,8 @@ class _Milestones:
     def __call__(self, stage) -> None:
         if stage.name != "stage2" or (stage.iteration % self.every and not stage.done):
             return
+        if self.rows and self.rows[-1][0] == stage.iteration:
+            return   # the last iteration is both a multiple of N and the stage's end
         from dsu_models.distill import load_codes
         from dsu_models.evaluation import evaluate
         from dsu_models.files import load_torch
@@ -135,6 +146,8 @@ class _Milestones:
             code_stats=codes["stats"], all_factors=self.train.factors, device=str(self.device))
         metrics = evaluate(model, self.train, self.test, self.ecfg, self.oracles, log=lambda line: None)
         self.rows.append((stage.iteration, minutes, metrics))
+        if self.record:
+            self.record(dict(metrics, training_minutes=minutes), stage.iteration)
         swaps = " ".join(f"{k[9:]} {v:.3f}" for k, v in metrics.items()
                          if k.startswith("swap_acc_") and k != "swap_acc_mean")
         print(f"[milestone] stage2 {stage.iteration}: {minutes:.1f} min of training | swap "
@@ -151,9 +164,27 @@ class _Milestones:
                 for bar in BARS}
 
 
+def _mlflow_recorder(args, cfg):
+    """Start an MLflow run holding the config; returns ``record(metrics, step)``."""
+    import mlflow
+    mlflow.set_tracking_uri(args.tracking_uri)
+    mlflow.set_experiment(args.experiment)
+    mlflow.start_run(run_name=f"quality-{cfg.dataset}")
+    mlflow.log_params({"dataset": cfg.dataset, "image_size": cfg.image_size,
+                       "labeled_factors": ",".join(cfg.labeled_factors),
+                       **{f"{s}.iterations": getattr(cfg, s).iterations for s in cfg.active_stages()}})
+    mlflow.log_dict(cfg.to_dict(), "config.json")
+
+    def record(metrics: dict, step: int):
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()
+                            if isinstance(v, (int, float)) and math.isfinite(v)}, step=step)
+    return record
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", choices=sorted(LABELED), default="shapes3d")
+    parser.add_argument("--dataset", choices=sorted(LABELED),
+                        help="built-in dataset and its labeled factors (default: the config's own)")
     parser.add_argument("--config", default="quality", help="preset or YAML (default: quality)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every stage's iterations")
     parser.add_argument("--eval-every", type=int, default=0,
@@ -162,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", default=str(Path.home() / ".disunknown" / "oracles"),
                         help="oracle cache directory")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--tracking-uri", help="also record the run in this MLflow store")
+    parser.add_argument("--experiment", default="quality", help="MLflow experiment (with --tracking-uri)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)
     torch.set_num_threads(args.threads)
@@ -172,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     from dsu_models.stages.common import resolve_device
     from dsu_models.train import run
 
-    chosen = [f"dataset={args.dataset}", LABELED[args.dataset]] + args.overrides
+    chosen = ([f"dataset={args.dataset}", LABELED[args.dataset]] if args.dataset else []) + args.overrides
     base = build_config(args.config, chosen)
     cfg = build_config(args.config, chosen + scaled_overrides(base, args.scale))
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="dsu-quality-"))
@@ -187,9 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     oracles = load_or_train_oracles(train, test, cfg.evaluate, args.cache, device)
     oracle_wall = time.perf_counter() - started
 
+    record = _mlflow_recorder(args, cfg) if args.tracking_uri else None
     started = time.perf_counter()
-    milestones = (_Milestones(args.eval_every, out, train, test, cfg.evaluate, oracles, device, started)
-                  if args.eval_every else None)
+    milestones = (_Milestones(args.eval_every, out, train, test, cfg.evaluate, oracles, device, started,
+                              record) if args.eval_every else None)
     results = run(cfg, out, watch=milestones)
     train_wall = time.perf_counter() - started - (milestones.spent if milestones else 0.0)
 
@@ -216,6 +250,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"time to quality ({bar} bar): "
                   + (f"{first[1]:.1f} min of training (stage 2 iteration {first[0]})" if first
                      else "not met within the run"))
+    if record:
+        import mlflow
+        final = dict(metrics, train_wall_min=train_wall / 60, oracle_wall_s=oracle_wall,
+                     eval_wall_s=eval_wall)
+        if milestones:
+            final.update({f"time_to_{bar}_min": first[1]
+                          for bar, first in milestones.time_to_quality().items() if first})
+        record(final, cfg.stage2.iterations if "stage2" in cfg.active_stages() else 0)
+        mlflow.end_run()
     print(f"summary {metrics.get('summary', float('nan')):.4f}; basic bar "
           f"{'met' if bar_met(metrics, 'basic') else 'not met'}; fine bar "
           f"{'met' if bar_met(metrics, 'fine') else 'not met'}")
