@@ -35,3 +35,37 @@ def test_bars_judge_each_line():
     leaky = dict(good, leak_excess_mean=0.07)
     assert not quality.bar_met(leaky, "fine") and quality.bar_met(leaky, "basic")
     assert not quality.bar_met({}, "basic")      # missing figures never pass
+
+
+def test_default_run_keeps_the_room_unknown_and_ramps_its_adversary_in_time():
+    """The ``quick`` preset (``pipelines/full.py``'s default): the object labeled,
+    the room's colours unknown, and the adversary at full weight before stage 1
+    ends (docs/benchmarks.md, "Time to quality")."""
+    cfg = build_config("quick", [])
+    assert cfg.labeled_factors == ["object_hue", "shape", "scale", "orientation"]
+    assert cfg.hidden() == ["floor_hue", "wall_hue"]
+    start, full = cfg.stage1.cla1_ramp
+    assert 0 < start < full < cfg.stage1.iterations
+
+
+def test_milestones_and_final_figures_reach_mlflow_as_curves(tmp_path):
+    """``--eval-every 10 --tracking-uri``: a real tiny training, evaluated at stage-2
+    iterations 10 and 20; MLflow holds each figure as a curve over those steps."""
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    small_eval = ["device=cpu", "evaluate.pairs=48", "evaluate.batch_size=64",
+                  "evaluate.oracle_epochs=1", "evaluate.oracle_width=8", "evaluate.probe_samples=100"]
+    assert quality.main(["--config", "tiny", "--eval-every", "10", "--out", str(tmp_path / "run"),
+                         "--cache", str(tmp_path / "oracles"), "--tracking-uri", uri,
+                         "--threads", str(torch.get_num_threads()), *small_eval]) == 0
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("quality").experiment_id])
+    swap = client.get_metric_history(run.info.run_id, "swap_acc_shape")
+    assert [m.step for m in sorted(swap, key=lambda m: (m.step, m.timestamp))][:2] == [10, 20]
+    minutes = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "training_minutes"),
+                                       key=lambda m: m.step)]
+    assert len(minutes) == 2 and 0 < minutes[0] < minutes[1]
+    assert run.data.params["labeled_factors"] == "floor_hue,wall_hue,object_hue,shape"
+    assert run.data.metrics["train_wall_min"] > 0 and 0 <= run.data.metrics["summary"] <= 1
