@@ -131,8 +131,6 @@ class _Milestones:
     def __call__(self, stage) -> None:
         if stage.name != "stage2" or (stage.iteration % self.every and not stage.done):
             return
-        if self.rows and self.rows[-1][0] == stage.iteration:
-            return   # the last iteration is both a multiple of N and the stage's end
         from dsu_models.distill import load_codes
         from dsu_models.evaluation import evaluate
         from dsu_models.files import load_torch
@@ -164,21 +162,24 @@ class _Milestones:
                 for bar in BARS}
 
 
-def _mlflow_recorder(args, cfg):
-    """Start an MLflow run holding the config; returns ``record(metrics, step)``."""
-    import mlflow
-    mlflow.set_tracking_uri(args.tracking_uri)
-    mlflow.set_experiment(args.experiment)
-    mlflow.start_run(run_name=f"quality-{cfg.dataset}")
-    mlflow.log_params({"dataset": cfg.dataset, "image_size": cfg.image_size,
-                       "labeled_factors": ",".join(cfg.labeled_factors),
-                       **{f"{s}.iterations": getattr(cfg, s).iterations for s in cfg.active_stages()}})
-    mlflow.log_dict(cfg.to_dict(), "config.json")
+class _Recorder:
+    """The run in MLflow (``--tracking-uri``), through the pipeline's own tracking
+    helpers: the config as params and a file, then ``record(metrics, step)``."""
 
-    def record(metrics: dict, step: int):
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()
-                            if isinstance(v, (int, float)) and math.isfinite(v)}, step=step)
-    return record
+    def __init__(self, tracking_uri: str, experiment: str, cfg):
+        from mlflow.tracking import MlflowClient
+        from pipelines.tracking import runs as tracking
+
+        self.tracking, self.client = tracking, MlflowClient(tracking_uri)
+        experiment_id = tracking.setup(tracking_uri, experiment)
+        self.run_id = self.client.create_run(experiment_id, run_name=f"quality-{cfg.dataset}").info.run_id
+        tracking.log_config(self.client, self.run_id, cfg)
+
+    def __call__(self, metrics: dict, step: int):
+        self.tracking.log_metrics(self.client, self.run_id, metrics, step)
+
+    def finish(self):
+        self.client.set_terminated(self.run_id, "FINISHED")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     oracles = load_or_train_oracles(train, test, cfg.evaluate, args.cache, device)
     oracle_wall = time.perf_counter() - started
 
-    record = _mlflow_recorder(args, cfg) if args.tracking_uri else None
+    record = _Recorder(args.tracking_uri, args.experiment, cfg) if args.tracking_uri else None
     started = time.perf_counter()
     milestones = (_Milestones(args.eval_every, out, train, test, cfg.evaluate, oracles, device, started,
                               record) if args.eval_every else None)
@@ -251,14 +252,13 @@ def main(argv: list[str] | None = None) -> int:
                   + (f"{first[1]:.1f} min of training (stage 2 iteration {first[0]})" if first
                      else "not met within the run"))
     if record:
-        import mlflow
         final = dict(metrics, train_wall_min=train_wall / 60, oracle_wall_s=oracle_wall,
                      eval_wall_s=eval_wall)
         if milestones:
             final.update({f"time_to_{bar}_min": first[1]
                           for bar, first in milestones.time_to_quality().items() if first})
         record(final, cfg.stage2.iterations if "stage2" in cfg.active_stages() else 0)
-        mlflow.end_run()
+        record.finish()
     print(f"summary {metrics.get('summary', float('nan')):.4f}; basic bar "
           f"{'met' if bar_met(metrics, 'basic') else 'not met'}; fine bar "
           f"{'met' if bar_met(metrics, 'fine') else 'not met'}")

@@ -48,11 +48,13 @@ def test_default_run_keeps_the_room_unknown_and_ramps_its_adversary_in_time():
     assert 0 < start < full < cfg.stage1.iterations
 
 
-def test_milestones_and_final_figures_reach_mlflow_as_curves(tmp_path):
+def test_milestones_and_final_figures_reach_mlflow_as_curves(tmp_path, monkeypatch):
     """``--eval-every 10 --tracking-uri``: a real tiny training, evaluated at stage-2
     iterations 10 and 20; MLflow holds each figure as a curve over those steps."""
     import torch
     from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("DSU_HOME", str(tmp_path))   # a local store keeps its artifacts there
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     small_eval = ["device=cpu", "evaluate.pairs=48", "evaluate.batch_size=64",
@@ -67,5 +69,6 @@ def test_milestones_and_final_figures_reach_mlflow_as_curves(tmp_path):
     minutes = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "training_minutes"),
                                        key=lambda m: m.step)]
     assert len(minutes) == 2 and 0 < minutes[0] < minutes[1]
-    assert run.data.params["labeled_factors"] == "floor_hue,wall_hue,object_hue,shape"
+    assert run.data.params["labeled_factors"] == str(["floor_hue", "wall_hue", "object_hue", "shape"])
+    assert run.info.status == "FINISHED"
     assert run.data.metrics["train_wall_min"] > 0 and 0 <= run.data.metrics["summary"] <= 1
