@@ -78,9 +78,9 @@ def _synced_stage(rank: int, world: int, port: int, case: str, batch_statistics:
 
 def _exits_at_once(fn):
     """A spawned worker that leaves with ``os._exit`` once it has returned (its
-    results saved): about one run in six, the interpreter's own teardown after
-    gloo aborted the process ("terminate called without an active exception"),
-    after every result was already written."""
+    results saved). Left to the interpreter's own teardown, about one run in six
+    aborted inside gloo ("terminate called without an active exception") after
+    every result was already written."""
     @functools.wraps(fn)
     def run(*args):
         fn(*args)
