@@ -1,7 +1,7 @@
 """Quality bars: does the method disentangle a built-in dataset on this CPU, and how fast?
 
     python benchmarks/quality.py [--dataset shapes3d|sprites] [--config quality] [--scale 1.0]
-        [--eval-every N] [--out DIR] [key=value ...]
+        [--eval-every N] [--stage1-every N] [--out DIR] [key=value ...]
 
 Trains every stage with the single-process runner (``dsu_models.train.run``;
 the same stage modules the Ray pipeline runs) on a built-in dataset at 32 px
@@ -25,13 +25,20 @@ config's own dataset and labels (the ``quality`` preset's: shapes3d as above;
 1's encoder with stage 2's generator so far; oracles trained once, up front,
 and cached), and prints time to quality: the training wall minutes (stages 1
 and 2 so far, distillation and the classifier included, evaluations not) at
-which each bar was first met.
+which each bar was first met. ``--stage1-every N`` evaluates the stage-1
+model (G1 drawing from E's code and B1's labels) every N stage-1 iterations:
+whether stage 1 draws a factor at all, which bounds what stage 2 can keep of
+it (these milestones are not the final model's and do not count towards time
+to quality). Both intervals must be multiples of their stage's
+``report_interval`` (the runner hands a stage over at its reports).
 
 ``--tracking-uri URI`` (``--experiment``, default ``quality``) also records
 the run in MLflow: the resolved config, every milestone's figures with the
 stage-2 iteration as their step (so MLflow draws swap accuracy per factor
-against iterations) and ``training_minutes`` beside them, then the final
-figures, the wall times and the minutes to each bar.
+against iterations) and ``training_minutes`` beside them (stage-1 milestones
+under the same names prefixed ``stage1_``, with the stage-1 iteration as
+their step), then the final figures, the wall times and the minutes to each
+bar.
 
 Training time is the wall time of the stages (distillation included); oracle
 training (cached per dataset under ``--cache``) and the evaluation itself are
@@ -114,11 +121,15 @@ def stage_seconds(cfg, out: Path) -> dict[str, float]:
 
 
 class _Milestones:
-    """Evaluations along stage 2 (``--eval-every``): the stage's hand-off so far
-    with stage 1's, judged by the oracles; the evaluations' own time is kept
-    off the training clock."""
+    """Evaluations along the run, judged by the oracles: every ``every["stage2"]``
+    stage-2 iterations (``--eval-every``) the stage's hand-off so far with stage
+    1's (these milestones give the time to quality); every ``every["stage1"]``
+    stage-1 iterations (``--stage1-every``) the stage-1 model alone, G1 drawing
+    from E's code and B1's embeddings (what stage 1 can hand on: an unknown
+    factor G1 does not draw is one E's code does not carry). The evaluations'
+    own time is kept off the training clock."""
 
-    def __init__(self, every: int, out: Path, train, test, ecfg, oracles, device, started: float,
+    def __init__(self, every: dict[str, int], out: Path, train, test, ecfg, oracles, device, started: float,
                  record=None):
         self.every, self.out, self.train, self.test, self.record = every, out, train, test, record
         self.ecfg, self.oracles, self.device, self.started = ecfg, oracles, device, started
@@ -129,7 +140,8 @@ class _Milestones:
         return (time.perf_counter() - self.started - self.spent) / 60
 
     def __call__(self, stage) -> None:
-        if stage.name != "stage2" or (stage.iteration % self.every and not stage.done):
+        every = self.every.get(stage.name)
+        if not every or (stage.iteration % every and not stage.done):
             return
         from dsu_models.distill import load_codes
         from dsu_models.evaluation import evaluate
@@ -138,19 +150,28 @@ class _Milestones:
 
         began = time.perf_counter()
         minutes = self.training_minutes()
-        codes = load_codes(self.out / "stage1" / "codes.pt")
-        model = DisUnknownModel.from_handoffs(
-            stage1=load_torch(self.out / "stage1" / "handoff.pt"), stage2=stage.handoff(),
-            code_stats=codes["stats"], all_factors=self.train.factors, device=str(self.device))
+        if stage.name == "stage1":   # the stage-1 model: G1 drawing from E's code and B1's labels
+            model = DisUnknownModel.from_handoffs(stage1=stage.handoff(), all_factors=self.train.factors,
+                                                  device=str(self.device))
+        else:
+            codes = load_codes(self.out / "stage1" / "codes.pt")
+            model = DisUnknownModel.from_handoffs(
+                stage1=load_torch(self.out / "stage1" / "handoff.pt"), stage2=stage.handoff(),
+                code_stats=codes["stats"], all_factors=self.train.factors, device=str(self.device))
         metrics = evaluate(model, self.train, self.test, self.ecfg, self.oracles, log=lambda line: None)
-        self.rows.append((stage.iteration, minutes, metrics))
+        if stage.name == "stage2":
+            self.rows.append((stage.iteration, minutes, metrics))
         if self.record:
-            self.record(dict(metrics, training_minutes=minutes), stage.iteration)
+            prefix = "stage1_" if stage.name == "stage1" else ""
+            self.record({prefix + k: v for k, v in dict(metrics, training_minutes=minutes).items()},
+                        stage.iteration)
         swaps = " ".join(f"{k[9:]} {v:.3f}" for k, v in metrics.items()
                          if k.startswith("swap_acc_") and k != "swap_acc_mean")
-        print(f"[milestone] stage2 {stage.iteration}: {minutes:.1f} min of training | swap "
+        kept = " ".join(f"{k[9:]} {v:.3f}" for k, v in metrics.items()
+                        if k.startswith("preserve_") and k not in ("preserve_mean", "preserve_score"))
+        print(f"[milestone] {stage.name} {stage.iteration}: {minutes:.1f} min of training | swap "
               f"{metrics.get('swap_acc_mean', float('nan')):.3f} ({swaps}) | preservation "
-              f"{metrics.get('preserve_mean', float('nan')):.3f} | leak excess "
+              f"{metrics.get('preserve_mean', float('nan')):.3f} ({kept}) | leak excess "
               f"{metrics.get('leak_excess_mean', float('nan')):.3f} | basic "
               f"{'met' if bar_met(metrics, 'basic') else 'no'}, fine "
               f"{'met' if bar_met(metrics, 'fine') else 'no'}", flush=True)
@@ -190,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every stage's iterations")
     parser.add_argument("--eval-every", type=int, default=0,
                         help="also evaluate every N stage-2 iterations (time to quality)")
+    parser.add_argument("--stage1-every", type=int, default=0,
+                        help="also evaluate the stage-1 model every N stage-1 iterations")
     parser.add_argument("--out", help="run directory (default: a temporary one)")
     parser.add_argument("--cache", default=str(Path.home() / ".disunknown" / "oracles"),
                         help="oracle cache directory")
@@ -209,6 +232,13 @@ def main(argv: list[str] | None = None) -> int:
     chosen = ([f"dataset={args.dataset}", LABELED[args.dataset]] if args.dataset else []) + args.overrides
     base = build_config(args.config, chosen)
     cfg = build_config(args.config, chosen + scaled_overrides(base, args.scale))
+    every = {"stage1": args.stage1_every, "stage2": args.eval_every}
+    for stage, n in every.items():   # the runner hands the stage over at its reports only
+        interval = getattr(cfg, stage).report_interval
+        if n < 0 or n % interval:
+            option = "--stage1-every" if stage == "stage1" else "--eval-every"
+            parser.error(f"{option} {n}: must be a multiple of {stage}.report_interval ({interval}); "
+                         "milestones are taken at the stage's reports")
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="dsu-quality-"))
     print(f"quality: {cfg.dataset} {cfg.image_size} px, device {cfg.device}, precision {cfg.precision}, "
           f"labeled {cfg.labeled_factors}, hidden "
@@ -223,8 +253,8 @@ def main(argv: list[str] | None = None) -> int:
 
     record = _Recorder(args.tracking_uri, args.experiment, cfg) if args.tracking_uri else None
     started = time.perf_counter()
-    milestones = (_Milestones(args.eval_every, out, train, test, cfg.evaluate, oracles, device, started,
-                              record) if args.eval_every else None)
+    milestones = (_Milestones(every, out, train, test, cfg.evaluate, oracles, device, started, record)
+                  if any(every.values()) else None)
     results = run(cfg, out, watch=milestones)
     train_wall = time.perf_counter() - started - (milestones.spent if milestones else 0.0)
 

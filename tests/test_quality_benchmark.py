@@ -49,8 +49,9 @@ def test_default_run_keeps_the_room_unknown_and_ramps_its_adversary_in_time():
 
 
 def test_milestones_and_final_figures_reach_mlflow_as_curves(tmp_path, monkeypatch):
-    """``--eval-every 10 --tracking-uri``: a real tiny training, evaluated at stage-2
-    iterations 10 and 20; MLflow holds each figure as a curve over those steps."""
+    """``--eval-every 10 --stage1-every 15 --tracking-uri``: a real tiny training,
+    evaluated at stage-2 iterations 10 and 20 and along stage 1; MLflow holds each
+    figure as a curve over those steps."""
     import torch
     from mlflow.tracking import MlflowClient
 
@@ -59,16 +60,34 @@ def test_milestones_and_final_figures_reach_mlflow_as_curves(tmp_path, monkeypat
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     small_eval = ["device=cpu", "evaluate.pairs=48", "evaluate.batch_size=64",
                   "evaluate.oracle_epochs=1", "evaluate.oracle_width=8", "evaluate.probe_samples=100"]
-    assert quality.main(["--config", "tiny", "--eval-every", "10", "--out", str(tmp_path / "run"),
+    assert quality.main(["--config", "tiny", "--eval-every", "10", "--stage1-every", "10",
+                         "--out", str(tmp_path / "run"),
                          "--cache", str(tmp_path / "oracles"), "--tracking-uri", uri,
                          "--threads", str(torch.get_num_threads()), *small_eval]) == 0
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("quality").experiment_id])
     swap = client.get_metric_history(run.info.run_id, "swap_acc_shape")
     assert [m.step for m in sorted(swap, key=lambda m: (m.step, m.timestamp))][:2] == [10, 20]
+    # the stage-1 model along stage 1, under its own names, at iterations 10 and 20
+    stage1 = client.get_metric_history(run.info.run_id, "stage1_preserve_mean")
+    assert sorted(m.step for m in stage1) == [10, 20]
+    assert all(0 <= m.value <= 1 for m in stage1)
     minutes = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "training_minutes"),
                                        key=lambda m: m.step)]
     assert len(minutes) == 2 and 0 < minutes[0] < minutes[1]
     assert run.data.params["labeled_factors"] == str(["floor_hue", "wall_hue", "object_hue", "shape"])
     assert run.info.status == "FINISHED"
     assert run.data.metrics["train_wall_min"] > 0 and 0 <= run.data.metrics["summary"] <= 1
+
+
+def test_milestones_off_the_report_grid_are_refused(tmp_path, capsys):
+    """The runner hands a stage over only at its reports: an interval between them
+    would silently skip milestones, so it is refused before any work starts."""
+    import pytest
+
+    with pytest.raises(SystemExit):
+        quality.main(["--config", "tiny", "--stage1-every", "15", "--out", str(tmp_path / "run"),
+                      "--cache", str(tmp_path / "oracles")])
+    err = capsys.readouterr().err
+    assert "--stage1-every 15" in err and "stage1.report_interval (10)" in err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "oracles").exists()
