@@ -27,9 +27,9 @@ and cached), and prints time to quality: the training wall minutes (stages 1
 and 2 so far, distillation and the classifier included, evaluations not) at
 which each bar was first met. ``--stage1-every N`` evaluates the stage-1
 model (G1 drawing from E's code and B1's labels) every N stage-1 iterations:
-whether stage 1 draws a factor at all, which bounds what stage 2 can keep of
-it (these milestones are not the final model's and do not count towards time
-to quality). Both intervals must be multiples of their stage's
+whether G1 draws each factor yet (``benchmarks/code_probe.py`` says whether
+E's code carries it; these milestones are not the final model's and do not
+count towards time to quality). Both intervals must be multiples of their stage's
 ``report_interval`` (the runner hands a stage over at its reports).
 
 ``--tracking-uri URI`` (``--experiment``, default ``quality``) also records
@@ -125,9 +125,9 @@ class _Milestones:
     stage-2 iterations (``--eval-every``) the stage's hand-off so far with stage
     1's (these milestones give the time to quality); every ``every["stage1"]``
     stage-1 iterations (``--stage1-every``) the stage-1 model alone, G1 drawing
-    from E's code and B1's embeddings (what stage 1 can hand on: an unknown
-    factor G1 does not draw is one E's code does not carry). The evaluations'
-    own time is kept off the training clock."""
+    from E's code and B1's embeddings (what G1 draws so far; E's code may carry
+    more, see ``benchmarks/code_probe.py``). The evaluations' own time is kept
+    off the training clock."""
 
     def __init__(self, every: dict[str, int], out: Path, train, test, ecfg, oracles, device, started: float,
                  record=None):

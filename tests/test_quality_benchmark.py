@@ -49,7 +49,7 @@ def test_default_run_keeps_the_room_unknown_and_ramps_its_adversary_in_time():
 
 
 def test_milestones_and_final_figures_reach_mlflow_as_curves(tmp_path, monkeypatch):
-    """``--eval-every 10 --stage1-every 15 --tracking-uri``: a real tiny training,
+    """``--eval-every 10 --stage1-every 10 --tracking-uri``: a real tiny training,
     evaluated at stage-2 iterations 10 and 20 and along stage 1; MLflow holds each
     figure as a curve over those steps."""
     import torch
