@@ -29,9 +29,9 @@ def probe(train_codes, train_labels, test_codes, test_labels, seed: int = 0) -> 
     from sklearn.exceptions import ConvergenceWarning   # lazy: sklearn is slow to import
     from sklearn.neural_network import MLPClassifier
 
-    mean, std = train_codes.double().mean(0), train_codes.double().std(0).clamp_min(1e-8)
-    x_train = ((train_codes.double() - mean) / std).numpy()
-    x_test = ((test_codes.double() - mean) / std).numpy()
+    from dsu_models.evaluation.metrics import standardised
+
+    x_train, x_test = standardised(train_codes, test_codes)
     out = []
     for k in range(train_labels.shape[1]):
         with warnings.catch_warnings():
@@ -49,33 +49,33 @@ def main(argv: list[str] | None = None) -> int:
                         help="train codes the probes learn from (default 10000)")
     args = parser.parse_args(argv)
 
-    import torch
-
     from dsu_models.config import load_resolved
-    from dsu_models.distill import load_codes
     from dsu_models.factory import load_data
+    from pipelines.data.upstream import lookup_codes
+    from pipelines.sweeps.upstream import from_runner
 
     run_dir = Path(args.run_dir)
-    for needed in (run_dir / "config.yaml", run_dir / "stage1" / "codes.pt"):
-        if not needed.exists():
-            parser.error(f"{needed}: not found (RUN_DIR must hold a finished stage 1 and its distilled codes)")
+    if not (run_dir / "config.yaml").exists():
+        parser.error(f"{run_dir / 'config.yaml'}: not found (RUN_DIR must hold a finished stage 1 and its "
+                     "distilled codes)")
     if args.train_samples < 1:
         parser.error(f"--train-samples {args.train_samples}: must be at least 1")
     cfg = load_resolved(run_dir / "config.yaml")
+    try:   # the runner's codes as a stage-2 sweep reads them (sorted by id)
+        codes = from_runner(run_dir)["codes"]
+    except ValueError as e:
+        parser.error(str(e))
+    if codes is None:
+        parser.error(f"{run_dir}: the config has no unknown code to probe")
     train, test = load_data(cfg)
-    codes = load_codes(run_dir / "stage1" / "codes.pt")["codes"]
-
-    def rows(data, part):
-        """The codes' rows in the data's order (codes are stored with their ids)."""
-        where = {int(i): n for n, i in enumerate(part["ids"])}
-        missing = [int(i) for i in data.ids if int(i) not in where]
-        if missing:
-            parser.error(f"{run_dir / 'stage1' / 'codes.pt'}: no code for sample id {missing[0]} "
-                         f"({len(missing)} missing): the codes belong to other data")
-        return part["mu"][torch.tensor([where[int(i)] for i in data.ids])]
+    try:   # joined to the data's rows by id
+        train_mu, _ = lookup_codes(codes["train"], train.ids)
+        test_mu, _ = lookup_codes(codes["test"], test.ids)
+    except KeyError as e:
+        parser.error(f"{run_dir}: {e.args[0]}")
 
     n = min(args.train_samples, len(train))
-    accuracy = probe(rows(train, codes["train"])[:n], train.labels[:n], rows(test, codes["test"]), test.labels)
+    accuracy = probe(train_mu[:n], train.labels[:n], test_mu, test.labels)
     print(f"code probe: {run_dir}, unknown code size {cfg.unknown_size}, {n} train / {len(test)} test codes")
     for info, acc in zip(train.factors, accuracy):
         role = "labeled" if info.name in cfg.labeled_factors else "unknown"

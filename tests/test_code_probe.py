@@ -38,6 +38,19 @@ def test_run_directory_probe_names_every_factor(tmp_path, capsys):
         assert role == ("labeled" if name in cfg.labeled_factors else "unknown")
         assert 0.0 <= float(accuracy) <= 1.0 and 0.0 < float(chance) < 1.0
 
+    # codes of other images (ids shifted past the data's) are refused, naming an id
+    from dsu_models.distill import load_codes
+    from dsu_models.files import save_torch
+
+    path = tmp_path / "run" / "stage1" / "codes.pt"
+    distilled = load_codes(path)
+    for part in distilled["codes"].values():
+        part["ids"] = part["ids"] + 10**6
+    save_torch(distilled, path)
+    with pytest.raises(SystemExit):
+        code_probe.main([str(tmp_path / "run")])
+    assert "no distilled unknown code for image id" in capsys.readouterr().err
+
 
 def test_directory_without_codes_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):

@@ -93,6 +93,13 @@ def balanced_accuracy(pred: Tensor, truth: Tensor) -> tuple[float, float]:
     return float((hits[present] / per_class[present]).mean()), 1.0 / int(present.sum())
 
 
+def standardised(train_codes: Tensor, test_codes: Tensor):
+    """Both code sets as float64 numpy arrays, scaled by the train codes' mean and
+    std per dimension (a constant dimension becomes zeros), for the probes."""
+    mean, std = train_codes.double().mean(0), train_codes.double().std(0).clamp_min(1e-8)
+    return ((train_codes.double() - mean) / std).numpy(), ((test_codes.double() - mean) / std).numpy()
+
+
 def probe_leakage(train_codes: Tensor, train_labels: Tensor, test_codes: Tensor, test_labels: Tensor,
                   ) -> list[tuple[float, float]]:
     """Per labeled factor: (balanced accuracy, chance) of a logistic-regression probe.
@@ -106,9 +113,7 @@ def probe_leakage(train_codes: Tensor, train_labels: Tensor, test_codes: Tensor,
 
     out = []
     m = train_codes.shape[1]
-    mean, std = train_codes.double().mean(0), train_codes.double().std(0).clamp_min(1e-8)
-    x_train = ((train_codes.double() - mean) / std).numpy()
-    x_test = ((test_codes.double() - mean) / std).numpy()
+    x_train, x_test = standardised(train_codes, test_codes)
     for k in range(train_labels.shape[1]):
         y_train, y_test = train_labels[:, k], test_labels[:, k]
         chance = 1.0 / len(y_test.unique())
