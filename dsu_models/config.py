@@ -161,6 +161,9 @@ class Stage2Config(StageConfig):
     # an exponential moving average of G2 and its label side, handed on instead of
     # the last weights (stages/ema.py); 0: off, the method
     ema_decay: float = 0.0
+    # > 0: an R1 penalty, this weight x mean ||grad of D at the real pairs||^2, trains D
+    # (stage2.py); 0: off, the method
+    r1_weight: float = 0.0
     # the discriminator's (and the adversarial classifier's) learning rate; null: lr
     dis_lr: float | None = None
 
@@ -618,6 +621,8 @@ def _resolve_stages(cfg: Config):
                           f"real images always keep a share)")
     if not 0.0 <= s2.ema_decay < 1.0:
         raise ConfigError(f"stage2.ema_decay: {s2.ema_decay} (must be within [0, 1); 0 turns it off)")
+    if s2.r1_weight < 0:
+        raise ConfigError(f"stage2.r1_weight: {s2.r1_weight} (must be >= 0; 0 turns it off)")
     if s2.dis_lr is not None and s2.dis_lr <= 0:
         raise ConfigError(f"stage2.dis_lr: {s2.dis_lr} (must be positive, or null for stage2.lr)")
     if s2.random_ucode and cfg.unknown_size == 0:

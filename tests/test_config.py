@@ -94,6 +94,7 @@ def test_default_batch_size(size, batch):
     (["stage1.cla1_mode=pixels"], "stage1.cla1_mode: 'pixels' is not one of image, code, compound"),
     (["stage1.cla1_adv_mode=xx"], "stage1.cla1_adv_mode: 'xx'"),
     (["stage2.unknown_mode=l1"], "stage2.unknown_mode: 'l1'"),
+    (["stage2.r1_weight=-1"], "stage2.r1_weight: -1"),
     (["factors.floor_hue.init=spiral"], "factors.floor_hue.init: 'spiral'"),
     (["dataset=imagenet"], "dataset: no defaults for 'imagenet'"),
     (["stage1.cla1_ramp=[5, 2]"], "stage1.cla1_ramp: [5, 2]"),

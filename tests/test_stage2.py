@@ -61,6 +61,7 @@ def expected_terms(stage: Stage2) -> set[str]:
     keys |= {"match"} if s.unknown_mode == "mse" and stage.unknown_size else set()
     keys |= {"r_real", "r_fake"} if k and s.cla2_adv else set()
     keys |= {"g_cla"} if k else set()
+    keys |= {"r1"} if s.r1_weight > 0 else set()
     return keys
 
 
@@ -76,6 +77,7 @@ OPTIONS = [
                                "stage2.fake_reflect=true"],
     ["stage2.ema_decay=0.99", "stage2.dis_lr=0.0002"],
     ["stage2.ema_decay=0.99", "stage2.use_embedding=false"], ["labeled_factors=[]", "stage2.ema_decay=0.99"],
+    ["stage2.r1_weight=1.0"], ["stage2.r1_weight=1.0", "stage2.unknown_mode=mse", "stage2.fake_reflect=true"],
 ]
 
 
@@ -283,3 +285,46 @@ def test_dis_lr_sets_the_adversaries_learning_rate():
     assert lrs[id(next(stage.discriminator.parameters()))] == pytest.approx(3e-4)
     assert lrs[id(next(stage.classifier.parameters()))] == pytest.approx(3e-4)
     assert lrs[id(next(stage.generator.parameters()))] == pytest.approx(stage.scfg.lr)
+
+
+@pytest.mark.parametrize("mode", ["dis", "mse"])
+def test_r1_penalty_value_and_its_gradient(mode):
+    stage, _ = make(f"stage2.unknown_mode={mode}", "stage2.r1_weight=2.0")
+    d = stage.discriminator.double()
+    channels = stage.cfg.image_channels * (2 if mode == "dis" else 1)
+    real = torch.rand(4, channels, *batch_for(stage.cfg)["image"].shape[2:], dtype=torch.float64) * 2 - 1
+    penalty = stage._r1_penalty(real)
+    # the value: D's input gradient on the fast path, squared, summed per image, batch mean
+    x = real.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(d(x).sum(), x)
+    assert penalty.item() == pytest.approx(grad.square().flatten(1).sum(1).mean().item(), rel=1e-6)
+    # its gradient in D's weights, against central differences along a random direction
+    params = [p for p in d.parameters() if p.requires_grad]
+    # (a last layer's bias does not move an input gradient: unused, zero)
+    grads = torch.autograd.grad(penalty, params, allow_unused=True)
+    grads = [torch.zeros_like(p) if gr is None else gr for p, gr in zip(params, grads)]
+    g = torch.Generator().manual_seed(0)
+    direction = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
+    along = sum((gr * v).sum() for gr, v in zip(grads, direction)).item()
+    eps = 1e-5
+    def shift(step):
+        with torch.no_grad():
+            for p, v in zip(params, direction):
+                p.add_(step * v)
+
+    values = []
+    for sign in (1, -1):
+        shift(sign * eps)
+        values.append(stage._r1_penalty(real).item())
+        shift(-sign * eps)
+    assert along == pytest.approx((values[0] - values[1]) / (2 * eps), rel=1e-4)
+
+
+def test_r1_trains_d_only():
+    stage, _ = make("stage2.r1_weight=2.0", "stage2.fake_reflect=true")
+    batch = stage.to_device(batch_for(stage.cfg))
+    terms, _ = stage.loss_terms(batch)
+    assert terms["r1"] > 0
+    terms["r1"].backward()
+    assert not _no_grad(stage.discriminator)
+    assert _no_grad(stage.generator) and _no_grad(stage.embedders) and _no_grad(stage.classifier)

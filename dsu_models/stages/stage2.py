@@ -83,7 +83,8 @@ where it has one):
 Options beyond docs/method.md, off by default (the method is one setting away):
 ``ema_decay`` hands on an exponential moving average of G2 and B2 (or S)
 instead of their last weights (``stages/ema.py``); ``dis_lr`` gives D and R a
-learning rate of their own (two time-scale updates).
+learning rate of their own (two time-scale updates); ``r1_weight`` adds an R1
+penalty on D (:meth:`Stage2._r1_penalty`).
 """
 from __future__ import annotations
 
@@ -99,6 +100,7 @@ from dsu_models.grids import sample_grids
 from dsu_models.models import (build_discriminator, build_embedders, build_encoder,
                                build_generator, build_image_classifier, check_factors)
 from dsu_models.nn.layers import sample_offsets, shift_images
+from dsu_models.nn.plain import plain_layers
 from dsu_models.stages.common import Stage, adam, detached_call, params
 from dsu_models.stages.ema import WeightAverage
 
@@ -339,7 +341,8 @@ class Stage2(Stage):
 
         weights = {"rec": s.rec_weight, "lcode": s.lcode_weight, "lbatch": s.lbatch_weight,
                    "match": s.match_weight, "g_dis": s.dis_weight, "g_cla": s.cla2_weight,
-                   "d_real": 1.0, "d_fake": 1.0, "r_real": 1.0, "r_fake": s.cla2_fake_weight}
+                   "d_real": 1.0, "d_fake": 1.0, "r_real": 1.0, "r_fake": s.cla2_fake_weight,
+                   "r1": s.r1_weight}
         terms["total"] = sum(weights[k] * v for k, v in terms.items())
         return terms, terms["total"]
 
@@ -438,6 +441,22 @@ class Stage2(Stage):
             feats = torch.cat([feats, 2.0 * feats[rows.real] - feats[rows.judged_rec]])
         return net.head(net.trunk.fc(feats))
 
+    def _r1_penalty(self, real: Tensor) -> Tensor:
+        """R1 (Mescheder et al. 2018): ``mean_b ||d D(real_b) / d real_b||^2``,
+        D's gradient at the real inputs (B, C', H, W) (pairs in ``dis`` mode, as
+        D judged them). Trains D only: its value depends on D's weights, and the
+        inputs are detached. Why: a D flat around the real images gives G smooth
+        gradients and keeps D from overshooting on a short schedule.
+
+        Runs on the reference layers (:func:`plain_layers`): this gradient is
+        itself differentiated, and the fast path's hand-written backwards are
+        not differentiable twice. An extra D forward and double backward over
+        the real rows."""
+        real = real.detach().requires_grad_(True)
+        with plain_layers():
+            (grad,) = torch.autograd.grad(self.discriminator(real).sum(), real, create_graph=True)
+        return grad.square().flatten(1).sum(1).mean()
+
     def _fake_mean(self, loss_fn, out: Tensor, rows: Rows, targets: Tensor) -> Tensor:
         """Branch-weighted fake loss on ``out`` (rows ``[real, fakes, reflections]``):
         ``branch_factor * sum_branch loss_fn(its rows, its target labels)``; the
@@ -471,6 +490,8 @@ class Stage2(Stage):
         terms["d_real"] = losses.lsgan_real_loss(d[rows.real])
         terms["d_fake"] = self._fake_mean(lambda out, _: losses.lsgan_fake_loss(out), d, rows, targets)
         terms["g_dis"] = losses.lsgan_g_loss(detached_call(self.discriminator, fake_in))
+        if s.r1_weight > 0:
+            terms["r1"] = self._r1_penalty(judged[rows.real])
         if self.classifier is None:
             return
         k, c, r_net = self.num_labeled, self.cfg.image_channels, self.classifier
