@@ -88,7 +88,8 @@ def bar_met(metrics: dict, bar: str) -> bool:
 
 def scaled_overrides(cfg, scale: float) -> list[str]:
     """Each active stage's iterations times ``scale`` (at least 1), and stage 1's
-    schedule with them (the adversary's ramp, the encoder and embedder freezes),
+    schedule with them (the adversary's and the batch loss's ramps, the encoder
+    and embedder freezes),
     so a shorter run keeps the schedule's shape."""
     def times(n: int) -> int:
         return max(1, math.ceil(n * scale))
@@ -96,8 +97,9 @@ def scaled_overrides(cfg, scale: float) -> list[str]:
     out = [f"{s}.iterations={times(getattr(cfg, s).iterations)}" for s in cfg.active_stages()]
     if "stage1" in cfg.active_stages():
         s1 = cfg.stage1
-        if s1.cla1_ramp is not None:
-            out.append(f"stage1.cla1_ramp=[{', '.join(str(times(t)) for t in s1.cla1_ramp)}]")
+        for key in ("cla1_ramp", "ubatch_ramp"):
+            if getattr(s1, key) is not None:
+                out.append(f"stage1.{key}=[{', '.join(str(times(t)) for t in getattr(s1, key))}]")
         out += [f"stage1.{key}={times(getattr(s1, key))}" for key in ("enc_freeze", "emb_freeze")
                 if getattr(s1, key)]
     return out

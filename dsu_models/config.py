@@ -122,6 +122,7 @@ class Stage1Config(StageConfig):
     cla1_mode: str = "compound"
     cla1_adv_mode: str = "nlu"
     cla1_ramp: list[int] | None = None
+    ubatch_ramp: list[int] | None = None  # option beyond the method: the unknown batch loss from 0 at t1 to full at t2
     gen_conv_adv: bool = False
     gen_fc_adv: bool = True
     enc_freeze: int = 0
@@ -614,8 +615,10 @@ def _resolve_stages(cfg: Config):
     _check_choice(s1.cla1_mode, ("image", "code", "compound"), "stage1.cla1_mode")
     _check_choice(s1.cla1_adv_mode, ("nlu", "ll"), "stage1.cla1_adv_mode")
     _check_choice(s2.unknown_mode, ("dis", "mse"), "stage2.unknown_mode")
-    if s1.cla1_ramp is not None and (len(s1.cla1_ramp) != 2 or not 0 <= s1.cla1_ramp[0] <= s1.cla1_ramp[1]):
-        raise ConfigError(f"stage1.cla1_ramp: {s1.cla1_ramp!r} (need [t1, t2] with 0 <= t1 <= t2)")
+    for key in ("cla1_ramp", "ubatch_ramp"):
+        span = getattr(s1, key)
+        if span is not None and (len(span) != 2 or not 0 <= span[0] <= span[1]):
+            raise ConfigError(f"stage1.{key}: {span!r} (need [t1, t2] with 0 <= t1 <= t2)")
     if not 0.0 <= cfg.lenc.generated_weight < 1.0:
         raise ConfigError(f"lenc.generated_weight: {cfg.lenc.generated_weight} (must be within [0, 1): "
                           f"real images always keep a share)")

@@ -98,6 +98,7 @@ def test_default_batch_size(size, batch):
     (["factors.floor_hue.init=spiral"], "factors.floor_hue.init: 'spiral'"),
     (["dataset=imagenet"], "dataset: no defaults for 'imagenet'"),
     (["stage1.cla1_ramp=[5, 2]"], "stage1.cla1_ramp: [5, 2]"),
+    (["stage1.ubatch_ramp=[3]"], "stage1.ubatch_ramp: [3]"),
     (["device=tpu"], "device: 'tpu'"),
     (["worker_cache_mb=-1"], "worker_cache_mb: -1"),
     (["architecture.conv_layers=[1, 1]"], "architecture.conv_layers: [1, 1] has 2 entries for 3 conv levels"),

@@ -8,12 +8,13 @@ quality = load_benchmark("quality")
 
 
 def test_scale_shrinks_iterations_and_stage1_schedule_together():
-    base = build_config("quality", [quality.LABELED['shapes3d'], "stage1.enc_freeze=400"])
-    scaled = build_config("quality", [quality.LABELED['shapes3d'], "stage1.enc_freeze=400"]
-                          + quality.scaled_overrides(base, 0.25))
+    chosen = [quality.LABELED['shapes3d'], "stage1.enc_freeze=400", "stage1.ubatch_ramp=[2000, 3000]"]
+    base = build_config("quality", chosen)
+    scaled = build_config("quality", chosen + quality.scaled_overrides(base, 0.25))
     assert scaled.stage1.iterations == base.stage1.iterations // 4
     assert scaled.stage2.iterations == base.stage2.iterations // 4
     assert scaled.stage1.cla1_ramp == [t // 4 for t in base.stage1.cla1_ramp]
+    assert scaled.stage1.ubatch_ramp == [500, 750]
     assert scaled.stage1.enc_freeze == 100
     assert scaled.stage1.emb_freeze == base.stage1.emb_freeze == 0   # 0 stays off
     # the adversary still ramps in before the shorter stage 1 ends

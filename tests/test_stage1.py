@@ -20,7 +20,8 @@ def make(*overrides: str, seed: int = 0) -> Stage1:
 OPTIONS = [
     [], ["stage1.cla1_mode=image"], ["stage1.cla1_mode=code"], ["stage1.cla1_adv_mode=ll"],
     ["stage1.gen_conv_adv=true"], ["stage1.gen_fc_adv=false"], ["stage1.enc_freeze=3"],
-    ["stage1.emb_freeze=3"], ["stage1.cla1_ramp=[2, 6]"], ["stage1.zero_init=false"],
+    ["stage1.emb_freeze=3"], ["stage1.cla1_ramp=[2, 6]"], ["stage1.ubatch_ramp=[2, 6]"],
+    ["stage1.zero_init=false"],
     ["stage1.lr_ramp=0"], ["nested_dropout=false"], ["stage1.random_offset=false"],
     ["labeled_factors=[]"], ["labeled_factors=null"],
 ]
@@ -103,6 +104,23 @@ def test_cla1_ramp_weight():
         weights.append(stage.train_step(batch)["adv_weight"])
     assert weights[:2] == [0.0, 0.0]
     assert weights[2] == pytest.approx(0.2) and weights[5:] == [pytest.approx(0.8)] * 3
+
+
+def test_ubatch_ramp_weighs_the_unknown_batch_loss():
+    """``ubatch_ramp`` (an option): the unknown batch loss enters the objective at
+    0 before t1, linearly to full at t2; the other terms keep their weights."""
+    stage = make("stage1.ubatch_ramp=[2, 6]", "stage1.ubatch_weight=0.4", "labeled_factors=[]",
+                 "stage1.zero_init=false")   # a code away from the prior: a batch loss above 0
+    s = stage.scfg
+    batch = tiny_batch(stage.cfg)
+    shares = []
+    for _ in range(8):
+        t = stage.train_step(batch)
+        rest = t["total"] - s.rec_weight * t["rec"] - s.ucode_weight * t["ucode"]
+        assert t["ubatch"] > 1e-3
+        shares.append(rest / (s.ubatch_weight * t["ubatch"]))
+    assert shares == pytest.approx([0, 0, .25, .5, .75, 1, 1, 1], abs=1e-4)
+    assert stage.steady_from() >= 6
 
 
 def test_checkpoint_round_trip_continues_identically():

@@ -107,14 +107,18 @@ class Stage1(Stage):
 
     # ---------------------------------------------------------------- step
 
+    def _ramped(self, weight: float, span: list[int] | None) -> float:
+        """``weight`` at this iteration under the ramp ``span = [t1, t2]`` (0 before
+        t1, full from t2; None: full throughout)."""
+        return weight if span is None else weight * ramp(self.iteration, span[0], span[1] - span[0])
+
     def adversarial_weight(self) -> float:
-        s = self.scfg
-        if not self.adversarial:
-            return 0.0
-        if s.cla1_ramp is None:
-            return s.cla1_weight
-        t1, t2 = s.cla1_ramp
-        return s.cla1_weight * ramp(self.iteration, t1, t2 - t1)
+        return self._ramped(self.scfg.cla1_weight, self.scfg.cla1_ramp) if self.adversarial else 0.0
+
+    def ubatch_weight(self) -> float:
+        """The unknown batch loss's weight: ``ubatch_weight``, ramped by ``ubatch_ramp``
+        (an option; the method has it at full weight from the start)."""
+        return self._ramped(self.scfg.ubatch_weight, self.scfg.ubatch_ramp)
 
     def _labeled_codes(self, labels: Tensor, terms: dict | None):
         """Sampled labeled codes and masks for ``labels`` (B, K); adds the
@@ -171,7 +175,7 @@ class Stage1(Stage):
         #   weight * adv                          E, B and the parts of G the options
         #                                         name; never C (C as if frozen)
         total = (s.rec_weight * terms["rec"] + s.ucode_weight * terms["ucode"]
-                 + s.ubatch_weight * terms["ubatch"] + s.lcode_weight * terms["lcode"]
+                 + self.ubatch_weight() * terms["ubatch"] + s.lcode_weight * terms["lcode"]
                  + s.lbatch_weight * terms["lbatch"])
         backward = total
         if self.adversarial:
@@ -188,9 +192,10 @@ class Stage1(Stage):
         return terms, backward
 
     def steady_from(self) -> int:
-        """The learning-rate ramps and the adversarial weight's ``cla1_ramp``."""
-        ramp_end = self.scfg.cla1_ramp[1] if self.scfg.cla1_ramp is not None else 0
-        return max(super().steady_from(), ramp_end)
+        """The learning-rate ramps, the adversarial weight's ``cla1_ramp`` and the
+        unknown batch loss's ``ubatch_ramp``."""
+        ends = [span[1] for span in (self.scfg.cla1_ramp, self.scfg.ubatch_ramp) if span is not None]
+        return max([super().steady_from()] + ends)
 
     def _classifier_losses(self, x: Tensor, y: Tensor, u: Tensor, u_mask: Tensor, weight: float,
                            z_cross: Tensor | None, top_cross: Tensor | None):
