@@ -69,7 +69,6 @@ def main(argv: list[str] | None = None) -> int:
     train, test = load_data(cfg)
     oracles = load_or_train_oracles(train, test, cfg.evaluate, args.cache, "cpu")
     size, s = generator_code_size(cfg), cfg.stage1
-    images = train.images.float() / 127.5 - 1
     test_images, test_labels = test.images[:args.test_images], test.labels[:args.test_images]
     print(f"recon_probe: {cfg.dataset} {cfg.image_size} px, code {args.code} ({size} dims), "
           f"batch {s.batch_size}, lr {s.lr}, betas {s.betas}"
@@ -80,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.code == "stage":
         step, reconstruct, set_training = stage1_itself(cfg, train, test_labels)
     else:
-        step, reconstruct, set_training = autoencoder(cfg, images, args)
+        step, reconstruct, set_training = autoencoder(cfg, train.images.float() / 127.5 - 1, args)
 
     @torch.no_grad()
     def report(it: int, started: float):
@@ -96,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     for it in range(1, args.iterations + 1):
-        step(it, torch.randint(0, len(images), (s.batch_size,)))
+        step(it, torch.randint(0, len(train.images), (s.batch_size,)))
         if it % args.every == 0 or it == args.iterations:
             report(it, started)
     return 0
@@ -107,7 +106,7 @@ def autoencoder(cfg, images: torch.Tensor, args):
     ``step(it, rows)``, ``reconstruct(x, rows)`` from E's means and ``set_training``."""
     from dsu_models import codes, losses
     from dsu_models.models import build_encoder, build_generator, generator_code_size
-    from dsu_models.stages.common import ramp
+    from dsu_models.stages.common import ramp, ramped
 
     s = cfg.stage1
     encoder = build_encoder(cfg, [generator_code_size(cfg)], zero_init=True)
@@ -128,8 +127,7 @@ def autoencoder(cfg, images: torch.Tensor, args):
         x_hat, noise_std, mean, std = drawn(x, 0.0 if args.code == "ae" else grown)
         loss = losses.reconstruction_nll(x_hat, x, noise_std)
         if args.code == "stage1":
-            batch_weight = s.ubatch_weight if s.ubatch_ramp is None else \
-                s.ubatch_weight * ramp(it - 1, s.ubatch_ramp[0], s.ubatch_ramp[1] - s.ubatch_ramp[0])
+            batch_weight = ramped(s.ubatch_weight, s.ubatch_ramp, it - 1)   # as stage 1 weighs it
             loss = (loss + grown * s.ucode_weight * codes.code_loss(mean, std, None)
                     + grown * batch_weight * codes.batch_loss(mean, std, None))
         optimizer.zero_grad(set_to_none=True)

@@ -62,6 +62,12 @@ def ramp(iteration: int, start: int, length: int) -> float:
     return min(1.0, (iteration - start + 1) / length)
 
 
+def ramped(weight: float, span: list[int] | None, iteration: int) -> float:
+    """``weight`` at ``iteration`` under a config ramp ``span = [t1, t2]`` (0 before
+    t1, full from t2); ``None``: full throughout."""
+    return weight if span is None else weight * ramp(iteration, span[0], span[1] - span[0])
+
+
 def adam(groups: list[dict], betas) -> torch.optim.Adam:
     """Adam (eps 1e-8) over groups ``{"params", "lr", "ramp_start"}``; see :func:`set_lr`."""
     groups = [dict(g, base_lr=g["lr"], ramp_start=g.get("ramp_start", 0)) for g in groups if g["params"]]

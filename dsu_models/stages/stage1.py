@@ -49,7 +49,7 @@ from dsu_models.grids import sample_grids
 from dsu_models.models import (build_embedders, build_encoder, build_generator,
                                build_stage1_classifier)
 from dsu_models.nn.layers import random_offset
-from dsu_models.stages.common import Stage, adam, as_if_frozen, detached_call, params, ramp
+from dsu_models.stages.common import Stage, adam, as_if_frozen, detached_call, params, ramped
 
 
 def keep_tensor(keep: list[float] | None, device) -> Tensor | None:
@@ -107,18 +107,13 @@ class Stage1(Stage):
 
     # ---------------------------------------------------------------- step
 
-    def _ramped(self, weight: float, span: list[int] | None) -> float:
-        """``weight`` at this iteration under the ramp ``span = [t1, t2]`` (0 before
-        t1, full from t2; None: full throughout)."""
-        return weight if span is None else weight * ramp(self.iteration, span[0], span[1] - span[0])
-
     def adversarial_weight(self) -> float:
-        return self._ramped(self.scfg.cla1_weight, self.scfg.cla1_ramp) if self.adversarial else 0.0
+        return ramped(self.scfg.cla1_weight, self.scfg.cla1_ramp, self.iteration) if self.adversarial else 0.0
 
     def ubatch_weight(self) -> float:
         """The unknown batch loss's weight: ``ubatch_weight``, ramped by ``ubatch_ramp``
         (an option; the method has it at full weight from the start)."""
-        return self._ramped(self.scfg.ubatch_weight, self.scfg.ubatch_ramp)
+        return ramped(self.scfg.ubatch_weight, self.scfg.ubatch_ramp, self.iteration)
 
     def _labeled_codes(self, labels: Tensor, terms: dict | None):
         """Sampled labeled codes and masks for ``labels`` (B, K); adds the
