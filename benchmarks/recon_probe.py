@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     train, test = load_data(cfg)
     oracles = load_or_train_oracles(train, test, cfg.evaluate, args.cache, "cpu")
     size, s = generator_code_size(cfg), cfg.stage1
-    test_images, test_labels = test.images[:args.test_images], test.labels[:args.test_images]
+    test_labels = test.labels[:args.test_images]
+    test_x = test.images[:args.test_images].float() / 127.5 - 1   # once, for every report
     print(f"recon_probe: {cfg.dataset} {cfg.image_size} px, code {args.code} ({size} dims), "
           f"batch {s.batch_size}, lr {s.lr}, betas {s.betas}"
           + (f", ucode_weight {s.ucode_weight}, ubatch_weight {s.ubatch_weight}"
@@ -84,9 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     @torch.no_grad()
     def report(it: int, started: float):
         set_training(False)
-        rec = torch.cat([reconstruct(test_images[i:i + 250].float() / 127.5 - 1, slice(i, i + 250))
-                         for i in range(0, len(test_images), 250)])
-        mse = (rec - (test_images.float() / 127.5 - 1)).square().mean().item()
+        rec = torch.cat([reconstruct(test_x[i:i + 250], slice(i, i + 250))
+                         for i in range(0, len(test_x), 250)])
+        mse = (rec - test_x).square().mean().item()
         kept = (oracles.predict(rec) == test_labels).float().mean(0)
         rate = s.batch_size * it / (time.perf_counter() - started)
         print(f"{it:>6} | {rate:.0f} img/s | psnr {10 * torch.log10(torch.tensor(4 / mse)).item():.1f} | "

@@ -23,7 +23,6 @@ once per dataset, as ``quality.py`` does). Pairs are drawn from the test split.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
@@ -86,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.pairs < 2:
         parser.error(f"--pairs {args.pairs}: must be at least 2")
 
-    from dsu_models.evaluation import load_or_train_oracles
+    from dsu_models.evaluation import load_or_train_oracles, model_columns
     from dsu_models.factory import load_data
     from dsu_models.inference import DisUnknownModel, ModelLoadError
 
@@ -95,14 +94,12 @@ def main(argv: list[str] | None = None) -> dict:
     except ModelLoadError as e:
         parser.error(str(e))
     cfg = model.config
-    hidden = cfg.hidden()
-    if not hidden or not model.labeled_factors:
+    train, test = load_data(cfg)
+    lab_cols, hid_cols = model_columns(model, test)   # the evaluation's columns
+    hidden = [test.factors[c].name for c in hid_cols]
+    if not hidden or not lab_cols:
         parser.error(f"{args.model_dir}: needs labeled and unknown factors (labeled "
                      f"{model.labeled_factors}, unknown {hidden})")
-    train, test = load_data(cfg)
-    names = [f.name for f in test.factors]
-    lab_cols = [names.index(n) for n in model.labeled_factors]
-    hid_cols = [names.index(n) for n in hidden]
     oracles = load_or_train_oracles(train, test, cfg.evaluate, args.cache, torch.device("cpu"))
 
     g = torch.Generator().manual_seed(args.seed)
@@ -111,8 +108,10 @@ def main(argv: list[str] | None = None) -> dict:
     read, own = [], []   # the swaps, and the reconstructions with a's own labels
     for start in range(0, args.pairs, cfg.evaluate.batch_size):
         s = slice(start, start + cfg.evaluate.batch_size)
-        for labels, out in ((test.labels[b[s]], read), (test.labels[a[s]], own)):
-            out.append(oracles.predict(model.swap_labels(test.images[a[s]], labels[:, lab_cols]).cpu()))
+        u = model.encode_unknown(test.images[a[s]])   # E once for both drawings
+        for rows, out in ((b[s], read), (a[s], own)):
+            drawn = model.generate(u, model.embed_labels(test.labels[rows][:, lab_cols]))
+            out.append(oracles.predict(drawn.cpu()))
     read, own = torch.cat(read), torch.cat(own)
     classes = [test.factors[c].classes for c in hid_cols]
     circular = [cfg.factors[n].init == "circle" if n in cfg.factors else False for n in hidden]
@@ -127,4 +126,3 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
-    sys.exit(0)

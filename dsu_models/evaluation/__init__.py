@@ -6,11 +6,11 @@ code, plus reconstruction, labeled-encoder accuracy and a Frechet distance.
 - :mod:`.metrics` — metric arithmetic, the summary score and stage-1 objective;
 - :mod:`.evaluate` — runs a model (duck-typed ``DisUnknownModel``) through them.
 """
-from .evaluate import evaluate, evaluate_stage1
+from .evaluate import evaluate, evaluate_stage1, model_columns
 from .metrics import frechet_distance, probe_leakage, stage1_objective, summary_score
 from .oracles import (OracleNet, OracleSet, OracleWarning, load_or_train_oracles, oracle_key,
                       train_oracles)
 
-__all__ = ["evaluate", "evaluate_stage1", "frechet_distance", "probe_leakage", "stage1_objective",
-           "summary_score", "OracleNet", "OracleSet", "OracleWarning", "load_or_train_oracles",
+__all__ = ["evaluate", "evaluate_stage1", "model_columns", "frechet_distance", "probe_leakage",
+           "stage1_objective", "summary_score", "OracleNet", "OracleSet", "OracleWarning", "load_or_train_oracles",
            "oracle_key", "train_oracles"]

@@ -48,7 +48,7 @@ from dsu_models.evaluation import metrics as M
 from dsu_models.evaluation.oracles import OracleSet
 
 
-def _columns(model, data: InMemoryDataset) -> tuple[list[int], list[int]]:
+def model_columns(model, data: InMemoryDataset) -> tuple[list[int], list[int]]:
     """Dataset columns of the model's labeled factors (model order) and of the hidden ones."""
     names = [f.name for f in data.factors]
     missing = [k for k in model.labeled_factors if k not in names]
@@ -174,7 +174,7 @@ def evaluate(model, train: InMemoryDataset, test: InMemoryDataset, ecfg: Evaluat
              oracles: OracleSet, log: Callable[[str], None] = print) -> dict[str, float]:
     """The full metric set of the module docstring, including ``summary``."""
     _check_oracles(oracles, test)
-    labeled, hidden = _columns(model, test)
+    labeled, hidden = model_columns(model, test)
     names = [f.name for f in test.factors]
     out = {f"oracle_acc_{k}": float(v) for k, v in oracles.test_accuracy.items()}
 
@@ -207,7 +207,7 @@ def evaluate_stage1(model, train: InMemoryDataset, test: InMemoryDataset, ecfg: 
 
     ``model``: a stage-1 model (G1 and B1 as its generator and embedders).
     """
-    labeled, _ = _columns(model, test)
+    labeled, _ = model_columns(model, test)
     out = _leakage(model, train, test, labeled, ecfg)
     real = _subset(len(test), ecfg.pairs, ecfg.seed)
     out.update(_reconstruction(model, test.images[real], test.labels[real][:, labeled], ecfg.batch_size))
