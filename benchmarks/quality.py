@@ -19,7 +19,8 @@ multiplied by ``--scale``, then evaluates the final model
 unknown scale, orientation) or ``sprites`` (labeled shape, scale; unknown
 orientation, x, y: labels that are small geometric details); without it, the
 config's own dataset and labels (the ``quality`` preset's: shapes3d as above;
-``--config quick``: the default run's, the object labeled, the room unknown).
+``--config quick``: the default run's, the object labeled, the room unknown;
+``--config fine``: sprites, with the schedule that meets the fine bar there).
 
 ``--eval-every N`` also evaluates the model every N stage-2 iterations (stage
 1's encoder with stage 2's generator so far; oracles trained once, up front,

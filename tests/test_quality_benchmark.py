@@ -27,6 +27,25 @@ def test_scale_one_changes_nothing():
     assert again.to_dict() == base.to_dict()
 
 
+def test_fine_preset_is_the_measured_run():
+    """The ``fine`` preset is the run that met the fine bar on sprites (docs/benchmarks.md,
+    "The fine bar on sprites") up to its first stage-2 milestone: the ``quality`` preset
+    on sprites three times over, with the code-only adversary, the later batch-loss
+    ramp and a 12-dimension unknown code."""
+    chosen = ["dataset=sprites", quality.LABELED["sprites"], "unknown_size=12",
+              "stage1.ubatch_ramp=[2000, 3000]", "stage1.cla1_mode=code",
+              "stage2.iterations=2000", "lenc.iterations=200"]
+    base = build_config("quality", chosen)
+    # stopped at the first stage-2 milestone, where both runs met the bar
+    measured = build_config("quality", chosen + quality.scaled_overrides(base, 3)
+                            + ["stage2.iterations=2000"])
+    fine = build_config("fine", [])
+    assert fine.to_dict() == measured.to_dict()
+    assert fine.stage1.cla1_mode == "code" and fine.stage1.ubatch_ramp == [6000, 9000]
+    # one setting away from the method's adversary
+    assert build_config("fine", ["stage1.cla1_mode=compound"]).stage1.cla1_mode == "compound"
+
+
 def test_bars_judge_each_line():
     good = {"swap_acc_mean": 0.97, "swap_acc_shape": 0.95, "swap_acc_scale": 0.99,
             "preserve_mean": 0.93, "leak_excess_mean": 0.02}

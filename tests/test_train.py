@@ -115,7 +115,7 @@ def test_bad_inputs_refused_before_work(tmp_path, capsys):
 def test_every_preset_resolves(name):
     """Presets are data checked against the config (a typo in one is an error)."""
     cfg = factory.build_config(name, [])
-    assert cfg.dataset == "shapes3d" and cfg.stage1.iterations > 0
+    assert cfg.dataset in factory.BUILTIN and cfg.stage1.iterations > 0
 
 
 def test_checkpoints_keep_the_previous_one_and_fall_back_to_it(tmp_path):
