@@ -12,5 +12,5 @@ from .oracles import (OracleNet, OracleSet, OracleWarning, load_or_train_oracles
                       train_oracles)
 
 __all__ = ["evaluate", "evaluate_stage1", "model_columns", "frechet_distance", "probe_leakage",
-           "stage1_objective", "summary_score", "OracleNet", "OracleSet", "OracleWarning", "load_or_train_oracles",
-           "oracle_key", "train_oracles"]
+           "stage1_objective", "summary_score", "OracleNet", "OracleSet", "OracleWarning",
+           "load_or_train_oracles", "oracle_key", "train_oracles"]
