@@ -297,6 +297,81 @@ def test_summary_orders_models(results):
         assert 0.0 < r["summary"] <= 1.0 and r["summary"] == pytest.approx(summary_score(r))
 
 
+class PrototypeModel(FakeModel):
+    """Ignores its content image: the unknown code is always the prior mean (an encoder
+    that outputs a constant), so G draws a prototype of the requested labels."""
+
+    def encode_unknown(self, images):
+        return torch.zeros(len(images), self.unknown_size)
+
+
+def test_content_consistency_without_labels_of_hidden_factors(results, data):
+    """The label-free measures rank the fake models as their ground truth does: the
+    perfect and the unchanged generator keep the content, the random code and the
+    prototype generator do not."""
+    from dsu_models.evaluation.consistency import content_consistency
+    test = data[1]
+    lab = [VARY.index(k) for k in LABELED]
+    got = {name: content_consistency(m, test, lab, 400, 128)[0] for name, m in
+           {"perfect": FakeModel(data, LABELED), "unchanged": FakeModel(data, LABELED, "key", keep_a=True),
+            "random": FakeModel(data, LABELED, "random"), "prototype": PrototypeModel(data, LABELED)}.items()}
+    assert got["perfect"]["content_consistency"] > 0.9 and got["perfect"]["code_consistency"] > 0.8
+    assert got["unchanged"]["content_consistency"] == 1.0    # it keeps the content (swap catches it)
+    for bad in ("random", "prototype"):
+        assert got[bad]["content_consistency"] < 0.05 and got[bad]["code_consistency"] < 0.05
+    for name in ("perfect", "unchanged", "random"):          # evaluate reports the same numbers
+        r = results[name]
+        assert r["content_consistency"] == pytest.approx(got[name]["content_consistency"])
+
+
+def test_summary_uses_content_consistency_without_hidden_labels():
+    base = {"swap_score": 1.0, "disentangle_score": 1.0, "realism": 1.0}
+    assert M.summary_terms(dict(base, preserve_score=0.5, content_consistency=0.1)) == \
+        ["swap_score", "preserve_score", "disentangle_score", "realism"]
+    # no hidden-factor labels: a generator that ignores the content scores low
+    assert summary_score(dict(base, content_consistency=0.0)) == pytest.approx(M.SCORE_FLOOR ** 0.25)
+    assert summary_score(dict(base, content_consistency=0.0625)) == pytest.approx(0.5)
+
+
+def test_wilson_interval_known_answers():
+    from dsu_models.evaluation.evaluate import wilson_interval
+    low, high = wilson_interval(50, 100)
+    assert low == pytest.approx(0.4038, abs=1e-3) and high == pytest.approx(0.5962, abs=1e-3)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    low, high = wilson_interval(20, 20)
+    assert high == 1.0 and low == pytest.approx(0.8389, abs=1e-3)
+
+
+def test_partly_labeled_hidden_factor_reports_count_and_interval(data, oracles):
+    """A hidden factor labeled on some rows only (evaluation-only) is judged on those rows."""
+    train, test = data
+    j = VARY.index("shape")
+    labels = test.labels.clone()
+    labels[torch.arange(len(labels)) % 4 != 0, j] = -1        # a quarter of the rows keep a label
+    partial = InMemoryDataset(test.images, labels, test.factors, test.ids, test.name)
+    r = evaluate(FakeModel(data, LABELED), train, partial, ECFG, oracles, log=lambda s: None)
+    n = r["preserve_shape_n"]
+    assert 0.15 * ECFG.pairs < n < 0.35 * ECFG.pairs
+    assert r["preserve_shape_low"] < r["preserve_shape"] <= r["preserve_shape_high"] + 1e-12
+    assert r["preserve_shape"] > 0.9 and "preserve_wall_hue_n" not in r  # a full column: no interval
+    empty = labels.clone()
+    empty[:, j] = -1
+    r = evaluate(FakeModel(data, LABELED), train, InMemoryDataset(test.images, empty, test.factors),
+                 ECFG, oracles, log=lambda s: None)
+    assert r["preserve_shape_n"] == 0 and "preserve_shape" not in r
+
+
+def test_confusion_matrices_count_asked_against_read(data, oracles):
+    from dsu_models.evaluation.evaluate import evaluate_in_full
+    ev = evaluate_in_full(FakeModel(data, LABELED), *data, ECFG, oracles, log=None)
+    for k in LABELED:
+        m = ev.confusion[k]
+        assert m.shape == (10, 10) and int(m.sum()) == ECFG.pairs
+        assert float(m.diagonal().sum()) / ECFG.pairs == pytest.approx(ev.metrics[f"swap_acc_{k}"])
+    assert len(ev.worst.score) == 8 and bool((ev.worst.score[:-1] <= ev.worst.score[1:]).all())
+    assert ev.worst.content.dtype == torch.uint8 and ev.worst.back.shape == ev.worst.content.shape
+
+
 def test_stage1_objective_prefers_unleaky_codes(data):
     perfect = evaluate_stage1(FakeModel(data, LABELED), *data, ECFG, log=lambda s: None)
     leaky = evaluate_stage1(FakeModel(data, LABELED, "labels"), *data, ECFG, log=lambda s: None)
@@ -342,7 +417,7 @@ def test_real_tiny_model_end_to_end(tmp_path):
     res = run(cfg, tmp_path / "run", log=lambda s: None)
     model = inference.DisUnknownModel.from_handoffs(
         res["stage1"], res.get("stage2"), res.get("lenc"), code_stats=res["codes"]["stats"], device="cpu")
-    train, test = load_builtin("shapes3d", 8, num_samples=400, seed=cfg.seed)
+    train, val, test = load_builtin("shapes3d", 8, num_samples=400, seed=cfg.seed)
     ecfg = EvaluateConfig(pairs=64, batch_size=32, oracle_epochs=1, oracle_samples=200, oracle_width=8,
                           probe_samples=200)
     with pytest.warns(OracleWarning):                     # 1 epoch at 8 px cannot read shapes3d

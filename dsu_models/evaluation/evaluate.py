@@ -37,6 +37,8 @@ device, the oracles on theirs; generated images are never all held at once.
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -45,6 +47,8 @@ from torch import Tensor
 from dsu_models.config import EvaluateConfig
 from dsu_models.data.base import InMemoryDataset, to_float
 from dsu_models.evaluation import metrics as M
+from dsu_models.evaluation.consistency import Worst, content_consistency
+from dsu_models.evaluation.calls import generate as _generate, unknown_means as _unknown
 from dsu_models.evaluation.oracles import OracleSet
 
 
@@ -64,18 +68,6 @@ def _subset(n: int, limit: int | None, seed: int) -> Tensor:
     if limit is None or limit >= n:
         return torch.arange(n)
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit]
-
-
-def _unknown(model, images: Tensor, batch_size: int) -> Tensor:
-    """(N, m_u) unknown-code means of uint8 images (N, C, H, W), batched."""
-    parts = [model.encode_unknown(x).float().cpu() for x in images.split(batch_size)]
-    return torch.cat(parts) if parts else torch.zeros(0, model.unknown_size)
-
-
-def _generate(model, unknown: Tensor, labels: Tensor) -> Tensor:
-    """One batch: G(unknown (B, m_u), label codes of labels (B, K)) -> (B, C, H, W) in [-1, 1], CPU."""
-    codes = model.embed_labels(labels) if labels.shape[1] else []
-    return model.generate(unknown, codes).float().cpu()
 
 
 def _chunks(n: int, batch_size: int):
@@ -135,20 +127,75 @@ def _label_encoder(model, images: Tensor, truth: Tensor, names: list[str], batch
     return out
 
 
-def _swaps(model, test, labeled, hidden, oracles: OracleSet, ecfg: EvaluateConfig):
-    """Swap pairs -> (swap hits (P, K) bool, preserve hits (P, H) bool, oracle features (P, D))."""
+@dataclass
+class SwapReadings:
+    """What the oracles read from the swaps of seeded pairs (a, b): P pairs."""
+
+    asked: Tensor      # (P, K) the labeled classes asked for (b's)
+    read: Tensor       # (P, F) every factor's class as the oracles read it from the swap
+    kept: Tensor       # (P, H) the hidden factors' classes of the content image a (-1: not labeled)
+    features: Tensor   # (P, D) oracle features of the swaps
+
+
+def _swaps(model, data, labeled, hidden, oracles: OracleSet, ecfg: EvaluateConfig) -> SwapReadings:
+    """Swap ``ecfg.pairs`` seeded pairs of ``data`` and read them with the oracles."""
     gen = torch.Generator().manual_seed(ecfg.seed)
-    a = torch.randint(len(test), (ecfg.pairs,), generator=gen)
-    b = torch.randint(len(test), (ecfg.pairs,), generator=gen)
-    swap_hits, keep_hits, feats = [], [], []
+    a = torch.randint(len(data), (ecfg.pairs,), generator=gen)
+    b = torch.randint(len(data), (ecfg.pairs,), generator=gen)
+    reads, feats = [], []
     for s in _chunks(ecfg.pairs, ecfg.batch_size):
-        u = _unknown(model, test.images[a[s]], ecfg.batch_size)
-        fake = _generate(model, u, test.labels[b[s]][:, labeled])
-        pred, f = oracles.read(fake)
-        swap_hits.append(pred[:, labeled] == test.labels[b[s]][:, labeled])
-        keep_hits.append(pred[:, hidden] == test.labels[a[s]][:, hidden])
+        u = _unknown(model, data.images[a[s]], ecfg.batch_size)
+        pred, f = oracles.read(_generate(model, u, data.labels[b[s]][:, labeled]))
+        reads.append(pred)
         feats.append(f)
-    return torch.cat(swap_hits), torch.cat(keep_hits), torch.cat(feats)
+    return SwapReadings(data.labels[b][:, labeled], torch.cat(reads), data.labels[a][:, hidden],
+                        torch.cat(feats))
+
+
+def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion ``hits / n`` (``(0, 1)`` when n = 0)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = hits / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _preservation(readings: SwapReadings, hidden: list[int], data: InMemoryDataset) -> dict[str, float]:
+    """``preserve_<h>`` per hidden factor on the pairs whose content image has a label for it;
+    a factor labeled on only some rows (evaluation-only) also gets ``preserve_<h>_n`` and its
+    95% interval ``preserve_<h>_low`` / ``_high``. Then ``preserve_mean`` and ``preserve_score``."""
+    out, rates, normed = {}, [], []
+    for i, j in enumerate(hidden):
+        f = data.factors[j]
+        truth = readings.kept[:, i]
+        labeled = truth >= 0
+        n = int(labeled.sum())
+        if n == 0:
+            out[f"preserve_{f.name}_n"] = 0.0
+            continue
+        hits = int((readings.read[labeled, j] == truth[labeled]).sum())
+        out[f"preserve_{f.name}"] = hits / n
+        if n < len(truth) or getattr(f, "eval_only", False):
+            out[f"preserve_{f.name}_n"] = float(n)
+            out[f"preserve_{f.name}_low"], out[f"preserve_{f.name}_high"] = wilson_interval(hits, n)
+        rates.append(hits / n)
+        normed.append(M.normalised(hits / n, f.classes))
+    if rates:
+        out["preserve_mean"] = sum(rates) / len(rates)
+        out["preserve_score"] = sum(normed) / len(normed)
+    return out
+
+
+def confusion_matrices(readings: SwapReadings, labeled: list[int], data: InMemoryDataset) -> dict[str, Tensor]:
+    """Per labeled factor the (n_k, n_k) counts of class asked for (rows) against class read (columns)."""
+    out = {}
+    for i, j in enumerate(labeled):
+        n = data.factors[j].classes
+        flat = readings.asked[:, i] * n + readings.read[:, j]
+        out[data.factors[j].name] = torch.bincount(flat, minlength=n * n).reshape(n, n)
+    return out
 
 
 def _check_oracles(oracles: OracleSet, test: InMemoryDataset):
@@ -170,35 +217,55 @@ def _hit_rates(prefix: str, score_key: str, hits: Tensor, columns: list[int],
     return out
 
 
-def evaluate(model, train: InMemoryDataset, test: InMemoryDataset, ecfg: EvaluateConfig,
-             oracles: OracleSet, log: Callable[[str], None] = print) -> dict[str, float]:
-    """The full metric set of the module docstring, including ``summary``."""
-    _check_oracles(oracles, test)
-    labeled, hidden = model_columns(model, test)
-    names = [f.name for f in test.factors]
+@dataclass
+class Evaluation:
+    """:func:`evaluate_in_full`'s result: the metrics and what the pictures are drawn from."""
+
+    metrics: dict[str, float]
+    confusion: dict[str, Tensor]    # per labeled factor, class asked for x class read
+    worst: Worst                    # the lowest content-consistency triples
+
+
+def evaluate_in_full(model, train: InMemoryDataset, data: InMemoryDataset, ecfg: EvaluateConfig,
+                     oracles: OracleSet, log: Callable[[str], None] | None = print) -> Evaluation:
+    """The full metric set of the module docstring on ``data`` (the validation or the test
+    split; ``train`` fits the leakage probe), with the swap confusion matrices and the
+    worst content-consistency examples."""
+    _check_oracles(oracles, data)
+    labeled, hidden = model_columns(model, data)
+    names = [f.name for f in data.factors]
     out = {f"oracle_acc_{k}": float(v) for k, v in oracles.test_accuracy.items()}
 
-    swap_hits, keep_hits, fake_feats = _swaps(model, test, labeled, hidden, oracles, ecfg)
+    readings = _swaps(model, data, labeled, hidden, oracles, ecfg)
     if labeled:
-        out.update(_hit_rates("swap_acc", "swap_score", swap_hits, labeled, test))
-    if hidden:
-        out.update(_hit_rates("preserve", "preserve_score", keep_hits, hidden, test))
+        hits = readings.read[:, labeled] == readings.asked
+        out.update(_hit_rates("swap_acc", "swap_score", hits, labeled, data))
+    out.update(_preservation(readings, hidden, data))
+    consistency, worst = content_consistency(model, data, labeled, ecfg.pairs, ecfg.batch_size, ecfg.seed)
+    out.update(consistency)
 
-    real = _subset(len(test), ecfg.pairs, ecfg.seed)
-    real_feats = oracles.features(test.images[real])
-    out["frechet"] = M.frechet_distance(real_feats, fake_feats)
+    real = _subset(len(data), ecfg.pairs, ecfg.seed)
+    real_feats = oracles.features(data.images[real])
+    out["frechet"] = M.frechet_distance(real_feats, readings.features)
     spread = M.feature_spread(real_feats)
     out["frechet_rel"] = out["frechet"] / max(spread, 1e-12)
     out["realism"] = M.realism(out["frechet"], spread)
 
-    out.update(_leakage(model, train, test, labeled, ecfg))
-    out.update(_reconstruction(model, test.images[real], test.labels[real][:, labeled], ecfg.batch_size))
+    out.update(_leakage(model, train, data, labeled, ecfg))
+    out.update(_reconstruction(model, data.images[real], data.labels[real][:, labeled], ecfg.batch_size))
     if labeled and getattr(model, "label_encoder", None) is not None:
-        out.update(_label_encoder(model, test.images[real], test.labels[real][:, labeled],
+        out.update(_label_encoder(model, data.images[real], data.labels[real][:, labeled],
                                   [names[j] for j in labeled], ecfg.batch_size))
     out["summary"] = M.summary_score(out)
-    log("evaluation: " + ", ".join(f"{k} {v:.4g}" for k, v in out.items()))
-    return out
+    if log is not None:
+        log("evaluation: " + ", ".join(f"{k} {v:.4g}" for k, v in out.items()))
+    return Evaluation(out, confusion_matrices(readings, labeled, data), worst)
+
+
+def evaluate(model, train: InMemoryDataset, test: InMemoryDataset, ecfg: EvaluateConfig,
+             oracles: OracleSet, log: Callable[[str], None] = print) -> dict[str, float]:
+    """The metrics of :func:`evaluate_in_full` alone."""
+    return evaluate_in_full(model, train, test, ecfg, oracles, log).metrics
 
 
 def evaluate_stage1(model, train: InMemoryDataset, test: InMemoryDataset, ecfg: EvaluateConfig,

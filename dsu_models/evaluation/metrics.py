@@ -141,7 +141,10 @@ def summary_score(metrics: dict) -> float:
     ``summary = geometric mean of the present terms, each clipped to [0.001, 1]``:
 
     - ``swap_score``: mean over labeled factors of ``norm(swap_acc_k, n_k)``;
-    - ``preserve_score``: mean over hidden factors of ``norm(preserve_h, n_h)``;
+    - ``preserve_score``: mean over hidden factors of ``norm(preserve_h, n_h)``; when no
+      hidden factor has labels (a user's own images) ``content_consistency`` takes its place
+      (:mod:`~dsu_models.evaluation.consistency`), so a generator that ignores the content
+      image cannot score well for want of ground truth;
     - ``disentangle_score``: ``1 - mean over labeled factors of norm(leak_k, 1/leak_chance_k)``;
     - ``realism``: ``exp(-frechet / tr(Sigma_real))``,
 
@@ -153,8 +156,15 @@ def summary_score(metrics: dict) -> float:
     score 0), and 1 only for one that does all. A perfect model's score is bounded
     by the oracles' accuracies.
     """
-    keys = ("swap_score", "preserve_score", "disentangle_score", "realism")
-    return _geometric_mean([float(metrics[k]) for k in keys if k in metrics])
+    return _geometric_mean([float(metrics[k]) for k in summary_terms(metrics)])
+
+
+def summary_terms(metrics: dict) -> list[str]:
+    """The metric keys :func:`summary_score` multiplies: preservation by the oracles when
+    hidden factors have labels, by ``content_consistency`` when they have none."""
+    keep = "preserve_score" if "preserve_score" in metrics else "content_consistency"
+    keys = ("swap_score", keep, "disentangle_score", "realism")
+    return [k for k in keys if k in metrics]
 
 
 def stage1_objective(metrics: dict) -> float:

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 import warnings
 from pathlib import Path
@@ -203,9 +204,12 @@ def _check_splits(train: InMemoryDataset, test: InMemoryDataset):
 
 
 def oracle_accuracy(oracles: OracleSet, test: InMemoryDataset) -> dict[str, float]:
-    """Share of test images whose class each oracle reads right: ``{factor: accuracy}``."""
-    hits = (oracles.predict(test.images) == test.labels).float().mean(0)
-    return {name: float(a) for name, a in zip(oracles.factor_names, hits)}
+    """Share of test images whose class each oracle reads right: ``{factor: accuracy}``
+    (over the images labeled for that factor; NaN when none is)."""
+    labeled = test.labels >= 0
+    hits = ((oracles.predict(test.images) == test.labels) & labeled).sum(0).double()
+    return {name: float(h / n) if n else math.nan
+            for name, h, n in zip(oracles.factor_names, hits, labeled.sum(0).tolist())}
 
 
 def warn_if_weak(oracles: OracleSet, dataset: str, log: Callable[[str], None] = print):
@@ -235,7 +239,9 @@ def _fit(net: OracleNet, images: Tensor, labels: Tensor, epochs: int, seed: int,
             idx = perm[i * TRAIN_BATCH:(i + 1) * TRAIN_BATCH]
             (x,) = image_batches(images[idx], len(idx), device)
             y = labels[idx].to(device)
-            loss = sum(nn.functional.cross_entropy(o, y[:, j]) for j, o in enumerate(net(x)))
+            # -1: a factor labeled on some rows only (evaluation-only); those rows teach it nothing
+            loss = sum(nn.functional.cross_entropy(o, y[:, j], ignore_index=-1)
+                       for j, o in enumerate(net(x)))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
