@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     if codes is None:
         parser.error(f"{run_dir}: the config has no unknown code to probe")
-    train, test = load_data(cfg)
+    train, val, test = load_data(cfg)
     try:   # joined to the data's rows by id
         train_mu, _ = lookup_codes(codes["train"], train.ids)
         test_mu, _ = lookup_codes(codes["test"], test.ids)

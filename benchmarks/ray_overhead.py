@@ -36,8 +36,8 @@ def stage_and_source(cfg):
     from dsu_models.data import load_builtin
     from dsu_models.stages.stage1 import Stage1
 
-    train, _ = load_builtin(cfg.dataset, image_size=cfg.image_size, num_samples=cfg.num_samples,
-                            seed=cfg.seed)
+    train, _, _ = load_builtin(cfg.dataset, image_size=cfg.image_size, num_samples=cfg.num_samples,
+                               seed=cfg.seed)
     train = train.with_measured_frequencies()
     _, factors = labeled_view(cfg, train)
     torch.manual_seed(0)

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     from dsu_models.models import generator_code_size
 
     cfg = build_config(args.config, [f"dataset={args.dataset}", LABELED[args.dataset]] + args.overrides)
-    train, test = load_data(cfg)
+    train, val, test = load_data(cfg)
     oracles = load_or_train_oracles(train, test, cfg.evaluate, args.cache, "cpu")
     size, s = generator_code_size(cfg), cfg.stage1
     test_labels = test.labels[:args.test_images]

@@ -46,7 +46,7 @@ def build_model(config: str, overrides: list[str], out: Path) -> Path:
                                 "all_stages.sample_interval=1000", "all_stages.checkpoint_interval=1000",
                                 "device=cpu", *overrides])
     results = run(cfg, out / "run", log=lambda line: None)
-    train, test = load_data(cfg)
+    train, val, test = load_data(cfg)
     return save_bundle(bundle_from_run(results, train, test), out / "model")
 
 

@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     except ModelLoadError as e:
         parser.error(str(e))
     cfg = model.config
-    train, test = load_data(cfg)
+    train, val, test = load_data(cfg)
     lab_cols, hid_cols = model_columns(model, test)   # the evaluation's columns
     hidden = [test.factors[c].name for c in hid_cols]
     if not hidden or not lab_cols:

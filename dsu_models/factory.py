@@ -33,34 +33,40 @@ def build_config(config: str | None, overrides: list[str]) -> Config:
     """Layer, validate and resolve; a prepared dataset's manifest supplies its factor table."""
     path = config_path(config)
     raw = layered_dict(read_yaml(path, "config file") if path else {}, overrides)
-    data_factors = None
+    data_factors, eval_factors = None, set()
     if raw.get("data_path"):
         from dsu_models.data import read_manifest
         manifest = read_manifest(raw["data_path"])
         data_factors = {f["name"]: int(f["classes"]) for f in manifest["factors"]}
-    return resolve(raw, data_factors)
+        eval_factors = {f["name"] for f in manifest["factors"] if f.get("eval_only")}
+    return resolve(raw, data_factors, eval_factors)
 
 
-def load_data(cfg: Config) -> tuple[InMemoryDataset, InMemoryDataset]:
-    """(train, test) for the config: a prepared directory or a built-in dataset."""
+def load_data(cfg: Config) -> tuple[InMemoryDataset, InMemoryDataset, InMemoryDataset]:
+    """(train, val, test) for the config: a prepared directory or a built-in dataset.
+
+    val is empty (0 rows) when the data has no validation split: a built-in
+    dataset with ``val_portion=0``, or a directory prepared with ``val_portion=0``."""
     if cfg.data_path:
-        from dsu_models.data import read_split
+        from dsu_models.data import has_val, read_manifest, read_split
         train = read_split(cfg.data_path, "train", image_size=cfg.image_size)
+        val = (read_split(cfg.data_path, "val", image_size=cfg.image_size)
+               if has_val(read_manifest(cfg.data_path)) else train.subset(slice(0, 0)))
         test = read_split(cfg.data_path, "test", image_size=cfg.image_size)
     elif cfg.dataset in BUILTIN:
         from dsu_models.data import load_builtin
-        train, test = load_builtin(cfg.dataset, image_size=cfg.image_size,
-                                   num_samples=cfg.num_samples, seed=cfg.seed,
-                                   test_portion=cfg.test_portion)
+        train, val, test = load_builtin(cfg.dataset, image_size=cfg.image_size,
+                                        num_samples=cfg.num_samples, seed=cfg.seed,
+                                        test_portion=cfg.test_portion, val_portion=cfg.val_portion)
     else:
         raise ConfigError(f"dataset {cfg.dataset!r}: set data_path to a prepared dataset "
                           f"(python pipelines/prepare_data.py {cfg.dataset} --out DIR)")
-    for split in (train, test):
+    for split in (train, val, test):
         if split.channels != cfg.image_channels or split.image_size != cfg.image_size:
             raise ConfigError(f"image_size/image_channels: config says {cfg.image_size} px x "
                               f"{cfg.image_channels} ch, {split.name} has {split.image_size} px x "
                               f"{split.channels} ch")
-    return train.with_measured_frequencies(), test
+    return train.with_measured_frequencies(), val, test
 
 
 def make_stage(name: str, cfg: Config, factors, upstream: dict, device):

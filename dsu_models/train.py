@@ -130,7 +130,7 @@ def run(cfg: Config, out: Path, log: Callable[[str], None] = print,
     check_out_dir(cfg, out)
     retain_freed_memory()
     torch.manual_seed(cfg.seed)
-    train, test = load_data(cfg)
+    train, val, test = load_data(cfg)
     log(f"data: {train.name} train {len(train)}, test {len(test)} images, "
         f"{cfg.image_size} px x {cfg.image_channels} ch; labeled {cfg.labeled_factors}, "
         f"unknown size {cfg.unknown_size}; device {device}")

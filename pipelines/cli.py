@@ -140,7 +140,8 @@ def check_data(cfg: Config):
 
 
 def builtin_options(cfg: Config) -> dict:
-    opts = {"image_size": cfg.image_size, "seed": cfg.seed, "test_portion": cfg.test_portion}
+    opts = {"image_size": cfg.image_size, "seed": cfg.seed, "test_portion": cfg.test_portion,
+            "val_portion": cfg.val_portion}
     if cfg.dataset != "digits":
         opts["num_samples"] = cfg.num_samples
     return opts
@@ -436,6 +437,8 @@ def parse_prepare_args(argv=None) -> argparse.Namespace:
     p.add_argument("--file-column", help="image_folder: CSV column with file paths")
     p.add_argument("--factors", help="image_folder: comma-separated factor columns (others are errors)")
     p.add_argument("--classes", help="image_folder: declared class counts, e.g. 'color=3,size=4'")
+    p.add_argument("--eval-factors", help="image_folder: comma-separated evaluation-only factor "
+                                          "columns (cells may be empty; never trained on)")
     p.add_argument("--channels", type=int, help="image_folder: 1 or 3 (default: first image's)")
     p.add_argument("--download", action="store_true", help="torchvision sources: download to --root")
     p.add_argument("--no-extra", action="store_true", help="svhn: leave out extra_32x32.mat")
@@ -445,6 +448,8 @@ def parse_prepare_args(argv=None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int)
     p.add_argument("--num-samples", type=int, help="procedural sources: seeded subset of the grid")
     p.add_argument("--test-portion", type=float)
+    p.add_argument("--val-portion", type=float,
+                   help="share of train held out as val, chosen by id (default 0.1; 0 = none)")
     p.add_argument("--seed", type=int)
     p.add_argument("--plot-size", type=int)
     p.add_argument("--chunk-size", type=int)
@@ -459,8 +464,10 @@ def options_from_args(a: argparse.Namespace) -> dict:
     """CLI flags -> source options; flags left unset are not passed (source defaults apply)."""
     opts = {"root": a.root, "path": a.path, "csv": a.csv, "file_column": a.file_column,
             "factors": a.factors, "classes": _classes(a.classes), "channels": a.channels,
+            "eval_factors": a.eval_factors,
             "crop": a.crop, "image_size": a.image_size, "num_samples": a.num_samples,
-            "test_portion": a.test_portion, "seed": a.seed, "plot_size": a.plot_size,
+            "test_portion": a.test_portion, "val_portion": a.val_portion, "seed": a.seed,
+            "plot_size": a.plot_size,
             "chunk_size": a.chunk_size}
     opts = {k: v for k, v in opts.items() if v is not None}
     for flag, key, value in ((a.download, "download", True), (a.no_extra, "extra", False),

@@ -207,7 +207,7 @@ def test_large_but_allowed_class_count_prepares(tmp_path):
     rows = grid_rows()
     rows[0]["size"] = 1000       # 1001 classes <= 1024
     make_folder(tmp_path / "f", rows)
-    out = prepare("image_folder", tmp_path / "p", root=str(tmp_path / "f"))
+    out = prepare("image_folder", tmp_path / "p", root=str(tmp_path / "f"), val_portion=0)
     size = read_manifest(out)["factors"][1]
     assert size["classes"] == 1001 and len(size["counts"]["train"]) == 1001
     assert sum(size["counts"]["train"]) + sum(size["counts"]["test"]) == 12
@@ -280,7 +280,8 @@ def test_paths_outside_the_folder(tmp_path):
 
 def test_unknown_split_name(tmp_path):
     rows = [dict(r, split="Test" if i == 3 else "train") for i, r in enumerate(grid_rows())]
-    one_line_error(tmp_path, r"line 5, column 'split': 'Test' is not 'train' or 'test'", rows=rows)
+    one_line_error(tmp_path, r"line 5, column 'split': 'Test' is not one of 'train', 'val', 'test'",
+                   rows=rows)
 
 
 def test_first_image_unreadable_or_odd_names_its_line(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -11,7 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from dsu_models.data import DataError, load_builtin, prepare, read_manifest, read_split
+from dsu_models.data import (DataError, FactorInfo, load_builtin, prepare, read_manifest, read_split,
+                             split_files, split_rows, val_rows)
+from dsu_models.data.manifest import factor_infos
 
 RNG = np.random.default_rng(1)
 
@@ -39,7 +42,8 @@ def grid_rows(n=12):
 def test_image_folder_round_trip_and_manifest(tmp_path):
     rows = grid_rows()
     images = make_folder(tmp_path / "imgs", rows)
-    out = prepare("image_folder", tmp_path / "p", root=str(tmp_path / "imgs"), test_portion=0.25)
+    out = prepare("image_folder", tmp_path / "p", root=str(tmp_path / "imgs"), test_portion=0.25,
+                  val_portion=0)
     m = read_manifest(out)
     assert m["format_version"] == 1 and m["name"] == "imgs" and m["channels"] == 3
     color = m["factors"][0]
@@ -218,5 +222,178 @@ def test_manifest_is_json_with_factor_table(tmp_path):
     assert [f["name"] for f in m["factors"]] == ["floor_hue", "wall_hue", "object_hue", "scale",
                                                   "shape", "orientation"]
     assert m["factors"][4]["class_names"] == ["cube", "sphere", "cone", "pill"]
-    assert sum(m["factors"][0]["counts"]["train"]) == m["splits"]["train"]["rows"] == 180
+    assert sum(m["factors"][0]["counts"]["train"]) == m["splits"]["train"]["rows"]
+    assert sum(m["factors"][0]["counts"]["val"]) == m["splits"]["val"]["rows"]
+    assert m["splits"]["train"]["rows"] + m["splits"]["val"]["rows"] == 180
     assert len(m["content_hash"]) == 64
+
+
+# ---------------------------------------------------------------- validation split
+def _ids(out, split):
+    return read_split(out, split).ids.tolist()
+
+
+def test_procedural_prepare_carves_val_like_load_builtin(tmp_path):
+    out = prepare("sprites", tmp_path / "p", num_samples=1000, image_size=8, seed=4)
+    m = read_manifest(out)
+    train, val, test = (set(_ids(out, s)) for s in ("train", "val", "test"))
+    assert not (train & val or train & test or val & test) and len(train | val | test) == 1000
+    assert abs(len(val) / (len(train) + len(val)) - 0.1) < 0.03
+    assert m["splits"]["val"]["rows"] == len(val) and m["val_from"] == "carved"
+    assert sorted(val) == sorted(i for i in train | val if val_rows(np.array([i]), 0.1, 4)[0])
+    _, mem_val, mem_test = load_builtin("sprites", image_size=8, num_samples=1000, seed=4)
+    assert sorted(mem_val.ids.tolist()) == sorted(val) and sorted(mem_test.ids.tolist()) == sorted(test)
+    assert split_rows(m, "val") == len(val)
+    assert set(_ids(out, "plot")) <= test                    # the plot subset stays test's
+
+
+def test_val_portion_zero_and_bad_values(tmp_path):
+    out = prepare("digits", tmp_path / "p", image_size=8, val_portion=0)
+    m = read_manifest(out)
+    assert m["splits"]["val"] == {"rows": 0, "files": []} and not (out / "val").exists()
+    assert len(read_split(out, "train")) == m["splits"]["train"]["rows"] == 1797 - 180
+    for read in (read_split, split_files):
+        with pytest.raises(DataError, match=r"has no validation split .*--val-portion"):
+            read(out, "val")
+    for bad in (-0.5, 1.0, 2):
+        with pytest.raises(DataError, match=rf"val_portion must be in \[0, 1\), got {float(bad)}"):
+            prepare("digits", tmp_path / "q", val_portion=bad)
+    with pytest.raises(DataError, match="the train split is empty"):
+        prepare("digits", tmp_path / "q", test_portion=0.5, val_portion=0.999999)
+
+
+def test_image_folder_csv_val_is_used_as_given(tmp_path):
+    rows = [dict(r, split=["train", "val", "train", "test"][i % 4]) for i, r in enumerate(grid_rows(16))]
+    make_folder(tmp_path / "f", rows)
+    out = prepare("image_folder", tmp_path / "p", root=str(tmp_path / "f"), val_portion=0.5)
+    m = read_manifest(out)
+    assert m["val_from"] == "csv"
+    assert _ids(out, "val") == [1, 5, 9, 13] and _ids(out, "test") == [3, 7, 11, 15]
+    assert _ids(out, "train") == [0, 2, 4, 6, 8, 10, 12, 14]        # nothing carved
+
+
+def test_image_folder_without_val_rows_carves_them(tmp_path):
+    rows = grid_rows(40)
+    make_folder(tmp_path / "f", rows)
+    out = prepare("image_folder", tmp_path / "p", root=str(tmp_path / "f"), val_portion=0.3)
+    m = read_manifest(out)
+    assert m["val_from"] == "carved" and m["options"]["val_portion"] == 0.3
+    val, rest = _ids(out, "val"), _ids(out, "train")
+    assert val and val_rows(np.array(val), 0.3, 0).all() and not val_rows(np.array(rest), 0.3, 0).any()
+    assert len(val) + len(rest) + len(_ids(out, "test")) == 40
+
+
+def _make_legacy(out):
+    """Rewrite a dataset prepared with val_portion=0 into the layout written
+    before validation splits: no val split, no val_portion, no val_from."""
+    m = json.loads((out / "manifest.json").read_text())
+    del m["splits"]["val"], m["options"]["val_portion"], m["val_from"]
+    for f in m["factors"]:
+        del f["counts"]["val"], f["frequencies"]["val"]
+    (out / "manifest.json").write_text(json.dumps(m, indent=1))
+    return out
+
+
+def _carving_warnings(record, out):
+    return [w for w in record if f"{out} was prepared before validation splits" in str(w.message)]
+
+
+def test_old_dataset_carves_val_on_the_fly_with_one_warning(tmp_path):
+    out = _make_legacy(prepare("sprites", tmp_path / "p", num_samples=600, image_size=8, seed=3,
+                               val_portion=0))
+    m = read_manifest(out)
+    old_train = set(pq.read_table(out / "train" / m["splits"]["train"]["files"][0])["id"].to_pylist())
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        train, val = set(_ids(out, "train")), set(_ids(out, "val"))
+        again = set(_ids(out, "train"))
+        test = _ids(out, "test")
+    assert len(_carving_warnings(record, out)) == 1
+    assert str(_carving_warnings(record, out)[0].message) == (
+        f"{out} was prepared before validation splits; carving val (10% of train, by id) on the "
+        f"fly; prepare it again to make this permanent")
+    assert train.isdisjoint(val) and train | val == old_train and again == train
+    assert val == {i for i in old_train if val_rows(np.array([i]), 0.1, 3)[0]}
+    assert set(test).isdisjoint(old_train) and len(test) == m["splits"]["test"]["rows"]
+    assert split_rows(m, "val") == round(0.1 * len(old_train))
+    assert split_rows(m, "train") == len(old_train) - round(0.1 * len(old_train))
+    # preparing it again with the defaults makes the same split permanent
+    new = prepare("sprites", tmp_path / "n", num_samples=600, image_size=8, seed=3)
+    assert set(_ids(new, "val")) == val and set(_ids(new, "train")) == train
+
+
+# ---------------------------------------------------------------- evaluation-only factors
+def _eval_rows(n=20):
+    """grid rows plus 'pose', labeled on every fifth row only."""
+    return [dict(r, pose=["left", "right"][i // 5 % 2] if i % 5 == 0 else "")
+            for i, r in enumerate(grid_rows(n))]
+
+
+def test_eval_only_factor_prepares_with_missing_labels(tmp_path):
+    rows = _eval_rows()
+    make_folder(tmp_path / "f", rows)
+    out = prepare("image_folder", tmp_path / "p", root=str(tmp_path / "f"), eval_factors="pose",
+                  val_portion=0.3)
+    m = read_manifest(out)
+    pose = m["factors"][2]
+    assert pose["name"] == "pose" and pose["eval_only"] is True
+    assert pose["class_names"] == ["left", "right"]
+    assert "eval_only" not in m["factors"][0] and m["options"]["eval_factors"] == ["pose"]
+    assert [f.eval_only for f in factor_infos(m)] == [False, False, True]
+    seen = 0
+    for split in ("train", "val", "test"):
+        ds = read_split(out, split)
+        col = ds.labels[:, 2].numpy()
+        want = [{"left": 0, "right": 1}.get(rows[i]["pose"], -1) for i in ds.ids.tolist()]
+        assert col.tolist() == want
+        assert pose["labeled"][split] == int((col >= 0).sum()) == sum(pose["counts"][split])
+        assert pose["counts"][split] == np.bincount(col[col >= 0], minlength=2).tolist()
+        seen += pose["labeled"][split]
+        assert ds.factors[2].eval_only
+    assert seen == 4
+    train = read_split(out, "train").with_measured_frequencies()     # -1 is not a class
+    assert train.factors[2].eval_only and abs(sum(train.factors[2].frequencies) - 1) < 1e-9
+    assert FactorInfo.from_dict(train.factors[2].to_dict()) == train.factors[2]
+    # the list spelling is the same preparation as the comma-separated one
+    assert prepare("image_folder", tmp_path / "p", root=str(tmp_path / "f"), eval_factors=["pose"],
+                   val_portion=0.3) == out
+
+
+def test_empty_cell_only_in_an_eval_only_column(tmp_path):
+    rows = _eval_rows()
+    rows[6]["color"] = ""
+    _expect_error(tmp_path, rows, r"line 8, column 'color': empty label \(only columns named in "
+                                  r"eval_factors", eval_factors="pose")
+    rows = _eval_rows()
+    _expect_error(tmp_path, rows, r"line 3, column 'pose': empty label")       # not declared
+    _expect_error(tmp_path, rows, r"eval_factors \['angle'\] are not factor columns",
+                  eval_factors="pose,angle")
+    rows = [dict(r, pose="") for r in grid_rows()]
+    _expect_error(tmp_path, rows, r"column 'pose' \(evaluation-only\) has no labels",
+                  eval_factors="pose")
+
+
+def test_config_on_eval_only_data_leaves_the_factor_out(tmp_path):
+    from dsu_models.config import ConfigError
+    from dsu_models.factory import build_config, load_data
+
+    make_folder(tmp_path / "f", _eval_rows(40))
+    out = prepare("image_folder", tmp_path / "p", root=str(tmp_path / "f"), eval_factors="pose")
+    base = ["dataset=image_folder", f"data_path={out}", "image_size=8"]
+    cfg = build_config(None, base)
+    assert cfg.labeled_factors == ["color", "size"] and "pose" in cfg.factors
+    assert cfg.unknown_size == 0
+    cfg = build_config(None, base + ["labeled_factors=[color]"])
+    assert cfg.unknown_size == cfg.factors["size"].size
+    with pytest.raises(ConfigError, match=r"'pose' is evaluation-only \(declared with eval_factors\)"):
+        build_config(None, base + ["labeled_factors=[color, pose]"])
+    train, val, test = load_data(cfg)
+    assert (train.labels[:, 2] == -1).any() and train.factors[2].eval_only
+    assert len(val)
+    assert sorted(train.ids.tolist() + val.ids.tolist() + test.ids.tolist()) == list(range(40))
+
+
+def test_old_manifest_factors_are_not_eval_only(tmp_path):
+    out = prepare("digits", tmp_path / "p", image_size=8)
+    m = read_manifest(out)
+    assert "eval_only" not in m["factors"][0] and factor_infos(m)[0].eval_only is False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -73,7 +74,8 @@ def test_raw_epochs_leave_images_uint8_for_the_gpu(cache):
 def test_shard_fits_in_memory():
     from pipelines.data.loading import shard_fits_in_memory
 
-    manifest = {"channels": 3, "factors": [{}] * 5, "splits": {"train": {"rows": 1000}}}
+    manifest = {"channels": 3, "factors": [{}] * 5,
+                "splits": {"train": {"rows": 1000}, "val": {"rows": 100}}}
     row = 3 * 32 * 32 + 8 * 6      # uint8 pixels, int64 id and labels
     assert shard_fits_in_memory(manifest, "train", 32, 2, 500 * row / 2 ** 20)
     assert not shard_fits_in_memory(manifest, "train", 32, 2, 499 * row / 2 ** 20)
@@ -91,7 +93,7 @@ def test_ray_prepare_matches_plain(ray_session, tmp_path):
     ma, mb = read_manifest(a), read_manifest(b)
     assert ma["content_hash"] == mb["content_hash"] and ma["factors"] == mb["factors"]
     assert ma["splits"] == mb["splits"]
-    for split in ("train", "test", "plot"):
+    for split in ("train", "val", "test", "plot"):
         x, y = read_split(a, split), read_split(b, split)
         assert torch.equal(x.images, y.images) and torch.equal(x.labels, y.labels)
     assert prepare_with_ray("shapes3d", tmp_path / "ray", **opts) == a     # reused
@@ -193,7 +195,7 @@ def test_two_workers_get_disjoint_covering_shards(ray_session, tmp_path, cache):
 
     out = prepare("sprites", tmp_path / "p", num_samples=200, image_size=16, chunk_size=50)
     ids = set(read_split(out, "train").ids.tolist())
-    assert len(ids) == 180
+    assert len(ids) + len(read_split(out, "val")) == 180
     trainer = TorchTrainer(
         worker, train_loop_config={"out": str(tmp_path), "cache": cache},
         # fractional CPUs leave room for Ray Data on a 2-CPU node (docs/pipeline.md)
@@ -210,3 +212,30 @@ def test_two_workers_get_disjoint_covering_shards(ray_session, tmp_path, cache):
     if cache:   # each worker keeps its share, in a new order
         for r in (0, 1):
             assert set(seen[r]["0"]) == set(seen[r]["1"]) and seen[r]["0"] != seen[r]["1"]
+
+
+def test_old_dataset_reads_the_same_rows_through_ray_data(ray_session, tmp_path):
+    """A dataset prepared before validation splits: Ray Data's train and val are
+    read_split's (carved by id from the train files), and sizing does not fail."""
+    from pipelines.data.loading import decoded_mb, shard_fits_in_memory, train_dataset
+
+    out = prepare("sprites", tmp_path / "p", num_samples=400, image_size=8, chunk_size=60,
+                  val_portion=0)
+    m = json.loads((out / "manifest.json").read_text())      # rewrite it as an old one
+    del m["splits"]["val"], m["options"]["val_portion"], m["val_from"]
+    for f in m["factors"]:
+        del f["counts"]["val"], f["frequencies"]["val"]
+    (out / "manifest.json").write_text(json.dumps(m))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        plain = {s: sorted(read_split(out, s).ids.tolist()) for s in ("train", "val")}
+        streamed = {s: sorted(int(r["id"]) for r in train_dataset(out, s).take_all())
+                    for s in ("train", "val")}
+    assert [str(w.message) for w in record if "prepared before validation" in str(w.message)] == [
+        f"{out} was prepared before validation splits; carving val (10% of train, by id) on the fly; "
+        f"prepare it again to make this permanent"]
+    assert streamed == plain and plain["val"] and set(plain["train"]).isdisjoint(plain["val"])
+    assert len(plain["train"]) + len(plain["val"]) == m["splits"]["train"]["rows"]
+    manifest = read_manifest(out)
+    assert 0 < decoded_mb(manifest, "val", 8) < decoded_mb(manifest, "train", 8)
+    assert shard_fits_in_memory(manifest, "val", 8, 2, 1)

@@ -14,7 +14,7 @@ import scipy.io as sio
 import torch
 from PIL import Image
 
-from dsu_models.data import DataError, load_builtin, prepare, read_manifest, read_split
+from dsu_models.data import DataError, load_builtin, prepare, read_manifest, read_split, val_rows
 from dsu_models.data.sources import SOURCES, dsprites, shapes3d, sprites
 
 RNG = np.random.default_rng(0)
@@ -52,19 +52,40 @@ def test_registry_declares_defaults():
     ("shapes3d", 3, [10, 10, 10, 8, 4, 15]), ("sprites", 1, [3, 6, 12, 16, 16]),
     ("sprites_full", 1, [3, 6, 39, 32, 32]), ("digits", 1, [10])])
 def test_load_builtin(name, channels, factors):
-    train, test = load_builtin(name, image_size=16, num_samples=1000 if name != "digits" else None)
+    train, val, test = load_builtin(name, image_size=16, num_samples=1000 if name != "digits" else None)
     assert train.images.shape[1:] == (channels, 16, 16) and train.images.dtype == torch.uint8
+    assert val.images.shape[1:] == (channels, 16, 16)
     assert [f.classes for f in train.factors] == factors
-    n = len(train) + len(test)
+    n = len(train) + len(val) + len(test)
     assert n == (1797 if name == "digits" else 1000) and len(test) == round(0.1 * n)
-    assert set(train.ids.tolist()).isdisjoint(test.ids.tolist())
+    # val: about a tenth of what test leaves, chosen by id
+    assert abs(len(val) / (len(train) + len(val)) - 0.1) < 0.03
+    assert val_rows(val.ids.numpy(), 0.1, 0).all() and not val_rows(train.ids.numpy(), 0.1, 0).any()
+    ids = [set(d.ids.tolist()) for d in (train, val, test)]
+    assert ids[0].isdisjoint(ids[1]) and ids[0].isdisjoint(ids[2]) and ids[1].isdisjoint(ids[2])
     assert len(set(train.ids.tolist())) == len(train)            # distinct grid points
     for f in train.factors:
         assert f.frequencies and abs(sum(f.frequencies) - 1) < 1e-9
-    again, _ = load_builtin(name, image_size=16, num_samples=1000 if name != "digits" else None)
+    assert val.factors == train.factors == test.factors
+    again, again_val, _ = load_builtin(name, image_size=16,
+                                       num_samples=1000 if name != "digits" else None)
     assert torch.equal(again.images, train.images) and torch.equal(again.labels, train.labels)
-    other, _ = load_builtin(name, image_size=16, num_samples=1000 if name != "digits" else None, seed=1)
+    assert torch.equal(again_val.ids, val.ids) and torch.equal(again_val.images, val.images)
+    other, _, _ = load_builtin(name, image_size=16, num_samples=1000 if name != "digits" else None,
+                               seed=1)
     assert not torch.equal(other.ids, train.ids)
+
+
+def test_load_builtin_val_portion():
+    """val_portion sets the share; 0 gives an empty val and the old train; a bad one is refused."""
+    train, val, test = load_builtin("sprites", image_size=16, num_samples=2000, val_portion=0.3)
+    assert abs(len(val) / (len(train) + len(val)) - 0.3) < 0.04
+    whole, none, same_test = load_builtin("sprites", image_size=16, num_samples=2000, val_portion=0)
+    assert len(none) == 0 and torch.equal(same_test.ids, test.ids)
+    assert sorted(whole.ids.tolist()) == sorted(train.ids.tolist() + val.ids.tolist())
+    for bad in (-0.1, 1.0):
+        with pytest.raises(DataError, match=rf"val_portion must be in \[0, 1\), got {bad}"):
+            load_builtin("sprites", image_size=16, num_samples=200, val_portion=bad)
 
 
 def test_builtin_speed_and_odd_size():
@@ -116,7 +137,7 @@ def _tiny_cnn_accuracy(name: str, n: int, epochs: int) -> dict[str, float]:
     from dsu_models.data import to_float
 
     torch.manual_seed(0)
-    train, test = load_builtin(name, num_samples=n, seed=1)
+    train, _, test = load_builtin(name, num_samples=n, seed=1)
     heads = [f.classes for f in train.factors]
     net = torch.nn.Sequential(
         torch.nn.Conv2d(train.channels, 32, 3, padding=1), torch.nn.ReLU(),
@@ -148,7 +169,7 @@ def test_mnist_idx_round_trip(tmp_path):
     for s in imgs:
         write_idx(root / "MNIST" / "raw" / f"{s}-images-idx3-ubyte", imgs[s])
         write_idx(root / "MNIST" / "raw" / f"{s}-labels-idx1-ubyte", labs[s])
-    out = prepare("mnist", tmp_path / "p", root=str(root), chunk_size=5)
+    out = prepare("mnist", tmp_path / "p", root=str(root), chunk_size=5, val_portion=0)
     m = read_manifest(out)
     assert (m["image_size"], m["channels"]) == (28, 1)
     assert m["splits"]["train"]["rows"] == 12 and m["splits"]["test"]["rows"] == 6
@@ -162,6 +183,40 @@ def test_mnist_idx_round_trip(tmp_path):
     assert m["splits"]["plot"]["rows"] == 6
 
 
+def test_file_source_carves_val_from_its_train_split(tmp_path):
+    """A source with a standard train/test split: val is the train rows val_rows
+    picks by id (the test rows stay test); too few train rows for any is refused."""
+    root = tmp_path / "data"
+    for s, n in (("train", 60), ("t10k", 10)):
+        write_idx(root / "MNIST" / "raw" / f"{s}-images-idx3-ubyte",
+                  RNG.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        write_idx(root / "MNIST" / "raw" / f"{s}-labels-idx1-ubyte",
+                  (np.arange(n) % 10).astype(np.uint8))
+    out = prepare("mnist", tmp_path / "p", root=str(root), chunk_size=25, seed=2)
+    m = read_manifest(out)
+    train, val, test = (read_split(out, s) for s in ("train", "val", "test"))
+    picked = np.flatnonzero(val_rows(np.arange(60), 0.1, 2))
+    assert val.ids.tolist() == picked.tolist() and len(picked) > 0
+    assert sorted(train.ids.tolist() + val.ids.tolist()) == list(range(60))
+    assert test.ids.tolist() == list(range(60, 70))
+    assert m["splits"]["val"]["rows"] == len(val) and m["val_from"] == "carved"
+    assert m["options"]["val_portion"] == 0.1
+    for split, ds in (("train", train), ("val", val)):   # training frequencies: train's alone
+        counts = np.bincount(ds.labels[:, 0].numpy(), minlength=10)
+        assert m["factors"][0]["counts"][split] == counts.tolist()
+    freq = np.bincount(train.labels[:, 0].numpy(), minlength=10) / len(train)
+    assert np.allclose(m["factors"][0]["frequencies"]["train"], freq)
+    more = read_manifest(prepare("mnist", tmp_path / "q", root=str(root), seed=2, val_portion=0.5))
+    assert more["content_hash"] != m["content_hash"] and more["splits"]["val"]["rows"] > len(val)
+    few = tmp_path / "few" / "MNIST" / "raw"     # ids 0 and 1: val_rows picks neither
+    for s in ("train", "t10k"):
+        write_idx(few / f"{s}-images-idx3-ubyte", RNG.integers(0, 256, (2, 28, 28), dtype=np.uint8))
+        write_idx(few / f"{s}-labels-idx1-ubyte", np.array([1, 2], np.uint8))
+    assert not val_rows(np.arange(2), 0.1, 0).any()
+    with pytest.raises(DataError, match=r"the val split is empty .*val_portion=0 for no validation"):
+        prepare("mnist", tmp_path / "r", root=str(tmp_path / "few"))
+
+
 def test_fashion_mnist_and_missing_root(tmp_path):
     with pytest.raises(DataError, match="--download"):
         prepare("fashion_mnist", tmp_path / "p", root=str(tmp_path))
@@ -169,7 +224,7 @@ def test_fashion_mnist_and_missing_root(tmp_path):
     for s, n in (("train", 4), ("t10k", 2)):
         write_idx(raw / f"{s}-images-idx3-ubyte", RNG.integers(0, 256, (n, 28, 28), dtype=np.uint8))
         write_idx(raw / f"{s}-labels-idx1-ubyte", np.array([1, 9, 3, 4][:n], np.uint8))
-    m = read_manifest(prepare("fashion_mnist", tmp_path / "p", root=str(tmp_path)))
+    m = read_manifest(prepare("fashion_mnist", tmp_path / "p", root=str(tmp_path), val_portion=0))
     assert m["factors"][0]["class_names"][9] == "ankle boot"
 
 
@@ -186,7 +241,8 @@ def test_qmnist_nist_writers(tmp_path):
     m = read_manifest(out)
     assert [f["name"] for f in m["factors"]] == ["class", "writer"]
     assert m["factors"][1]["class_names"] == ["7", "350", "2100"]
-    full = {**by_id(read_split(out, "train")), **by_id(read_split(out, "test"))}
+    full = {**by_id(read_split(out, "train")), **by_id(read_split(out, "val")),
+            **by_id(read_split(out, "test"))}
     assert len(full) == n
     for i in range(n):
         assert torch.equal(full[i][0][0], torch.from_numpy(imgs[i]))
@@ -201,7 +257,7 @@ def test_svhn_mat_streaming(tmp_path, compressed):
         y = (np.arange(n) % 10 + 1).reshape(-1, 1)            # 10 means digit 0
         sio.savemat(tmp_path / fname, {"X": x, "y": y.astype(np.uint8)}, do_compression=compressed)
         data[fname] = (x, y)
-    out = prepare("svhn", tmp_path / "p", root=str(tmp_path), chunk_size=2)
+    out = prepare("svhn", tmp_path / "p", root=str(tmp_path), chunk_size=2, val_portion=0)
     train = read_split(out, "train")
     assert len(train) == 12 and len(read_split(out, "test")) == 3
     x, y = data["extra_32x32.mat"]
@@ -210,7 +266,8 @@ def test_svhn_mat_streaming(tmp_path, compressed):
         img, lab = rows[2 * 10_000_000 + k]
         assert torch.equal(img.permute(1, 2, 0), torch.from_numpy(x[..., k]))
         assert int(lab[0]) == int(y[k, 0]) % 10
-    no_extra = read_manifest(prepare("svhn", tmp_path / "q", root=str(tmp_path), extra=False))
+    no_extra = read_manifest(prepare("svhn", tmp_path / "q", root=str(tmp_path), extra=False,
+                                     val_portion=0))
     assert no_extra["splits"]["train"]["rows"] == 7
 
 
@@ -223,7 +280,7 @@ def test_cifar10_batches(tmp_path):
         with open(folder / name, "wb") as f:
             pickle.dump({b"data": d, b"labels": [1, 2, 3]}, f)
         data[name] = d
-    out = prepare("cifar10", tmp_path / "p", root=str(tmp_path))
+    out = prepare("cifar10", tmp_path / "p", root=str(tmp_path), val_portion=0)
     test = read_split(out, "test")
     assert len(read_split(out, "train")) == 15 and len(test) == 3
     assert torch.equal(test.images.reshape(3, -1), torch.from_numpy(data["test_batch"]))
@@ -247,14 +304,16 @@ def test_dsprites_npz(tmp_path):
     imgs, lat = _write_dsprites(tmp_path / "d.npz")
     out = prepare("dsprites", tmp_path / "p", path=str(tmp_path / "d.npz"), chunk_size=5,
                   test_portion=0.25)
-    rows = {**by_id(read_split(out, "train")), **by_id(read_split(out, "test"))}
+    rows = {**by_id(read_split(out, "train")), **by_id(read_split(out, "val")),
+            **by_id(read_split(out, "test"))}
     kept = np.flatnonzero(lat[:, 3] != 39)
     assert sorted(rows) == kept.tolist()                       # orientation 39 dropped
     for i in kept:
         assert torch.equal(rows[i][0][0], torch.from_numpy(imgs[i] * 255))
         assert rows[i][1].tolist() == lat[i, 1:].tolist()
     rel = prepare("dsprites", tmp_path / "r", path=str(tmp_path / "d.npz"), relabel_orientation=True)
-    rrows = {**by_id(read_split(rel, "train")), **by_id(read_split(rel, "test"))}
+    rrows = {**by_id(read_split(rel, "train")), **by_id(read_split(rel, "val")),
+             **by_id(read_split(rel, "test"))}
     for i in kept:
         t = lat[i, 3]
         assert int(rrows[i][1][2]) == {0: (4 * t) % 39, 1: (2 * t) % 39, 2: t}[int(lat[i, 1])]
@@ -281,7 +340,8 @@ def test_3dshapes_h5(tmp_path):
                   image_size=64)
     m = read_manifest(out)
     assert m["factors"][5]["class_names"][0] == "-30" and m["factors"][3]["classes"] == 8
-    rows = {**by_id(read_split(out, "train")), **by_id(read_split(out, "test"))}
+    rows = {**by_id(read_split(out, "train")), **by_id(read_split(out, "val")),
+            **by_id(read_split(out, "test"))}
     for i in range(n):
         assert torch.equal(rows[i][0].permute(1, 2, 0), torch.from_numpy(imgs[i]))
         assert rows[i][1].tolist() == [int((i + 3 * j) % len(lv)) for j, lv in enumerate(levels)]
@@ -299,7 +359,8 @@ def test_chairs3d_tree(tmp_path):
                 Image.fromarray(img).save(d / f"image_{k:03d}_p{p:03d}_t{t:03d}_r096.png")
                 k += 1
     (root / "all_chair_names.mat").write_bytes(b"")
-    out = prepare("chairs3d", tmp_path / "p", root=str(root), image_size=16, test_portion=0.25)
+    out = prepare("chairs3d", tmp_path / "p", root=str(root), image_size=16, test_portion=0.25,
+                  val_portion=0)
     m = read_manifest(out)
     assert [(f["name"], f["classes"]) for f in m["factors"]] == [("class", 2), ("altitude", 2),
                                                                   ("azimuth", 3)]
@@ -310,10 +371,12 @@ def test_chairs3d_tree(tmp_path):
 
 def test_digits_prepared_matches_memory(tmp_path):
     out = prepare("digits", tmp_path / "p", image_size=16)
-    train, _ = load_builtin("digits", image_size=16)
+    train, val, _ = load_builtin("digits", image_size=16)
     got = read_split(out, "train")
     assert torch.equal(got.images, train.images) and torch.equal(got.labels, train.labels)
     assert got.factors == train.factors
+    got_val = read_split(out, "val")
+    assert torch.equal(got_val.ids, val.ids) and torch.equal(got_val.images, val.images)
 
 
 
@@ -342,7 +405,7 @@ def test_sprites_full_draws_the_sprites_on_the_dsprites_grid():
         flat = sprites.render(labels, 64, full).reshape(39, -1).astype(int)
         d = np.abs(flat[:, None] - flat[None, :]).sum(-1)
         assert d[~np.eye(39, dtype=bool)].min() > 255, sprites.SHAPES[s]
-    train, _ = load_builtin("sprites_full", image_size=64, num_samples=50)
+    train, _, _ = load_builtin("sprites_full", image_size=64, num_samples=50)
     assert train.images.shape[1:] == (1, 64, 64)
 
 
@@ -358,5 +421,5 @@ def test_load_builtin_defaults_match_the_dataset_config(name):
     if "num_samples" in defaults:
         assert DEFAULT_SAMPLES[name] == defaults["num_samples"]
     if name == "sprites_full":
-        train, test = load_builtin(name, num_samples=40)
-        assert train.images.shape[1:] == (1, 64, 64) and len(train) + len(test) == 40
+        train, val, test = load_builtin(name, num_samples=40)
+        assert train.images.shape[1:] == (1, 64, 64) and len(train) + len(val) + len(test) == 40

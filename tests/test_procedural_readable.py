@@ -89,7 +89,7 @@ def oracle_accuracy(name: str, size: int, samples: int, epochs: int, seed: int =
                     model: type[nn.Module] = MultiHead, pct_start: float = 0.2) -> dict:
     """Per factor: (exact test accuracy, share of test predictions within one class)."""
     torch.manual_seed(seed)
-    train, test = load_builtin(name, image_size=size, num_samples=samples, seed=seed)
+    train, val, test = load_builtin(name, image_size=size, num_samples=samples, seed=seed)
     classes = [f.classes for f in train.factors]
     net = model(train.channels, size, classes)
     x, y = to_float(train.images), train.labels

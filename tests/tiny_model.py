@@ -28,7 +28,7 @@ def train_tiny(out: Path) -> dict:
     "bundle", "bundle_dir", "config"}``."""
     cfg = build_config("tiny", TINY_RUN)
     results = run(cfg, Path(out) / "run", log=lambda line: None)
-    train, test = load_data(cfg)
+    train, val, test = load_data(cfg)
     bundle = bundle_from_run(results, train, test)
     bundle_dir = save_bundle(bundle, Path(out) / "model")
     return {"results": results, "train": train, "test": test, "bundle": bundle,

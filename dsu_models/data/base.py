@@ -13,22 +13,30 @@ and runs in Ray worker processes that would otherwise each load torch (about
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
+
+# the label of a row that has none for an evaluation-only factor (FactorInfo.eval_only)
+MISSING = -1
 
 
 @dataclass(frozen=True)
 class FactorInfo:
     """One ground-truth factor: its name, class count, class names, frequencies.
 
-    ``frequencies``: shape (classes,), sums to 1, measured on the train split.
+    ``frequencies``: shape (classes,), sums to 1, measured on the train split
+    (on its labeled rows for an eval-only factor).
+    ``eval_only``: a factor kept for evaluation and never trained on; rows
+    without a label for it hold :data:`MISSING` in its column.
     """
 
     name: str
     classes: int
     class_names: tuple[str, ...] = ()
     frequencies: tuple[float, ...] = ()
+    eval_only: bool = False
 
     def __post_init__(self):
         if self.classes < 2:
@@ -51,18 +59,23 @@ class FactorInfo:
         return torch.full((self.classes,), 1.0 / self.classes)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "classes": self.classes,
-                "class_names": list(self.class_names), "frequencies": list(self.frequencies)}
+        d = {"name": self.name, "classes": self.classes,
+             "class_names": list(self.class_names), "frequencies": list(self.frequencies)}
+        if self.eval_only:   # only when set: other factors' dicts, and hashes of them, are unchanged
+            d["eval_only"] = True
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "FactorInfo":
         return cls(d["name"], int(d["classes"]), tuple(d.get("class_names") or ()),
-                   tuple(float(f) for f in d.get("frequencies") or ()))
+                   tuple(float(f) for f in d.get("frequencies") or ()), bool(d.get("eval_only", False)))
 
 
 def measured_frequencies(labels: np.ndarray, classes: int) -> tuple[float, ...]:
-    """Class frequencies of one factor's label column. labels: (N,) int."""
-    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=classes).astype(np.float64)
+    """Class frequencies of one factor's label column over its labeled rows.
+    labels: (N,) int; MISSING rows (an eval-only factor's) are not counted."""
+    labels = np.asarray(labels, dtype=np.int64)
+    counts = np.bincount(labels[labels != MISSING], minlength=classes).astype(np.float64)
     return tuple(float(c) for c in counts / max(counts.sum(), 1.0))
 
 
@@ -115,8 +128,8 @@ class InMemoryDataset:
 
     def with_measured_frequencies(self) -> "InMemoryDataset":
         """Same data, factor frequencies measured on these labels (use on the train split)."""
-        factors = [FactorInfo(f.name, f.classes, f.class_names,
-                              measured_frequencies(self.labels[:, j].numpy(), f.classes))
+        factors = [dataclasses.replace(f, frequencies=measured_frequencies(self.labels[:, j].numpy(),
+                                                                            f.classes))
                    for j, f in enumerate(self.factors)]
         return InMemoryDataset(self.images, self.labels, factors, self.ids, self.name)
 

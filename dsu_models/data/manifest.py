@@ -2,9 +2,14 @@
 
 ``manifest.json`` records the format version, dataset name and source, image
 size and channels, the factor table (name, classes, class names, per-split
-counts and frequencies), rows and shard files per split, the resolved
-options and a content hash of inputs + options. It is written last, so a
-directory without it is not a prepared dataset.
+counts and frequencies; for an evaluation-only factor ``"eval_only": true``
+and ``labeled``, its labeled rows per split, which are all that its counts
+count), rows and shard files per split, how the validation split was made
+(``val_from``: ``"carved"`` from train by id, or the source's own, e.g.
+``"csv"``), the resolved options and a content hash of inputs + options. It
+is written last, so a directory without it is not a prepared dataset.
+Manifests written before validation splits have no ``val`` split and no
+``val_from`` (see splits.py); before evaluation-only factors, no ``eval_only``.
 """
 from __future__ import annotations
 
@@ -34,8 +39,8 @@ def content_hash(source: str, image_size: int, options: dict, fingerprint: dict)
 def build(name: str, source: str, image_size: int, channels: int, factors: list[FactorInfo],
           counts: dict[str, list[np.ndarray]], rows: dict[str, int], files: dict[str, list[str]],
           options: dict,
-          digest: str) -> dict:
-    """counts[split][j]: (classes_j,) label counts of factor j on that split."""
+          digest: str, val_from: str = "carved") -> dict:
+    """counts[split][j]: (classes_j,) label counts of factor j on that split (labeled rows only)."""
     table = []
     for j, f in enumerate(factors):
         c = {s: [int(x) for x in counts[s][j]] for s in counts}
@@ -43,12 +48,17 @@ def build(name: str, source: str, image_size: int, channels: int, factors: list[
         for s, v in c.items():          # linear in classes: the total once per split
             total = max(sum(v), 1)
             freq[s] = [x / total for x in v]
-        table.append({"name": f.name, "classes": f.classes, "class_names": list(f.names()),
-                      "counts": c, "frequencies": freq})
+        entry = {"name": f.name, "classes": f.classes, "class_names": list(f.names()),
+                 "counts": c, "frequencies": freq}
+        if f.eval_only:
+            entry["eval_only"] = True
+            entry["labeled"] = {s: sum(v) for s, v in c.items()}
+        table.append(entry)
     return {
         "format_version": FORMAT_VERSION, "name": name, "source": source,
         "image_size": int(image_size), "channels": int(channels), "factors": table,
         "splits": {s: {"rows": int(rows[s]), "files": files.get(s, [])} for s in rows},
+        "val_from": val_from,
         "content_hash": digest,
         "options": json.loads(json.dumps(options, default=str)),
     }
@@ -135,7 +145,8 @@ def own_manifest(directory) -> dict:
 
 
 def factor_infos(manifest: dict) -> list[FactorInfo]:
-    """Factor table with the train split's frequencies (docs/method.md section 1)."""
+    """Factor table with the train split's frequencies (docs/method.md section 1);
+    ``eval_only`` as recorded (False in manifests from before that key)."""
     return [FactorInfo(f["name"], f["classes"], tuple(f["class_names"]),
-                       tuple(f["frequencies"].get("train", ())))
+                       tuple(f["frequencies"].get("train", ())), bool(f.get("eval_only", False)))
             for f in manifest["factors"]]

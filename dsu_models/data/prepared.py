@@ -4,11 +4,17 @@ Layout of a prepared directory ``DIR``::
 
     DIR/manifest.json            (see manifest.py)
     DIR/train/part-00000.parquet ...   one file per preparation task
+    DIR/val/part-00000.parquet   ...   carved from train by id (splits.py) unless
+                                       the source has its own; absent if val_portion=0
     DIR/test/part-00000.parquet  ...
     DIR/plot/part-00000.parquet        a small seeded subset of test
 
 Columns: ``id`` int64 (stable, unique), ``image`` binary (lossless PNG), and
-one int64 column per factor (every factor with ground truth).
+one int64 column per factor (every factor with ground truth; -1 where an
+evaluation-only factor has no label).
+
+A directory prepared before validation splits still reads: its ``val`` is
+carved from its train files on the fly (``splits.row_filter``), with a warning.
 
 :func:`prepare` runs the tasks in a loop in this process; the Ray job in
 ``pipelines/jobs/prepare.py`` runs :func:`run_task` in parallel and calls the
@@ -29,6 +35,7 @@ import dataclasses
 import os
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +48,8 @@ from .codec import decode_batch, encode_png, resize_batch
 from .base import FactorInfo, InMemoryDataset
 from .errors import DataError
 from .sources import SourcePlan, make_plan
-from .sources._common import SPLITS, check_labels
+from .splits import LEGACY_VAL_PORTION, available_splits, is_legacy, row_filter, stored_split
+from .sources._common import SPLIT_CODES, SPLITS, carve_val, check_labels
 
 # ---------------------------------------------------------------- writing
 def _schema(factors: list[FactorInfo]) -> pa.Schema:
@@ -64,8 +72,12 @@ def run_task(plan: SourcePlan, index: int, task: dict, staging: str | Path) -> d
         for chunk in plan.read(task):
             images = _checked_images(plan, chunk)
             check_labels(chunk.labels, plan.factors, chunk.where or plan.source)
-            for code, split in enumerate(SPLITS):
-                sel = np.flatnonzero(chunk.split == code)
+            codes = chunk.split
+            if plan.val_from == "carved":
+                codes = carve_val(codes, chunk.ids, float(plan.options["val_portion"]),
+                                  int(plan.options["seed"]))
+            for split in SPLITS:
+                sel = np.flatnonzero(codes == SPLIT_CODES[split])
                 if not len(sel):
                     continue
                 cols = {"id": pa.array(chunk.ids[sel], pa.int64()),
@@ -73,7 +85,9 @@ def run_task(plan: SourcePlan, index: int, task: dict, staging: str | Path) -> d
                 for j, f in enumerate(plan.factors):
                     cols[f.name] = pa.array(chunk.labels[sel, j], pa.int64())
                     seen = counts[split][j]
-                    for label, c in zip(*np.unique(chunk.labels[sel, j], return_counts=True)):
+                    labels = chunk.labels[sel, j]
+                    # an eval-only factor's unlabeled rows (-1) are not counted
+                    for label, c in zip(*np.unique(labels[labels >= 0], return_counts=True)):
                         seen[int(label)] = seen.get(int(label), 0) + int(c)
                 if split not in writers:
                     (staging / split).mkdir(parents=True, exist_ok=True)
@@ -137,10 +151,14 @@ def begin(source: str, out_dir, overwrite: bool = False, **options):
 def finish(plan: SourcePlan, digest: str, staging: Path, out_dir, stats: list[dict]) -> Path:
     """Sum task stats, write the plot subset and the manifest, rename into place."""
     rows = {s: sum(st["rows"][s] for st in stats) for s in SPLITS}
+    no_val = plan.val_from == "carved" and float(plan.options["val_portion"]) == 0
     for s in SPLITS:
-        if rows[s] == 0:
-            raise DataError(f"{plan.source}: the {s} split is empty "
-                            f"(options {plan.options}); nothing to {'train' if s == 'train' else 'test'} on")
+        if rows[s] == 0 and not (s == "val" and no_val):
+            hint = ("; pass a larger val_portion, or val_portion=0 for no validation split"
+                    if s == "val" and plan.val_from == "carved" else "")
+            raise DataError(f"{plan.source}: the {s} split is empty (options {plan.options}); "
+                            f"nothing to {dict(train='train', val='validate', test='test')[s]} on"
+                            f"{hint}")
     counts = {s: [_dense_counts(stats, s, j, f.classes) for j, f in enumerate(plan.factors)]
               for s in SPLITS}
     files = {s: sorted(p.name for p in (staging / s).glob("*.parquet")) for s in SPLITS}
@@ -148,7 +166,7 @@ def finish(plan: SourcePlan, digest: str, staging: Path, out_dir, stats: list[di
                                               int(plan.options["seed"]), plan.factors)
     name = plan.source if plan.source != "image_folder" else Path(plan.options["root"]).name
     m = mf.build(name, plan.source, plan.image_size, plan.channels, plan.factors, counts, rows,
-                 files, plan.options, digest)
+                 files, plan.options, digest, plan.val_from)
     mf.write(staging, m)
     return _commit(staging, Path(out_dir))
 
@@ -162,7 +180,8 @@ def prepare(source: str, out_dir, *, overwrite: bool = False, **options) -> Path
     """Prepare ``source`` into ``out_dir`` in this process (no Ray); returns the directory.
 
     options: the source's options (see ``sources/<name>.py`` ``OPTIONS``) plus
-    image_size, test_portion (0.1), seed (0), plot_size (64), chunk_size, resize.
+    image_size, test_portion (0.1), val_portion (0.1), seed (0), plot_size (64),
+    chunk_size, resize.
     Re-running with the same inputs and options returns at once (hash match).
     """
     plan, digest, staging = begin(source, out_dir, overwrite, **options)
@@ -285,25 +304,50 @@ def _remove_stale_staging(out: Path) -> None:
 
 
 # ---------------------------------------------------------------- reading
+_WARNED: set[str] = set()   # old directories warned about in this process
+
+
 def split_files(directory, split: str) -> list:
-    """The split's Parquet files: Paths, or URI strings for a URI directory."""
+    """The Parquet files that hold ``split``'s rows: Paths, or URI strings for a URI directory.
+
+    For a dataset prepared before validation splits, ``train`` and ``val`` are
+    both held in the train files: filter their rows with
+    ``splits.row_filter(manifest, split)`` (:func:`read_split` and
+    ``pipelines/data/loading.py`` do); a warning says so once per directory.
+    """
     m = mf.read_manifest(directory)
-    if split not in m["splits"]:
-        raise DataError(f"{directory}: no split {split!r}; splits are {sorted(m['splits'])}")
-    return [mf.member(directory, split, f) for f in m["splits"][split]["files"]]
+    if split not in available_splits(m):
+        raise DataError(f"{directory}: no split {split!r}; splits are {available_splits(m)}")
+    if split == "val" and not is_legacy(m) and not m["splits"]["val"]["files"]:
+        raise DataError(f"{directory} has no validation split (prepared with val_portion="
+                        f"{m['options'].get('val_portion')}); prepare it again with a val_portion "
+                        f"above 0 (--val-portion 0.1) to make one")
+    if row_filter(m, split) is not None and str(directory) not in _WARNED:
+        _WARNED.add(str(directory))
+        warnings.warn(f"{directory} was prepared before validation splits; carving val "
+                      f"({LEGACY_VAL_PORTION:.0%} of train, by id) on the fly; prepare it again to "
+                      f"make this permanent", stacklevel=2)
+    name = stored_split(m, split)
+    return [mf.member(directory, name, f) for f in m["splits"][name]["files"]]
 
 
 def read_split(directory, split: str, image_size: int | None = None) -> InMemoryDataset:
     """One split of a prepared directory in memory (plain pyarrow, no Ray), sorted by id.
 
     Returns images (N, C, S, S) uint8 at ``image_size`` (default: as stored),
-    labels (N, F) int64 for every stored factor, with train-split frequencies.
+    labels (N, F) int64 for every stored factor (-1 where an eval-only factor
+    has no label), with train-split frequencies.
     """
     m = mf.read_manifest(directory)
     factors = mf.factor_infos(m)
+    keep = row_filter(m, split)
     ids, images, labels = [], [], []
     for p in split_files(directory, split):
         t = pq.read_table(str(p))  # a URI is read through its pyarrow filesystem
+        if keep is not None:
+            t = t.filter(pa.array(keep(t["id"].to_numpy())))
+        if not t.num_rows:
+            continue
         ids.append(t["id"].to_numpy())
         images.append(decode_batch(t["image"].to_pylist(), m["channels"]))
         labels.append(np.stack([t[f.name].to_numpy() for f in factors], 1))

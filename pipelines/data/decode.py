@@ -20,10 +20,20 @@ class Decode:
     worker's epoch cache); the consumer maps them to [-1, 1]
     (``dsu_models.data.to_float``)."""
 
-    def __init__(self, channels: int, size: int, factors: list[str]):
-        self.channels, self.size, self.factors = channels, size, factors
+    def __init__(self, channels: int, size: int, factors: list[str], keep=None):
+        """keep: None, or ``ids (n,) -> (n,) bool`` choosing the rows to return
+        (``dsu_models.data.splits.RowFilter``: an old dataset's train or val);
+        applied before decoding, so a dropped row costs no PNG decode."""
+        self.channels, self.size, self.factors, self.keep = channels, size, factors, keep
 
     def __call__(self, batch: dict) -> dict:
+        if self.keep is not None:
+            mask = self.keep(batch["id"])
+            batch = {k: v[mask] for k, v in batch.items()}
+        if not len(batch["id"]):
+            return {"id": np.zeros(0, np.int64),
+                    "image": np.zeros((0, self.channels, self.size, self.size), np.uint8),
+                    "labels": np.zeros((0, len(self.factors)), np.int64)}
         images = resize_batch(decode_batch(batch["image"], self.channels), self.size)
         return {"id": batch["id"].astype(np.int64),
                 "image": np.ascontiguousarray(images, dtype=np.uint8),

@@ -21,7 +21,7 @@ from typing import Iterator
 import ray
 import torch
 
-from dsu_models.data import read_manifest, split_files, to_float
+from dsu_models.data import read_manifest, row_filter, split_files, split_rows, to_float
 from pipelines.data.decode import Decode
 
 # columns as Ray Data delivers them (and as the epoch cache keeps them);
@@ -31,14 +31,19 @@ DTYPES = {"id": torch.int64, "image": torch.uint8, "labels": torch.int64}
 
 def train_dataset(directory, split: str = "train", image_size: int | None = None,
                   shuffle_blocks: bool = True, batch_size: int = 256) -> ray.data.Dataset:
-    """A prepared split as a Ray Dataset: ``id`` (), ``image`` (C, S, S) uint8, ``labels`` (F,)."""
+    """A prepared split as a Ray Dataset: ``id`` (), ``image`` (C, S, S) uint8, ``labels`` (F,).
+
+    The rows are :func:`dsu_models.data.read_split`'s: for a dataset prepared
+    before validation splits, ``train`` and ``val`` read the train files and
+    keep the rows ``row_filter`` picks by id (in the decode step, before decoding)."""
     m = read_manifest(directory)
     files = [str(p) for p in split_files(directory, split)]
     # shuffling the file order streams; randomize_block_order() is an all-to-all
     # step that would hold every block of the split in the object store at once
     with _parquet_reader_v1():
         ds = ray.data.read_parquet(files, shuffle="files" if shuffle_blocks else None)
-    fn = Decode(m["channels"], int(image_size or m["image_size"]), [f["name"] for f in m["factors"]])
+    fn = Decode(m["channels"], int(image_size or m["image_size"]), [f["name"] for f in m["factors"]],
+                row_filter(m, split))
     return ds.map_batches(fn, batch_size=batch_size, batch_format="numpy")
 
 
@@ -71,7 +76,7 @@ def row_bytes(manifest: dict, image_size: int) -> int:
 
 def decoded_mb(manifest: dict, split: str, image_size: int) -> float:
     """MiB of ``split`` decoded."""
-    return manifest["splits"][split]["rows"] * row_bytes(manifest, image_size) / 2 ** 20
+    return split_rows(manifest, split) * row_bytes(manifest, image_size) / 2 ** 20
 
 
 def cluster_cached(ds: ray.data.Dataset, manifest: dict, split: str, image_size: int,
@@ -88,7 +93,7 @@ def shard_fits_in_memory(manifest: dict, split: str, image_size: int, workers: i
                          budget_mb: float) -> bool:
     """Whether one worker's share of ``split``, decoded (uint8 images, int64 ids and
     labels), fits in ``budget_mb`` MiB. Every rank computes the same answer."""
-    rows = manifest["splits"][split]["rows"]
+    rows = split_rows(manifest, split)
     return budget_mb > 0 and math.ceil(rows / workers) * row_bytes(manifest, image_size) <= budget_mb * 2 ** 20
 
 

@@ -7,8 +7,9 @@
 
 Each trial trains one stage in-process (``pipelines/sweeps/trial.py``) and
 reports the stage's objective every ``--report-every`` iterations; ASHA stops
-poor trials early. Stage-1 sweeps maximise ``stage1_objective``, stage-2
-sweeps ``summary`` (oracles trained once here, before the trials).
+poor trials early. Stage-1 sweeps maximise ``val_stage1_objective``, stage-2
+sweeps ``val_summary``, both judged on the validation split (oracles trained once
+here, before the trials).
 
 Before any Ray work: the space file (schema, keys against the config), the
 base config, every sampler's end values through config resolution, the data,
@@ -289,7 +290,7 @@ def make_context(sweep: dict) -> dict:
             with tempfile.TemporaryDirectory() as tmp:
                 ctx["upstream"] = tune_upstream.load(sweep["upstream"], sweep["tracking_uri"], Path(tmp))
         from dsu_models.evaluation import load_or_train_oracles
-        train, test = load_data(cfg)
+        train, val, test = load_data(cfg)
         print(f"[tune] oracles for {cfg.dataset} (cached in {ctx['oracle_cache']})", flush=True)
         load_or_train_oracles(train, test, cfg.evaluate, ctx["oracle_cache"],
                               log=lambda m: print(f"[oracles] {m}", flush=True))

@@ -18,16 +18,20 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from ..base import FactorInfo
+from ..base import MISSING, FactorInfo
 from ..errors import DataError
+from ..splits import val_rows
 
-SPLITS = ("train", "test")
-TRAIN, TEST = 0, 1
+SPLITS = ("train", "val", "test")
+# chunk split codes; VAL came last, so sources written before it keep their codes
+TRAIN, TEST, VAL = 0, 1, 2
+SPLIT_CODES = {"train": TRAIN, "val": VAL, "test": TEST}
 
 # Options every source accepts, with their defaults (source modules add theirs).
 COMMON_OPTIONS = {
     "image_size": None,      # output size; None = the source's DEFAULT_IMAGE_SIZE
     "test_portion": 0.1,     # used only by sources without a standard split
+    "val_portion": 0.1,      # share of train carved out as val (by id; 0 = no val split)
     "seed": 0,               # split, subset and plot-subset seed
     "plot_size": 64,         # rows of the small plot/ subset (taken from test)
     "chunk_size": 2048,      # rows per task (layout only; not part of the hash)
@@ -37,9 +41,10 @@ COMMON_OPTIONS = {
 
 @dataclass
 class Chunk:
-    """Rows from one task. split: (n,) int8 (0 train, 1 test); ids: (n,) int64;
+    """Rows from one task. split: (n,) int8 (TRAIN, TEST or VAL); ids: (n,) int64;
     images: (n, H, W, C) uint8 at any size (resized later if allowed);
-    labels: (n, F) int64; where: the file (or generator) the rows came from, for errors."""
+    labels: (n, F) int64 (MISSING = -1 only in an eval-only factor's column);
+    where: the file (or generator) the rows came from, for errors."""
 
     split: np.ndarray
     ids: np.ndarray
@@ -61,6 +66,9 @@ class SourcePlan:
     read: Callable[[dict], Iterator[Chunk]]
     options: dict
     fingerprint: dict = field(default_factory=dict)
+    # "carved": val is cut from train by val_rows; anything else names where the
+    # source's own val rows come from (e.g. "csv") and nothing is carved
+    val_from: str = "carved"
 
 
 def resolve_options(source: str, defaults: dict, given: dict) -> dict:
@@ -74,6 +82,10 @@ def resolve_options(source: str, defaults: dict, given: dict) -> dict:
     p = float(opts["test_portion"])
     if not 0.0 < p < 1.0:
         raise DataError(f"source {source!r}: test_portion must be in (0, 1), got {p}")
+    v = float(opts["val_portion"])
+    if not 0.0 <= v < 1.0:
+        raise DataError(f"source {source!r}: val_portion must be in [0, 1), got {v} "
+                        f"(the share of train rows held out for validation; 0 = none)")
     if opts["image_size"] is not None and (int(opts["image_size"]) < 2 or int(opts["image_size"]) % 2):
         raise DataError(f"source {source!r}: image_size must be an even integer >= 2, "
                         f"got {opts['image_size']}")
@@ -88,6 +100,14 @@ def test_mask(n: int, test_portion: float, seed: int) -> np.ndarray:
     mask = np.zeros(n, dtype=bool)
     mask[np.random.default_rng([seed, 0x5EED]).permutation(n)[:n_test]] = True
     return mask
+
+
+def carve_val(split: np.ndarray, ids: np.ndarray, portion: float, seed: int) -> np.ndarray:
+    """Split codes (n,) with the TRAIN rows that :func:`~..splits.val_rows` picks set to VAL."""
+    out = np.array(split, dtype=np.int8, copy=True)
+    if portion > 0:
+        out[(out == TRAIN) & val_rows(ids, portion, seed)] = VAL
+    return out
 
 
 def ranges(n: int, chunk: int) -> list[tuple[int, int]]:
@@ -129,10 +149,12 @@ def torchvision_fetch_hint(source: str, root: str) -> str:
 
 
 def check_labels(labels: np.ndarray, factors: list[FactorInfo], where: str) -> None:
-    """Every label in [0, classes); else a DataError naming the row and factor."""
+    """Every label in [0, classes), or MISSING in an eval-only factor; else a
+    DataError naming the row and factor."""
     for j, f in enumerate(factors):
         col = labels[:, j]
-        bad = np.flatnonzero((col < 0) | (col >= f.classes))
+        low = (col < 0) & ~((col == MISSING) & f.eval_only)
+        bad = np.flatnonzero(low | (col >= f.classes))
         if len(bad):
             i = int(bad[0])
             raise DataError(f"{where}: row {i}, factor {f.name!r}: label {int(col[i])} is outside "

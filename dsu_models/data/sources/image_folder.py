@@ -2,8 +2,14 @@
 
 The CSV (option ``csv``, default ``ROOT/labels.csv``) has a file column
 (``file_column``, default ``file``, paths relative to ROOT), one column per
-factor and optionally a ``split`` column (``train`` / ``test``; otherwise a
-seeded ``test_portion`` is held out). A factor column holds either
+factor and optionally a ``split`` column (``train`` / ``val`` / ``test``;
+without one a seeded ``test_portion`` is held out for test). When the CSV
+names ``val`` rows, they are the validation split as given; otherwise
+validation rows are carved from train by id (``val_portion``, see
+``dsu_models/data/splits.py``). Columns named in ``eval_factors`` are
+evaluation-only factors: stored like the others, but a cell may be empty
+(stored as label -1) and training never reads them; every other factor cell
+must hold a label. A factor column holds either
 non-negative integers (classes 0..max, or ``classes[name]`` if declared) or
 strings (class ids by sorted name; the names are kept), never a mix of the
 two; integer labels may not imply more than ``max(1024, 10 x rows)`` classes
@@ -18,6 +24,7 @@ ids are CSV data-row numbers (0-based).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 import re
 from pathlib import Path
@@ -28,14 +35,16 @@ import numpy as np
 from ..base import FactorInfo
 from ..errors import DataError
 from . import _images
-from ._common import SourcePlan, Chunk, TEST, TRAIN, file_digest, ranges, test_mask, tree_fingerprint
+from ..base import MISSING
+from ._common import (SPLIT_CODES, TEST, TRAIN, VAL, Chunk, SourcePlan, file_digest, ranges,
+                      test_mask, tree_fingerprint)
 
 NAME = "image_folder"
 FACTORS: list = []          # from the CSV
 DEFAULT_IMAGE_SIZE = None   # the images' own size
 CHANNELS = None             # the images' own channel count
 OPTIONS = {"root": None, "csv": None, "file_column": "file", "factors": None, "classes": None,
-           "channels": None}
+           "channels": None, "eval_factors": None}
 _INT = re.compile(r"^[+-]?[0-9]+$")
 _RESERVED = ("id", "image")          # columns of the prepared format itself (prepared._schema)
 # an integer factor column may not imply more classes than this (a typo such as
@@ -124,16 +133,35 @@ def _declared_classes(path: Path, name: str, declared, rows: int) -> int | None:
     return declared
 
 
-def _factor(path: Path, name: str, values: list[str], declared, lines: list[int]):
-    """One column -> (FactorInfo, labels (n,) int64); errors name line, column and value."""
+def _factor(path: Path, name: str, values: list[str], declared, lines: list[int],
+            eval_only: bool = False):
+    """One column -> (FactorInfo, labels (n,) int64); errors name line, column and value.
+
+    ``eval_only``: empty cells are allowed and become MISSING (-1); classes
+    come from the labeled cells."""
+    rows = len(values)
+    declared = _declared_classes(path, name, declared, rows)
+    labeled = [i for i, v in enumerate(values) if v != ""]
+    if not eval_only and len(labeled) < rows:
+        i = next(i for i, v in enumerate(values) if v == "")
+        raise DataError(f"{path}: line {lines[i]}, column {name!r}: empty label (only columns "
+                        f"named in eval_factors may have empty cells)")
+    if not labeled:
+        raise DataError(f"{path}: column {name!r} (evaluation-only) has no labels at all")
+    info, some = _labels(path, name, [values[i] for i in labeled], declared,
+                         [lines[i] for i in labeled], rows)
+    out = np.full(rows, MISSING, np.int64)
+    out[labeled] = some
+    return dataclasses.replace(info, eval_only=eval_only), out
+
+
+def _labels(path: Path, name: str, values: list[str], declared: int | None, lines: list[int],
+            rows: int):
+    """Non-empty cells -> (FactorInfo, labels (n,) int64); ``rows``: the CSV's data rows."""
     def where(i: int) -> str:
         return f"{path}: line {lines[i]}, column {name!r}"
 
     n = len(values)
-    declared = _declared_classes(path, name, declared, n)
-    for i, v in enumerate(values):
-        if v == "":
-            raise DataError(f"{where(i)}: empty label")
     is_int = [bool(_INT.match(v)) for v in values]
     if all(is_int):
         ints = [int(v) for v in values]     # Python ints: no overflow before the checks below
@@ -141,9 +169,9 @@ def _factor(path: Path, name: str, values: list[str], declared, lines: list[int]
         if ints[i] < 0:
             raise DataError(f"{where(i)}: negative label {values[i]!r}")
         i = max(range(n), key=ints.__getitem__)
-        limit = class_limit(n)
+        limit = class_limit(rows)
         if declared is None and ints[i] + 1 > limit:
-            raise DataError(f"{where(i)}: label {values[i]!r} means {ints[i] + 1} classes for {n} "
+            raise DataError(f"{where(i)}: label {values[i]!r} means {ints[i] + 1} classes for {rows} "
                             f"rows; at most max({MIN_CLASS_LIMIT}, {CLASSES_PER_ROW} x rows) = "
                             f"{limit} classes are allowed (integer labels are class ids "
                             f"0..classes-1; use names for other codes)")
@@ -180,6 +208,15 @@ def _factor(path: Path, name: str, values: list[str], declared, lines: list[int]
         raise DataError(f"{path}: column {name!r} has a single class ({values[0]!r}); a factor needs "
                         f"at least 2 classes")
     return FactorInfo(name, classes, names), labels
+
+
+def _names_option(value) -> list[str]:
+    """A list of column names given as a list or as one comma-separated string."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [d.strip() for d in value.split(",") if d.strip()]
+    return [str(d) for d in value]
 
 
 def _is_number(v: str) -> bool:
@@ -229,35 +266,43 @@ def plan(opts: dict) -> SourcePlan:
     if not csv_path.is_file():
         raise DataError(f"{NAME}: label CSV {csv_path} not found")
     declared = opts["factors"]
-    if isinstance(declared, str):
-        declared = [d.strip() for d in declared.split(",") if d.strip()]
+    if declared is not None:
+        declared = _names_option(declared)
     file_col = opts["file_column"]
     cols, names, lines = _read_csv(csv_path, file_col, declared)
     classes = dict(opts["classes"] or {})
     unknown = sorted(set(classes) - set(names))
     if unknown:
         raise DataError(f"{NAME}: classes given for {unknown}, which are not factor columns {names}")
+    evals = _names_option(opts["eval_factors"])
+    unknown = [e for e in evals if e not in names]
+    if unknown:
+        raise DataError(f"{NAME}: eval_factors {unknown} are not factor columns {names}")
+    # one spelling in the manifest and the content hash, however the option was given
+    opts = {**opts, "eval_factors": evals or None}
     split = cols.get("split")
     if split is not None:
         for i, v in enumerate(split):
-            if v not in ("train", "test"):
-                raise DataError(f"{csv_path}: line {lines[i]}, column 'split': {v!r} is not "
-                                f"'train' or 'test'")
+            if v not in SPLIT_CODES:
+                raise DataError(f"{csv_path}: line {lines[i]}, column 'split': {v!r} is not one of "
+                                f"{', '.join(repr(k) for k in SPLIT_CODES)}")
     files = _image_paths(csv_path, root, file_col, cols[file_col], lines, split)
     factors, labels = [], []
     for name in names:
-        f, lab = _factor(csv_path, name, cols[name], classes.get(name), lines)
+        f, lab = _factor(csv_path, name, cols[name], classes.get(name), lines, name in evals)
         factors.append(f)
         labels.append(lab)
     labels = np.stack(labels, 1)
     n = len(labels)
     if split is not None:
-        is_test = np.array([v == "test" for v in split])
+        codes = np.array([SPLIT_CODES[v] for v in split], np.int8)
     else:
-        is_test = test_mask(n, float(opts["test_portion"]), int(opts["seed"]))
-    for s, mask in (("train", ~is_test), ("test", is_test)):
-        if not mask.any():
+        codes = np.where(test_mask(n, float(opts["test_portion"]), int(opts["seed"])), TEST, TRAIN)
+    for s in ("train", "test"):
+        if not (codes == SPLIT_CODES[s]).any():
             raise DataError(f"{csv_path}: the {s} split is empty")
+    # val rows in the CSV are the validation split as given; otherwise it is carved from train
+    val_from = "csv" if (codes == VAL).any() else "carved"
     first = f"{csv_path}: line {lines[0]}"
     try:
         h, w, c = _images.peek(files[0])
@@ -274,12 +319,13 @@ def plan(opts: dict) -> SourcePlan:
     if size % 2:
         raise DataError(f"{first}: image size {size} ({files[0]}) is odd; pass an even image_size "
                         f"and resize=True (--image-size, --resize)")
-    tasks = [{"files": [str(p) for p in files[a:b]], "labels": labels[a:b], "test": is_test[a:b],
+    tasks = [{"files": [str(p) for p in files[a:b]], "labels": labels[a:b], "split": codes[a:b],
               "start": a, "lines": lines[a:b], "size": size, "expect": (h, w, channels),
               "resize": bool(opts["resize"]), "csv": str(csv_path)}
              for a, b in ranges(n, int(opts["chunk_size"]))]
     fingerprint = {"csv": file_digest(csv_path), "images": tree_fingerprint(root, files)}
-    return SourcePlan(NAME, factors, channels, size, native, tasks, read, opts, fingerprint)
+    return SourcePlan(NAME, factors, channels, size, native, tasks, read, opts, fingerprint,
+                      val_from)
 
 
 def read(task: dict) -> Iterator[Chunk]:
@@ -287,6 +333,6 @@ def read(task: dict) -> Iterator[Chunk]:
         _images.load(Path(p), task["expect"], task["size"], task["resize"],
                      where=f"{task['csv']}: line {line}: ")
         for p, line in zip(task["files"], task["lines"])])
-    yield Chunk(np.where(task["test"], TEST, TRAIN).astype(np.int8),
+    yield Chunk(np.asarray(task["split"], np.int8),
                 task["start"] + np.arange(len(images), dtype=np.int64), images, task["labels"],
                 task["csv"])
