@@ -7,7 +7,8 @@ Trains every stage with the single-process runner (``dsu_models.train.run``;
 the same stage modules the Ray pipeline runs) on a built-in dataset at 32 px
 (the ``quality`` preset's schedule by default), each stage's iterations
 multiplied by ``--scale``, then evaluates the final model
-(``dsu_models.evaluation``) and prints the figures next to two bars:
+(``dsu_models.evaluation``) on the test split and prints the figures next to
+two bars:
 
 - ``basic`` (the evaluation issue's): mean swap accuracy >= .9, mean hidden
   preservation >= .8, leakage <= chance + .1;
@@ -24,9 +25,10 @@ config's own dataset and labels (the ``quality`` preset's: shapes3d as above;
 
 ``--eval-every N`` also evaluates the model every N stage-2 iterations (stage
 1's encoder with stage 2's generator so far; oracles trained once, up front,
-and cached), and prints time to quality: the training wall minutes (stages 1
-and 2 so far, distillation and the classifier included, evaluations not) at
-which each bar was first met. ``--stage1-every N`` evaluates the stage-1
+and cached) on the validation split, and prints time to quality: the training
+wall minutes (stages 1 and 2 so far, distillation and the classifier included,
+evaluations not) at which each bar was first met on val (the milestones choose
+when a bar is met, so they never read test). ``--stage1-every N`` evaluates the stage-1
 model (G1 drawing from E's code and B1's labels) every N stage-1 iterations:
 whether G1 draws each factor yet (``benchmarks/code_probe.py`` says whether
 E's code carries it; these milestones are not the final model's and do not
@@ -34,12 +36,12 @@ count towards time to quality). Both intervals must be multiples of their stage'
 ``report_interval`` (the runner hands a stage over at its reports).
 
 ``--tracking-uri URI`` (``--experiment``, default ``quality``) also records
-the run in MLflow: the resolved config, every milestone's figures with the
-stage-2 iteration as their step (so MLflow draws swap accuracy per factor
-against iterations) and ``training_minutes`` beside them (stage-1 milestones
-under the same names prefixed ``stage1_``, with the stage-1 iteration as
-their step), then the final figures, the wall times and the minutes to each
-bar.
+the run in MLflow: the resolved config, every milestone's validation figures as
+``val_<metric>`` with the stage-2 iteration as their step (so MLflow draws swap
+accuracy per factor against iterations) and ``training_minutes`` beside them
+(stage-1 milestones as ``val_stage1_<metric>`` and ``stage1_training_minutes``,
+with the stage-1 iteration as their step), then the final test figures as ``test_<metric>``, the wall times
+and the minutes to each bar.
 
 Training time is the wall time of the stages (distillation included); oracle
 training (cached per dataset under ``--cache``) and the evaluation itself are
@@ -132,9 +134,9 @@ class _Milestones:
     more, see ``benchmarks/code_probe.py``). The evaluations' own time is kept
     off the training clock."""
 
-    def __init__(self, every: dict[str, int], out: Path, train, test, ecfg, oracles, device, started: float,
+    def __init__(self, every: dict[str, int], out: Path, train, val, ecfg, oracles, device, started: float,
                  record=None):
-        self.every, self.out, self.train, self.test, self.record = every, out, train, test, record
+        self.every, self.out, self.train, self.val, self.record = every, out, train, val, record
         self.ecfg, self.oracles, self.device, self.started = ecfg, oracles, device, started
         self.spent = 0.0      # seconds of evaluation, not training
         self.rows: list[tuple[int, float, dict]] = []
@@ -161,18 +163,18 @@ class _Milestones:
             model = DisUnknownModel.from_handoffs(
                 stage1=load_torch(self.out / "stage1" / "handoff.pt"), stage2=stage.handoff(),
                 code_stats=codes["stats"], all_factors=self.train.factors, device=str(self.device))
-        metrics = evaluate(model, self.train, self.test, self.ecfg, self.oracles, log=lambda line: None)
+        metrics = evaluate(model, self.train, self.val, self.ecfg, self.oracles, log=lambda line: None)
         if stage.name == "stage2":
             self.rows.append((stage.iteration, minutes, metrics))
         if self.record:
-            prefix = "stage1_" if stage.name == "stage1" else ""
-            self.record({prefix + k: v for k, v in dict(metrics, training_minutes=minutes).items()},
-                        stage.iteration)
+            stage1 = "stage1_" if stage.name == "stage1" else ""
+            self.record({f"val_{stage1}{k}": v for k, v in metrics.items()}
+                        | {f"{stage1}training_minutes": minutes}, stage.iteration)
         swaps = " ".join(f"{k[9:]} {v:.3f}" for k, v in metrics.items()
                          if k.startswith("swap_acc_") and k != "swap_acc_mean")
         kept = " ".join(f"{k[9:]} {v:.3f}" for k, v in metrics.items()
                         if k.startswith("preserve_") and k not in ("preserve_mean", "preserve_score"))
-        print(f"[milestone] {stage.name} {stage.iteration}: {minutes:.1f} min of training | swap "
+        print(f"[milestone] {stage.name} {stage.iteration}: {minutes:.1f} min of training | val: swap "
               f"{metrics.get('swap_acc_mean', float('nan')):.3f} ({swaps}) | preservation "
               f"{metrics.get('preserve_mean', float('nan')):.3f} ({kept}) | leak excess "
               f"{metrics.get('leak_excess_mean', float('nan')):.3f} | basic "
@@ -248,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{cfg.hidden()}; iterations " + ", ".join(f"{s} {getattr(cfg, s).iterations}"
                                                     for s in cfg.active_stages()) + f"; out {out}",
           flush=True)
-    train, test = load_data(cfg)
+    train, val, test = load_data(cfg)
     device = resolve_device(cfg.device)  # the evaluation runs where the training ran
     started = time.perf_counter()
     oracles = load_or_train_oracles(train, test, cfg.evaluate, args.cache, device)
@@ -256,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
 
     record = _Recorder(args.tracking_uri, args.experiment, cfg) if args.tracking_uri else None
     started = time.perf_counter()
-    milestones = (_Milestones(every, out, train, test, cfg.evaluate, oracles, device, started, record)
+    milestones = (_Milestones(every, out, train, val, cfg.evaluate, oracles, device, started, record)
                   if any(every.values()) else None)
     results = run(cfg, out, watch=milestones)
     train_wall = time.perf_counter() - started - (milestones.spent if milestones else 0.0)
@@ -273,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
           + ", ".join(f"{k} {v / 60:.1f} min" for k, v in stage_seconds(cfg, out).items()))
     print(f"oracles {oracle_wall:.0f} s (test accuracy "
           + ", ".join(f"{k} {v:.3f}" for k, v in oracles.test_accuracy.items())
-          + f") | evaluation {eval_wall:.0f} s")
+          + f") | evaluation {eval_wall:.0f} s | final figures on the test split ({len(test)} images):")
     for key in sorted(metrics):
         print(f"  {key:28s} {metrics[key]:.4f}")
     for bar in BARS:
@@ -281,18 +283,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bar {bar} {key} {op} {bound}: {value:.3f} {'MET' if met else 'not met'}")
     if milestones:
         for bar, first in milestones.time_to_quality().items():
-            print(f"time to quality ({bar} bar): "
+            print(f"time to quality ({bar} bar, on val): "
                   + (f"{first[1]:.1f} min of training (stage 2 iteration {first[0]})" if first
                      else "not met within the run"))
     if record:
-        final = dict(metrics, train_wall_min=train_wall / 60, oracle_wall_s=oracle_wall,
-                     eval_wall_s=eval_wall)
+        final = {f"test_{k}": v for k, v in metrics.items()} | dict(
+            train_wall_min=train_wall / 60, oracle_wall_s=oracle_wall, eval_wall_s=eval_wall)
         if milestones:
             final.update({f"time_to_{bar}_min": first[1]
                           for bar, first in milestones.time_to_quality().items() if first})
         record(final, cfg.stage2.iterations if "stage2" in cfg.active_stages() else 0)
         record.finish()
-    print(f"summary {metrics.get('summary', float('nan')):.4f}; basic bar "
+    print(f"test summary {metrics.get('summary', float('nan')):.4f}; basic bar "
           f"{'met' if bar_met(metrics, 'basic') else 'not met'}; fine bar "
           f"{'met' if bar_met(metrics, 'fine') else 'not met'}")
     return 0

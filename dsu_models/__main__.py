@@ -3,7 +3,8 @@
     python -m dsu_models swap --model URI --content in.png [more.png ...] \\
         --set object_hue=3 --set shape=cube --out out.png
     python -m dsu_models encode --model URI --images a.png b.png [--out codes.json]
-    python -m dsu_models evaluate --model URI [--data DIR_OR_BUILTIN] [--out metrics.json]
+    python -m dsu_models evaluate --model URI [--data DIR_OR_BUILTIN] [--split val|test]
+        [--out metrics.json]
     python -m dsu_models samples --model URI --out DIR [--count 8] [--data DIR_OR_BUILTIN]
 
 URI: a bundle directory, its model.pt, or an MLflow URI (models:/NAME@ALIAS,
@@ -23,7 +24,8 @@ with class names; ``--out`` also writes them as JSON.
 
 ``evaluate``: the full metric set of ``dsu_models.evaluation.evaluate`` on a
 prepared data directory or a built-in dataset (default: the data the model
-was trained on, per its config); oracles are cached under ``--oracle-cache``.
+was trained on, per its config), on its test split (``--split val`` to compare
+models without touching test); oracles are cached under ``--oracle-cache``.
 
 ``samples``: writes ``--count`` test images of the model's data (or ``--data``)
 as PNGs named by their labels (``000_floor_hue=2_shape=cube.png``): content
@@ -146,26 +148,28 @@ def _evaluation_data(model: DisUnknownModel, data: str | None):
         else:
             raise ValueError(f"--data {data!r}: not a directory and not a built-in dataset "
                              f"({', '.join(BUILTIN)})")
-    train, test = load_data(cfg)
+    train, val, test = load_data(cfg)
     names = [f.name for f in train.factors]
     missing = [n for n in model.labeled_factors if n not in names]
     if missing:
         raise ValueError(f"--data {data}: lacks the model's labeled factors {missing} (it has {names})")
-    return train, test
+    return train, val, test
 
 
 def cmd_evaluate(args) -> int:
     from dsu_models import evaluation
 
     model = _load(args)
-    train, test = _evaluation_data(model, args.data)
+    train, val, test = _evaluation_data(model, args.data)
+    judged = val if args.split == "val" else test
     ecfg = model.config.evaluate
     if args.pairs is not None:
         ecfg = dataclasses.replace(ecfg, pairs=args.pairs)
     cache = Path(args.oracle_cache or Path(os.environ.get("DSU_HOME", "~/.disunknown")) / "oracles")
     oracles = evaluation.load_or_train_oracles(train, test, ecfg, cache.expanduser(),
                                                device=str(model.device))
-    metrics = evaluation.evaluate(model, train, test, ecfg, oracles, log=lambda line: None)
+    metrics = evaluation.evaluate(model, train, judged, ecfg, oracles, log=lambda line: None)
+    print(f"on the {args.split} split of {judged.name} ({len(judged)} images)")
     for key in sorted(metrics):
         print(f"{key:28s} {metrics[key]:.4f}")
     if args.out:
@@ -179,7 +183,7 @@ def cmd_samples(args) -> int:
     if args.count < 1:
         raise ValueError(f"--count {args.count}: at least 1")
     model = _load(args)
-    _, test = _evaluation_data(model, args.data)
+    _, _, test = _evaluation_data(model, args.data)
     out = Path(args.out)
     count = min(args.count, len(test))
     for i in range(count):
@@ -221,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--data", help="prepared data directory or built-in name (default: the model's own)")
     p.add_argument("--pairs", type=int, help="override evaluate.pairs")
+    p.add_argument("--split", choices=("val", "test"), default="test",
+                   help="the split to judge: val to choose between models, test (default) to report")
     p.add_argument("--oracle-cache", help="oracle cache folder (default $DSU_HOME/oracles or "
                                           "~/.disunknown/oracles)")
     p.add_argument("--out", help="also write the metrics as JSON")

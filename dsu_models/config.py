@@ -192,7 +192,16 @@ class EvaluateConfig:
     oracle_samples: int | None = 4000   # training images the oracles see (None: all)
     oracle_width: int = 16              # oracle trunk channels (2x, then 4x, deeper down)
     probe_samples: int | None = 10000   # train codes for the leakage probe (None: all)
+    # images per split behind the field's metrics (DCI, MIG, SAP, FactorVAE) on the whole
+    # code; 0 turns them off (they need every factor labeled on every image)
+    field_samples: int = 2000
     seed: int = 0
+    # the bar a registered version must meet on the validation split to take the champion
+    # alias (dsu_models.evaluation.metrics.champion_failures): mean swap accuracy, preservation
+    # (oracles where hidden factors have labels, else content_consistency), leakage over chance
+    champion_swap: float = 0.9
+    champion_preserve: float = 0.8
+    champion_leak: float = 0.1
 
 
 STAGE_CLASSES = {"stage1": Stage1Config, "classifier": ClassifierConfig,
@@ -212,6 +221,7 @@ class Config:
     # grid, the single-process runner draws data.sources.builtin.DEFAULT_SAMPLES
     num_samples: int | None = None
     test_portion: float = 0.1
+    val_portion: float = 0.1  # share of train held out for validation (built-in datasets)
     image_size: int = 32
     image_channels: int = 3
     factors: dict[str, FactorSpec] = field(default_factory=dict)
@@ -490,7 +500,7 @@ def _check_choice(value: str, choices: tuple, key: str):
         raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
 
 
-def _resolve_factors(cfg: Config, data_factors: dict[str, int] | None):
+def _resolve_factors(cfg: Config, data_factors: dict[str, int] | None, eval_factors=frozenset()):
     if data_factors is not None:
         for name, spec in cfg.factors.items():
             if name in data_factors and spec.classes is not None and data_factors[name] != spec.classes:
@@ -501,11 +511,14 @@ def _resolve_factors(cfg: Config, data_factors: dict[str, int] | None):
             if cfg.factors[name].classes is None:
                 cfg.factors[name].classes = classes
     if cfg.labeled_factors is None:
-        cfg.labeled_factors = list(cfg.factors)
+        cfg.labeled_factors = [name for name in cfg.factors if name not in eval_factors]
     for i, name in enumerate(cfg.labeled_factors):
         if name not in cfg.factors:
             raise ConfigError(f"labeled_factors[{i}]: dataset {cfg.dataset!r} has no factor {name!r} "
                               f"(factors: {', '.join(cfg.factors) or 'none'})")
+        if name in eval_factors:
+            raise ConfigError(f"labeled_factors[{i}]: {name!r} is evaluation-only (declared with "
+                              f"eval_factors); it cannot be trained on")
     if len(set(cfg.labeled_factors)) != len(cfg.labeled_factors):
         raise ConfigError(f"labeled_factors: repeated names in {cfg.labeled_factors!r}")
     for name, spec in cfg.factors.items():
@@ -540,9 +553,9 @@ def _check_keep_prob(keep: list[float] | None, size: int, key: str):
         raise ConfigError(f"{key}: {keep!r} must be non-increasing")
 
 
-def _resolve_unknown(cfg: Config):
+def _resolve_unknown(cfg: Config, eval_factors=frozenset()):
     _check_probs(cfg.unknown_dropout, "unknown_dropout")
-    hidden = cfg.hidden()
+    hidden = [n for n in cfg.hidden() if n not in eval_factors]
     if cfg.unknown_size is None:
         cfg.unknown_size = sum(cfg.factors[n].size for n in hidden)
         if cfg.unknown_keep_prob is None and cfg.unknown_dropout is None and cfg.nested_dropout:
@@ -635,6 +648,11 @@ def _resolve_stages(cfg: Config):
         value = getattr(ev, key)
         if value is not None and value < 1:
             raise ConfigError(f"evaluate.{key}: {value} (must be positive)")
+    if ev.field_samples < 0:
+        raise ConfigError(f"evaluate.field_samples: {ev.field_samples} (must be >= 0; 0 turns them off)")
+    for key in ("champion_swap", "champion_preserve", "champion_leak"):
+        if not 0.0 <= getattr(ev, key) <= 1.0:
+            raise ConfigError(f"evaluate.{key}: {getattr(ev, key)} (must be within [0, 1])")
 
 
 def _check_device(device: str):
@@ -643,12 +661,16 @@ def _check_device(device: str):
     raise ConfigError(f"device: {device!r} is not one of auto, cpu, cuda, cuda:N")
 
 
-def resolve(raw: dict, data_factors: dict[str, int] | None = None) -> Config:
+def resolve(raw: dict, data_factors: dict[str, int] | None = None,
+            eval_factors: frozenset[str] | set[str] = frozenset()) -> Config:
     """Validate a raw layered dict and compute every derived value.
 
     data_factors: ``{factor: classes}`` read from a prepared dataset's
     manifest, when the data decides the factor table (e.g. ``image_folder``);
     factors the dataset defaults do not list are added with default code sizes.
+    eval_factors: the data's evaluation-only factors (manifest ``eval_only``):
+    never labeled (left out of the default ``labeled_factors``, refused when
+    named) and not counted in the default ``unknown_size``.
     """
     cfg = _build(Config, _merge_all_stages(raw), "")
     if cfg.image_size < 2 or cfg.image_size % 2:
@@ -657,6 +679,9 @@ def resolve(raw: dict, data_factors: dict[str, int] | None = None) -> Config:
         raise ConfigError(f"image_channels: {cfg.image_channels} (must be at least 1)")
     if not 0.0 < cfg.test_portion < 1.0:
         raise ConfigError(f"test_portion: {cfg.test_portion} (must be within (0, 1))")
+    if not 0.0 <= cfg.val_portion < 1.0:
+        raise ConfigError(f"val_portion: {cfg.val_portion} (must be within [0, 1); "
+                          f"0 = no validation split)")
     if cfg.cluster_cache_mb < 0:
         raise ConfigError(f"cluster_cache_mb: {cfg.cluster_cache_mb} (must be >= 0; 0 turns it off)")
     if cfg.worker_cache_mb < 0:
@@ -667,8 +692,8 @@ def resolve(raw: dict, data_factors: dict[str, int] | None = None) -> Config:
     _check_choice(cfg.precision, PRECISIONS, "precision")
     if cfg.cuda_graphs and cfg.device == "cpu":
         raise ConfigError("cuda_graphs: true needs a CUDA device (device is cpu)")
-    _resolve_factors(cfg, data_factors)
-    _resolve_unknown(cfg)
+    _resolve_factors(cfg, data_factors, eval_factors)
+    _resolve_unknown(cfg, eval_factors)
     _resolve_architecture(cfg)
     _resolve_stages(cfg)
     return cfg

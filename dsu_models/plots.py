@@ -128,16 +128,20 @@ def project_2d(codes: Tensor) -> tuple[np.ndarray, tuple[str, str]]:
 def code_scatter(codes: Tensor, labels: Tensor, factor: FactorInfo, title: str | None = None) -> Tensor:
     """Unknown codes in their first two principal components, coloured by
     ``factor``. codes: (N, m) code means, m >= 1; labels: (N,) class ids of
-    ``factor``. Points are drawn in a fixed shuffled order so no class hides
-    the others."""
+    ``factor`` (-1: not labeled, drawn grey). Points are drawn in a fixed
+    shuffled order so no class hides the others."""
     if labels.shape != (codes.shape[0],):
         raise ValueError(f"code_scatter: labels {tuple(labels.shape)} for {codes.shape[0]} codes")
     points, (xlabel, ylabel) = project_2d(codes)
     y = labels.cpu().numpy()
     order = np.random.default_rng(0).permutation(len(y))
+    unlabeled = order[y[order] < 0]       # an evaluation-only factor labeled on a few images
+    order = order[y[order] >= 0]
     colors = class_colors(factor.classes)
     fig = new_figure()
     ax = fig.add_subplot()
+    if len(unlabeled):
+        ax.scatter(points[unlabeled, 0], points[unlabeled, 1], c="lightgrey", s=4, alpha=0.5, linewidths=0)
     ax.scatter(points[order, 0], points[order, 1], c=colors[y[order]], s=6, alpha=0.8, linewidths=0)
     _style(ax, title or f"unknown code, coloured by {factor.name}", xlabel, ylabel)
     _class_key(ax, fig, factor, colors)
@@ -311,3 +315,37 @@ def evaluation_pictures(model, test: InMemoryDataset, n: int = 8, seed: int = 0,
     if model.embedders is not None:
         out.update(embedding_plots(model.embedders, list(model.factors)))
     return out
+
+
+def confusion_picture(counts: Tensor, factor: FactorInfo) -> Tensor:
+    """A swap confusion matrix: ``counts`` (n, n), class asked for (rows) against the class
+    the oracle read from the swap (columns), each row as shares of its swaps; the
+    diagonal is a working swap. Class names label the axes up to :data:`LEGEND_CLASSES`."""
+    counts = counts.double()
+    shares = (counts / counts.sum(1, keepdim=True).clamp_min(1)).numpy()
+    n = factor.classes
+    side = min(7.0, 2.4 + 0.18 * n)
+    fig = new_figure(side + 0.8, side)
+    ax = fig.add_subplot()
+    shown = ax.imshow(shares, cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+    fig.colorbar(shown, ax=ax, shrink=0.8, label="share of the row's swaps")
+    acc = float(counts.diagonal().sum() / counts.sum().clamp_min(1))
+    _style(ax, f"swaps of {factor.name}: {acc:.3f} read as asked", "class read", "class asked for")
+    if n <= LEGEND_CLASSES:
+        names = [textwrap.shorten(str(c), 12, placeholder="..") for c in factor.names()]
+        ax.set_xticks(range(n), names, rotation=90, fontsize=FONT)
+        ax.set_yticks(range(n), names, fontsize=FONT)
+    return render(fig)
+
+
+def worst_consistency_picture(worst) -> Tensor:
+    """The lowest content-consistency triples (``dsu_models.evaluation.consistency.Worst``),
+    one row each: the content image, its swap, the swap sent back to the content's
+    labels, and a decoy's round trip (another image through the same swaps)."""
+    if not len(worst.score):
+        raise ValueError("worst_consistency_picture: no examples")
+    columns = [to_float(worst.content), to_float(worst.swap), to_float(worst.back), to_float(worst.decoy_back)]
+    grid = grids.rows_grid([torch.stack(row) for row in zip(*columns)])
+    scores = ", ".join(f"{s:.2f}" for s in worst.score.tolist())
+    return caption(grid, "lowest content consistency, one row each: content, swap, swapped back, decoy "
+                         f"swapped back (scores {scores})")

@@ -101,6 +101,8 @@ def test_default_batch_size(size, batch):
     (["stage1.ubatch_ramp=[3]"], "stage1.ubatch_ramp: [3]"),
     (["device=tpu"], "device: 'tpu'"),
     (["worker_cache_mb=-1"], "worker_cache_mb: -1"),
+    (["val_portion=1.0"], "val_portion: 1.0 (must be within [0, 1)"),
+    (["val_portion=-0.1"], "val_portion: -0.1 (must be within [0, 1)"),
     (["architecture.conv_layers=[1, 1]"], "architecture.conv_layers: [1, 1] has 2 entries for 3 conv levels"),
 ])
 def test_bad_configs_name_key_and_value(overrides, fragment):
@@ -128,6 +130,23 @@ def test_data_factor_table_checked():
     cfg = load_config(overrides=["dataset=image_folder"], data_factors={"colour": 5, "kind": 30})
     assert cfg.labeled_factors == ["colour", "kind"]
     assert cfg.factors["kind"].size == 16
+
+
+def test_eval_only_factors_are_never_trained_on():
+    """An evaluation-only factor of the data: not labeled by default, refused when
+    named, and not in the default unknown code; a config naming neither resolves."""
+    from dsu_models.config import layered_dict, resolve
+
+    data = {"colour": 5, "kind": 30, "pose": 4}
+    cfg = resolve(layered_dict({}, ["dataset=image_folder"]), data, {"pose"})
+    assert cfg.labeled_factors == ["colour", "kind"] and cfg.hidden() == ["pose"]
+    assert cfg.unknown_size == 0 and cfg.factors["pose"].classes == 4
+    cfg = resolve(layered_dict({}, ["dataset=image_folder", "labeled_factors=[colour]"]), data, {"pose"})
+    assert cfg.unknown_size == cfg.factors["kind"].size == 16       # kind, not pose
+    with pytest.raises(ConfigError, match=r"labeled_factors\[1\]: 'pose' is evaluation-only \(declared "
+                                          r"with eval_factors\); it cannot be trained on"):
+        resolve(layered_dict({}, ["dataset=image_folder", "labeled_factors=[colour, pose]"]), data,
+                {"pose"})
 
 
 def test_resolved_config_round_trip(tmp_path):

@@ -136,6 +136,9 @@ class FakeModel:
     def encode_labels(self, images):
         return self.table[self._lookup(images)][:, self.lab]
 
+    def read_label_codes(self, images):
+        return self.embed_labels(self.encode_labels(images))
+
 
 # ----------------------------------------------------------------- metric arithmetic
 
@@ -231,6 +234,25 @@ def test_oracle_cache_reused_and_keyed_by_content(oracles, data, cache, monkeypa
     broken.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="oracle-broken.pt.*delete it"):
         O.load_oracles(broken)
+
+
+def test_oracles_learn_a_partly_labeled_factor_from_its_labeled_rows(data, tmp_path):
+    """-1 marks an image not labeled for a factor (evaluation-only columns): the oracle
+    learns that factor from the other rows and its accuracy counts labeled rows only."""
+    train, test = data
+    j = VARY.index("shape")
+    labels = train.labels.clone()
+    labels[torch.arange(len(labels)) % 5 != 0, j] = -1
+    partial = InMemoryDataset(train.images, labels, train.factors, train.ids, train.name)
+    test_labels = test.labels.clone()
+    test_labels[::2, j] = -1
+    partial_test = InMemoryDataset(test.images, test_labels, test.factors, test.ids, test.name)
+    oracles = O.train_oracles(partial, partial_test, ECFG, log=lambda s: None)
+    assert oracles.test_accuracy["shape"] > 0.8          # 200 labeled images of 4 shapes
+    accuracy = O.oracle_accuracy(oracles, partial_test)
+    labeled = test_labels[:, j] >= 0
+    expected = float((oracles.predict(test.images[labeled])[:, j] == test.labels[labeled, j]).double().mean())
+    assert accuracy["shape"] == pytest.approx(expected)
 
 
 def test_weak_oracle_on_builtin_dataset_warns(oracles):
@@ -372,6 +394,46 @@ def test_confusion_matrices_count_asked_against_read(data, oracles):
     assert ev.worst.content.dtype == torch.uint8 and ev.worst.back.shape == ev.worst.content.shape
 
 
+def test_field_metrics_on_the_whole_code(results):
+    """The perfect model's whole code (hidden indices from E, label codes from S) is the
+    factors themselves; the random one's unknown part is noise and its S part the labels."""
+    perfect, rnd = results["perfect"], results["random"]
+    for key in ("dci_disentanglement", "dci_completeness", "dci_informativeness", "mig", "factorvae_score"):
+        assert perfect[key] > 0.9, (key, perfect[key])
+    # random: the hidden factors are in no dimension, so their predictors are at chance
+    assert rnd["dci_informativeness"] < 0.8 and rnd["mig"] < 0.6
+    assert rnd["factorvae_score"] < 0.8 < perfect["factorvae_score"]
+
+
+class ConstantModel(FakeModel):
+    """An encoder that outputs one image's code for every image."""
+
+    def encode_unknown(self, images):
+        return super().encode_unknown(images[:1]).expand(len(images), -1).clone()
+
+
+def test_every_degenerate_model_fails_the_champion_bar(results, data, oracles):
+    """Each degenerate model misses the default bar (ground-truth preservation, and again
+    with the hidden factors' labels taken away, where content_consistency stands in);
+    the perfect one meets it both ways."""
+    from dsu_models.evaluation.metrics import champion_failures
+
+    bar = (ECFG.champion_swap, ECFG.champion_preserve, ECFG.champion_leak)
+    models = dict(results)
+    for name, model in (("prototype", PrototypeModel(data, LABELED)), ("constant", ConstantModel(data, LABELED))):
+        models[name] = evaluate(model, *data, ECFG, oracles, log=None)
+    for name, r in models.items():
+        unlabeled = {k: v for k, v in r.items() if not k.startswith("preserve")}
+        if name == "perfect":
+            assert champion_failures(r, *bar) == [] and champion_failures(unlabeled, *bar) == []
+        else:
+            assert champion_failures(r, *bar), name
+            assert champion_failures(unlabeled, *bar), name
+    assert champion_failures(models["unchanged"], *bar)[0].startswith("swap_acc_mean")
+    assert any(f.startswith("content_consistency") for f in champion_failures(
+        {k: v for k, v in models["prototype"].items() if not k.startswith("preserve")}, *bar))
+
+
 def test_stage1_objective_prefers_unleaky_codes(data):
     perfect = evaluate_stage1(FakeModel(data, LABELED), *data, ECFG, log=lambda s: None)
     leaky = evaluate_stage1(FakeModel(data, LABELED, "labels"), *data, ECFG, log=lambda s: None)
@@ -426,6 +488,9 @@ def test_real_tiny_model_end_to_end(tmp_path):
     s1 = evaluate_stage1(inference.DisUnknownModel.from_handoffs(res["stage1"], device="cpu"),
                          train, test, ecfg, log=lambda s: None)
     for key in ("swap_acc_floor_hue", "preserve_object_hue", "leak_shape", "recon_psnr", "frechet",
-                "lenc_acc_mean", "summary"):
+                "lenc_acc_mean", "content_consistency", "dci_disentanglement", "factorvae_score", "summary"):
         assert math.isfinite(r[key]), key
     assert 0 < r["summary"] <= 1 and 0 < s1["stage1_objective"] <= 1
+    # a barely trained model is a degenerate one: it does not earn the champion alias
+    from dsu_models.evaluation.metrics import champion_failures
+    assert champion_failures(r, ecfg.champion_swap, ecfg.champion_preserve, ecfg.champion_leak)

@@ -305,3 +305,23 @@ def test_runner_writes_pictures_at_their_intervals(tmp_path):
     with Image.open(out / "stage1" / "samples" / "codes_scale_0000004.png") as image:
         assert image.mode == "RGB" and image.width > 100
     assert not list(out.rglob("*.tmp"))
+
+
+def test_confusion_picture_puts_each_row_s_swaps_on_its_diagonal():
+    """A perfect factor lights the diagonal; a factor always read as class 0 lights column 0."""
+    factor = FactorInfo("shape", 4, ("cube", "cylinder", "sphere", "pill"))
+    perfect = plots.confusion_picture(torch.diag(torch.tensor([5, 6, 7, 8])), factor)
+    stuck = plots.confusion_picture(torch.tensor([[9, 0, 0, 0]] * 4), factor)
+    assert perfect.dtype == torch.uint8 and perfect.shape[0] == 3
+    assert perfect.shape == stuck.shape and not torch.equal(perfect, stuck)
+
+
+def test_worst_consistency_picture_has_a_row_per_triple():
+    from dsu_models.evaluation.consistency import Worst
+    g = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8, generator=g) for _ in range(4)]
+    grid = plots.worst_consistency_picture(Worst(*images, score=torch.tensor([-0.5, 0.1, 0.2])))
+    # 3 rows of 4 images of 8 px with 2 px padding, below a caption strip
+    assert grid.shape[0] == 3 and grid.shape[2] >= 4 * 10 and grid.shape[1] > 3 * 10
+    with pytest.raises(ValueError, match="no examples"):
+        plots.worst_consistency_picture(Worst(*[x[:0] for x in images], score=torch.zeros(0)))

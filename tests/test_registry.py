@@ -241,3 +241,31 @@ def test_fresh_environment_predicts_the_same_images(tiny, registered, tmp_path, 
     served = np.asarray(json.loads((tmp_path / "out.json").read_text())["predictions"], dtype=np.uint8)
     local = DisUnknownModel.load(tiny["bundle_dir"], device="cpu")
     assert np.array_equal(served, to_hwc_uint8(local.swap_labels(x, torch.tensor(labels))))
+
+
+def test_a_version_that_misses_the_bar_is_registered_without_the_alias(tiny, registered):
+    """The champion earns its alias: a better summary is not enough when the version misses
+    the champion bar on val; it stays registered and the step says why in one line."""
+    client = registered["client"]
+    holder = str(client.get_model_version_by_alias(NAME, "champion").version)
+    r = log_and_register(client, registered["run_id"], tiny["bundle_dir"], "shapes3d", 0.99,
+                         bar_failures=["swap_acc_mean 0.120, needs >= 0.9"])
+    assert not r.promoted and str(client.get_model_version_by_alias(NAME, "champion").version) == holder
+    assert client.get_model_version(NAME, r.version).tags[SUMMARY_TAG] == "0.99"
+    assert r.describe("champion") == (
+        f"{NAME} version {r.version} (summary 0.990) registered without @champion: it misses the champion "
+        f"bar on val (swap_acc_mean 0.120, needs >= 0.9); load it as models:/{NAME}/{r.version}")
+    assert "\n" not in r.describe("champion")
+
+
+def test_a_registry_error_fails_the_step_instead_of_moving_the_alias(tiny, registered, monkeypatch):
+    client = MlflowClient(registered["uri"])
+    holder = str(client.get_model_version_by_alias(NAME, "champion").version)
+
+    def broken(name, alias):
+        raise MlflowException("the registry is down", error_code="INTERNAL_ERROR")
+
+    monkeypatch.setattr(client, "get_model_version_by_alias", broken)
+    with pytest.raises(MlflowException, match="the registry is down"):
+        log_and_register(client, registered["run_id"], tiny["bundle_dir"], "shapes3d", 0.999)
+    assert str(registered["client"].get_model_version_by_alias(NAME, "champion").version) == holder

@@ -172,7 +172,7 @@ def test_stage1_sweep_asha_mlflow_best_config_and_resume(ray_session, home, tmp_
     assert sweep.data.tags["dsu.tune.sweep"] == "s1" and sweep.info.status == "FAILED"
     trials = _trial_runs(client, sweep_id)
     assert len(trials) == 4
-    history = {t: _steps(client, r.info.run_id, "stage1_objective") for t, r in trials.items()}
+    history = {t: _steps(client, r.info.run_id, "val_stage1_objective") for t, r in trials.items()}
     failed = [t for t in trials if f"trial {t} failed" in first]
     assert len(failed) == 1 and history[failed[0]] == [20]
     done_before = {t: h for t, h in history.items() if t not in failed}
@@ -185,14 +185,14 @@ def test_stage1_sweep_asha_mlflow_best_config_and_resume(ray_session, home, tmp_
     assert reported == set(failed)
     trials = _trial_runs(client, sweep_id)
     assert trials[failed[0]].data.tags[RESUMED_TAG] == "20"
-    assert _steps(client, trials[failed[0]].info.run_id, "stage1_objective") == [20, 40]
+    assert _steps(client, trials[failed[0]].info.run_id, "val_stage1_objective") == [20, 40]
     for t, steps in done_before.items():  # finished trials were not redone
-        assert _steps(client, trials[t].info.run_id, "stage1_objective") == steps
+        assert _steps(client, trials[t].info.run_id, "val_stage1_objective") == steps
         assert RESUMED_TAG not in trials[t].data.tags
 
     # ASHA: some lr-0 trial stopped at the first rung; every lr-0.01 trial ran to the end.
     rows = {r.data.tags[TRIAL_TAG]: (float(r.data.params["sampled.stage1.lr"]),
-                                    _steps(client, r.info.run_id, "stage1_objective")[-1],
+                                    _steps(client, r.info.run_id, "val_stage1_objective")[-1],
                                     r.data.tags.get(STOPPED_TAG)) for r in trials.values()}
     assert any(lr == 0.0 and last == 20 and stopped == "true" for lr, last, stopped in rows.values())
     assert all(last == 40 and stopped == "false" for lr, last, stopped in rows.values() if lr > 0)
@@ -202,7 +202,7 @@ def test_stage1_sweep_asha_mlflow_best_config_and_resume(ray_session, home, tmp_
     for run in trials.values():
         assert run.data.params["image_size"] == "8" and "stage1.cla1_weight" in run.data.params
         assert run.data.params["stage1.lr"] == run.data.params["sampled.stage1.lr"]
-        assert {"loss_rec", "recon_mse", "stage1_objective"} <= set(run.data.metrics)
+        assert {"loss_rec", "val_recon_mse", "val_stage1_objective"} <= set(run.data.metrics)
         assert run.info.status == "FINISHED"
         images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
         assert any("stage1_reconstruction" in p for p in images)
@@ -212,7 +212,7 @@ def test_stage1_sweep_asha_mlflow_best_config_and_resume(ray_session, home, tmp_
     best = sweep.data.tags["dsu.tune.best_trial"]
     assert rows[best][0] == 0.01 and sweep.info.status == "FINISHED"
     assert sweep.data.params["best.stage1.lr"] == "0.01"
-    assert sweep.data.metrics["best_stage1_objective"] > 0.1
+    assert sweep.data.metrics["best_val_stage1_objective"] > 0.1
     best_file = home / "tune" / "s1" / "best_config.yaml"
     cfg = build_config(str(best_file), [])
     assert cfg.stage1.lr == 0.01 and cfg.image_size == 8 and cfg.stage1.iterations == 40
@@ -296,10 +296,10 @@ def test_stage2_sweep_reuses_stage1_from_mlflow(ray_session, home, tmp_path, cap
     # written by the driver before any trial started, never rewritten by a trial
     assert oracle_file.stat().st_mtime * 1000 < min(r.info.start_time for r in trials.values())
     for run in trials.values():
-        assert _steps(client, run.info.run_id, "summary") == [2, 4]
+        assert _steps(client, run.info.run_id, "val_summary") == [2, 4]
         assert run.data.params["sampled.stage2.unknown_mode"] in ("dis", "mse")
-        assert 0 < run.data.metrics["summary"] <= 1
+        assert 0 < run.data.metrics["val_summary"] <= 1
     best = build_config(str(home / "tune" / "s2" / "best_config.yaml"), [])
     assert best.stage1 == cfg.stage1 and 0.5 <= best.stage2.dis_weight <= 2.0
-    assert math.isfinite(sweep.data.metrics["best_summary"])
+    assert math.isfinite(sweep.data.metrics["best_val_summary"])
     assert json.loads((home / "tune" / "s2" / "sweep.json").read_text())["upstream"]["runs"] == runs

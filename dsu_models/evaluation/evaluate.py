@@ -3,15 +3,28 @@
 ``model`` is anything with the :class:`dsu_models.inference.DisUnknownModel`
 methods (duck typed): ``labeled_factors``, ``encode_unknown``, ``embed_labels``,
 ``generate``, ``encode_labels`` and ``label_encoder`` (None when the model has no S).
-``train``/``test`` carry labels for every ground-truth factor; factors the model
+``train`` fits the leakage probe; the evaluated split (``test`` below: the
+validation split when a choice is made, the test split for reported figures;
+the callers name the results ``val_<metric>`` and ``test_<metric>``) is what is
+judged. Both carry labels for every ground-truth factor, except that an
+evaluation-only factor may be -1 (not labeled) on some rows; factors the model
 does not label are *hidden*.
 
 Metrics (all floats; ``<k>`` a labeled factor, ``<h>`` a hidden one):
 
 - swap (``ecfg.pairs`` seeded test pairs (a, b), drawn with replacement): the
   image ``G(u of a, labels of b)``; ``swap_acc_<k>`` = share the oracle reads as
-  b's class, ``preserve_<h>`` = share it reads as a's class; ``swap_acc_mean``,
+  b's class, ``preserve_<h>`` = share it reads as a's class (over the pairs whose
+  a is labeled for h; a partly labeled factor also gets ``preserve_<h>_n`` and a
+  95% Wilson interval ``preserve_<h>_low``/``_high``); ``swap_acc_mean``,
   ``preserve_mean``;
+- ``content_consistency`` and ``code_consistency``: preservation without any
+  label of the hidden factors (:mod:`~dsu_models.evaluation.consistency`);
+- the field's metrics on the model's whole code (E's unknown code and S's labeled
+  codes) against every factor: ``dci_disentanglement``, ``dci_completeness``,
+  ``dci_informativeness``, ``mig``, ``sap``, ``factorvae_score``
+  (:mod:`~dsu_models.evaluation.disentanglement`; on up to ``ecfg.field_samples``
+  images, only when every image has every label);
 - ``frechet``: Frechet distance in oracle feature space between the swapped
   images and as many distinct real test images (all of them if fewer), plus
   ``frechet_rel`` (divided by the real features' total variance) and ``realism``;
@@ -117,6 +130,33 @@ def _reconstruction(model, images: Tensor, labels: Tensor, batch_size: int) -> d
     variance = float((px_sq / n - (px_sum / n).square()).clamp_min(0).mean())
     return {"recon_mse": mse, "recon_psnr": M.psnr(mse),
             "recon_explained": min(1.0, max(0.0, 1.0 - mse / max(variance, 1e-12)))}
+
+
+def whole_code(model, images: Tensor, batch_size: int) -> Tensor:
+    """(N, m_u + sum m_k) the model's whole code of images: E's unknown-code means, then
+    S's code means per labeled factor (the unknown part alone when the model has no S)."""
+    parts = [_unknown(model, images, batch_size)]
+    if model.labeled_factors and getattr(model, "label_encoder", None) is not None:
+        parts.append(torch.cat([torch.cat(model.read_label_codes(images[s]), 1)
+                                for s in _chunks(len(images), batch_size)]))
+    return torch.cat(parts, 1)
+
+
+def _field_metrics(model, train: InMemoryDataset, data: InMemoryDataset, ecfg: EvaluateConfig) -> dict:
+    """DCI, MIG, SAP and the FactorVAE score (:mod:`.disentanglement`) of the whole code
+    against every ground-truth factor, on up to ``ecfg.field_samples`` images of each split;
+    none when that is 0, the code is empty or some image lacks a label."""
+    if ecfg.field_samples == 0 or bool((train.labels < 0).any()) or bool((data.labels < 0).any()):
+        return {}
+    tr = _subset(len(train), ecfg.field_samples, ecfg.seed + 2)
+    te = _subset(len(data), ecfg.field_samples, ecfg.seed + 3)
+    z_train = whole_code(model, train.images[tr], ecfg.batch_size)
+    if z_train.shape[1] == 0 or len(tr) < 2 or len(te) < 2:
+        return {}
+    from dsu_models.evaluation.disentanglement import disentanglement_metrics
+    return disentanglement_metrics(z_train, train.labels[tr],
+                                   whole_code(model, data.images[te], ecfg.batch_size), data.labels[te],
+                                   seed=ecfg.seed)
 
 
 def _label_encoder(model, images: Tensor, truth: Tensor, names: list[str], batch_size: int) -> dict:
@@ -256,6 +296,7 @@ def evaluate_in_full(model, train: InMemoryDataset, data: InMemoryDataset, ecfg:
     if labeled and getattr(model, "label_encoder", None) is not None:
         out.update(_label_encoder(model, data.images[real], data.labels[real][:, labeled],
                                   [names[j] for j in labeled], ecfg.batch_size))
+    out.update(_field_metrics(model, train, data, ecfg))
     out["summary"] = M.summary_score(out)
     if log is not None:
         log("evaluation: " + ", ".join(f"{k} {v:.4g}" for k, v in out.items()))

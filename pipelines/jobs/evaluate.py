@@ -6,20 +6,25 @@
    from their MLflow runs and bundles them into the final model
    (``dsu_models.bundle.make_bundle``: E, G2, B2, S, resolved config,
    factor table with class names);
-2. reads the prepared train/test splits and trains the oracles, or loads them
-   from the cache under ``<storage>/oracles`` (keyed by the data's content);
-3. computes the metric set of ``dsu_models.evaluation.evaluate`` and logs it to
-   the ``evaluate`` run, with the pictures of ``dsu_models.plots`` (swap
-   matrix, class sweeps, code scatter plots, label embeddings) and the model
-   bundle as the ``model`` artifact folder.
+2. reads the prepared train/val/test splits and trains the oracles, or loads
+   them from the cache under ``<storage>/oracles`` (keyed by the data's content);
+3. computes the metric set of ``dsu_models.evaluation.evaluate`` on the
+   validation split (what choices read: ``val_<metric>``) and on the test split
+   (the figures a run reports: ``test_<metric>``) and logs both to the
+   ``evaluate`` run, with the pictures of ``dsu_models.plots`` drawn on test
+   (swap matrix, class sweeps, code scatter plots, label embeddings, a swap
+   confusion matrix per labeled factor, the lowest content-consistency round
+   trips) and the model bundle as the ``model`` artifact folder.
 
 ``register`` (in the driver) logs that bundle as an MLflow pyfunc model,
 registers it as ``disunknown-<dataset>`` and moves the ``champion`` alias to it
-only when its ``summary`` beats the current holder's
+only when it meets the champion bar on val (``evaluate.champion_*``) and its
+``val_summary`` beats the current holder's
 (``pipelines.tracking.registry.log_and_register``).
 """
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -32,6 +37,19 @@ from pipelines.cluster import storage
 from pipelines.tracking import runs as tracking
 
 MODEL_DIR = "model"
+
+
+def _validation_split(data_dir: str, cfg: Config, log):
+    """The validation split, or None (with a line saying what follows) for data prepared
+    with ``val_portion=0``: nothing can then be chosen without reading test."""
+    from dsu_models.data import read_split
+    from dsu_models.data.errors import DataError
+
+    try:
+        return read_split(data_dir, "val", image_size=cfg.image_size)
+    except DataError as e:
+        log(f"[evaluate] {e}: figures on test only, and no version can earn the champion alias")
+        return None
 
 
 def _plot_split(data_dir: str, cfg: Config, test):
@@ -51,10 +69,9 @@ def evaluate_in_process(cfg: Config, data_dir: str, runs: dict, run_id: str, tra
     from mlflow.tracking import MlflowClient
 
     from dsu_models.data import read_split
-    from dsu_models.evaluation import evaluate, load_or_train_oracles
+    from dsu_models.evaluation import evaluate_in_full, load_or_train_oracles
     from dsu_models.bundle import example_rows, make_bundle, save_bundle
     from dsu_models.inference import DisUnknownModel
-    from dsu_models.plots import evaluation_pictures
     from pipelines.data.upstream import load_upstream
 
     client = MlflowClient(tracking_uri)
@@ -63,8 +80,8 @@ def evaluate_in_process(cfg: Config, data_dir: str, runs: dict, run_id: str, tra
         handoffs = load_upstream(runs, tracking_uri, workdir, need_codes=False,
                                  handoffs=("stage1", "stage2", "lenc"))
         stats = handoffs["code_stats"]
-        train = read_split(data_dir, "train", image_size=cfg.image_size)
-        test = read_split(data_dir, "test", image_size=cfg.image_size)
+        train, test = (read_split(data_dir, split, image_size=cfg.image_size) for split in ("train", "test"))
+        val = _validation_split(data_dir, cfg, log)
         by_name = {f.name: f for f in train.factors}
         bundle = make_bundle(handoffs["stage1"], handoffs["stage2"], handoffs["lenc"], stats,
                              [by_name[n] for n in cfg.labeled_factors], list(train.factors),
@@ -77,18 +94,43 @@ def evaluate_in_process(cfg: Config, data_dir: str, runs: dict, run_id: str, tra
                                         device=model.device, log=log)
         log(f"[evaluate] oracles ready in {time.perf_counter() - started:.0f} s: "
             + ", ".join(f"{k} {v:.3f}" for k, v in oracles.test_accuracy.items()))
-        metrics = evaluate(model, train, test, cfg.evaluate, oracles, log=log)
+        on_val = evaluate_in_full(model, train, val, cfg.evaluate, oracles, log=None) if val else None
+        on_test = evaluate_in_full(model, train, test, cfg.evaluate, oracles, log=None)
+        metrics = split_metrics(on_val.metrics if on_val else {}, on_test.metrics)
         from mlflow.entities import Metric
         now = int(time.time() * 1000)
         client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
-        for name, image in evaluation_pictures(model, test, seed=cfg.evaluate.seed).items():
+        for name, image in picture_set(model, test, on_test, cfg.evaluate.seed).items():
             client.log_image(run_id, to_hwc(image), artifact_file=f"pictures/{name}.png")
         bundle_dir = save_bundle(bundle, workdir / MODEL_DIR)
         client.log_artifacts(run_id, str(bundle_dir), artifact_path=MODEL_DIR)
-        log("[evaluate] " + ", ".join(f"{k} {metrics[k]:.3f}" for k in
-                                      ("swap_acc_mean", "preserve_mean", "leak_excess_mean", "recon_psnr",
-                                       "frechet", "summary") if k in metrics))
+        for split in ("val", "test"):
+            log(f"[evaluate] {split}: " + ", ".join(f"{k} {metrics[f'{split}_{k}']:.3f}" for k in HEADLINE
+                                                    if f"{split}_{k}" in metrics))
         return metrics
+
+
+HEADLINE = ("swap_acc_mean", "preserve_mean", "content_consistency", "leak_excess_mean", "recon_psnr",
+            "frechet", "summary")
+
+
+def split_metrics(on_val: dict, on_test: dict) -> dict[str, float]:
+    """One evaluation on each split under distinct names: ``val_<metric>``, ``test_<metric>``."""
+    return {**{f"val_{k}": v for k, v in on_val.items()}, **{f"test_{k}": v for k, v in on_test.items()}}
+
+
+def picture_set(model, test, evaluation, seed: int) -> dict:
+    """The evaluation's pictures (``dsu_models.plots``): the usual set, a swap confusion matrix
+    per labeled factor and the lowest content-consistency round trips."""
+    from dsu_models.plots import confusion_picture, evaluation_pictures, worst_consistency_picture
+
+    pictures = evaluation_pictures(model, test, seed=seed)
+    infos = {f.name: f for f in test.factors}
+    for name, counts in evaluation.confusion.items():
+        pictures[f"confusion_{name}"] = confusion_picture(counts, infos[name])
+    if len(evaluation.worst.score):
+        pictures["consistency_worst"] = worst_consistency_picture(evaluation.worst)
+    return pictures
 
 
 def run_evaluate(cfg: Config, data_dir: str, runs: dict, run_id: str, tracking_uri: str,
@@ -115,16 +157,26 @@ def run_evaluate(cfg: Config, data_dir: str, runs: dict, run_id: str, tracking_u
 
 
 def run_register(cfg: Config, runs: dict, run_id: str, tracking_uri: str, alias: str = "champion") -> dict:
-    """Register the evaluate run's model; returns what the registry step reports."""
+    """Register the evaluate run's model, judged on its validation metrics; returns what
+    the registry step reports."""
     from mlflow.tracking import MlflowClient
 
+    from dsu_models.evaluation.metrics import champion_failures
     from pipelines.tracking.registry import log_and_register
 
     client = MlflowClient(tracking_uri)
     evaluate_run = client.get_run(runs["evaluate"])
-    summary = evaluate_run.data.metrics.get("summary")
-    if summary is None:
-        raise ValueError(f"evaluate run {runs['evaluate']} has no 'summary' metric")
+    logged = evaluate_run.data.metrics
+    on_val = {k[4:]: v for k, v in logged.items() if k.startswith("val_")}
+    if "summary" in on_val:
+        ev = cfg.evaluate
+        failures = champion_failures(on_val, ev.champion_swap, ev.champion_preserve, ev.champion_leak)
+    elif "test_summary" in logged:
+        on_val["summary"] = math.nan
+        failures = ["the data has no validation split (prepared with val_portion=0)"]
+    else:
+        raise ValueError(f"evaluate run {runs['evaluate']} has no 'val_summary' metric")
     with tempfile.TemporaryDirectory(prefix="dsu-register-") as tmp:
         bundle_dir = tracking.download(runs["evaluate"], MODEL_DIR, tracking_uri, Path(tmp))
-        return log_and_register(tracking_uri, run_id, bundle_dir, cfg.dataset, summary, alias=alias)
+        return log_and_register(tracking_uri, run_id, bundle_dir, cfg.dataset, on_val["summary"], alias=alias,
+                                bar_failures=failures)

@@ -212,9 +212,9 @@ def _train_in(config: dict, workdir: Path):
     if rank == 0 and config.get("judge"):  # a trainer-backed Tune trial (pipelines.sweeps.trial)
         from dsu_models.factory import load_data
         from pipelines.sweeps.trial import Judge
-        train, test = load_data(cfg)
-        judge = Judge({"stage": name, "upstream": upstream, **config["judge"]}, cfg, train, test,
-                      factors, device)
+        train, val, test = load_data(cfg)
+        judge = Judge({"stage": name, "upstream": upstream, **config["judge"]}, cfg, train, val,
+                      test, factors, device)
     sink = TrainSink(rank, client, config["run_id"], workdir, judge)
     try:
         run_stage(stage, next_batch, sink, plot_batch=plot_batch if rank == 0 else None, plot_set=plot_set)

@@ -10,10 +10,11 @@ A function trainable (:func:`run_trial`), one per sampled configuration:
   finished stage 1, classifier and distilled codes the driver loaded once
   (``ctx["upstream"]``); codes are joined to images by id.
 - **Reports**: every ``report_every`` iterations (and at the end) the trial
-  judges the stage as a model: stage 1 by ``evaluate_stage1`` ->
-  ``stage1_objective``; stage 2 by ``evaluate`` with the oracles the driver
-  cached -> ``summary``. It then reports ``{iteration, objective, losses,
-  metrics}`` to Tune with a checkpoint of the full stage state, so ASHA can
+  judges the stage as a model on the validation split (the sweep chooses, so it
+  never reads test): stage 1 by ``evaluate_stage1`` -> ``val_stage1_objective``;
+  stage 2 by ``evaluate`` with the oracles the driver cached -> ``val_summary``
+  (every judged metric is named ``val_<metric>``). It then reports
+  ``{iteration, objective, losses, metrics}`` to Tune with a checkpoint of the full stage state, so ASHA can
   stop it and a resumed sweep continues it from that iteration.
 - **Tracking**: each trial is a nested MLflow run under the sweep run (tag
   ``dsu.tune.trial``), found again on resume: sampled values (``sampled.*``)
@@ -75,10 +76,11 @@ def trial_config(base_config: str, sampled: dict) -> Config:
 
 
 class Judge:
-    """``judge(stage) -> metrics``: the finished-model metrics of the stage so far."""
+    """``judge(stage) -> metrics``: the finished-model metrics of the stage so far on the
+    validation split ``val``, named ``val_<metric>`` (``test`` only keys the oracle cache)."""
 
-    def __init__(self, ctx: dict, cfg: Config, train, test, factors, device):
-        self.stage_name, self.cfg, self.train, self.test = ctx["stage"], cfg, train, test
+    def __init__(self, ctx: dict, cfg: Config, train, val, test, factors, device):
+        self.stage_name, self.cfg, self.train, self.val = ctx["stage"], cfg, train, val
         self.factors, self.device, self.upstream = factors, device, ctx.get("upstream") or {}
         self.oracles = None
         if self.stage_name == "stage2":
@@ -96,13 +98,13 @@ class Judge:
         common = {"factors": self.factors, "all_factors": list(self.train.factors), "device": self.device}
         if self.stage_name == "stage1":
             model = DisUnknownModel.from_handoffs(stage1=stage.handoff(), **common)
-            metrics = evaluation.evaluate_stage1(model, self.train, self.test, self.cfg.evaluate, log=_quiet)
+            metrics = evaluation.evaluate_stage1(model, self.train, self.val, self.cfg.evaluate, log=_quiet)
         else:
             model = DisUnknownModel.from_handoffs(stage1=self.upstream["stage1"], stage2=stage.handoff(),
                                                   code_stats=self.upstream["code_stats"], **common)
-            metrics = evaluation.evaluate(model, self.train, self.test, self.cfg.evaluate, self.oracles,
+            metrics = evaluation.evaluate(model, self.train, self.val, self.cfg.evaluate, self.oracles,
                                           log=_quiet)
-        return {k: float(v) for k, v in metrics.items()}
+        return {f"val_{k}": float(v) for k, v in metrics.items()}
 
 
 def _quiet(*_args, **_kwargs):
@@ -172,12 +174,12 @@ def run_trial(sampled: dict, ctx: dict):
     retain_freed_memory()
     cfg = trial_config(base_config_file(ctx), sampled)
     device = _device(ctx)
-    train, test = load_data(cfg)
+    train, val, test = load_data(cfg)
     _, factors = labeled_view(cfg, train)
     torch.manual_seed(cfg.seed)
     stage = make_stage(ctx["stage"], cfg, factors, ctx.get("upstream") or {}, device)
     source, plot_batch = stage_sources(ctx, cfg, train, test)
-    judge = Judge(ctx, cfg, train, test, factors, device)
+    judge = Judge(ctx, cfg, train, val, test, factors, device)
 
     trial_id = tune.get_context().get_trial_id()
     client = MlflowClient(ctx["tracking_uri"])

@@ -10,11 +10,16 @@ tensor signature (``images`` uint8 ``(-1, S, S, C)``, ``labels`` int64
 ``sys.path`` when the model loads), so that ``mlflow models serve`` and a fresh
 environment built from the logged requirements can load it without this
 repository installed. It registers the
-model as ``disunknown-<dataset>``, tags the new version with its summary score,
-dataset and run id, and moves ``alias`` (default ``champion``) to the new
-version only when its summary beats the current holder's (strictly), or when
-nothing holds the alias yet. A holder without a recorded summary counts as
-beaten; a non-finite new summary never takes the alias.
+model as ``disunknown-<dataset>``, tags the new version with its summary score
+(on the validation split), dataset and run id, and moves ``alias`` (default
+``champion``) to the new version only when it earns it: it meets the champion
+bar (``bar_failures`` is empty: ``dsu_models.evaluation.metrics.champion_failures``
+on its validation metrics) and its summary beats the current holder's
+(strictly), or nothing holds the alias yet. A holder without a recorded summary
+counts as beaten; a non-finite new summary never takes the alias. A version
+that fails stays registered without the alias, and ``describe`` says why in one
+line. Reading the alias holder fails the step on any registry error other than
+"this alias is not set", rather than moving the alias on a guess.
 
 Load the champion with ``DisUnknownModel.load("models:/disunknown-<dataset>@champion")``
 or ``mlflow.pyfunc.load_model`` (see ``pyfunc_model.py`` for ``predict``).
@@ -61,11 +66,15 @@ class Registration:
     previous_version: str | None   # the alias holder before (None: there was none)
     previous_summary: float | None
     model_uri: str                 # MLflow URI of the logged model (models:/m-...)
+    bar_failures: tuple[str, ...] = ()   # why it does not meet the champion bar (empty: it does)
 
     def describe(self, alias: str) -> str:
-        """One line for the console: the version, whether it took ``alias`` and
-        the URI to load the model by."""
+        """One line for the console: the version, whether it took ``alias`` (and
+        why not) and the URI to load the model by."""
         this = f"{self.name} version {self.version} (summary {self.summary:.3f})"
+        if self.bar_failures:
+            return (f"{this} registered without @{alias}: it misses the champion bar on val ("
+                    + "; ".join(self.bar_failures) + f"); load it as models:/{self.name}/{self.version}")
         if not self.promoted:
             return (f"{this} registered; @{alias} stays on version {self.previous_version} "
                     f"(summary {self.previous_summary:.3f}); load this one as "
@@ -171,16 +180,24 @@ def beats(summary: float, has_holder: bool, holder_summary: float | None) -> boo
 
 
 def _alias_holder(client: MlflowClient, name: str, alias: str):
+    """The version holding ``alias``, None when the alias is not set; any other registry
+    error propagates (moving the alias without knowing the holder could demote a better model)."""
     try:
         return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        not_set = exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE") \
+            and "not found" in str(exc).lower() and "alias" in str(exc).lower()
+        if not_set:
+            return None
+        raise
 
 
 def log_and_register(client: MlflowClient | str, run_id: str, bundle_dir: str | Path, dataset: str,
-                     summary: float, alias: str = "champion", artifact_name: str = "model") -> Registration:
+                     summary: float, alias: str = "champion", artifact_name: str = "model",
+                     bar_failures: list[str] | tuple[str, ...] = ()) -> Registration:
     """Log ``bundle_dir`` as a pyfunc model in run ``run_id``, register it as
-    ``disunknown-<dataset>`` and move ``alias`` to it if its ``summary`` is better.
+    ``disunknown-<dataset>`` and move ``alias`` to it if it meets the champion bar
+    (``bar_failures`` empty) and its ``summary`` (on val) is better than the holder's.
 
     client: an ``MlflowClient`` or a tracking URI (e.g. ``sqlite:////abs/mlflow.db``).
     """
@@ -201,9 +218,9 @@ def log_and_register(client: MlflowClient | str, run_id: str, bundle_dir: str | 
 
     holder = _alias_holder(client, name, alias)
     previous_summary = _summary_of(holder) if holder is not None else None
-    better = beats(summary, holder is not None, previous_summary)
+    better = not bar_failures and beats(summary, holder is not None, previous_summary)
     if better:
         client.set_registered_model_alias(name, alias, version)
     return Registration(name, version, summary, better,
                         str(holder.version) if holder is not None else None, previous_summary,
-                        info.model_uri)
+                        info.model_uri, tuple(bar_failures))
