@@ -494,3 +494,48 @@ def test_real_tiny_model_end_to_end(tmp_path):
     # a barely trained model is a degenerate one: it does not earn the champion alias
     from dsu_models.evaluation.metrics import champion_failures
     assert champion_failures(r, ecfg.champion_swap, ecfg.champion_preserve, ecfg.champion_leak)
+
+
+def test_an_evaluation_only_factor_end_to_end(tmp_path):
+    """A user's image folder whose CSV labels the wall's hue on a quarter of the images only,
+    declared evaluation-only: training never reads it, and the evaluation reports its
+    preservation on the labeled images with their count and interval, plus the label-free
+    measures; the field's metrics need every label, so they are left out."""
+    from PIL import Image
+
+    from dsu_models.data import prepare, read_split
+    from dsu_models.factory import build_config
+    from dsu_models.inference import DisUnknownModel
+    from dsu_models.train import run
+
+    data = make_split(300, seed=3)
+    names = [f.name for f in data.factors]
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    lines = ["file,floor_hue,object_hue,wall_hue"]
+    for i in range(len(data)):
+        Image.fromarray(data.images[i].permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
+        y = data.labels[i]
+        wall = str(int(y[names.index("wall_hue")])) if i % 4 == 0 else ""
+        lines.append(f"{i}.png,{int(y[names.index('floor_hue')])},{int(y[names.index('object_hue')])},{wall}")
+    (folder / "labels.csv").write_text("\n".join(lines) + "\n")
+    prepared = prepare("image_folder", tmp_path / "prepared", root=str(folder), eval_factors="wall_hue",
+                       classes={"floor_hue": 10, "object_hue": 10, "wall_hue": 10})
+    cfg = build_config(None, ["dataset=image_folder", f"data_path={prepared}", f"image_size={SIZE}",
+                              "unknown_size=4", "architecture.conv_channels=[8]", "architecture.fc_features=16",
+                              "all_stages.batch_size=8", "all_stages.iterations=4", "device=cpu"])
+    assert cfg.labeled_factors == ["floor_hue", "object_hue"]           # never trained on
+    res = run(cfg, tmp_path / "run", log=lambda s: None)
+    model = DisUnknownModel.from_handoffs(res["stage1"], res.get("stage2"), res.get("lenc"),
+                                          code_stats=res["codes"]["stats"], device="cpu")
+    train, test = read_split(prepared, "train"), read_split(prepared, "test")
+    ecfg = EvaluateConfig(pairs=200, batch_size=64, oracle_epochs=1, oracle_samples=None, oracle_width=8,
+                          probe_samples=200)
+    oracles = load_or_train_oracles(train, test, ecfg, tmp_path / "cache", log=lambda s: None)
+    r = evaluate(model, train, test, ecfg, oracles, log=None)
+    labeled_rows = int((test.labels[:, 2] >= 0).sum())
+    assert 0 < r["preserve_wall_hue_n"] < ecfg.pairs and labeled_rows < len(test)
+    assert 0 <= r["preserve_wall_hue_low"] <= r["preserve_wall_hue"] <= r["preserve_wall_hue_high"] + 1e-12
+    assert 0 <= r["content_consistency"] <= 1 and "dci_disentanglement" not in r
+    assert math.isfinite(r["summary"])
+
