@@ -7,10 +7,10 @@ the generator side re-generating them), ``requires_grad`` toggling instead of
 detached calls, a second backward pass to keep the adversarial gradient out
 of the generator's conv part, and a per-sample loop for the random offset.
 The benchmark runs these steps on the library's reference path
-(``dsu_models.nn.plain.plain_layers``: weight norm as ``v * g / ||v||``, the
+(``dsu_models.nn.reference.plain_layers``: weight norm as ``v * g / ||v||``, the
 self-normalising PReLU and its moments through autograd, no shift folded into
 the previous layer's bias, aten's pooling and transposed conv) with plain Adam
-(``plain.plain_optimizers``), so that the whole baseline is a first
+(``reference.plain_optimizers``), so that the whole baseline is a first
 implementation of the same networks and math; the reference path is checked
 against the fast one in tests/test_perf_equivalence.py. The steps here are
 for the benchmark only.
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from dsu_models import codes, losses
-from dsu_models.nn import layers, networks, plain
+from dsu_models.nn import layers, networks, reference
 from dsu_models.stages.classifier import ClassifierStage
 from dsu_models.stages.lenc import LencStage
 from dsu_models.stages.stage1 import Stage1, keep_tensor, rolled_labels
@@ -41,7 +41,7 @@ def without_elementwise_layers():
     bound. What is left (convolutions, linear layers, weight norm, losses, Adam)
     is work any implementation of the networks does, so a step timed there
     bounds what faster elementwise layers could ever gain."""
-    return plain.swapped(_REMOVED)
+    return reference.swapped(_REMOVED)
 
 
 def offset_loop(*images):

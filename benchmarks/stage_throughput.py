@@ -52,7 +52,7 @@ from naive import (naive_classifier_step, naive_lenc_step, naive_stage1_step,  #
 
 from dsu_models import codes  # noqa: E402
 from dsu_models.allocator import retain_freed_memory  # noqa: E402
-from dsu_models.nn.plain import plain_layers, plain_optimizers  # noqa: E402
+from dsu_models.nn.reference import plain_layers, plain_optimizers  # noqa: E402
 from dsu_models.config import layered_dict, resolve  # noqa: E402
 from dsu_models.data.base import FactorInfo  # noqa: E402
 from dsu_models.stages.classifier import ClassifierStage  # noqa: E402

@@ -19,7 +19,7 @@ def test_dsu_models_imports_neither_ray_nor_mlflow():
 
 
 def test_ray_data_decode_step_does_not_import_torch():
-    """Ray Data's decode workers import ``pipelines.decode`` (by reference) and run it;
+    """Ray Data's decode workers import ``pipelines.data.decode`` (by reference) and run it;
     torch there would cost every worker process about 0.3 GiB."""
     code = ("import sys, numpy as np\n"
             "from pipelines.data.decode import Decode\n"
@@ -47,3 +47,51 @@ def test_preparing_the_procedural_datasets_does_not_import_torch(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.strip() == "[]", done.stdout
+
+
+def _module_imports() -> dict[str, set[str]]:
+    """Every module of dsu_models and pipelines -> the project modules it imports (at the
+    top or inside a function: a lazy import still ties the two modules together)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    files = {}
+    for top in ("dsu_models", "pipelines"):
+        for path in (root / top).rglob("*.py"):
+            parts = path.relative_to(root).with_suffix("").parts
+            files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                    base = ".".join(anchor + ([node.module] if node.module else []))
+                deps |= {f"{base}.{a.name}" if f"{base}.{a.name}" in files else base for a in node.names}
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names}
+        graph[name] = {d for d in deps if d in files and d != name}
+    return graph
+
+
+def test_no_import_circles():
+    """No module reaches itself through its imports. Package ``__init__`` modules are left
+    out: they import their own modules by design."""
+    graph = _module_imports()
+    packages = {name for name in graph if any(other.startswith(name + ".") for other in graph)}
+    circles = []
+
+    def walk(start, node, path):
+        for dep in sorted(graph[node] - packages):
+            if dep == start:
+                circles.append(" -> ".join(path + [dep]))
+            elif dep not in path and len(path) < 8:
+                walk(start, dep, path + [dep])
+
+    for name in sorted(set(graph) - packages):
+        walk(name, name, [name])
+    assert not circles, "\n".join(circles[:20])

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dsu_models.nn import plain as formula
+from dsu_models.nn import plain as formula, reference
 from dsu_models.nn.layers import (Chain, SNPReLU, WNConv2d, WNConvTranspose2d, WNLinear,
                                   snprelu)
 from tests.tiny import load_benchmark
@@ -179,7 +179,7 @@ def test_benchmark_baseline_layers_compute_the_same_networks(dtype):
         return img, score, torch.autograd.grad(score.square().sum() + img.sum(), params, allow_unused=True)
 
     fast = run()
-    with formula.plain_layers():
+    with reference.plain_layers():
         slow = run()
     again = run()
     for got, want in zip(fast[:2], slow[:2]):

@@ -169,7 +169,7 @@ def _fast_cpu_path(x: Tensor) -> bool:
     their own (sub-pixel convs, strided pooling, the C kernels of ``native.py``):
     ``x`` on the CPU, outside ``torch.compile`` (CUDA and the compiler keep aten's,
     which are fast there). Every choice is the same function computed another
-    way; ``plain.plain_layers()`` switches the networks to the formulas instead.
+    way; ``reference.plain_layers()`` switches the networks to the formulas instead.
     Not under autocast: the hand-written backward passes take the dtype of
     their saved inputs (a ``bf16`` run on a CPU takes aten's)."""
     return (x.device.type == "cpu" and not torch.compiler.is_compiling()

@@ -100,7 +100,7 @@ from dsu_models.grids import sample_grids
 from dsu_models.models import (build_discriminator, build_embedders, build_encoder,
                                build_generator, build_image_classifier, check_factors)
 from dsu_models.nn.layers import sample_offsets, shift_images
-from dsu_models.nn.plain import plain_layers
+from dsu_models.nn.reference import plain_layers
 from dsu_models.stages.common import Stage, adam, detached_call, params
 from dsu_models.stages.ema import WeightAverage
 

@@ -51,7 +51,7 @@ def run_stage(stage: str, cfg: Config, data_dir: str, run_id: str, upstream: dic
     same MLflow run (the Ray run name is the run id). Returns the Ray Result.
     ``callbacks``: Ray Train callbacks (a Tune trial's ``TuneReportCallback``);
     ``judge``: ``{"oracle_cache": ...}`` makes rank 0 add the model's metrics
-    (``pipelines.sweeps.trial.Judge``) to every report."""
+    (``pipelines.sweeps.judge.Judge``) to every report."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 

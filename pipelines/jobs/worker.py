@@ -211,7 +211,7 @@ def _train_in(config: dict, workdir: Path):
     judge = None
     if rank == 0 and config.get("judge"):  # a trainer-backed Tune trial (pipelines.sweeps.trial)
         from dsu_models.factory import load_data
-        from pipelines.sweeps.trial import Judge
+        from pipelines.sweeps.judge import Judge
         train, val, test = load_data(cfg)
         judge = Judge({"stage": name, "upstream": upstream, **config["judge"]}, cfg, train, val,
                       test, factors, device)

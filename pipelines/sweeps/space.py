@@ -35,7 +35,7 @@ from typing import Any, Callable
 from dsu_models.config import STAGE_CLASSES, Config, ConfigError, FactorSpec, read_yaml
 
 SAMPLERS = ("loguniform", "uniform", "randint", "choice", "grid")
-# judged on the validation split (pipelines.sweeps.trial.Judge names its metrics val_<metric>)
+# judged on the validation split (pipelines.sweeps.judge.Judge names its metrics val_<metric>)
 OBJECTIVES = {"stage1": "val_stage1_objective", "stage2": "val_summary"}
 # Keys a stage-1 sweep must leave alone: they do not change what stage 1 trains
 # or how it is judged consistently across trials.

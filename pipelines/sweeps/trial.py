@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import tempfile
-import warnings
 from pathlib import Path
 
 import torch
@@ -38,6 +37,7 @@ from dsu_models.files import load_torch, save_torch
 from dsu_models.loop import Cadence, Sink, run_stage
 from pipelines.data.upstream import lookup_codes
 from pipelines.jobs.worker import STATE_FILE
+from pipelines.sweeps.judge import Judge
 from pipelines.sweeps.space import Space
 from pipelines.tracking import runs as tracking
 
@@ -70,45 +70,6 @@ def base_config_file(ctx: dict) -> str:
 def trial_config(base_config: str, sampled: dict) -> Config:
     """The resolved config of one trial: base YAML + sampled values."""
     return build_config(base_config, Space.overrides(sampled))
-
-
-# ----------------------------------------------------------------- judging
-
-
-class Judge:
-    """``judge(stage) -> metrics``: the finished-model metrics of the stage so far on the
-    validation split ``val``, named ``val_<metric>`` (``test`` only keys the oracle cache)."""
-
-    def __init__(self, ctx: dict, cfg: Config, train, val, test, factors, device):
-        self.stage_name, self.cfg, self.train, self.val = ctx["stage"], cfg, train, val
-        self.factors, self.device, self.upstream = factors, device, ctx.get("upstream") or {}
-        self.oracles = None
-        if self.stage_name == "stage2":
-            from dsu_models.evaluation import OracleWarning, load_or_train_oracles
-            # The driver trained them before the trials started (and warned if they are
-            # weak): this is a cache hit.
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", OracleWarning)
-                self.oracles = load_or_train_oracles(train, test, cfg.evaluate, ctx["oracle_cache"],
-                                                     device=device, log=_quiet)
-
-    def __call__(self, stage) -> dict[str, float]:
-        from dsu_models import evaluation
-        from dsu_models.inference import DisUnknownModel
-        common = {"factors": self.factors, "all_factors": list(self.train.factors), "device": self.device}
-        if self.stage_name == "stage1":
-            model = DisUnknownModel.from_handoffs(stage1=stage.handoff(), **common)
-            metrics = evaluation.evaluate_stage1(model, self.train, self.val, self.cfg.evaluate, log=_quiet)
-        else:
-            model = DisUnknownModel.from_handoffs(stage1=self.upstream["stage1"], stage2=stage.handoff(),
-                                                  code_stats=self.upstream["code_stats"], **common)
-            metrics = evaluation.evaluate(model, self.train, self.val, self.cfg.evaluate, self.oracles,
-                                          log=_quiet)
-        return {f"val_{k}": float(v) for k, v in metrics.items()}
-
-
-def _quiet(*_args, **_kwargs):
-    """Evaluation chatter stays out of the sweep's one-line-per-report output."""
 
 
 # ----------------------------------------------------------------- MLflow
@@ -165,7 +126,7 @@ def _device(ctx: dict) -> torch.device:
 
 def run_trial(sampled: dict, ctx: dict):
     """Tune function trainable. ``sampled``: ``{dotted key: value}``; ``ctx``: the
-    sweep's fixed settings (see ``pipelines/tune.py``), shared through ``tune.with_parameters``."""
+    sweep's fixed settings (``pipelines.sweeps.driver.make_context``), shared through ``tune.with_parameters``."""
     from mlflow.tracking import MlflowClient
     from ray import tune
 
@@ -224,10 +185,10 @@ def run_trainer_trial(sampled: dict, ctx: dict):
 
 
 class TrialSink(Sink):
-    """Each report: the mean losses (``loss_<term>``) and the judge's metrics of
-    the stage so far, to MLflow at ``step = iteration`` with the sample grids,
-    then to Tune with a checkpoint of the full stage state, so ASHA can stop the
-    trial and a resumed sweep continues it."""
+    """Each report: the mean losses (``<term>``, the names the pipeline's stage runs log) and
+    the judge's metrics of the stage so far (``val_<metric>``), to MLflow at ``step =
+    iteration`` with the sample grids, then to Tune with a checkpoint of the full stage
+    state, so ASHA can stop the trial and a resumed sweep continues it."""
 
     def __init__(self, judge: "Judge", client, run_id: str, plot_batch: dict):
         self.judge, self.client, self.run_id, self.plot_batch = judge, client, run_id, plot_batch
@@ -236,7 +197,7 @@ class TrialSink(Sink):
         from ray import tune
 
         it = stage.iteration
-        metrics = {f"loss_{k}": v for k, v in losses.items()}
+        metrics = dict(losses)
         metrics.update(self.judge(stage))
         tracking.log_metrics(self.client, self.run_id, metrics, it)
         # the last grids logged are the trial's final ones, also for a trial ASHA stopped
