@@ -217,8 +217,8 @@ class Config:
     # where the Ray pipeline keeps what every node reaches (a shared path or a
     # URI, see pipelines.cluster.storage); None: $DSU_STORAGE, else $DSU_HOME
     storage: str | None = None
-    # built-in procedural datasets; None: the Ray pipeline prepares the whole factor
-    # grid, the single-process runner draws data.sources.builtin.DEFAULT_SAMPLES
+    # built-in procedural datasets; None: data.sources.builtin.DEFAULT_SAMPLES (capped at
+    # the factor grid), in the single-process runner and the Ray pipeline alike
     num_samples: int | None = None
     test_portion: float = 0.1
     val_portion: float = 0.1  # share of train held out for validation (built-in datasets)

@@ -23,7 +23,7 @@ from typing import Callable
 
 from dsu_models.config import Config, ConfigError, config_diff, load_resolved
 from dsu_models.data import DataError
-from dsu_models.data.sources.builtin import BUILTIN
+from dsu_models.data.sources.builtin import BUILTIN, sample_count
 from dsu_models.factory import build_config
 from pipelines.cluster import storage
 from pipelines.cluster.ray_init import init_ray, pipeline_cpus
@@ -99,9 +99,10 @@ def add_common(parser: argparse.ArgumentParser):
                         help="MLflow store; default $MLFLOW_TRACKING_URI, else sqlite:///$DSU_HOME/mlflow.db (~/.disunknown)")
     parser.add_argument("--num-cpus", type=int, default=None,
                         help="logical CPUs of a local Ray instance (default: the cores + 1, "
-                             "see local_ray.pipeline_cpus; ignored when joining RAY_ADDRESS)")
+                             "see pipelines.cluster.ray_init.pipeline_cpus; ignored when joining RAY_ADDRESS)")
     parser.add_argument("--alias", default="champion",
-                        help="registry alias the model takes when its evaluation summary beats the holder's")
+                        help="registry alias the model takes when it meets the champion bar "
+                             "(evaluate.champion_*) and its val_summary beats the holder's")
 
 
 def overrides_of(args) -> list[str]:
@@ -143,7 +144,7 @@ def builtin_options(cfg: Config) -> dict:
     opts = {"image_size": cfg.image_size, "seed": cfg.seed, "test_portion": cfg.test_portion,
             "val_portion": cfg.val_portion}
     if cfg.dataset != "digits":
-        opts["num_samples"] = cfg.num_samples
+        opts["num_samples"] = sample_count(cfg.dataset, cfg.num_samples)
     return opts
 
 

@@ -423,3 +423,18 @@ def test_load_builtin_defaults_match_the_dataset_config(name):
     if name == "sprites_full":
         train, val, test = load_builtin(name, num_samples=40)
         assert train.images.shape[1:] == (1, 64, 64) and len(train) + len(val) + len(test) == 40
+
+
+def test_one_config_means_the_same_data_in_both_runners():
+    """``num_samples: null`` draws the source's default count in the single-process runner
+    and under Ray alike (the pipeline once prepared the whole factor grid for it)."""
+    from dsu_models.factory import build_config, load_data
+    from dsu_models.data.sources.builtin import DEFAULT_SAMPLES
+    from pipelines.cli import builtin_options
+
+    cfg = build_config(None, ["dataset=sprites", "image_size=8"])
+    assert cfg.num_samples is None
+    train, val, test = load_data(cfg)
+    assert builtin_options(cfg)["num_samples"] == len(train) + len(val) + len(test) == DEFAULT_SAMPLES["sprites"]
+    digits = build_config(None, ["dataset=digits", "image_size=8"])
+    assert "num_samples" not in builtin_options(digits)

@@ -20,6 +20,20 @@ BUILTIN = ("shapes3d", "sprites", "sprites_full", "digits")
 DEFAULT_SAMPLES = {"shapes3d": 20_000, "sprites": 20_000, "sprites_full": 40_000}
 
 
+def sample_count(name: str, num_samples: int | None) -> int | None:
+    """How many images of a built-in procedural dataset a config means: ``num_samples``,
+    or for None :data:`DEFAULT_SAMPLES` capped at the factor grid; None for ``digits``
+    (all of its images). The one rule for the single-process runner and the Ray pipeline,
+    so that one config trains on the same data in both."""
+    if name == "digits":
+        return None
+    if num_samples is not None:
+        return num_samples
+    from . import SOURCES
+
+    return min(DEFAULT_SAMPLES[name], int(np.prod([c for _, c in SOURCES[name].FACTORS])))
+
+
 def load_builtin(name: str, image_size: int | None = None, num_samples: int | None = None, seed: int = 0,
                  test_portion: float = 0.1, val_portion: float = 0.1
                  ) -> tuple[InMemoryDataset, InMemoryDataset, InMemoryDataset]:
@@ -39,11 +53,7 @@ def load_builtin(name: str, image_size: int | None = None, num_samples: int | No
     opts = {"image_size": image_size, "seed": seed, "test_portion": test_portion,
             "val_portion": val_portion, "chunk_size": 2048}
     if name != "digits":
-        from . import SOURCES
-
-        full = int(np.prod([c for _, c in SOURCES[name].FACTORS]))
-        opts["num_samples"] = min(num_samples or DEFAULT_SAMPLES[name], full) if num_samples is None \
-            else num_samples
+        opts["num_samples"] = sample_count(name, num_samples)
     plan = make_plan(name, opts)
     chunks = [c for t in plan.tasks for c in plan.read(t)]
     split = np.concatenate([c.split for c in chunks])
