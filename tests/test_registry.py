@@ -1,4 +1,4 @@
-"""pipelines.registry against a SQLite MLflow store in a temp folder: the pyfunc
+"""pipelines.tracking.registry against a SQLite MLflow store in a temp folder: the pyfunc
 model is logged and registered, the alias moves only to better models, and the
 champion loads through DisUnknownModel.load, mlflow.pyfunc and the CLI."""
 from __future__ import annotations

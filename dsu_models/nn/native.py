@@ -8,7 +8,7 @@ Why: on CPU these layers written as PyTorch ops are memory-bound. The
 activation's backward, for one, makes about eight passes over
 activation-sized tensors plus ~35 per-channel ops of a few microseconds each;
 the kernels make one pass each way, in PyTorch's own OpenMP thread pool
-(figures in the README's Benchmarks section).
+(figures in docs/benchmarks.md, "Stage throughput and Ray overhead").
 
 The shared library is cached under ``$DSU_NATIVE_CACHE`` (default
 ``$XDG_CACHE_HOME/disunknown`` or ``~/.cache/disunknown``), named by a hash of

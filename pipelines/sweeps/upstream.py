@@ -7,7 +7,7 @@ and their statistics, and ships them to every trial. Two sources:
 - **MLflow** (the Ray pipeline): the ``stage1``, ``distill`` and
   ``classifier`` runs, found as the children of a pipeline run
   (``--pipeline-run``) or named one by one; each must be complete. Artifacts
-  are read with ``pipelines.jobs.stage_train.load_upstream`` like the stage jobs do.
+  are read with ``pipelines.data.upstream.load_upstream`` like the stage jobs do.
 - **A runner directory** (``python -m dsu_models.train --out DIR``):
   ``DIR/stage1/handoff.pt``, ``DIR/stage1/codes.pt``, ``DIR/classifier/handoff.pt``.
 
