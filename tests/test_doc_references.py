@@ -147,7 +147,7 @@ def resolve_file(ref: str, chunk: Chunk, pos: int) -> tuple[str | None, str | No
     if ref.rstrip(".") in ROOT_FILES:
         ref = ref.rstrip(".")
         return (ref, None) if (ROOT / ref).is_file() else (None, "no such file")
-    if PLACEHOLDER.search(ref) or ref.startswith("../"):  # ../shared/: outside the repo
+    if PLACEHOLDER.search(ref) or ref.startswith("../"):  # a path above the repository: not ours to check
         return None, None
     ref = ref.rstrip(".-")  # the full stop of a sentence
     if ref.split("/")[0] in TOP_FOLDERS:
