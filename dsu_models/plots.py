@@ -339,13 +339,13 @@ def confusion_picture(counts: Tensor, factor: FactorInfo) -> Tensor:
 
 
 def worst_consistency_picture(worst) -> Tensor:
-    """The lowest content-consistency triples (``dsu_models.evaluation.consistency.Worst``),
+    """The round trips that ended farthest from their content (``dsu_models.evaluation.consistency.Worst``),
     one row each: the content image, its swap, the swap sent back to the content's
     labels, and a decoy's round trip (another image through the same swaps)."""
-    if not len(worst.score):
+    if not len(worst.distance):
         raise ValueError("worst_consistency_picture: no examples")
     columns = [to_float(worst.content), to_float(worst.swap), to_float(worst.back), to_float(worst.decoy_back)]
     grid = grids.rows_grid([torch.stack(row) for row in zip(*columns)])
-    scores = ", ".join(f"{s:.2f}" for s in worst.score.tolist())
-    return caption(grid, "lowest content consistency, one row each: content, swap, swapped back, decoy "
-                         f"swapped back (scores {scores})")
+    distances = ", ".join(f"{s:.3f}" for s in worst.distance.tolist())
+    return caption(grid, "round trips that ended farthest from their content, one row each: content, swap, "
+                         f"swapped back, a decoy swapped back (mean squared distance: {distances})")

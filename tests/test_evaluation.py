@@ -390,7 +390,7 @@ def test_confusion_matrices_count_asked_against_read(data, oracles):
         m = ev.confusion[k]
         assert m.shape == (10, 10) and int(m.sum()) == ECFG.pairs
         assert float(m.diagonal().sum()) / ECFG.pairs == pytest.approx(ev.metrics[f"swap_acc_{k}"])
-    assert len(ev.worst.score) == 8 and bool((ev.worst.score[:-1] <= ev.worst.score[1:]).all())
+    assert len(ev.worst.distance) == 8 and bool((ev.worst.distance[:-1] >= ev.worst.distance[1:]).all())
     assert ev.worst.content.dtype == torch.uint8 and ev.worst.back.shape == ev.worst.content.shape
 
 

@@ -320,8 +320,8 @@ def test_worst_consistency_picture_has_a_row_per_triple():
     from dsu_models.evaluation.consistency import Worst
     g = torch.Generator().manual_seed(0)
     images = [torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8, generator=g) for _ in range(4)]
-    grid = plots.worst_consistency_picture(Worst(*images, score=torch.tensor([-0.5, 0.1, 0.2])))
+    grid = plots.worst_consistency_picture(Worst(*images, distance=torch.tensor([-0.5, 0.1, 0.2])))
     # 3 rows of 4 images of 8 px with 2 px padding, below a caption strip
     assert grid.shape[0] == 3 and grid.shape[2] >= 4 * 10 and grid.shape[1] > 3 * 10
     with pytest.raises(ValueError, match="no examples"):
-        plots.worst_consistency_picture(Worst(*[x[:0] for x in images], score=torch.zeros(0)))
+        plots.worst_consistency_picture(Worst(*[x[:0] for x in images], distance=torch.zeros(0)))

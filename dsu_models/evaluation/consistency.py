@@ -60,15 +60,18 @@ KEYS = ("content_consistency", "code_consistency")
 
 @dataclass
 class Worst:
-    """The lowest-scoring triples: uint8 ``(n, C, H, W)`` content images ``a``, their
-    swaps ``x_ab``, the round trips ``x_aba`` and the decoys' round trips ``x_cba``, and
-    each triple's score ``1 - d(x_aba, a) / d(x_cba, a)``."""
+    """The triples whose round trip ended farthest from its content image: uint8
+    ``(n, C, H, W)`` content images ``a``, their swaps ``x_ab``, the round trips
+    ``x_aba`` and the decoys' round trips ``x_cba`` (for comparison), and each round
+    trip's distance ``d(x_aba, a)``, largest first. Ranked by that distance, not by the
+    ratio: a decoy that happens to share ``a``'s content makes the ratio small for a
+    round trip that worked."""
 
     content: Tensor
     swap: Tensor
     back: Tensor
     decoy_back: Tensor
-    score: Tensor
+    distance: Tensor
 
 
 def triples(n: int, pairs: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -105,7 +108,7 @@ def content_consistency(model, data: InMemoryDataset, labeled: list[int], pairs:
     model: duck-typed ``DisUnknownModel`` (``encode_unknown``, ``embed_labels``,
     ``generate``, ``unknown_size``); data: uint8 images (N, C, S, S) with labels
     (N, F); labeled: the data columns of the model's labeled factors, in the
-    model's order. Returns the metrics and the ``worst`` lowest-scoring triples.
+    model's order. Returns the metrics and the ``worst`` triples whose round trip ended farthest from ``a``.
     """
     a_idx, b_idx, c_idx = triples(len(data), pairs, seed)
     if model.unknown_size == 0:
@@ -128,17 +131,16 @@ def content_consistency(model, data: InMemoryDataset, labeled: list[int], pairs:
         d_back, d_decoy = _pixel_distance(x_aba, real), _pixel_distance(x_cba, real)
         sums += torch.stack([d_back.sum(), d_decoy.sum(), _code_distance(u_ab, u_a, scale).sum(),
                              _code_distance(u_cb, u_a, scale).sum()])
-        score = 1.0 - d_back / d_decoy.clamp_min(1e-12)
         # the running worst few, so that no more than a batch of images is held at once
-        keep.append((score, a, x_ab, to_uint8(x_aba), to_uint8(x_cba)))
+        keep.append((-d_back, a, x_ab, to_uint8(x_aba), to_uint8(x_cba)))
         keep = [_lowest(keep, worst)]
     metrics = {"content_consistency": _ratio(sums[0], sums[1]), "code_consistency": _ratio(sums[2], sums[3])}
-    score, a, x_ab, x_aba, x_cba = keep[0]
-    return metrics, Worst(a, x_ab, x_aba, x_cba, score.float())
+    negated, a, x_ab, x_aba, x_cba = keep[0]
+    return metrics, Worst(a, x_ab, x_aba, x_cba, -negated.float())
 
 
 def _lowest(parts: list[tuple[Tensor, ...]], n: int) -> tuple[Tensor, ...]:
-    """Concatenate (score, images...) parts and keep the n lowest scores, lowest first."""
+    """Concatenate (key, images...) parts and keep the n of lowest key, lowest first."""
     joined = [torch.cat(column) for column in zip(*parts)]
     order = joined[0].argsort()[:n]
     return tuple(column[order] for column in joined)

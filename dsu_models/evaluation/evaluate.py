@@ -263,14 +263,14 @@ class Evaluation:
 
     metrics: dict[str, float]
     confusion: dict[str, Tensor]    # per labeled factor, class asked for x class read
-    worst: Worst                    # the lowest content-consistency triples
+    worst: Worst                    # the round trips that ended farthest from their content
 
 
 def evaluate_in_full(model, train: InMemoryDataset, data: InMemoryDataset, ecfg: EvaluateConfig,
                      oracles: OracleSet, log: Callable[[str], None] | None = print) -> Evaluation:
     """The full metric set of the module docstring on ``data`` (the validation or the test
     split; ``train`` fits the leakage probe), with the swap confusion matrices and the
-    worst content-consistency examples."""
+    round trips that ended farthest from their content."""
     _check_oracles(oracles, data)
     labeled, hidden = model_columns(model, data)
     names = [f.name for f in data.factors]

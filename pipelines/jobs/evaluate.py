@@ -13,8 +13,8 @@
    (the figures a run reports: ``test_<metric>``) and logs both to the
    ``evaluate`` run, with the pictures of ``dsu_models.plots`` drawn on test
    (swap matrix, class sweeps, code scatter plots, label embeddings, a swap
-   confusion matrix per labeled factor, the lowest content-consistency round
-   trips) and the model bundle as the ``model`` artifact folder.
+   confusion matrix per labeled factor, the round trips that ended farthest
+   from their content) and the model bundle as the ``model`` artifact folder.
 
 ``register`` (in the driver) logs that bundle as an MLflow pyfunc model,
 registers it as ``disunknown-<dataset>`` and moves the ``champion`` alias to it
@@ -121,14 +121,14 @@ def split_metrics(on_val: dict, on_test: dict) -> dict[str, float]:
 
 def picture_set(model, test, evaluation, seed: int) -> dict:
     """The evaluation's pictures (``dsu_models.plots``): the usual set, a swap confusion matrix
-    per labeled factor and the lowest content-consistency round trips."""
+    per labeled factor and the round trips that ended farthest from their content."""
     from dsu_models.plots import confusion_picture, evaluation_pictures, worst_consistency_picture
 
     pictures = evaluation_pictures(model, test, seed=seed)
     infos = {f.name: f for f in test.factors}
     for name, counts in evaluation.confusion.items():
         pictures[f"confusion_{name}"] = confusion_picture(counts, infos[name])
-    if len(evaluation.worst.score):
+    if len(evaluation.worst.distance):
         pictures["consistency_worst"] = worst_consistency_picture(evaluation.worst)
     return pictures
 
