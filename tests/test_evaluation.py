@@ -418,20 +418,19 @@ def test_every_degenerate_model_fails_the_champion_bar(results, data, oracles):
     the perfect one meets it both ways."""
     from dsu_models.evaluation.metrics import champion_failures
 
-    bar = (ECFG.champion_swap, ECFG.champion_preserve, ECFG.champion_leak)
     models = dict(results)
     for name, model in (("prototype", PrototypeModel(data, LABELED)), ("constant", ConstantModel(data, LABELED))):
         models[name] = evaluate(model, *data, ECFG, oracles, log=None)
     for name, r in models.items():
         unlabeled = {k: v for k, v in r.items() if not k.startswith("preserve")}
         if name == "perfect":
-            assert champion_failures(r, *bar) == [] and champion_failures(unlabeled, *bar) == []
+            assert champion_failures(r, ECFG) == [] and champion_failures(unlabeled, ECFG) == []
         else:
-            assert champion_failures(r, *bar), name
-            assert champion_failures(unlabeled, *bar), name
-    assert champion_failures(models["unchanged"], *bar)[0].startswith("swap_acc_mean")
+            assert champion_failures(r, ECFG), name
+            assert champion_failures(unlabeled, ECFG), name
+    assert champion_failures(models["unchanged"], ECFG)[0].startswith("swap_acc_mean")
     assert any(f.startswith("content_consistency") for f in champion_failures(
-        {k: v for k, v in models["prototype"].items() if not k.startswith("preserve")}, *bar))
+        {k: v for k, v in models["prototype"].items() if not k.startswith("preserve")}, ECFG))
 
 
 def test_stage1_objective_prefers_unleaky_codes(data):
@@ -493,7 +492,7 @@ def test_real_tiny_model_end_to_end(tmp_path):
     assert 0 < r["summary"] <= 1 and 0 < s1["stage1_objective"] <= 1
     # a barely trained model is a degenerate one: it does not earn the champion alias
     from dsu_models.evaluation.metrics import champion_failures
-    assert champion_failures(r, ecfg.champion_swap, ecfg.champion_preserve, ecfg.champion_leak)
+    assert champion_failures(r, ecfg)
 
 
 def test_an_evaluation_only_factor_end_to_end(tmp_path):

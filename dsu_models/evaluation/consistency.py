@@ -42,8 +42,8 @@ reconstruction and the measures ask whether ``G(E(a))`` is closer to ``a``
 than ``G(E(c))`` is. With no unknown code (m_u = 0) there is no content to keep:
 no measure is reported (an empty dict).
 
-docs/method.md, "Beyond the method", gives the reasoning; docs/benchmarks.md
-records how these track the oracles' ``preserve_mean`` on the built-in data.
+docs/method.md section 11, "Preservation without labels: content consistency",
+gives the reasoning; docs/benchmarks.md records how these track the oracles' ``preserve_mean`` on the built-in data.
 """
 from __future__ import annotations
 
@@ -54,9 +54,6 @@ from torch import Tensor
 
 from dsu_models.data.base import InMemoryDataset, to_float, to_uint8
 from dsu_models.evaluation.calls import generate as _generate, unknown_means as _unknown
-
-KEYS = ("content_consistency", "code_consistency")
-
 
 @dataclass
 class Worst:
@@ -103,17 +100,18 @@ def _ratio(near: float, far: float) -> float:
 
 def content_consistency(model, data: InMemoryDataset, labeled: list[int], pairs: int, batch_size: int,
                         seed: int = 0, worst: int = 8) -> tuple[dict[str, float], Worst]:
-    """The three measures of the module docstring over ``pairs`` seeded triples of ``data``.
+    """The two measures of the module docstring over ``pairs`` seeded triples of ``data``.
 
     model: duck-typed ``DisUnknownModel`` (``encode_unknown``, ``embed_labels``,
     ``generate``, ``unknown_size``); data: uint8 images (N, C, S, S) with labels
     (N, F); labeled: the data columns of the model's labeled factors, in the
-    model's order. Returns the metrics and the ``worst`` triples whose round trip ended farthest from ``a``.
+    model's order. Returns the metrics and the ``worst`` triples whose round trip ended
+    farthest from ``a``.
     """
-    a_idx, b_idx, c_idx = triples(len(data), pairs, seed)
     if model.unknown_size == 0:
         blank = torch.zeros(0, *data.images.shape[1:], dtype=torch.uint8)
         return {}, Worst(blank, blank, blank, blank, torch.zeros(0))
+    a_idx, b_idx, c_idx = triples(len(data), pairs, seed)
     scale = _unknown(model, data.images[torch.arange(min(len(data), 2048))], batch_size).double().std(0)
     scale = scale.clamp_min(1e-6)
     sums = torch.zeros(4, dtype=torch.float64)   # round trip, decoy round trip, code, decoy code

@@ -181,21 +181,23 @@ def stage1_objective(metrics: dict) -> float:
     return _geometric_mean([float(metrics["disentangle_score"]), float(metrics["recon_explained"])])
 
 
-def champion_failures(metrics: dict, swap: float, preserve: float, leak: float) -> list[str]:
-    """Why a model misses the champion bar (empty: it meets it), one short phrase per term.
+def champion_failures(metrics: dict, ecfg) -> list[str]:
+    """Why a model misses the champion bar of ``ecfg`` (an ``EvaluateConfig``; empty: it
+    meets it), one short phrase per term.
 
-    The bar: ``swap_acc_mean >= swap`` (when there are labeled factors), preservation
-    ``>= preserve`` (``preserve_mean`` from the oracles where hidden factors have labels,
-    else ``content_consistency``; neither applies without an unknown code) and
-    ``leak_excess_mean <= leak``. A term that is missing or not finite fails.
+    The bar: ``swap_acc_mean >= ecfg.champion_swap`` (when there are labeled factors),
+    preservation ``>= ecfg.champion_preserve`` (``preserve_mean`` from the oracles where
+    hidden factors have labels, else ``content_consistency``; neither applies without an
+    unknown code) and ``leak_excess_mean <= ecfg.champion_leak``. A term that is missing
+    or not finite fails.
     """
     checks = []
     if "swap_score" in metrics:
-        checks.append(("swap_acc_mean", ">=", swap))
+        checks.append(("swap_acc_mean", ">=", ecfg.champion_swap))
     keep = "preserve_mean" if "preserve_mean" in metrics else "content_consistency"
     if keep in metrics:
-        checks.append((keep, ">=", preserve))
-    checks.append(("leak_excess_mean", "<=", leak))
+        checks.append((keep, ">=", ecfg.champion_preserve))
+    checks.append(("leak_excess_mean", "<=", ecfg.champion_leak))
     out = []
     for key, op, bound in checks:
         value = float(metrics.get(key, math.nan))

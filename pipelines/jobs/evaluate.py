@@ -169,8 +169,7 @@ def run_register(cfg: Config, runs: dict, run_id: str, tracking_uri: str, alias:
     logged = evaluate_run.data.metrics
     on_val = {k[4:]: v for k, v in logged.items() if k.startswith("val_")}
     if "summary" in on_val:
-        ev = cfg.evaluate
-        failures = champion_failures(on_val, ev.champion_swap, ev.champion_preserve, ev.champion_leak)
+        failures = champion_failures(on_val, cfg.evaluate)
     elif "test_summary" in logged:
         on_val["summary"] = math.nan
         failures = ["the data has no validation split (prepared with val_portion=0)"]
