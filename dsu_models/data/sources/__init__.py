@@ -1,21 +1,47 @@
 """Registry of data sources: name -> module (docs/method.md section 10 defaults).
 
-Each module defines ``NAME``, ``FACTORS`` (name, classes; None where the data
-decide), ``DEFAULT_IMAGE_SIZE``, ``CHANNELS``, ``OPTIONS`` (its own options and
-defaults) and ``plan(options) -> SourcePlan`` whose tasks ``read`` in chunks.
+Every module of this package is a source, except ``_``-prefixed helpers and
+``builtin``: adding the file registers it under its ``NAME``. Each defines
+``NAME``, ``FACTORS`` (name, classes; None where the data decide),
+``DEFAULT_IMAGE_SIZE``, ``CHANNELS`` (None where the data decide), ``OPTIONS``
+(its own options and defaults) and ``plan(options) -> SourcePlan`` whose tasks
+``read`` in chunks. A source generated in memory (``builtin.load_builtin``)
+also sets ``IN_MEMORY = True`` and ``DEFAULT_SAMPLES`` (what ``num_samples:
+null`` draws; None = all). These attributes are the one declaration of a
+dataset's table: ``dsu_models.config.dataset_defaults`` fills the config from them.
 """
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from types import ModuleType
 
 from ..errors import DataError
 from ._common import COMMON_OPTIONS, Chunk, SourcePlan, resolve_options
-from . import (chairs3d, cifar10, digits, dsprites, fashion_mnist, image_folder, mnist, qmnist,
-               shapes3d, shapes3d_h5, sprites, sprites_full, svhn)
 
-SOURCES: dict[str, ModuleType] = {m.NAME: m for m in (
-    shapes3d, sprites, sprites_full, digits, mnist, fashion_mnist, qmnist, svhn, cifar10, dsprites,
-    shapes3d_h5, chairs3d, image_folder)}
+REQUIRED = ("NAME", "FACTORS", "DEFAULT_IMAGE_SIZE", "CHANNELS", "OPTIONS", "plan")
+NOT_SOURCES = ("builtin",)   # the in-memory loader, built on the sources
+
+
+def _discover() -> dict[str, ModuleType]:
+    """Every source module of this package by ``NAME``, sorted by name; a module
+    lacking a required attribute, or a repeated NAME, fails at import."""
+    found: dict[str, ModuleType] = {}
+    for info in pkgutil.iter_modules(__path__):
+        if info.name.startswith("_") or info.name in NOT_SOURCES:
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        missing = [a for a in REQUIRED if not hasattr(module, a)]
+        if missing:
+            raise ImportError(f"{module.__name__}: a data source module must define {missing}")
+        if module.NAME in found:
+            raise ImportError(f"{module.__name__}: source name {module.NAME!r} is already "
+                              f"taken by {found[module.NAME].__name__}")
+        found[module.NAME] = module
+    return dict(sorted(found.items()))
+
+
+SOURCES: dict[str, ModuleType] = _discover()
 
 __all__ = ["SOURCES", "get_source", "make_plan", "Chunk", "SourcePlan", "COMMON_OPTIONS"]
 

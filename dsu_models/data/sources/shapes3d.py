@@ -23,6 +23,8 @@ FACTORS = [("floor_hue", 10), ("wall_hue", 10), ("object_hue", 10), ("scale", 8)
 DEFAULT_IMAGE_SIZE = 32
 CHANNELS = 3
 OPTIONS = {"num_samples": None}   # None = the full grid (480,000) when preparing
+IN_MEMORY = True                  # load_builtin draws it; no files to prepare
+DEFAULT_SAMPLES = 20_000          # grid points a config with num_samples: null draws
 GENERATOR_VERSION = 2             # bump when the drawing changes (part of the hash)
 
 HUES = np.arange(10, dtype=np.float32) / 10

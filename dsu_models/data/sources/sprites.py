@@ -43,6 +43,8 @@ NAME = "sprites"
 DEFAULT_IMAGE_SIZE = 32
 CHANNELS = 1
 OPTIONS = {"num_samples": None}   # None = the full grid (55,296) when preparing
+IN_MEMORY = True                  # load_builtin draws it; no files to prepare
+DEFAULT_SAMPLES = 20_000          # grid points a config with num_samples: null draws
 GENERATOR_VERSION = 3
 
 SHAPES = ("square", "ellipse", "heart")
