@@ -50,9 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from dsu_models.config import load_resolved
-    from dsu_models.factory import load_data
-    from pipelines.data.upstream import lookup_codes
-    from pipelines.sweeps.upstream import from_runner
+    from dsu_models.data.configured import load_data
+    from pipelines.data.stage_inputs import lookup_codes
+    from pipelines.sweeps.reused_stages import from_runner
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.yaml").exists():

@@ -80,7 +80,7 @@ def spearman(x: list[float], y: list[float]) -> float:
 def models_along_a_run(cfg, out: Path, train, scale_note: str, every: dict[str, int]):
     """Train with the runner; return [(name, model)] at the milestones, plus the final model."""
     from dsu_models.distill import load_codes
-    from dsu_models.factory import make_stage
+    from dsu_models.stages import make_stage
     from dsu_models.files import load_torch
     from dsu_models.inference import DisUnknownModel
     from dsu_models.stages.common import resolve_device
@@ -111,7 +111,7 @@ def models_along_a_run(cfg, out: Path, train, scale_note: str, every: dict[str, 
     results = run(cfg, out, log=lambda line: None, watch=watch)
     print(f"  trained in {(time.perf_counter() - started) / 60:.1f} min ({scale_note})", flush=True)
     final = DisUnknownModel.from_handoffs(stage1=results["stage1"], stage2=results.get("stage2"),
-                                          lenc=results.get("lenc"), code_stats=results["codes"]["stats"],
+                                          lenc=results.get("lenc"), code_stats=results["distill"]["stats"],
                                           all_factors=train.factors, device=device)
     found.append(("final", final))
     return found, final
@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     from quality import scaled_overrides
 
     from dsu_models.evaluation import evaluate, load_or_train_oracles
-    from dsu_models.factory import build_config, load_data
+    from dsu_models.config import load_config
+    from dsu_models.data.configured import load_data
 
     root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="dsu-honesty-"))
     pooled: list[tuple[float, float, float]] = []
@@ -147,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         # the probe on the copy model's 3,072-dimension "code" would dominate the run; leakage is not
         # what this benchmark measures
         chosen = [f"dataset={dataset}", LABELED[dataset], "evaluate.probe_samples=2000"] + args.overrides
-        base = build_config(args.config, chosen)
-        cfg = build_config(args.config, chosen + scaled_overrides(base, args.scale))
+        base = load_config(args.config, chosen)
+        cfg = load_config(args.config, chosen + scaled_overrides(base, args.scale))
         train, val, test = load_data(cfg)
         print(f"{dataset}: labeled {cfg.labeled_factors}, hidden {cfg.hidden()}; stage 1 "
               f"{cfg.stage1.iterations} its, stage 2 {cfg.stage2.iterations}; judged on val "

@@ -61,6 +61,9 @@ from pathlib import Path
 
 import torch
 
+from dsu_models.evaluation.metrics import on_split
+from dsu_models.steps import trained_stages
+
 BARS = {
     "basic": {"swap_acc_mean": (">=", 0.9), "preserve_mean": (">=", 0.8),
               "leak_excess_mean": ("<=", 0.1)},
@@ -97,8 +100,8 @@ def scaled_overrides(cfg, scale: float) -> list[str]:
     def times(n: int) -> int:
         return max(1, math.ceil(n * scale))
 
-    out = [f"{s}.iterations={times(getattr(cfg, s).iterations)}" for s in cfg.active_stages()]
-    if "stage1" in cfg.active_stages():
+    out = [f"{s}.iterations={times(getattr(cfg, s).iterations)}" for s in trained_stages(cfg)]
+    if "stage1" in trained_stages(cfg):
         s1 = cfg.stage1
         for key in ("cla1_ramp", "ubatch_ramp"):
             if getattr(s1, key) is not None:
@@ -168,7 +171,7 @@ class _Milestones:
             self.rows.append((stage.iteration, minutes, metrics))
         if self.record:
             stage1 = "stage1_" if stage.name == "stage1" else ""
-            self.record({f"val_{stage1}{k}": v for k, v in metrics.items()}
+            self.record(on_split("val", metrics, prefix=stage1)
                         | {f"{stage1}training_minutes": minutes}, stage.iteration)
         swaps = " ".join(f"{k[9:]} {v:.3f}" for k, v in metrics.items()
                          if k.startswith("swap_acc_") and k != "swap_acc_mean")
@@ -230,13 +233,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from dsu_models.evaluation import evaluate, load_or_train_oracles
     from dsu_models.inference import DisUnknownModel
-    from dsu_models.factory import build_config, load_data
+    from dsu_models.config import load_config
+    from dsu_models.data.configured import load_data
     from dsu_models.stages.common import resolve_device
     from dsu_models.train import run
 
     chosen = ([f"dataset={args.dataset}", LABELED[args.dataset]] if args.dataset else []) + args.overrides
-    base = build_config(args.config, chosen)
-    cfg = build_config(args.config, chosen + scaled_overrides(base, args.scale))
+    base = load_config(args.config, chosen)
+    cfg = load_config(args.config, chosen + scaled_overrides(base, args.scale))
     every = {"stage1": args.stage1_every, "stage2": args.eval_every}
     for stage, n in every.items():   # the runner hands the stage over at its reports only
         interval = getattr(cfg, stage).report_interval
@@ -248,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"quality: {cfg.dataset} {cfg.image_size} px, device {cfg.device}, precision {cfg.precision}, "
           f"labeled {cfg.labeled_factors}, hidden "
           f"{cfg.hidden()}; iterations " + ", ".join(f"{s} {getattr(cfg, s).iterations}"
-                                                    for s in cfg.active_stages()) + f"; out {out}",
+                                                    for s in trained_stages(cfg)) + f"; out {out}",
           flush=True)
     train, val, test = load_data(cfg)
     device = resolve_device(cfg.device)  # the evaluation runs where the training ran
@@ -265,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model = DisUnknownModel.from_handoffs(
         stage1=results["stage1"], stage2=results.get("stage2"), lenc=results.get("lenc"),
-        code_stats=results["codes"]["stats"], all_factors=train.factors, device=str(device))
+        code_stats=results["distill"]["stats"], all_factors=train.factors, device=str(device))
     started = time.perf_counter()
     metrics = evaluate(model, train, test, cfg.evaluate, oracles)
     eval_wall = time.perf_counter() - started
@@ -287,12 +291,12 @@ def main(argv: list[str] | None = None) -> int:
                   + (f"{first[1]:.1f} min of training (stage 2 iteration {first[0]})" if first
                      else "not met within the run"))
     if record:
-        final = {f"test_{k}": v for k, v in metrics.items()} | dict(
+        final = on_split("test", metrics) | dict(
             train_wall_min=train_wall / 60, oracle_wall_s=oracle_wall, eval_wall_s=eval_wall)
         if milestones:
             final.update({f"time_to_{bar}_min": first[1]
                           for bar, first in milestones.time_to_quality().items() if first})
-        record(final, cfg.stage2.iterations if "stage2" in cfg.active_stages() else 0)
+        record(final, cfg.stage2.iterations if "stage2" in trained_stages(cfg) else 0)
         record.finish()
     print(f"test summary {metrics.get('summary', float('nan')):.4f}; basic bar "
           f"{'met' if bar_met(metrics, 'basic') else 'not met'}; fine bar "

@@ -66,8 +66,8 @@ def under_ray(cfg, overrides: list[str], extra: list[str]) -> float:
     from pipelines.tracking import runs as tracking
     from pipelines.cli import builtin_dir, builtin_options
     from pipelines.jobs.prepare import prepare_with_ray
-    from pipelines.jobs.stage_train import run_stage
-    from dsu_models.factory import build_config
+    from pipelines.jobs.stage_train import fit_stage
+    from dsu_models.config import load_config
 
     from pipelines.cluster.ray_init import init_ray, pipeline_cpus
 
@@ -80,10 +80,10 @@ def under_ray(cfg, overrides: list[str], extra: list[str]) -> float:
         uri = tracking.default_tracking_uri()
         exp = tracking.setup(uri, "ray-overhead")
         client = MlflowClient(uri)
-        cfg = build_config(None, overrides + extra + [f"data_path={data_dir}"])
+        cfg = load_config(None, overrides + extra + [f"data_path={data_dir}"])
         parent = tracking.start_parent(client, exp, cfg)
         run_id, _ = tracking.stage_run(client, parent, "stage1", cfg)
-        run_stage("stage1", cfg, str(data_dir), run_id, {}, uri, workers=1, cpus_per_worker=2)
+        fit_stage("stage1", cfg, str(data_dir), run_id, {}, uri, workers=1, cpus_per_worker=2)
         rates = [m.value for m in sorted(client.get_metric_history(run_id, "images_per_s"),
                                          key=lambda m: m.step)]
         if len(rates) < 2:
@@ -208,14 +208,14 @@ def main():
 
 
 def measure(args):
-    from dsu_models.factory import build_config
+    from dsu_models.config import load_config
     report = max(args.iterations // 12, 1)
     overrides = ["labeled_factors=[floor_hue, wall_hue, object_hue, shape]",
                  f"image_size={args.image_size}", f"num_samples={args.samples}",
                  f"stage1.iterations={args.iterations}", f"stage1.report_interval={report}",
                  f"stage1.checkpoint_interval={args.iterations}",
                  f"stage1.sample_interval={args.iterations}"]
-    cfg = build_config(None, overrides)
+    cfg = load_config(None, overrides)
     torch.set_num_threads(2)
     if args.paired:
         paired(cfg, args.paired, report)

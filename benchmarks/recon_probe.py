@@ -62,10 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
 
     from dsu_models.evaluation import load_or_train_oracles
-    from dsu_models.factory import build_config, load_data
-    from dsu_models.models import generator_code_size
+    from dsu_models.config import load_config
+    from dsu_models.data.configured import load_data
+    from dsu_models.nn.builders import generator_code_size
 
-    cfg = build_config(args.config, [f"dataset={args.dataset}", LABELED[args.dataset]] + args.overrides)
+    cfg = load_config(args.config, [f"dataset={args.dataset}", LABELED[args.dataset]] + args.overrides)
     train, val, test = load_data(cfg)
     oracles = load_or_train_oracles(train, test, cfg.evaluate, args.cache, "cpu")
     size, s = generator_code_size(cfg), cfg.stage1
@@ -106,7 +107,7 @@ def autoencoder(cfg, images: torch.Tensor, args):
     """E and G over the whole code (``--code ae|noise|stage1``): the training step
     ``step(it, rows)``, ``reconstruct(x, rows)`` from E's means and ``set_training``."""
     from dsu_models import codes, losses
-    from dsu_models.models import build_encoder, build_generator, generator_code_size
+    from dsu_models.nn.builders import build_encoder, build_generator, generator_code_size
     from dsu_models.stages.common import ramp, ramped
 
     s = cfg.stage1

@@ -39,10 +39,11 @@ def build_model(config: str, overrides: list[str], out: Path) -> Path:
     """A bundle of ``config``'s networks after one step per stage (weights do not
     change the cost of a forward pass)."""
     from dsu_models.bundle import bundle_from_run, save_bundle
-    from dsu_models.factory import build_config, load_data
+    from dsu_models.config import load_config
+    from dsu_models.data.configured import load_data
     from dsu_models.train import run
 
-    cfg = build_config(config, ["num_samples=512", "all_stages.iterations=1", "all_stages.report_interval=1",
+    cfg = load_config(config, ["num_samples=512", "all_stages.iterations=1", "all_stages.report_interval=1",
                                 "all_stages.sample_interval=1000", "all_stages.checkpoint_interval=1000",
                                 "device=cpu", *overrides])
     results = run(cfg, out / "run", log=lambda line: None)

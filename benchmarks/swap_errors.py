@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--pairs {args.pairs}: must be at least 2")
 
     from dsu_models.evaluation import load_or_train_oracles, model_columns
-    from dsu_models.factory import load_data
+    from dsu_models.data.configured import load_data
     from dsu_models.inference import DisUnknownModel, ModelLoadError
 
     try:

@@ -137,7 +137,7 @@ def cmd_encode(args) -> int:
 
 def _evaluation_data(model: DisUnknownModel, data: str | None):
     from dsu_models.data.sources.builtin import BUILTIN
-    from dsu_models.factory import load_data
+    from dsu_models.data.configured import load_data
 
     cfg = model.config
     if data is not None:

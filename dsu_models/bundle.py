@@ -36,7 +36,7 @@ import torch
 from dsu_models.config import Config, config_from_dict, flat_params, save_config
 from dsu_models.data.base import FactorInfo
 from dsu_models.files import save_torch, write_text
-from dsu_models.models import check_factors
+from dsu_models.nn.builders import check_factors
 
 FORMAT = "disunknown-model"
 FORMAT_VERSION = 1
@@ -124,7 +124,7 @@ def _check_examples(cfg: Config, examples: dict, all_factors: list[FactorInfo]):
 
 
 def bundle_from_run(results: dict, train=None, test=None) -> dict:
-    """A bundle from :func:`dsu_models.train.run`'s result ``{stage: handoff, "codes": ...}``.
+    """A bundle from :func:`dsu_models.train.run`'s result ``{stage: handoff, "distill": ...}``.
     train: the train split (an ``InMemoryDataset``) for class names; test: the
     held-out split its ``examples`` come from; both optional."""
     factors = all_factors = None
@@ -133,7 +133,7 @@ def bundle_from_run(results: dict, train=None, test=None) -> dict:
         all_factors = list(train.factors)
         by_name = {f.name: f for f in all_factors}
         factors = [by_name[name] for name in cfg.labeled_factors]
-    stats = results["codes"]["stats"] if "codes" in results else None
+    stats = results["distill"]["stats"] if "distill" in results else None
     examples = example_rows(test) if test is not None and len(test) else None
     return make_bundle(results["stage1"], results.get("stage2"), results.get("lenc"), stats,
                        factors, all_factors, examples)

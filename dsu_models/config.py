@@ -47,7 +47,7 @@ from dsu_models.nn.networks import default_architecture
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 DATASET_DIR = CONFIG_DIR / "datasets"
-STAGES = ("stage1", "classifier", "stage2", "lenc")
+PRESET_DIR = CONFIG_DIR / "presets"
 
 
 class ConfigError(ValueError):
@@ -217,8 +217,8 @@ class Config:
     # where the Ray pipeline keeps what every node reaches (a shared path or a
     # URI, see pipelines.cluster.storage); None: $DSU_STORAGE, else $DSU_HOME
     storage: str | None = None
-    # built-in procedural datasets; None: data.sources.builtin.DEFAULT_SAMPLES (capped at
-    # the factor grid), in the single-process runner and the Ray pipeline alike
+    # built-in datasets: how many images; None: the source module's DEFAULT_SAMPLES
+    # (digits: all of them), in the single-process runner and the Ray pipeline alike
     num_samples: int | None = None
     test_portion: float = 0.1
     val_portion: float = 0.1  # share of train held out for validation (built-in datasets)
@@ -270,18 +270,14 @@ class Config:
         """Factors with ground truth that are not labeled (lumped into the unknown)."""
         return [name for name in self.factors if name not in self.labeled_factors]
 
-    def active_stages(self) -> list[str]:
-        """Stages that exist for this config (docs/method.md section 2)."""
-        stages = ["stage1"]
-        if self.labeled_factors:
-            stages.append("classifier")
-        stages.append("stage2")
-        if self.labeled_factors and self.stage2.use_embedding:
-            stages.append("lenc")
-        return stages
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+# The stage sections, in training order: the fields of Config that hold a
+# StageConfig (each is also a stage class's ``name``, dsu_models.stages).
+STAGES = tuple(f.name for f in dataclasses.fields(Config)
+               if isinstance(f.default_factory, type) and issubclass(f.default_factory, StageConfig))
 
 
 # ------------------------------------------------------------- type checks
@@ -418,11 +414,51 @@ def available_datasets() -> list[str]:
 
 
 def dataset_defaults(name: str) -> dict:
+    """The dataset layer: what data source ``name``'s module declares
+    (:func:`source_declared`) with ``configs/datasets/<name>.yaml`` over it. The YAML
+    holds what a user tunes (code sizes, dropout, init, stage settings) and only the
+    values the module leaves to the data; restating a declared one is an error."""
     path = DATASET_DIR / f"{name}.yaml"
     if not path.exists():
         raise ConfigError(f"dataset: no defaults for {name!r} "
                           f"(known datasets: {', '.join(available_datasets())})")
-    return read_yaml(path, "dataset defaults")
+    tuned = read_yaml(path, "dataset defaults")
+    declared = source_declared(name)
+    restated = _restated(declared, tuned)
+    if restated:
+        raise ConfigError(f"dataset defaults {path}: {', '.join(restated)} restate what data source "
+                          f"{name!r} declares (its DEFAULT_IMAGE_SIZE, CHANNELS and FACTORS); "
+                          f"remove them from the YAML")
+    return _deep_merge(declared, tuned)
+
+
+def source_declared(name: str) -> dict:
+    """The config keys data source ``name``'s module declares: ``image_size`` (its
+    ``DEFAULT_IMAGE_SIZE``), ``image_channels`` (``CHANNELS``) and ``factors`` in its
+    ``FACTORS`` order with their ``classes``. A None there (the data decide) leaves
+    the value out, but a factor keeps its place in the order. {} when no source has
+    that name."""
+    # here, not at module level: the data package is heavier to import than the config
+    from dsu_models.data.sources import SOURCES
+
+    module = SOURCES.get(name)
+    if module is None:
+        return {}
+    out: dict = {"factors": {f: ({} if c is None else {"classes": c}) for f, c in module.FACTORS}}
+    for key, value in (("image_size", module.DEFAULT_IMAGE_SIZE), ("image_channels", module.CHANNELS)):
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def _restated(declared: dict, tuned: dict) -> list[str]:
+    """Keys of a dataset YAML (``tuned``) that :func:`source_declared` already gives."""
+    keys = [k for k in ("image_size", "image_channels") if k in declared and k in tuned]
+    factors = tuned.get("factors")
+    if declared and isinstance(factors, dict):   # not a mapping: resolve() names the error
+        keys += [f"factors.{f}.classes" for f, spec in declared["factors"].items()
+                 if "classes" in spec and isinstance(factors.get(f), dict) and "classes" in factors[f]]
+    return keys
 
 
 def layered_dict(user: dict | None = None, overrides: list[str] | tuple = ()) -> dict:
@@ -443,11 +479,36 @@ def layered_dict(user: dict | None = None, overrides: list[str] | tuple = ()) ->
     return merged
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple = (),
+def config_path(name: str | Path | None) -> Path | None:
+    """A YAML path, or a preset name (``quick``) resolved under ``configs/presets``."""
+    if name is None:
+        return None
+    if Path(name).exists() or str(name).endswith((".yaml", ".yml")):
+        return Path(name)
+    preset = PRESET_DIR / f"{name}.yaml"
+    if preset.exists():
+        return preset
+    known = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+    raise ConfigError(f"--config {name!r}: no such file and no such preset (presets: {known})")
+
+
+def load_config(config: str | Path | None = None, overrides: list[str] | tuple = (),
                 data_factors: dict[str, int] | None = None) -> Config:
-    """Load, layer, validate and resolve a config. See :func:`resolve` for data_factors."""
-    user = read_yaml(Path(path), "config file") if path else {}
-    return resolve(layered_dict(user, overrides), data_factors)
+    """The one config loader: layer, validate and resolve.
+
+    config: a YAML file or a preset name (``quick``, ``quality``, ``tiny``);
+    overrides: ``key=value`` strings. When ``data_factors`` is not given and the
+    layered config names a prepared dataset (``data_path``), its manifest supplies
+    the factor table (classes, evaluation-only factors); see :func:`resolve`."""
+    path = config_path(config)
+    raw = layered_dict(read_yaml(path, "config file") if path else {}, overrides)
+    eval_factors: set[str] = set()
+    if data_factors is None and raw.get("data_path"):
+        from dsu_models.data import read_manifest  # the data package imports numpy; config stays light
+        manifest = read_manifest(raw["data_path"])
+        data_factors = {f["name"]: int(f["classes"]) for f in manifest["factors"]}
+        eval_factors = {f["name"] for f in manifest["factors"] if f.get("eval_only")}
+    return resolve(raw, data_factors, eval_factors)
 
 
 # --------------------------------------------------------------- resolution

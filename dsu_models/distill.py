@@ -22,6 +22,9 @@ Choices where docs/method.md is silent:
   and ``(0, 0)``) tensors the accumulator gives for ``m = 0``.
 - Encoding runs in eval mode under ``torch.no_grad``; the encoder's previous
   train/eval mode is restored afterwards.
+- Images are encoded in batches of :func:`distill_batch_size` (four stage-1
+  batches) in every runner: the single-process runner, the Ray actors and
+  stage 1's own code plots all go through :func:`encode_images`.
 - The file written by :func:`save_codes` holds only plain tensors in nested dicts,
   so :func:`load_codes` reads it with ``torch.load(weights_only=True)``.
 """
@@ -34,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from dsu_models.codes import CodeStatsAccumulator
+from dsu_models.config import Config
 from dsu_models.data.base import InMemoryDataset, to_float
 from dsu_models.files import load_torch, save_torch
 
@@ -73,7 +77,7 @@ def _count(images: ImageSource) -> int:
 
 
 @torch.no_grad()
-def encode_unknown(encoder: nn.Module | None, images: ImageSource, batch_size: int,
+def encode_images(encoder: nn.Module | None, images: ImageSource, batch_size: int,
                    device: torch.device | str,
                    accumulator: CodeStatsAccumulator | None = None) -> tuple[Tensor, Tensor]:
     """Encode images with the unknown encoder E: ``(mu (N, m), sigma (N, m))``, float32, CPU.
@@ -107,6 +111,28 @@ def encode_unknown(encoder: nn.Module | None, images: ImageSource, batch_size: i
     return torch.cat(mus), torch.cat(sigmas)
 
 
+def distill_batch_size(cfg: Config) -> int:
+    """Images per encoding batch: four stage-1 training batches (no gradients are kept)."""
+    return 4 * cfg.stage1.batch_size
+
+
+def stage1_encoder(cfg: Config, handoff: dict, device: torch.device | str) -> nn.Module | None:
+    """Stage 1's unknown encoder E from its hand-off, on ``device`` in eval mode
+    (None when the config has no unknown code)."""
+    if not cfg.unknown_size:
+        return None
+    from dsu_models.nn.builders import build_encoder
+    encoder = build_encoder(cfg, [cfg.unknown_size], cfg.stage1.zero_init)
+    encoder.load_state_dict(handoff["weights"]["encoder"])
+    return encoder.to(device).eval()
+
+
+def distill_stage1(cfg: Config, handoff: dict, splits: dict[str, InMemoryDataset],
+                   device: torch.device | str) -> dict:
+    """The distill step in one process: :func:`distill` with stage 1's E."""
+    return distill(stage1_encoder(cfg, handoff, device), splits, distill_batch_size(cfg), device)
+
+
 def distill(encoder: nn.Module | None, splits: dict[str, InMemoryDataset], batch_size: int,
             device: torch.device | str) -> dict:
     """Encode every split and compute the train split's code statistics.
@@ -125,7 +151,7 @@ def distill(encoder: nn.Module | None, splits: dict[str, InMemoryDataset], batch
     codes = {}
     accumulator = CodeStatsAccumulator()
     for name, data in splits.items():
-        mu, sigma = encode_unknown(encoder, data.images, batch_size, device,
+        mu, sigma = encode_images(encoder, data.images, batch_size, device,
                                    accumulator=accumulator if name == "train" else None)
         codes[name] = {"ids": data.ids.detach().to("cpu", torch.int64).clone(), "mu": mu, "sigma": sigma}
     return {"codes": codes, "stats": {k: v.cpu() for k, v in accumulator.finalize().items()}}

@@ -52,7 +52,7 @@ from dsu_models.data.base import FactorInfo, to_uint8
 from dsu_models.distill import image_batches
 from dsu_models.embedder import nearest_class
 from dsu_models.image_inputs import image_batch
-from dsu_models.models import build_embedders, build_encoder, build_generator
+from dsu_models.nn.builders import build_embedders, build_encoder, build_generator
 from dsu_models.stages.common import resolve_device
 
 __all__ = ["DisUnknownModel", "ModelLoadError", "make_bundle", "bundle_from_run", "save_bundle",

@@ -1,4 +1,5 @@
-"""Single-process runner: all stages in order on a plain in-memory loader.
+"""Single-process runner: the pipeline's steps (``dsu_models.steps``) in order,
+on a plain in-memory loader.
 
     python -m dsu_models.train --config FILE --out DIR [key=value ...]
     disunknown-train --config FILE --out DIR [key=value ...]
@@ -21,13 +22,15 @@ Re-running with the same DIR resumes: finished stages (with ``handoff.pt``)
 are skipped, an unfinished one continues from its checkpoint. A config that
 differs from the one in DIR is refused. A non-finite loss stops with an error
 naming the stage, iteration and term; the last checkpoint stays intact.
-The stages run through the one training loop, ``dsu_models.loop``.
+The stages run through the one training loop, ``dsu_models.loop``; evaluation is
+``python -m dsu_models evaluate --model DIR`` (the Ray pipeline runs it as a step).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -36,16 +39,17 @@ import torch
 from dsu_models import distill as distill_mod
 from dsu_models.allocator import retain_freed_memory
 from dsu_models.batches import BatchSource, labeled_view
-from dsu_models.config import Config, ConfigError, config_diff, load_resolved, save_config
+from dsu_models.config import Config, ConfigError, config_diff, load_config, load_resolved, save_config
+from dsu_models.data.configured import load_data
 from dsu_models.data.base import InMemoryDataset
 from dsu_models.data import DataError
-from dsu_models.factory import build_config, load_data, make_stage
 from dsu_models.files import CheckpointError, load_torch, save_torch
 from dsu_models.grids import save_png
 from dsu_models.loop import FileCheckpoints, Sink, run_stage
-from dsu_models.models import build_encoder
 from dsu_models.plots import scatter_subset
+from dsu_models.stages import make_stage
 from dsu_models.stages.common import NonFiniteLossError, resolve_device
+from dsu_models.steps import PROCESS, Step, check_runner, stage_upstream, steps_for, trained_stages
 
 AFTER_TRAINING = ("evaluate.",)  # config keys a resumed run may change: they do not touch training
 
@@ -105,28 +109,103 @@ def train_stage(stage, source: BatchSource, stage_dir: Path, plot_batch: dict,
               plot_batch=plot_batch, plot_set=plot_set)
 
 
-def distill_codes(cfg: Config, handoff: dict, train: InMemoryDataset, test: InMemoryDataset,
-                  device) -> dict:
-    """Encode every train/test sample with stage 1's E (docs/method.md section 7 end)."""
-    encoder = None
-    if cfg.unknown_size:
-        encoder = build_encoder(cfg, [cfg.unknown_size], cfg.stage1.zero_init)
-        encoder.load_state_dict(handoff["weights"]["encoder"])
-        encoder.to(device)
-    return distill_mod.distill(encoder, {"train": train, "test": test},
-                               batch_size=4 * cfg.stage1.batch_size, device=device)
+@dataclass
+class _Run:
+    """What the runner's step functions share: the config, the output folder,
+    the data, the callbacks and the finished steps' products (by step name)."""
+    cfg: Config
+    out: Path
+    device: torch.device
+    train: InMemoryDataset
+    test: InMemoryDataset
+    factors: list
+    plot_set: InMemoryDataset
+    log: Callable[[str], None]
+    on_report: Callable[[str, int, dict], None] | None
+    watch: Callable[[object], None] | None
+    products: dict = field(default_factory=dict)
+
+
+def _train_step(step: Step, run: _Run):
+    """A training stage: reuse its hand-off, or train (resuming) and write it."""
+    name, cfg = step.name, run.cfg
+    stage_dir = run.out / name
+    handoff_path = stage_dir / "handoff.pt"
+    if handoff_path.exists():
+        run.log(f"[{name}] already finished, reusing {handoff_path}")
+        return load_torch(handoff_path)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    stage = make_stage(name, cfg, run.factors, stage_upstream(name, run.products), run.device)
+    codes = run.products["distill"]["codes"] if stage.reads_codes else {}
+    source = BatchSource(cfg, run.train, stage.scfg.batch_size, cfg.seed, codes.get("train"),
+                         pinned=run.device.type == "cuda")
+    plot_batch = BatchSource(cfg, run.test, min(8, len(run.test)), cfg.seed, codes.get("test")).batch(0)
+    torch.manual_seed(cfg.seed + len(run.products))
+
+    def report(it: int, mean: dict):
+        if run.on_report:
+            run.on_report(name, it, mean)
+        if run.watch:
+            run.watch(stage)
+
+    try:
+        train_stage(stage, source, stage_dir, plot_batch, run.log, report, run.plot_set)
+    except NonFiniteLossError:
+        run.log(f"[{name}] stopped; the last good checkpoint is {stage_dir / 'checkpoint.pt'}")
+        raise
+    handoff = stage.handoff()
+    save_torch(handoff, handoff_path)
+    run.log(f"[{name}] done: {handoff_path}")
+    return handoff
+
+
+def _distill_step(step: Step, run: _Run):
+    """Every train/test image's unknown code, written beside stage 1's hand-off."""
+    codes_path = run.out / "stage1" / "codes.pt"
+    if codes_path.exists():
+        return distill_mod.load_codes(codes_path)
+    run.log("[distill] encoding every train/test image with E")
+    codes = distill_mod.distill_stage1(run.cfg, run.products["stage1"],
+                                       {"train": run.train, "test": run.test}, run.device)
+    distill_mod.save_codes(codes, codes_path)
+    return codes
+
+
+def _register_step(step: Step, run: _Run):
+    """The model bundle in DIR/model, once every training stage has finished."""
+    if not all(name in run.products for name in trained_stages(run.cfg)):
+        return None
+    from dsu_models.bundle import bundle_from_run, save_bundle
+    model_dir = save_bundle(bundle_from_run(run.products, run.train, run.test), run.out / "model")
+    run.log(f"model: {model_dir} (python -m dsu_models swap --model {run.out} ...)")
+    return model_dir
+
+
+# How this runner runs each kind of step of the table (dsu_models.steps).
+RUNNERS = {"train": _train_step, "distill": _distill_step, "register": _register_step}
+check_runner(PROCESS, RUNNERS)
 
 
 def run(cfg: Config, out: Path, log: Callable[[str], None] = print,
         stages: list[str] | None = None,
         on_report: Callable[[str, int, dict], None] | None = None,
         watch: Callable[[object], None] | None = None) -> dict:
-    """Run every active stage in order, resuming what DIR already holds.
-    Returns ``{stage: handoff}`` plus ``"codes"``. ``on_report(stage name,
-    iteration, mean losses)`` and ``watch(stage)`` are called after every
-    report (``watch`` gets the running stage, e.g. to evaluate its hand-off)."""
+    """Run the config's steps in order (``dsu_models.steps``), resuming what DIR
+    already holds. ``stages``: only these training stages (the other steps run
+    when their inputs are there). Returns ``{step: product}``: a stage's
+    hand-off, distill's ``{"codes", "stats"}``, register's model folder.
+    ``on_report(stage name, iteration, mean losses)`` and ``watch(stage)`` are
+    called after every report (``watch`` gets the running stage, e.g. to
+    evaluate its hand-off)."""
     out = Path(out)
     device = resolve_device(cfg.device)  # a missing CUDA is refused before anything is written
+    check_runner(PROCESS, RUNNERS)
+    steps = steps_for(cfg, PROCESS)
+    if stages is not None:
+        unknown = [s for s in stages if s not in trained_stages(cfg)]
+        if unknown:
+            raise ConfigError(f"stages {unknown}: not among this config's stages {trained_stages(cfg)}")
+        steps = [s for s in steps if s.kind != "train" or s.name in stages]
     check_out_dir(cfg, out)
     retain_freed_memory()
     torch.manual_seed(cfg.seed)
@@ -135,52 +214,18 @@ def run(cfg: Config, out: Path, log: Callable[[str], None] = print,
         f"{cfg.image_size} px x {cfg.image_channels} ch; labeled {cfg.labeled_factors}, "
         f"unknown size {cfg.unknown_size}; device {device}")
     _, factors = labeled_view(cfg, train)
-    plot_set = scatter_subset(test, seed=cfg.seed)
-    results: dict = {}
-    for name in stages or cfg.active_stages():
-        stage_dir = out / name
-        handoff_path = stage_dir / "handoff.pt"
-        if handoff_path.exists():
-            log(f"[{name}] already finished, reusing {handoff_path}")
-            results[name] = load_torch(handoff_path)
-        else:
-            stage_dir.mkdir(parents=True, exist_ok=True)
-            upstream = {"stage1": results.get("stage1"), "classifier": results.get("classifier"),
-                        "stage2": results.get("stage2"),
-                        "code_stats": results["codes"]["stats"] if "codes" in results else None}
-            stage = make_stage(name, cfg, factors, upstream, device)
-            codes = results["codes"]["codes"] if name == "stage2" else {}
-            source = BatchSource(cfg, train, getattr(cfg, name).batch_size, cfg.seed, codes.get("train"),
-                                 pinned=device.type == "cuda")
-            plot_batch = BatchSource(cfg, test, min(8, len(test)), cfg.seed, codes.get("test")).batch(0)
-            torch.manual_seed(cfg.seed + len(results))
-            try:
-                def report(it: int, mean: dict, _name=name, _stage=stage):
-                    if on_report:
-                        on_report(_name, it, mean)
-                    if watch:
-                        watch(_stage)
-
-                train_stage(stage, source, stage_dir, plot_batch, log, report, plot_set)
-            except NonFiniteLossError:
-                log(f"[{name}] stopped; the last good checkpoint is {stage_dir / 'checkpoint.pt'}")
-                raise
-            results[name] = stage.handoff()
-            save_torch(results[name], handoff_path)
-            log(f"[{name}] done: {handoff_path}")
-        if name == "stage1":
-            codes_path = stage_dir / "codes.pt"
-            if codes_path.exists():
-                results["codes"] = distill_mod.load_codes(codes_path)
-            else:
-                log("[distill] encoding every train/test image with E")
-                results["codes"] = distill_codes(cfg, results["stage1"], train, test, device)
-                distill_mod.save_codes(results["codes"], codes_path)
-    if all(name in results for name in cfg.active_stages()):
-        from dsu_models.bundle import bundle_from_run, save_bundle
-        model_dir = save_bundle(bundle_from_run(results, train, test), out / "model")
-        log(f"model: {model_dir} (python -m dsu_models swap --model {out} ...)")
-    return results
+    state = _Run(cfg, out, device, train, test, factors, scatter_subset(test, seed=cfg.seed),
+                 log, on_report, watch)
+    carried = {s.name for s in steps_for(cfg, PROCESS)}
+    for step in steps:
+        missing = [up for up in step.upstream if up in carried and up not in state.products]
+        if missing:
+            if step.kind == "train":
+                raise ConfigError(f"stage {step.name} needs {', '.join(missing)} first (run them, "
+                                  f"or leave stages unset)")
+            continue  # its inputs were not made in this call
+        state.products[step.name] = RUNNERS[step.kind](step, state)
+    return state.products
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. stage1.cla1_weight=0.3")
     args = parser.parse_intermixed_args(argv)
     try:
-        cfg = build_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides)
         run(cfg, Path(args.out))
     except (ConfigError, DataError, CheckpointError, NonFiniteLossError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -4,8 +4,8 @@ alone (``stage_main``) and data preparation (``prepare_main``); the scripts
 scripts ``disunknown-pipeline``, ``disunknown-stage`` and ``disunknown-prepare``
 call them. (Sweeps: ``pipelines.sweeps.driver``.)
 
-Order (the table :data:`STEPS`): prepare (or reuse) the data -> stage1 ->
-distill -> classifier -> stage2 -> lenc -> evaluate -> register. Everything
+Order (the step table ``dsu_models.steps``, after preparing or reusing the
+data): stage1 -> distill -> classifier -> stage2 -> lenc -> evaluate -> register. Everything
 that can be checked is checked before Ray starts:
 the config (unknown keys, types, values), the dataset's presence, upstream
 run ids. Each stage is one nested MLflow run under the pipeline's parent run;
@@ -17,68 +17,53 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-from dsu_models.config import Config, ConfigError, config_diff, load_resolved
+from dsu_models.config import Config, ConfigError, config_diff, load_config, load_resolved
 from dsu_models.data import DataError
 from dsu_models.data.sources.builtin import BUILTIN, sample_count
-from dsu_models.factory import build_config
+from dsu_models import steps as steps_module
+from dsu_models.steps import RAY, check_runner, step as table_step, steps_for
 from pipelines.cluster import storage
 from pipelines.cluster.ray_init import init_ray, pipeline_cpus
 from pipelines.tracking import runs as tracking
 
 
-@dataclass(frozen=True)
-class Step:
-    """One step of the pipeline: the steps whose MLflow runs it reads, and what runs it."""
-    upstream: tuple[str, ...]
-    run: Callable[..., None]
-
-
-def _train(stage, cfg, data_dir, run_id, upstream, args, tracking_uri):
-    from pipelines.jobs.stage_train import run_stage
-    run_stage(stage, cfg, data_dir, run_id, upstream, tracking_uri, workers=args.workers,
+def _train(step, cfg, data_dir, run_id, upstream, args, tracking_uri):
+    from pipelines.jobs.stage_train import fit_stage
+    fit_stage(step.name, cfg, data_dir, run_id, upstream, tracking_uri, workers=args.workers,
               use_gpu=args.gpu, cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures)
 
 
-def _distill(stage, cfg, data_dir, run_id, upstream, args, tracking_uri):
+def _distill(step, cfg, data_dir, run_id, upstream, args, tracking_uri):
     from pipelines.jobs.distill import run_distill
     run_distill(cfg, data_dir, upstream["stage1"], run_id, tracking_uri, use_gpu=args.gpu,
                 actors=max(1, args.workers))
 
 
-def _evaluate(stage, cfg, data_dir, run_id, upstream, args, tracking_uri):
+def _evaluate(step, cfg, data_dir, run_id, upstream, args, tracking_uri):
     from pipelines.jobs.evaluate import run_evaluate
     run_evaluate(cfg, data_dir, upstream, run_id, tracking_uri, use_gpu=args.gpu,
                  num_cpus=args.cpus_per_worker)
 
 
-def _register(stage, cfg, data_dir, run_id, upstream, args, tracking_uri):
+def _register(step, cfg, data_dir, run_id, upstream, args, tracking_uri):
     from pipelines.jobs.evaluate import run_register
     outcome = run_register(cfg, upstream, run_id, tracking_uri, alias=args.alias)
     print(f"[register] {outcome.describe(args.alias)}", flush=True)
 
 
-# The pipeline, in order (docs/pipeline.md): each step is a nested MLflow run of the
-# pipeline's parent run and reads its inputs from its upstream steps' runs.
-STEPS: dict[str, Step] = {
-    "stage1": Step((), _train),
-    "distill": Step(("stage1",), _distill),
-    "classifier": Step((), _train),
-    "stage2": Step(("stage1", "classifier", "distill"), _train),
-    "lenc": Step(("stage2", "distill"), _train),
-    "evaluate": Step(("stage1", "distill", "stage2", "lenc"), _evaluate),
-    "register": Step(("evaluate",), _register),
-}
-STAGE_ORDER = tuple(STEPS)
-UPSTREAM = {name: step.upstream for name, step in STEPS.items()}
+# How the Ray pipeline runs each kind of step of the table (dsu_models.steps,
+# docs/pipeline.md): each step is a nested MLflow run of the pipeline's parent
+# run and reads its inputs from its upstream steps' runs.
+RUNNERS = {"train": _train, "distill": _distill, "evaluate": _evaluate, "register": _register}
+check_runner(RAY, RUNNERS)
 
 
 def pipeline_stages(cfg: Config) -> list[str]:
-    active = set(cfg.active_stages()) | {"distill", "evaluate", "register"}
-    return [s for s in STAGE_ORDER if s in active]
+    """The steps the pipeline runs for ``cfg``, in order."""
+    check_runner(RAY, RUNNERS)
+    return [s.name for s in steps_for(cfg, RAY)]
 
 
 def add_common(parser: argparse.ArgumentParser):
@@ -141,11 +126,10 @@ def check_data(cfg: Config):
 
 
 def builtin_options(cfg: Config) -> dict:
-    opts = {"image_size": cfg.image_size, "seed": cfg.seed, "test_portion": cfg.test_portion,
-            "val_portion": cfg.val_portion}
-    if cfg.dataset != "digits":
-        opts["num_samples"] = sample_count(cfg.dataset, cfg.num_samples)
-    return opts
+    """The source options a built-in dataset is prepared with: what ``load_builtin``
+    draws for the same config in the single-process runner."""
+    return {"image_size": cfg.image_size, "seed": cfg.seed, "test_portion": cfg.test_portion,
+            "val_portion": cfg.val_portion, "num_samples": sample_count(cfg.dataset, cfg.num_samples)}
 
 
 def ensure_data(cfg: Config, config_arg, overrides: list[str]) -> tuple[Config, str]:
@@ -157,7 +141,7 @@ def ensure_data(cfg: Config, config_arg, overrides: list[str]) -> tuple[Config, 
     out = builtin_dir(cfg)
     print(f"[prepare] {cfg.dataset} -> {out}", flush=True)
     prepare_into(cfg.dataset, out, **builtin_options(cfg))
-    return build_config(config_arg, overrides + [f"data_path={out}"]), out
+    return load_config(config_arg, overrides + [f"data_path={out}"]), out
 
 
 def execute(stage: str, cfg: Config, data_dir: str, parent_id: str, runs: dict, args,
@@ -168,11 +152,12 @@ def execute(stage: str, cfg: Config, data_dir: str, parent_id: str, runs: dict, 
     if complete:
         print(f"[{stage}] complete in run {run_id}; skipped", flush=True)
         return run_id
-    upstream = {k: runs.get(k) for k in UPSTREAM[stage]}
+    upstream = {k: runs.get(k) for k in table_step(stage).upstream}
     started = time.time()
     print(f"[{stage}] MLflow run {run_id}", flush=True)
     try:
-        STEPS[stage].run(stage, cfg, data_dir, run_id, upstream, args, tracking_uri)
+        step = table_step(stage)
+        RUNNERS[step.kind](step, cfg, data_dir, run_id, upstream, args, tracking_uri)
     except BaseException as exc:
         tracking.mark_failed(client, run_id, status=_end_status(exc))
         raise
@@ -188,7 +173,7 @@ def _end_status(exc: BaseException) -> str:
 def _prologue(args, config_arg):
     """Config and data checks before Ray starts; returns (cfg, overrides)."""
     overrides = overrides_of(args)
-    cfg = build_config(config_arg, overrides)
+    cfg = load_config(config_arg, overrides)
     check_data(cfg)
     return pin_storage(cfg, overrides)
 
@@ -214,11 +199,9 @@ def join_cluster(args, cfg: Config, tracking_uri: str):
         print(f"[cluster] {nodes} nodes; storage {cfg.storage}", flush=True)
 
 
-TRAINED = ("stage1", "classifier", "stage2", "lenc")
-
-
 def check_launch(cfg: Config, args, stages: list[str]):
     """Before Ray: the flags that size the Ray jobs must fit the config."""
+    from pipelines.jobs.stage_train import check_batch_split
     if args.workers < 1:
         raise ConfigError(f"--workers {args.workers}: at least 1")
     if args.cpus_per_worker is not None and args.cpus_per_worker <= 0:
@@ -228,11 +211,8 @@ def check_launch(cfg: Config, args, stages: list[str]):
     if args.num_cpus is not None and args.num_cpus < 1:
         raise ConfigError(f"--num-cpus {args.num_cpus}: at least 1")
     for stage in stages:
-        if stage in TRAINED:
-            batch = getattr(cfg, stage).batch_size
-            if batch % args.workers:
-                raise ConfigError(f"{stage}.batch_size {batch} is not divisible by --workers "
-                                  f"{args.workers} (each worker takes an equal share of a batch)")
+        if table_step(stage).kind == "train":
+            check_batch_split(cfg, stage, args.workers)
     if cfg.device.startswith("cuda") and not args.gpu:
         raise ConfigError(f"device: {cfg.device!r}: Ray gives workers a GPU only with --gpu "
                           f"(or leave device=auto)")
@@ -266,7 +246,7 @@ def resume_config(args, client, tracking_uri: str) -> tuple[Config, str, list[st
             if getattr(logged, key) and not any(o.startswith(f"{key}=") for o in overrides):
                 overrides.append(f"{key}={getattr(logged, key)}")
         config_arg = args.config or str(path)
-        asked = build_config(config_arg, overrides)
+        asked = load_config(config_arg, overrides)
     changed = config_diff(logged, asked)
     if changed and not args.change_config:
         shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
@@ -360,7 +340,7 @@ def stage_main(stage: str, argv: list[str] | None = None) -> int:
     add_common(parser)
     parser.add_argument("--parent", help="pipeline (parent) run id to add this stage to; "
                                          "default: a new parent run")
-    for up in UPSTREAM[stage]:
+    for up in table_step(stage).upstream:
         parser.add_argument(f"--{up}-run", required=True, help=f"finished {up} run id")
     args = parser.parse_intermixed_args(argv)
     parent = None
@@ -372,7 +352,7 @@ def stage_main(stage: str, argv: list[str] | None = None) -> int:
         experiment_id = tracking.setup(tracking_uri, args.experiment)
         from mlflow.tracking import MlflowClient
         client = MlflowClient(tracking_uri)
-        runs = {up: getattr(args, f"{up}_run") for up in UPSTREAM[stage]}
+        runs = {up: getattr(args, f"{up}_run") for up in table_step(stage).upstream}
         for up, run_id in runs.items():
             tracking.require_complete(client, run_id, up)
         if args.parent:
@@ -401,7 +381,7 @@ def stage_main(stage: str, argv: list[str] | None = None) -> int:
 def stage_entry(argv: list[str] | None = None) -> int:
     """``python pipelines/stage.py STAGE [options]``: :func:`stage_main` for the named stage."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    steps = [s for s in STAGE_ORDER if s != "register"]
+    steps = [s.name for s in steps_module.STEPS if RAY in s.runners]
     if not argv or argv[0] not in steps:
         given = repr(argv[0]) if argv else "nothing"
         print(f"usage: stage.py STAGE [options]; STAGE is one of {', '.join(steps)} (got {given})",
@@ -447,7 +427,7 @@ def parse_prepare_args(argv=None) -> argparse.Namespace:
                    help="dsprites: relabel square/ellipse orientations (docs/method.md section 10)")
     p.add_argument("--crop", type=float, help="chairs3d: centred crop fraction")
     p.add_argument("--image-size", type=int)
-    p.add_argument("--num-samples", type=int, help="procedural sources: seeded subset of the grid")
+    p.add_argument("--num-samples", type=int, help="built-in sources: a seeded subset (of the factor grid; digits: of its images)")
     p.add_argument("--test-portion", type=float)
     p.add_argument("--val-portion", type=float,
                    help="share of train held out as val, chosen by id (default 0.1; 0 = none)")

@@ -7,7 +7,8 @@
 
 Steps: prepare (or reuse) the data -> stage1 -> distill -> classifier ->
 stage2 -> lenc -> evaluate -> register, each a Ray job and a nested MLflow run
-(the table of steps is ``pipelines.cli.STEPS``).
+(the table of steps is ``dsu_models.steps.STEPS``; how Ray runs each kind,
+``pipelines.cli.RUNNERS``).
 """
 import sys
 

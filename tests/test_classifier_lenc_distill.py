@@ -7,10 +7,11 @@ import io
 import pytest
 import torch
 
-from dsu_models import codes, losses, models
+from dsu_models import codes, losses
+from dsu_models.nn import builders
 from dsu_models.config import ConfigError
 from dsu_models.data.base import FactorInfo, InMemoryDataset, to_float, to_uint8
-from dsu_models.distill import distill, encode_unknown, load_codes, save_codes
+from dsu_models.distill import distill, encode_images, load_codes, save_codes
 from dsu_models.stages.classifier import ClassifierStage
 from dsu_models.stages.common import NonFiniteLossError
 from dsu_models.stages.lenc import LencStage
@@ -83,7 +84,7 @@ def test_classifier_has_fake_outputs_and_handoff():
     assert [lg.shape[1] for lg in logits] == [spec.classes + 1 for _, spec in cfg.labeled()]
     handoff = through_bytes(stage.handoff())
     assert handoff["stage"] == "classifier" and handoff["iteration"] == 0
-    r2 = models.build_image_classifier(cfg, extra_fake=True)
+    r2 = builders.build_image_classifier(cfg, extra_fake=True)
     r2.load_state_dict(handoff["weights"]["classifier"])  # stage 2 takes it as is
 
 
@@ -134,8 +135,8 @@ def fake_code_stats(size: int, n: int = 64) -> dict:
 def stage2_handoff(cfg, factors) -> dict:
     """Freshly built G2 and B2, the embedders perturbed so classes differ."""
     g = torch.Generator().manual_seed(2)
-    generator = models.build_generator(cfg)
-    embedders = models.build_embedders(cfg, factors)
+    generator = builders.build_generator(cfg)
+    embedders = builders.build_embedders(cfg, factors)
     with torch.no_grad():
         for emb in embedders:
             emb.mean.add_(torch.randn(emb.mean.shape, generator=g))
@@ -277,7 +278,7 @@ def tiny_splits(cfg, n_train: int = 23, n_test: int = 9) -> dict[str, InMemoryDa
 def random_encoder(cfg):
     torch.manual_seed(3)
     # zero_init=False so the codes vary between images
-    return models.build_encoder(cfg, [cfg.unknown_size], zero_init=False)
+    return builders.build_encoder(cfg, [cfg.unknown_size], zero_init=False)
 
 
 def test_distill_codes_match_direct_encoder_call():
@@ -297,7 +298,7 @@ def test_distill_codes_match_direct_encoder_call():
             assert torch.equal(got["ids"], data.ids)
     # an iterable of float batches gives the same codes
     batches = [to_float(b) for b in splits["test"].images.split(4)]
-    mu, sigma = encode_unknown(encoder, batches, 4, CPU)
+    mu, sigma = encode_images(encoder, batches, 4, CPU)
     assert torch.allclose(mu, result["codes"]["test"]["mu"], atol=1e-6)
 
 
@@ -375,7 +376,7 @@ def test_save_load_codes_round_trip(tmp_path):
 @pytest.mark.parametrize("encoder_kind", ["none", "size0"])
 def test_distill_unknown_size_zero(tmp_path, encoder_kind):
     cfg = tiny_config("unknown_size=0")
-    encoder = None if encoder_kind == "none" else models.build_encoder(cfg, [0], zero_init=True)
+    encoder = None if encoder_kind == "none" else builders.build_encoder(cfg, [0], zero_init=True)
     splits = tiny_splits(cfg)
     result = distill(encoder, splits, batch_size=4, device=CPU)
     for name, data in splits.items():

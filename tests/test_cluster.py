@@ -189,7 +189,7 @@ def test_trainer_backed_sweep_on_the_cluster(cluster, where):
     shared folder, or (mirrored from the driver's DSU_HOME) the bucket."""
     from mlflow.tracking import MlflowClient
 
-    from dsu_models.factory import build_config
+    from dsu_models.config import load_config
     from pipelines.sweeps.trial import TRIAL_TAG
 
     name = f"ct-{where}"
@@ -239,5 +239,5 @@ def test_trainer_backed_sweep_on_the_cluster(cluster, where):
         assert "handoff.pt" in {a.path for a in client.list_artifacts(run.info.run_id)}
     final = {float(r.data.params["sampled.stage1.lr"]): r.data.metrics["val_stage1_objective"] for r in trials}
     assert final[0.01] != final[0.0]  # Tune chose by the objective rank 0 reported
-    best = build_config(str(folder / "best_config.yaml"), [])
+    best = load_config(str(folder / "best_config.yaml"), [])
     assert best.stage1.lr == max(final, key=final.get) and best.stage1.iterations == 4

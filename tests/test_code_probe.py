@@ -25,10 +25,10 @@ def test_probe_reads_what_the_code_carries_and_not_what_it_lacks():
 
 def test_run_directory_probe_names_every_factor(tmp_path, capsys):
     """A real (tiny) stage 1 and its distilled codes: one line per factor, with its role."""
-    from dsu_models.factory import build_config
+    from dsu_models.config import load_config
     from dsu_models.train import run
 
-    cfg = build_config("tiny", ["device=cpu"])
+    cfg = load_config("tiny", ["device=cpu"])
     run(cfg, tmp_path / "run", log=lambda line: None, stages=["stage1"])
     assert code_probe.main([str(tmp_path / "run"), "--train-samples", "300"]) == 0
     out = capsys.readouterr().out

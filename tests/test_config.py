@@ -6,6 +6,7 @@ import yaml
 
 from dsu_models.config import (ConfigError, available_datasets, default_batch_size, load_config,
                                load_resolved, parse_override, save_config)
+from dsu_models.steps import trained_stages
 
 
 def test_every_dataset_default_resolves():
@@ -48,7 +49,7 @@ def test_derived_values_mnist():
     assert cfg.unknown_size == 64
     assert cfg.unknown_keep_prob[0] == 1.0 and cfg.unknown_keep_prob[-1] == pytest.approx(0.2)
     assert cfg.factors["class"].keep_prob[:2] == [1.0, 0.95]
-    assert cfg.active_stages() == ["stage1", "classifier", "stage2", "lenc"]
+    assert trained_stages(cfg) == ["stage1", "classifier", "stage2", "lenc"]
 
 
 def test_unknown_derived_from_hidden_factors():
@@ -64,9 +65,9 @@ def test_all_labeled_and_all_unknown_variants():
     assert cfg.unknown_size == 0 and cfg.unknown_keep_prob is None
     cfg = load_config(overrides=["labeled_factors=[]"])
     assert cfg.unknown_size == sum(f.size for f in cfg.factors.values())
-    assert cfg.active_stages() == ["stage1", "stage2"]
+    assert trained_stages(cfg) == ["stage1", "stage2"]
     cfg = load_config(overrides=["stage2.use_embedding=false", "dataset=mnist"])
-    assert cfg.active_stages() == ["stage1", "classifier", "stage2"]
+    assert trained_stages(cfg) == ["stage1", "classifier", "stage2"]
 
 
 def test_nested_dropout_off():

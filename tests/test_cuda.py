@@ -96,11 +96,11 @@ def test_runner_end_to_end_on_cuda(tmp_path):
     """The single-process runner on the GPU: all stages (graphs, bf16),
     distillation, the bundle; the model loads on the GPU and swaps like on
     the CPU."""
-    from dsu_models.factory import build_config
+    from dsu_models.config import load_config
     from dsu_models.inference import DisUnknownModel
     from dsu_models.train import run
 
-    cfg = build_config("tiny", ["num_samples=200", "all_stages.iterations=12", "all_stages.lr_ramp=2",
+    cfg = load_config("tiny", ["num_samples=200", "all_stages.iterations=12", "all_stages.lr_ramp=2",
                                 "all_stages.report_interval=4", "all_stages.sample_interval=6",
                                 "all_stages.checkpoint_interval=6", "device=cuda", "precision=bf16"])
     lines: list[str] = []

@@ -375,18 +375,19 @@ def test_empty_cell_only_in_an_eval_only_column(tmp_path):
 
 def test_config_on_eval_only_data_leaves_the_factor_out(tmp_path):
     from dsu_models.config import ConfigError
-    from dsu_models.factory import build_config, load_data
+    from dsu_models.config import load_config
+    from dsu_models.data.configured import load_data
 
     make_folder(tmp_path / "f", _eval_rows(40))
     out = prepare("image_folder", tmp_path / "p", root=str(tmp_path / "f"), eval_factors="pose")
     base = ["dataset=image_folder", f"data_path={out}", "image_size=8"]
-    cfg = build_config(None, base)
+    cfg = load_config(None, base)
     assert cfg.labeled_factors == ["color", "size"] and "pose" in cfg.factors
     assert cfg.unknown_size == 0
-    cfg = build_config(None, base + ["labeled_factors=[color]"])
+    cfg = load_config(None, base + ["labeled_factors=[color]"])
     assert cfg.unknown_size == cfg.factors["size"].size
     with pytest.raises(ConfigError, match=r"'pose' is evaluation-only \(declared with eval_factors\)"):
-        build_config(None, base + ["labeled_factors=[color, pose]"])
+        load_config(None, base + ["labeled_factors=[color, pose]"])
     train, val, test = load_data(cfg)
     assert (train.labels[:, 2] == -1).any() and train.factors[2].eval_only
     assert len(val)

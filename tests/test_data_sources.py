@@ -14,6 +14,7 @@ import scipy.io as sio
 import torch
 from PIL import Image
 
+from dsu_models.config import available_datasets
 from dsu_models.data import DataError, load_builtin, prepare, read_manifest, read_split, val_rows
 from dsu_models.data.sources import SOURCES, dsprites, shapes3d, sprites
 
@@ -39,10 +40,22 @@ def test_library_does_not_import_ray():
 
 
 def test_registry_declares_defaults():
+    from pathlib import Path
+
+    import dsu_models.data.sources as package
+    from dsu_models.data.sources.builtin import BUILTIN
+
+    files = {p.stem for p in Path(package.__file__).parent.glob("*.py")
+             if not p.stem.startswith("_") and p.stem != "builtin"}
+    assert {m.__name__.rsplit(".", 1)[1] for m in SOURCES.values()} == files   # each file registers
+    assert list(SOURCES) == sorted(SOURCES)
     for name, m in SOURCES.items():
         assert m.NAME == name
         for attr in ("FACTORS", "DEFAULT_IMAGE_SIZE", "CHANNELS", "OPTIONS", "plan"):
             assert hasattr(m, attr), (name, attr)
+        if getattr(m, "IN_MEMORY", False):
+            assert "num_samples" in m.OPTIONS and hasattr(m, "DEFAULT_SAMPLES"), name
+    assert BUILTIN == ("digits", "shapes3d", "sprites", "sprites_full")
     assert [f for f, _ in SOURCES["shapes3d"].FACTORS] == [f for f, _ in SOURCES["3dshapes"].FACTORS]
     assert [f for f, _ in SOURCES["sprites"].FACTORS] == [f for f, _ in SOURCES["dsprites"].FACTORS]
     assert SOURCES["sprites_full"].FACTORS == SOURCES["dsprites"].FACTORS   # dSprites' own grid
@@ -369,14 +382,29 @@ def test_chairs3d_tree(tmp_path):
     assert read_split(out, "train").images.shape[1:] == (3, 16, 16)
 
 
-def test_digits_prepared_matches_memory(tmp_path):
-    out = prepare("digits", tmp_path / "p", image_size=16)
-    train, val, _ = load_builtin("digits", image_size=16)
+@pytest.mark.parametrize("num_samples", [None, 300])
+def test_digits_prepared_matches_memory(tmp_path, num_samples):
+    out = prepare("digits", tmp_path / "p", image_size=16, num_samples=num_samples)
+    train, val, test = load_builtin("digits", image_size=16, num_samples=num_samples)
+    assert len(train) + len(val) + len(test) == (num_samples or 1797)
     got = read_split(out, "train")
     assert torch.equal(got.images, train.images) and torch.equal(got.labels, train.labels)
     assert got.factors == train.factors
     got_val = read_split(out, "val")
     assert torch.equal(got_val.ids, val.ids) and torch.equal(got_val.images, val.images)
+    assert torch.equal(read_split(out, "test").ids, test.ids)
+
+
+def test_digits_subset():
+    """A seeded subset of distinct images, ids naming rows of the whole set; out of range refused."""
+    whole = torch.cat([d.ids for d in load_builtin("digits", image_size=8)])
+    parts = load_builtin("digits", image_size=8, num_samples=300, seed=2)
+    ids = torch.cat([d.ids for d in parts])
+    assert len(set(ids.tolist())) == 300 and set(ids.tolist()) <= set(whole.tolist())
+    assert len(parts[2]) == 30
+    for bad in (0, 1798):
+        with pytest.raises(DataError, match=rf"digits: num_samples must be in \[1, 1797\], got {bad}"):
+            load_builtin("digits", num_samples=bad)
 
 
 
@@ -409,17 +437,39 @@ def test_sprites_full_draws_the_sprites_on_the_dsprites_grid():
     assert train.images.shape[1:] == (1, 64, 64)
 
 
-@pytest.mark.parametrize("name", ["shapes3d", "sprites", "sprites_full"])
-def test_load_builtin_defaults_match_the_dataset_config(name):
-    """Called without a size or count, load_builtin draws what the dataset's
-    config defaults ask for (the runner passes the config's values)."""
-    from dsu_models.config import dataset_defaults
-    from dsu_models.data.sources.builtin import DEFAULT_SAMPLES
+@pytest.mark.parametrize("name", available_datasets())
+def test_each_dataset_table_is_declared_by_its_source(name):
+    """A dataset's image size, channels and class counts come from its source module:
+    the resolved config carries them, in the module's factor order; the YAML gives only
+    what the module leaves to the data."""
+    from dsu_models.config import dataset_defaults, load_config
 
-    defaults = dataset_defaults(name)
-    assert SOURCES[name].DEFAULT_IMAGE_SIZE == defaults["image_size"]
-    if "num_samples" in defaults:
-        assert DEFAULT_SAMPLES[name] == defaults["num_samples"]
+    m = SOURCES[name]
+    layer = dataset_defaults(name)
+    declared = {f: c for f, c in m.FACTORS if c is not None}
+    # what a prepared dataset's manifest would add: the undecided counts the YAML lacks
+    data = {f: 7 for f, c in m.FACTORS if c is None and "classes" not in layer["factors"][f]}
+    cfg = load_config(overrides=[f"dataset={name}"],
+                      data_factors=data if m.FACTORS else {"a": 3})   # image_folder: all from the data
+    assert {f: cfg.factors[f].classes for f in declared} == declared
+    assert list(cfg.factors)[:len(m.FACTORS)] == [f for f, _ in m.FACTORS]
+    assert cfg.image_size == (m.DEFAULT_IMAGE_SIZE or layer["image_size"])
+    assert cfg.image_channels == (m.CHANNELS or layer["image_channels"])
+    assert cfg.num_samples is None   # built-in sources: their DEFAULT_SAMPLES (sample_count)
+
+
+@pytest.mark.parametrize("name", ["digits", "shapes3d", "sprites", "sprites_full"])
+def test_sample_count_follows_the_source(name, monkeypatch):
+    """``num_samples: null`` means the module's DEFAULT_SAMPLES (None: all), which its
+    plan accepts; a given count wins; changing the attribute changes the data drawn."""
+    from dsu_models.data.sources import make_plan
+    from dsu_models.data.sources.builtin import sample_count
+
+    m = SOURCES[name]
+    assert sample_count(name, None) == m.DEFAULT_SAMPLES and sample_count(name, 123) == 123
+    make_plan(name, {"num_samples": m.DEFAULT_SAMPLES, "image_size": 8})   # within the grid
+    monkeypatch.setattr(m, "DEFAULT_SAMPLES", 200)
+    assert sum(len(d) for d in load_builtin(name, image_size=8)) == 200
     if name == "sprites_full":
         train, val, test = load_builtin(name, num_samples=40)
         assert train.images.shape[1:] == (1, 64, 64) and len(train) + len(val) + len(test) == 40
@@ -428,13 +478,17 @@ def test_load_builtin_defaults_match_the_dataset_config(name):
 def test_one_config_means_the_same_data_in_both_runners():
     """``num_samples: null`` draws the source's default count in the single-process runner
     and under Ray alike (the pipeline once prepared the whole factor grid for it)."""
-    from dsu_models.factory import build_config, load_data
-    from dsu_models.data.sources.builtin import DEFAULT_SAMPLES
+    from dsu_models.config import load_config
+    from dsu_models.data.configured import load_data
     from pipelines.cli import builtin_options
 
-    cfg = build_config(None, ["dataset=sprites", "image_size=8"])
+    cfg = load_config(None, ["dataset=sprites", "image_size=8"])
     assert cfg.num_samples is None
     train, val, test = load_data(cfg)
-    assert builtin_options(cfg)["num_samples"] == len(train) + len(val) + len(test) == DEFAULT_SAMPLES["sprites"]
-    digits = build_config(None, ["dataset=digits", "image_size=8"])
-    assert "num_samples" not in builtin_options(digits)
+    assert (builtin_options(cfg)["num_samples"] == len(train) + len(val) + len(test)
+            == SOURCES["sprites"].DEFAULT_SAMPLES)
+    for count in (None, 300):   # digits too: all of them, or the config's subset
+        digits = load_config(None, ["dataset=digits", "image_size=8", f"num_samples={count or 'null'}"])
+        train, val, test = load_data(digits)
+        assert builtin_options(digits)["num_samples"] == count
+        assert len(train) + len(val) + len(test) == (count or 1797)

@@ -161,7 +161,7 @@ def resolve_file(ref: str, chunk: Chunk, pos: int) -> tuple[str | None, str | No
         return hits[0], None
     if len(hits) > 1:
         # a folder cited earlier on the same line says which (a table row
-        # "| `pipelines/data/` | `upstream.py` ...")
+        # "| `pipelines/data/` | `loading.py` ...")
         start = chunk.text.rfind("\n", 0, pos) + 1
         for folder in re.findall(r"((?:%s)/[\w/]*?)/?`" % "|".join(map(re.escape, TOP_FOLDERS)),
                                  chunk.text[start:pos]):
@@ -482,7 +482,7 @@ BROKEN = [
 HOLDS = [
     "in ``pipelines/cli.py``, ``full_main``",
     "a sweep trial (``trial.py``)",
-    "| `pipelines/data/` | `decode.py`, `upstream.py` (hand-offs) |",
+    "| `pipelines/data/` | `decode.py`, `loading.py` (batches) |",
     "docs/benchmarks.md, \"Time to\nquality\"",
     "docs/method.md sections 7-9",
     "``dsu_models.evaluation.metrics.summary_score`` and pipelines.cli:full_main",

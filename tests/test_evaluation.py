@@ -477,7 +477,7 @@ def test_real_tiny_model_end_to_end(tmp_path):
     cfg = tiny_config("num_samples=400", "all_stages.iterations=4", "stage1.iterations=6")
     res = run(cfg, tmp_path / "run", log=lambda s: None)
     model = inference.DisUnknownModel.from_handoffs(
-        res["stage1"], res.get("stage2"), res.get("lenc"), code_stats=res["codes"]["stats"], device="cpu")
+        res["stage1"], res.get("stage2"), res.get("lenc"), code_stats=res["distill"]["stats"], device="cpu")
     train, val, test = load_builtin("shapes3d", 8, num_samples=400, seed=cfg.seed)
     ecfg = EvaluateConfig(pairs=64, batch_size=32, oracle_epochs=1, oracle_samples=200, oracle_width=8,
                           probe_samples=200)
@@ -503,7 +503,7 @@ def test_an_evaluation_only_factor_end_to_end(tmp_path):
     from PIL import Image
 
     from dsu_models.data import prepare, read_split
-    from dsu_models.factory import build_config
+    from dsu_models.config import load_config
     from dsu_models.inference import DisUnknownModel
     from dsu_models.train import run
 
@@ -520,13 +520,13 @@ def test_an_evaluation_only_factor_end_to_end(tmp_path):
     (folder / "labels.csv").write_text("\n".join(lines) + "\n")
     prepared = prepare("image_folder", tmp_path / "prepared", root=str(folder), eval_factors="wall_hue",
                        classes={"floor_hue": 10, "object_hue": 10, "wall_hue": 10})
-    cfg = build_config(None, ["dataset=image_folder", f"data_path={prepared}", f"image_size={SIZE}",
+    cfg = load_config(None, ["dataset=image_folder", f"data_path={prepared}", f"image_size={SIZE}",
                               "unknown_size=4", "architecture.conv_channels=[8]", "architecture.fc_features=16",
                               "all_stages.batch_size=8", "all_stages.iterations=4", "device=cpu"])
     assert cfg.labeled_factors == ["floor_hue", "object_hue"]           # never trained on
     res = run(cfg, tmp_path / "run", log=lambda s: None)
     model = DisUnknownModel.from_handoffs(res["stage1"], res.get("stage2"), res.get("lenc"),
-                                          code_stats=res["codes"]["stats"], device="cpu")
+                                          code_stats=res["distill"]["stats"], device="cpu")
     train, test = read_split(prepared, "train"), read_split(prepared, "test")
     ecfg = EvaluateConfig(pairs=200, batch_size=64, oracle_epochs=1, oracle_samples=None, oracle_width=8,
                           probe_samples=200)

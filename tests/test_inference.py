@@ -24,6 +24,7 @@ from dsu_models.stages.classifier import ClassifierStage
 from dsu_models.stages.lenc import LencStage
 from dsu_models.stages.stage1 import Stage1
 from dsu_models.stages.stage2 import Stage2
+from dsu_models.steps import trained_stages
 from tiny import tiny_config, tiny_factors
 from tiny_model import shared_tiny
 
@@ -74,18 +75,18 @@ def test_bundle_files_round_trip_and_weights_only(tiny, model):
     assert any(not torch.equal(g1[k], expect["generator"][k]) for k in g1)
     assert model.factors[3].class_names == ("cube", "sphere", "cone", "pill")
     assert model.factors[0].frequencies == tiny["train"].factors[0].frequencies
-    assert torch.equal(model.code_stats["mean"], results["codes"]["stats"]["mean"])
+    assert torch.equal(model.code_stats["mean"], results["distill"]["stats"]["mean"])
 
 
 def test_encode_unknown_reproduces_distilled_codes(tiny, model, images):
     mu = model.encode_unknown(images)
     assert mu.shape == (6, 4) and mu.dtype == torch.float32
-    torch.testing.assert_close(mu, tiny["results"]["codes"]["codes"]["test"]["mu"][:6], atol=1e-5, rtol=0)
+    torch.testing.assert_close(mu, tiny["results"]["distill"]["codes"]["test"]["mu"][:6], atol=1e-5, rtol=0)
 
 
 def test_from_handoffs_equals_loaded_bundle(tiny, model, images):
     r = tiny["results"]
-    direct = DisUnknownModel.from_handoffs(r["stage1"], r["stage2"], r["lenc"], r["codes"]["stats"],
+    direct = DisUnknownModel.from_handoffs(r["stage1"], r["stage2"], r["lenc"], r["distill"]["stats"],
                                            device="cpu")
     y = torch.tensor([[1, 2, 3, 0]] * 6)
     assert torch.equal(direct.swap_labels(images, y), model.swap_labels(images, y))
@@ -283,7 +284,7 @@ def _handoffs(*overrides: str) -> dict:
     classifier = ClassifierStage(cfg, factors).handoff() if cfg.labeled_factors else None
     out["stage2"] = Stage2(cfg, factors, {"stage1": out["stage1"], "classifier": classifier,
                                           "code_stats": stats}).handoff()
-    if "lenc" in cfg.active_stages():
+    if "lenc" in trained_stages(cfg):
         out["lenc"] = LencStage(cfg, factors, {"stage2": out["stage2"], "code_stats": stats}).handoff()
     return out
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from dsu_models import models
+from dsu_models.nn import builders
 from dsu_models.config import config_from_dict
 from pipelines.tracking import runs as tracking
 from pipelines.cli import full_main
@@ -105,9 +105,9 @@ def test_pipeline_two_workers_failure_and_resume(ray_session, home, tmp_path, ca
                                            tracking.default_tracking_uri(), tmp_path / "dl"),
                          weights_only=True)
     cfg = config_from_dict(handoff["config"])
-    generator = models.build_generator(cfg)
+    generator = builders.build_generator(cfg)
     generator.load_state_dict(handoff["weights"]["generator"])
-    size = models.generator_code_size(cfg)
+    size = builders.generator_code_size(cfg)
     images, _ = generator(torch.cat([torch.randn(3, size), torch.zeros(3, size)], 1))
     assert images.shape == (3, cfg.image_channels, 8, 8)
     assert handoff["upstream_runs"]["stage1"] == stage1.info.run_id

@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 
 from dsu_models.config import ConfigError
 from dsu_models.data import prepare
-from dsu_models.factory import build_config
+from dsu_models.config import load_config
 from pipelines import cli
 from pipelines.tracking import runs as tracking
 
@@ -41,7 +41,7 @@ def store(tmp_path, monkeypatch):
 
 def _parent(store, *overrides) -> str:
     """A pipeline run as ``full_main`` starts one (its resolved config logged)."""
-    cfg = build_config("tiny", SMALL + [f"data_path={store['data']}", *overrides])
+    cfg = load_config("tiny", SMALL + [f"data_path={store['data']}", *overrides])
     experiment = tracking.setup(store["uri"], "disunknown")
     return tracking.start_parent(store["client"], experiment, cfg)
 
@@ -93,7 +93,7 @@ def test_resume_of_an_unknown_or_a_stage_run_is_one_line(store, capsys):
     assert len(err.splitlines()) == 1
     parent = _parent(store)
     child, _ = tracking.stage_run(store["client"], parent, "stage1",
-                                  build_config("tiny", SMALL + [f"data_path={store['data']}"]))
+                                  load_config("tiny", SMALL + [f"data_path={store['data']}"]))
     assert _run(store, "--resume", child) == 2
     assert "'stage1' stage run" in capsys.readouterr().err
     assert not store["started"]
@@ -130,7 +130,7 @@ def test_a_stage_that_fails_leaves_its_runs_failed_and_says_how_to_resume(store,
     def broken(*args, **kwargs):
         raise RuntimeError("worker lost\nsecond line of a long remote trace")
 
-    monkeypatch.setitem(cli.STEPS, "stage1", cli.Step((), broken))
+    monkeypatch.setitem(cli.RUNNERS, "train", broken)
     assert _run(store, "--config", "tiny", *SMALL, "--data", store["data"], "--stages", "stage1") == 1
     err = capsys.readouterr().err
     assert "error: the pipeline failed: RuntimeError: worker lost" in err and "second line" not in err
@@ -144,10 +144,10 @@ def test_a_stage_that_fails_leaves_its_runs_failed_and_says_how_to_resume(store,
     # resumed: both runs are RUNNING again while it works, FINISHED at the end
     states = []
 
-    def works(stage_name, cfg, data_dir, run_id, upstream, args, uri):
+    def works(step, cfg, data_dir, run_id, upstream, args, uri):
         states.append((client.get_run(run_id).info.status, client.get_run(parent.info.run_id).info.status))
 
-    monkeypatch.setitem(cli.STEPS, "stage1", cli.Step((), works))
+    monkeypatch.setitem(cli.RUNNERS, "train", works)
     monkeypatch.setattr(cli, "ensure_data", lambda cfg, arg, overrides: (cfg, cfg.data_path))
     assert _run(store, "--resume", parent.info.run_id, "--stages", "stage1") == 0
     assert states == [("RUNNING", "RUNNING")]
@@ -166,7 +166,7 @@ def test_stage_alone_refuses_unknown_upstream_runs(store, capsys):
 
 def test_config_errors_still_name_the_key(store, capsys):
     with pytest.raises(ConfigError):
-        build_config("tiny", ["stage1.lr=fast"])
+        load_config("tiny", ["stage1.lr=fast"])
     assert _run(store, "--config", "tiny", "stage1.lr=fast", "--data", store["data"]) == 2
     assert "stage1.lr" in capsys.readouterr().err
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from dsu_models import factory, grids, plots, train
+from dsu_models import grids, plots, train
+from dsu_models.config import load_config
 from dsu_models.data.base import FactorInfo, InMemoryDataset, to_float
 from dsu_models.embedder import LabelEmbedder, nearest_class
 from tiny import tiny_batch, tiny_config, tiny_factors
@@ -274,7 +275,7 @@ def test_stage1_pictures_follow_intervals(overrides):
 
 
 def test_runner_writes_pictures_at_their_intervals(tmp_path):
-    cfg = factory.build_config("tiny", [
+    cfg = load_config("tiny", [
         "image_size=8", "architecture.conv_channels=[8]", "architecture.fc_features=16",
         "num_samples=120", "all_stages.batch_size=8", "all_stages.iterations=4",
         "all_stages.report_interval=4", "all_stages.checkpoint_interval=4",

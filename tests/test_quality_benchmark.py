@@ -1,7 +1,7 @@
 """``benchmarks/quality.py --scale``: iterations and stage 1's schedule scale together."""
 from __future__ import annotations
 
-from dsu_models.factory import build_config
+from dsu_models.config import load_config
 from tests.tiny import load_benchmark
 
 quality = load_benchmark("quality")
@@ -9,8 +9,8 @@ quality = load_benchmark("quality")
 
 def test_scale_shrinks_iterations_and_stage1_schedule_together():
     chosen = [quality.LABELED['shapes3d'], "stage1.enc_freeze=400", "stage1.ubatch_ramp=[2000, 3000]"]
-    base = build_config("quality", chosen)
-    scaled = build_config("quality", chosen + quality.scaled_overrides(base, 0.25))
+    base = load_config("quality", chosen)
+    scaled = load_config("quality", chosen + quality.scaled_overrides(base, 0.25))
     assert scaled.stage1.iterations == base.stage1.iterations // 4
     assert scaled.stage2.iterations == base.stage2.iterations // 4
     assert scaled.stage1.cla1_ramp == [t // 4 for t in base.stage1.cla1_ramp]
@@ -22,8 +22,8 @@ def test_scale_shrinks_iterations_and_stage1_schedule_together():
 
 
 def test_scale_one_changes_nothing():
-    base = build_config("quality", [quality.LABELED['shapes3d']])
-    again = build_config("quality", [quality.LABELED['shapes3d']] + quality.scaled_overrides(base, 1.0))
+    base = load_config("quality", [quality.LABELED['shapes3d']])
+    again = load_config("quality", [quality.LABELED['shapes3d']] + quality.scaled_overrides(base, 1.0))
     assert again.to_dict() == base.to_dict()
 
 
@@ -35,15 +35,15 @@ def test_fine_preset_is_the_measured_run():
     chosen = ["dataset=sprites", quality.LABELED["sprites"], "unknown_size=12",
               "stage1.ubatch_ramp=[2000, 3000]", "stage1.cla1_mode=code",
               "stage2.iterations=2000", "lenc.iterations=200"]
-    base = build_config("quality", chosen)
+    base = load_config("quality", chosen)
     # stopped at the first stage-2 milestone, where both runs met the bar
-    measured = build_config("quality", chosen + quality.scaled_overrides(base, 3)
+    measured = load_config("quality", chosen + quality.scaled_overrides(base, 3)
                             + ["stage2.iterations=2000"])
-    fine = build_config("fine", [])
+    fine = load_config("fine", [])
     assert fine.to_dict() == measured.to_dict()
     assert fine.stage1.cla1_mode == "code" and fine.stage1.ubatch_ramp == [6000, 9000]
     # one setting away from the method's adversary
-    assert build_config("fine", ["stage1.cla1_mode=compound"]).stage1.cla1_mode == "compound"
+    assert load_config("fine", ["stage1.cla1_mode=compound"]).stage1.cla1_mode == "compound"
 
 
 def test_bars_judge_each_line():
@@ -61,7 +61,7 @@ def test_default_run_keeps_the_room_unknown_and_ramps_its_adversary_in_time():
     """The ``quick`` preset (``pipelines/full.py``'s default): the object labeled,
     the room's colours unknown, and the adversary at full weight before stage 1
     ends (docs/benchmarks.md, "Time to quality")."""
-    cfg = build_config("quick", [])
+    cfg = load_config("quick", [])
     assert cfg.labeled_factors == ["object_hue", "shape", "scale", "orientation"]
     assert cfg.hidden() == ["floor_hue", "wall_hue"]
     start, full = cfg.stage1.cla1_ramp

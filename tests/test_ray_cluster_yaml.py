@@ -1,6 +1,6 @@
 """ray_cluster.yaml is a cluster-launcher config Ray accepts, and describes our cluster.
 
-Validation goes through ``pipelines.cluster.config.validate_cluster_yaml``
+Validation goes through ``pipelines.cluster.launcher_yaml.validate_cluster_yaml``
 (Ray's own schema and checks) with sockets blocked, so the test also proves
 the check never contacts a cloud. Mutated copies pin down what Ray's schema
 really rejects, and the one gap it leaves (keys inside ``provider``).
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.cluster.config import ClusterConfigError, main, open_doors, validate_cluster_yaml
+from pipelines.cluster.launcher_yaml import ClusterConfigError, main, open_doors, validate_cluster_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = REPO / "ray_cluster.yaml"

@@ -8,7 +8,8 @@ import io
 import pytest
 import torch
 
-from dsu_models import codes, models
+from dsu_models import codes
+from dsu_models.nn import builders
 from dsu_models.stages.common import NonFiniteLossError
 from dsu_models.stages.stage2 import Stage2
 from tiny import tiny_batch, tiny_config, tiny_factors
@@ -20,14 +21,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def upstream_for(cfg) -> dict:
     """Stage-1 and classifier hand-offs of fresh networks, code stats of random codes."""
     factors = tiny_factors(cfg)
-    weights = {"generator": models.build_generator(cfg).state_dict()}
+    weights = {"generator": builders.build_generator(cfg).state_dict()}
     if cfg.labeled_factors:
-        weights["embedders"] = models.build_embedders(cfg, factors).state_dict()
+        weights["embedders"] = builders.build_embedders(cfg, factors).state_dict()
     if cfg.unknown_size:
-        weights["encoder"] = models.build_encoder(cfg, [cfg.unknown_size], True).state_dict()
+        weights["encoder"] = builders.build_encoder(cfg, [cfg.unknown_size], True).state_dict()
     classifier = None
     if cfg.labeled_factors:
-        r1 = models.build_image_classifier(cfg, extra_fake=True)
+        r1 = builders.build_image_classifier(cfg, extra_fake=True)
         classifier = {"stage": "classifier", "config": cfg.to_dict(), "iteration": 5,
                       "weights": {"classifier": r1.state_dict()}}
     m = cfg.unknown_size
@@ -100,7 +101,7 @@ def test_every_option_runs(overrides):
         want.add("embedders" if stage.scfg.use_embedding else "label_encoder")
     assert set(handoff["weights"]) == want
     assert all(v.device.type == "cpu" for w in handoff["weights"].values() for v in w.values())
-    models.build_generator(stage.cfg).load_state_dict(handoff["weights"]["generator"])
+    builders.build_generator(stage.cfg).load_state_dict(handoff["weights"]["generator"])
 
     images = stage.generate(batch["mu"][:2] if stage.unknown_size else None,
                             [m[:2] for m in stage.label_means(batch["image"], batch["labels"])])

@@ -7,7 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from dsu_models import factory, train
+from dsu_models import train
+from dsu_models.config import PRESET_DIR, load_config
+from dsu_models.data.configured import load_data
+from dsu_models.data.sources.builtin import BUILTIN
 from dsu_models.files import CheckpointError, load_torch
 from dsu_models.loop import FileCheckpoints
 from dsu_models.config import ConfigError, load_resolved
@@ -19,7 +22,7 @@ FAST = ["image_size=8", "architecture.conv_channels=[8]", "architecture.fc_featu
 
 
 def config(*extra: str):
-    return factory.build_config("tiny", FAST + list(extra))
+    return load_config("tiny", FAST + list(extra))
 
 
 def weights(out: Path, stage: str) -> dict:
@@ -99,9 +102,9 @@ def test_bad_inputs_refused_before_work(tmp_path, capsys):
     assert "stage1.cla1_mode: 'bogus'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
     with pytest.raises(ConfigError, match="no such preset"):
-        factory.build_config("nonexistent", [])
+        load_config("nonexistent", [])
     with pytest.raises(ConfigError, match="set data_path"):
-        factory.load_data(factory.build_config(None, ["dataset=mnist"]))
+        load_data(load_config(None, ["dataset=mnist"]))
     out = tmp_path / "run"
     train.check_out_dir(config(), out)
     with pytest.raises(ConfigError, match="different config .*stage1.cla1_weight"):
@@ -111,11 +114,11 @@ def test_bad_inputs_refused_before_work(tmp_path, capsys):
     assert load_resolved(out / "config.yaml").evaluate.pairs == 77
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in factory.PRESET_DIR.glob("*.yaml")))
+@pytest.mark.parametrize("name", sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
 def test_every_preset_resolves(name):
     """Presets are data checked against the config (a typo in one is an error)."""
-    cfg = factory.build_config(name, [])
-    assert cfg.dataset in factory.BUILTIN and cfg.stage1.iterations > 0
+    cfg = load_config(name, [])
+    assert cfg.dataset in BUILTIN and cfg.stage1.iterations > 0
 
 
 def test_checkpoints_keep_the_previous_one_and_fall_back_to_it(tmp_path):

@@ -15,9 +15,9 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from dsu_models.config import ConfigError, read_yaml
-from dsu_models.factory import build_config
+from dsu_models.config import load_config
 from pipelines.tracking import runs as tracking
-from pipelines.sweeps import upstream as tune_upstream
+from pipelines.sweeps import reused_stages
 from pipelines.sweeps.driver import main
 from pipelines.sweeps.report import STOPPED_TAG, without_defaults
 from pipelines.sweeps.space import config_field, load_space
@@ -69,7 +69,7 @@ def test_shipped_spaces_match_the_config(name):
     assert space.stage == name.split(".")[0]
     for key in space.keys:
         config_field(key)  # raises on a key the Config does not have
-    space.validate(lambda overrides: build_config("tiny", overrides))
+    space.validate(lambda overrides: load_config("tiny", overrides))
     assert set(space.param_space()) == set(space.keys)
 
 
@@ -109,7 +109,7 @@ def test_bad_space_files_are_refused(tmp_path, text, message):
 def test_values_that_fail_resolution_are_refused(tmp_path, entry, message):
     space = load_space(_space(tmp_path, f"stage: stage1\nspace:\n  {entry}\n"))
     with pytest.raises(ConfigError, match=message):
-        space.validate(lambda overrides: build_config("tiny", overrides))
+        space.validate(lambda overrides: load_config("tiny", overrides))
 
 
 def test_typo_refused_before_any_ray_work(home, tmp_path, monkeypatch, capsys):
@@ -215,9 +215,9 @@ def test_stage1_sweep_asha_mlflow_best_config_and_resume(ray_session, home, tmp_
     assert sweep.data.params["best.stage1.lr"] == "0.01"
     assert sweep.data.metrics["best_val_stage1_objective"] > 0.1
     best_file = home / "tune" / "s1" / "best_config.yaml"
-    cfg = build_config(str(best_file), [])
+    cfg = load_config(str(best_file), [])
     assert cfg.stage1.lr == 0.01 and cfg.image_size == 8 and cfg.stage1.iterations == 40
-    assert cfg == build_config("tiny", TINY[2:] + ["stage1.iterations=40", "stage1.lr=0.01"])
+    assert cfg == load_config("tiny", TINY[2:] + ["stage1.iterations=40", "stage1.lr=0.01"])
     raw = read_yaml(best_file, "best config")
     assert "factors" not in raw  # user-level: the dataset defaults are not copied in
     assert "best_config.yaml" in [a.path for a in client.list_artifacts(sweep_id)]
@@ -262,16 +262,16 @@ def test_stage2_sweep_reuses_stage1_from_mlflow(ray_session, home, tmp_path, cap
     from dsu_models.train import run as run_runner
 
     overrides = TINY[2:] + ["stage1.iterations=20", "classifier.iterations=10", "stage2.iterations=4"]
-    cfg = build_config("tiny", overrides)
+    cfg = load_config("tiny", overrides)
     runner_dir = tmp_path / "runner"
     run_runner(cfg, runner_dir, log=lambda _m: None, stages=["stage1", "classifier"])
     client = MlflowClient(tracking.default_tracking_uri())
     parent = _pipeline_runs_from(runner_dir, cfg, client)
 
     # Both sources give the same hand-offs and codes.
-    runs = tune_upstream.pipeline_runs(client, parent, {})
-    a = tune_upstream.from_mlflow(runs, tracking.default_tracking_uri(), tmp_path / "dl")
-    b = tune_upstream.from_runner(runner_dir)
+    runs = reused_stages.pipeline_runs(client, parent, {})
+    a = reused_stages.from_mlflow(runs, tracking.default_tracking_uri(), tmp_path / "dl")
+    b = reused_stages.from_runner(runner_dir)
     for split in ("train", "test"):
         for key in ("ids", "mu", "sigma"):
             assert torch.equal(a["codes"][split][key], b["codes"][split][key])
@@ -300,7 +300,7 @@ def test_stage2_sweep_reuses_stage1_from_mlflow(ray_session, home, tmp_path, cap
         assert _steps(client, run.info.run_id, "val_summary") == [2, 4]
         assert run.data.params["sampled.stage2.unknown_mode"] in ("dis", "mse")
         assert 0 < run.data.metrics["val_summary"] <= 1
-    best = build_config(str(home / "tune" / "s2" / "best_config.yaml"), [])
+    best = load_config(str(home / "tune" / "s2" / "best_config.yaml"), [])
     assert best.stage1 == cfg.stage1 and 0.5 <= best.stage2.dis_weight <= 2.0
     assert math.isfinite(sweep.data.metrics["best_val_summary"])
     assert json.loads((home / "tune" / "s2" / "sweep.json").read_text())["upstream"]["runs"] == runs

@@ -14,7 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from dsu_models.inference import bundle_from_run, save_bundle
-from dsu_models.factory import build_config, load_data
+from dsu_models.config import load_config
+from dsu_models.data.configured import load_data
 from dsu_models.train import run
 
 TINY_RUN = ["num_samples=200", "all_stages.iterations=4", "all_stages.report_interval=4",
@@ -26,7 +27,7 @@ TINY_RUN = ["num_samples=200", "all_stages.iterations=4", "all_stages.report_int
 def train_tiny(out: Path) -> dict:
     """Train (or reload) and bundle. Returns ``{"results", "train", "test",
     "bundle", "bundle_dir", "config"}``."""
-    cfg = build_config("tiny", TINY_RUN)
+    cfg = load_config("tiny", TINY_RUN)
     results = run(cfg, Path(out) / "run", log=lambda line: None)
     train, val, test = load_data(cfg)
     bundle = bundle_from_run(results, train, test)

@@ -39,6 +39,27 @@ from torch import Tensor
 SCORE_FLOOR = 1e-3
 
 
+SPLITS = ("val", "test")  # what chooses (the champion, Tune, milestones), what is reported
+
+
+def split_key(split: str, name: str) -> str:
+    """The name a metric takes on a split: ``val_<name>`` or ``test_<name>``."""
+    if split not in SPLITS:
+        raise ValueError(f"metrics are named for the split val or test, not {split!r}")
+    return f"{split}_{name}"
+
+
+def on_split(split: str, metrics: dict, prefix: str = "") -> dict:
+    """One evaluation's metrics named for its split (``val_<prefix><metric>``)."""
+    return {split_key(split, prefix + k): v for k, v in metrics.items()}
+
+
+def from_split(split: str, logged: dict) -> dict:
+    """The inverse of :func:`on_split` (no prefix): the split's metrics under their plain names."""
+    head = split_key(split, "")
+    return {k[len(head):]: v for k, v in logged.items() if k.startswith(head)}
+
+
 def normalised(acc: float, classes: float) -> float:
     """Chance-normalised accuracy ``clip((acc - 1/n) / (1 - 1/n), 0, 1)`` (n = classes)."""
     chance = 1.0 / classes

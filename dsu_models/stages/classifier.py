@@ -29,7 +29,7 @@ from torch import Tensor
 from dsu_models import losses
 from dsu_models.config import Config
 from dsu_models.data.base import FactorInfo
-from dsu_models.models import build_image_classifier, check_factors
+from dsu_models.nn.builders import build_image_classifier, check_factors
 from dsu_models.nn.layers import random_offset
 from dsu_models.stages.common import Stage, adam, batched_accuracy, params
 
@@ -38,6 +38,10 @@ class ClassifierStage(Stage):
     """``ClassifierStage(cfg, factors)``; ``factors``: labeled factors' infos in config order."""
 
     name = "classifier"
+
+    @classmethod
+    def active(cls, cfg: Config) -> bool:
+        return bool(cfg.labeled_factors)  # only with labeled factors (K > 0)
     handoff_models = ("classifier",)  # R with n_k + 1 outputs per factor, as stage 2 needs it
 
     def __init__(self, cfg: Config, factors: list[FactorInfo], device=None):

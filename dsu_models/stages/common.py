@@ -287,7 +287,27 @@ class Stage:
     the schedule is constant the step replays as a CUDA graph (``graphs.py``).
     """
 
+    # The stage's declaration, read by the step table (``dsu_models.steps``) and
+    # every runner: ``name`` is its step name and its config section; ``upstream``
+    # the steps whose outputs it starts from (its constructor takes them as
+    # ``upstream``); ``reads_codes``: its batches carry the distilled unknown
+    # codes (``mu``, ``sigma``); :meth:`active`: whether a config has the stage.
     name = "stage"
+    upstream: tuple[str, ...] = ()
+    reads_codes = False
+
+    @classmethod
+    def active(cls, cfg: Config) -> bool:
+        """Whether the stage exists for ``cfg`` (docs/method.md section 2)."""
+        return True
+
+    @classmethod
+    def build(cls, cfg: Config, factors, upstream: dict, device=None) -> "Stage":
+        """The stage from its config, the labeled factors' infos and its
+        upstream hand-offs (``dsu_models.steps.stage_upstream``)."""
+        if cls.upstream:
+            return cls(cfg, factors, upstream, device)
+        return cls(cfg, factors, device)
 
     def __init__(self, cfg: Config, device: torch.device | str | None = None):
         self.cfg = cfg

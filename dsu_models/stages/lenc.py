@@ -58,7 +58,7 @@ from dsu_models.data.base import FactorInfo, InMemoryDataset
 from dsu_models.distill import image_batches
 from dsu_models.embedder import nearest_class
 from dsu_models.grids import rows_grid
-from dsu_models.models import build_embedders, build_encoder, build_generator
+from dsu_models.nn.builders import build_embedders, build_encoder, build_generator
 from dsu_models.stages.common import Stage, adam, batched_accuracy, params
 from dsu_models.stages.stage1 import rolled_labels
 
@@ -71,10 +71,16 @@ class LencStage(Stage):
     factors: labeled factors' infos in config order.
     upstream: ``{"stage2": <stage-2 hand-off>, "code_stats": <codes.code_statistics dict>}``;
     the hand-off's ``weights`` hold ``generator`` (G2) and ``embedders`` (B2, a
-    ``models.build_embedders`` ModuleList) state dicts.
+    ``builders.build_embedders`` ModuleList) state dicts.
     """
 
     name = "lenc"
+    upstream = ("stage2", "distill")
+
+    @classmethod
+    def active(cls, cfg: Config) -> bool:
+        # S learns from stage 2's label embedders B2, which exist only with labels and use_embedding
+        return bool(cfg.labeled_factors) and cfg.stage2.use_embedding
     handoff_models = ("label_encoder",)
 
     def __init__(self, cfg: Config, factors: list[FactorInfo], upstream: dict, device=None):

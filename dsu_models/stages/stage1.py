@@ -44,9 +44,9 @@ from torch import Tensor
 from dsu_models import codes, losses, plots
 from dsu_models.config import Config
 from dsu_models.data.base import FactorInfo, InMemoryDataset
-from dsu_models.distill import image_batches
+from dsu_models.distill import distill_batch_size, encode_images
 from dsu_models.grids import sample_grids
-from dsu_models.models import (build_embedders, build_encoder, build_generator,
+from dsu_models.nn.builders import (build_embedders, build_encoder, build_generator,
                                build_stage1_classifier)
 from dsu_models.nn.layers import random_offset
 from dsu_models.stages.common import Stage, adam, as_if_frozen, detached_call, params, ramped
@@ -268,21 +268,13 @@ class Stage1(Stage):
         self.train(True)
         return grids
 
-    @torch.no_grad()
     def unknown_means(self, images: Tensor) -> Tensor | None:
         """E's code means ``(N, m_u)`` on the CPU (None without an unknown code).
-        images: ``(N, C, H, W)`` uint8 or float in [-1, 1]; eval mode, batches of
-        four training batches."""
+        images: ``(N, C, H, W)`` uint8 or float in [-1, 1]; encoded as the distill
+        step encodes them (``distill.encode_images``)."""
         if self.encoder is None:
             return None
-        was_training = self.encoder.training
-        self.encoder.eval()
-        try:
-            means = [self.encoder(x)[0][0].float().cpu()
-                     for x in image_batches(images, 4 * self.scfg.batch_size, self.device)]
-        finally:
-            self.encoder.train(was_training)
-        return torch.cat(means)
+        return encode_images(self.encoder, images, distill_batch_size(self.cfg), self.device)[0]
 
     def code_plots(self, data: InMemoryDataset) -> dict[str, Tensor]:
         """``codes_<factor>``: E's code means of ``data`` (e.g. a fixed set of test

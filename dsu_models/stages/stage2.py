@@ -97,7 +97,7 @@ from dsu_models import codes, losses, plots
 from dsu_models.config import Config
 from dsu_models.data.base import FactorInfo
 from dsu_models.grids import sample_grids
-from dsu_models.models import (build_discriminator, build_embedders, build_encoder,
+from dsu_models.nn.builders import (build_discriminator, build_embedders, build_encoder,
                                build_generator, build_image_classifier, check_factors)
 from dsu_models.nn.layers import sample_offsets, shift_images
 from dsu_models.nn.reference import plain_layers
@@ -178,6 +178,8 @@ class Stage2(Stage):
     """
 
     name = "stage2"
+    upstream = ("stage1", "classifier", "distill")
+    reads_codes = True
     handoff_models = ("generator", "embedders", "label_encoder")
 
     def __init__(self, cfg: Config, factors: list[FactorInfo], upstream: dict, device=None):

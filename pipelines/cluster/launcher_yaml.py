@@ -1,6 +1,6 @@
 """Offline check of a Ray cluster-launcher YAML (``ray_cluster.yaml``).
 
-    python pipelines/cluster/config.py ray_cluster.yaml   # prints OK or the error
+    python pipelines/cluster/launcher_yaml.py ray_cluster.yaml   # prints OK or the error
 
 Runs the same steps ``ray up`` runs on the file before it talks to the cloud:
 fill in the provider's defaults, then check the result against Ray's
@@ -91,7 +91,7 @@ def open_doors(raw: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python pipelines/cluster/config.py CLUSTER_YAML", file=sys.stderr)
+        print("usage: python pipelines/cluster/launcher_yaml.py CLUSTER_YAML", file=sys.stderr)
         return 2
     try:
         validate_cluster_yaml(argv[0])

@@ -18,7 +18,7 @@ from pipelines.tracking import runs as tracking
 HANDOFF = "handoff.pt"
 
 
-def load_codes(directory: Path) -> dict:
+def read_code_parquet(directory: Path) -> dict:
     """Distilled codes written by the distill job: ``ids`` sorted, ``mu``, ``sigma``."""
     tables = [pq.read_table(p) for p in sorted(Path(directory).glob("*.parquet"))]
     ids = np.concatenate([t["id"].to_numpy() for t in tables])
@@ -63,6 +63,6 @@ def load_upstream(runs: dict, tracking_uri: str, workdir: Path, need_codes: bool
         out["code_stats"] = load_torch(stats)
         if need_codes:
             codes_dir = tracking.download(runs["distill"], "codes", tracking_uri, workdir / "distill")
-            out["codes"] = {split: load_codes(codes_dir / split) if (codes_dir / split).exists() else None
+            out["codes"] = {split: read_code_parquet(codes_dir / split) if (codes_dir / split).exists() else None
                             for split in ("train", "test")}
     return out

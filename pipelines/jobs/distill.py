@@ -1,4 +1,4 @@
-"""Distil the unknown codes after stage 1, as a Ray Data batch-inference job.
+"""The distill step (``dsu_models.distill``) as a Ray Data batch-inference job.
 
     python pipelines/stage.py distill --parent RUN_ID --stage1-run RUN_ID [--data DIR] [options]
 
@@ -23,34 +23,32 @@ import torch
 
 from dsu_models.codes import CodeStatsAccumulator, code_statistics
 from dsu_models.config import Config, config_from_dict
-from dsu_models.data import to_float
+from dsu_models.distill import distill_batch_size, encode_images, stage1_encoder
 from dsu_models.files import load_torch
-from dsu_models.models import build_encoder
 from pipelines.cluster import storage
 from pipelines.tracking import runs as tracking
 
 
 class EncodeUnknown:
-    """Actor: image batch -> ``id``, ``mu``, ``sigma`` (fixed-size float32 lists)."""
+    """Actor: image batch -> ``id``, ``mu``, ``sigma`` (fixed-size float32 lists),
+    encoded by ``dsu_models.distill.encode_images`` as the single-process runner does."""
 
     def __init__(self, cfg: dict, weights: dict, use_gpu: bool):
         config = config_from_dict(cfg)
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.encoder = build_encoder(config, [config.unknown_size], config.stage1.zero_init)
         if not isinstance(weights, dict):  # an ObjectRef: the weights are shared, not copied per actor
             import ray
             weights = ray.get(weights)
-        self.encoder.load_state_dict(weights)
-        self.encoder.to(self.device).eval()
+        self.encoder = stage1_encoder(config, {"weights": {"encoder": weights}}, self.device)
+        self.batch_size = distill_batch_size(config)
         self.size = config.unknown_size
 
-    @torch.no_grad()
     def __call__(self, batch: dict) -> pa.Table:
-        images = to_float(torch.from_numpy(np.ascontiguousarray(batch["image"])).to(self.device))
-        ((mu, sigma),) = self.encoder(images)
+        images = torch.from_numpy(np.ascontiguousarray(batch["image"]))  # uint8, converted on the device
+        mu, sigma = encode_images(self.encoder, images, self.batch_size, self.device)
 
         def column(t: torch.Tensor):
-            return pa.FixedSizeListArray.from_arrays(pa.array(t.float().cpu().numpy().ravel()), self.size)
+            return pa.FixedSizeListArray.from_arrays(pa.array(t.numpy().ravel()), self.size)
 
         return pa.table({"id": pa.array(batch["id"], pa.int64()), "mu": column(mu), "sigma": column(sigma)})
 
@@ -68,7 +66,7 @@ def code_stats_from_parquet(directory: Path, size: int) -> dict:
 
 
 def run_distill(cfg: Config, data_dir: str, stage1_run: str, run_id: str, tracking_uri: str,
-                use_gpu: bool = False, actors: int = 1, batch_size: int = 512) -> dict:
+                use_gpu: bool = False, actors: int = 1) -> dict:
     """Encode every image, log codes and statistics to ``run_id``; returns the statistics."""
     import ray
     from mlflow.tracking import MlflowClient
@@ -92,7 +90,7 @@ def run_distill(cfg: Config, data_dir: str, stage1_run: str, run_id: str, tracki
                 for split in ("train", "test"):
                     ds = train_dataset(data_dir, split, cfg.image_size, shuffle_blocks=False)
                     codes = ds.map_batches(
-                        EncodeUnknown, batch_size=batch_size, batch_format="numpy",
+                        EncodeUnknown, batch_size=distill_batch_size(cfg), batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(size=actors),
                         # half a CPU per actor leaves room for the read/decode tasks
                         num_gpus=1 if use_gpu else 0, num_cpus=0.5,

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from dsu_models.config import Config
+from dsu_models.evaluation.metrics import SPLITS, from_split, on_split, split_key
 from dsu_models.grids import to_hwc
 from pipelines.cluster import storage
 from pipelines.tracking import runs as tracking
@@ -72,7 +73,7 @@ def evaluate_in_process(cfg: Config, data_dir: str, runs: dict, run_id: str, tra
     from dsu_models.evaluation import evaluate_in_full, load_or_train_oracles
     from dsu_models.bundle import example_rows, make_bundle, save_bundle
     from dsu_models.inference import DisUnknownModel
-    from pipelines.data.upstream import load_upstream
+    from pipelines.data.stage_inputs import load_upstream
 
     client = MlflowClient(tracking_uri)
     with tempfile.TemporaryDirectory(prefix="dsu-evaluate-") as tmp:
@@ -104,9 +105,9 @@ def evaluate_in_process(cfg: Config, data_dir: str, runs: dict, run_id: str, tra
             client.log_image(run_id, to_hwc(image), artifact_file=f"pictures/{name}.png")
         bundle_dir = save_bundle(bundle, workdir / MODEL_DIR)
         client.log_artifacts(run_id, str(bundle_dir), artifact_path=MODEL_DIR)
-        for split in ("val", "test"):
-            log(f"[evaluate] {split}: " + ", ".join(f"{k} {metrics[f'{split}_{k}']:.3f}" for k in HEADLINE
-                                                    if f"{split}_{k}" in metrics))
+        for split in SPLITS:
+            named = from_split(split, metrics)
+            log(f"[evaluate] {split}: " + ", ".join(f"{k} {named[k]:.3f}" for k in HEADLINE if k in named))
         return metrics
 
 
@@ -116,7 +117,7 @@ HEADLINE = ("swap_acc_mean", "preserve_mean", "content_consistency", "leak_exces
 
 def split_metrics(on_val: dict, on_test: dict) -> dict[str, float]:
     """One evaluation on each split under distinct names: ``val_<metric>``, ``test_<metric>``."""
-    return {**{f"val_{k}": v for k, v in on_val.items()}, **{f"test_{k}": v for k, v in on_test.items()}}
+    return {**on_split("val", on_val), **on_split("test", on_test)}
 
 
 def picture_set(model, test, evaluation, seed: int) -> dict:
@@ -167,10 +168,10 @@ def run_register(cfg: Config, runs: dict, run_id: str, tracking_uri: str, alias:
     client = MlflowClient(tracking_uri)
     evaluate_run = client.get_run(runs["evaluate"])
     logged = evaluate_run.data.metrics
-    on_val = {k[4:]: v for k, v in logged.items() if k.startswith("val_")}
+    on_val = from_split("val", logged)
     if "summary" in on_val:
         failures = champion_failures(on_val, cfg.evaluate)
-    elif "test_summary" in logged:
+    elif split_key("test", "summary") in logged:
         on_val["summary"] = math.nan
         failures = ["the data has no validation split (prepared with val_portion=0)"]
     else:

@@ -9,7 +9,7 @@ a worker that dies restarts the group from the last checkpoint.
 """
 from __future__ import annotations
 
-from dsu_models.config import Config
+from dsu_models.config import Config, ConfigError
 from dsu_models.data.base import FactorInfo
 from dsu_models.plots import SCATTER_POINTS
 from dsu_models.stages.common import NonFiniteLossError
@@ -42,7 +42,15 @@ def labeled_infos(manifest: dict, cfg: Config) -> tuple[list[dict], list[int]]:
     return infos, columns
 
 
-def run_stage(stage: str, cfg: Config, data_dir: str, run_id: str, upstream: dict,
+def check_batch_split(cfg: Config, stage: str, workers: int):
+    """Each worker takes an equal share of a batch: ``stage``'s batch size must divide by ``workers``."""
+    batch = getattr(cfg, stage).batch_size
+    if batch % workers:
+        raise ConfigError(f"{stage}.batch_size {batch} is not divisible by --workers {workers} "
+                          f"(each worker takes an equal share of a batch)")
+
+
+def fit_stage(stage: str, cfg: Config, data_dir: str, run_id: str, upstream: dict,
               tracking_uri: str, workers: int = 1, use_gpu: bool = False,
               cpus_per_worker: float | None = None, max_failures: int = 2,
               storage_path: str | None = None, callbacks: list | None = None,
@@ -59,9 +67,7 @@ def run_stage(stage: str, cfg: Config, data_dir: str, run_id: str, upstream: dic
     from dsu_models.data.manifest import factor_infos
     from pipelines.data.loading import cluster_cached, shard_fits_in_memory, train_dataset
 
-    scfg = getattr(cfg, stage)
-    if scfg.batch_size % workers:
-        raise ValueError(f"{stage}.batch_size {scfg.batch_size} is not divisible by {workers} workers")
+    check_batch_split(cfg, stage, workers)
     if cpus_per_worker is None:
         cpus_per_worker = default_cpus_per_worker(node_cpus(), workers, use_gpu)
     manifest = read_manifest(data_dir)

@@ -37,13 +37,13 @@ import torch
 from dsu_models.allocator import retain_freed_memory
 from dsu_models.config import Config, config_from_dict
 from dsu_models.data.base import FactorInfo, InMemoryDataset, to_float
-from dsu_models.factory import make_stage
+from dsu_models.stages import make_stage, stage_class
 from dsu_models.files import load_torch, save_torch
 from dsu_models.loop import Sink, run_stage
 from dsu_models.stages.common import NonFiniteLossError
 from pipelines.cluster import storage
 from pipelines.cluster.collective import allreduce_gradients, broadcast_state, sum_over_workers
-from pipelines.data.upstream import HANDOFF, load_upstream, lookup_codes
+from pipelines.data.stage_inputs import HANDOFF, load_upstream, lookup_codes
 from pipelines.tracking import runs as tracking
 
 STATE_FILE = "state.pt"
@@ -64,7 +64,7 @@ def worker_dir(stage: str, run_id: str, rank: int) -> Path:
 
 def train_loop(config: dict):
     """Ray Train worker: runs one stage to the end. ``config`` is built by
-    ``pipelines.jobs.stage_train.run_stage``. Downloads, checkpoints and the
+    ``pipelines.jobs.stage_train.fit_stage``. Downloads, checkpoints and the
     hand-off are written under a work directory that is removed when the stage
     ends (Ray has copied what it keeps by then). Its name is fixed per run and
     rank, so the attempt that replaces a killed worker (whose own clean-up
@@ -171,7 +171,7 @@ def _train_in(config: dict, workdir: Path):
     device = ray.train.torch.get_device()
     factors = [FactorInfo.from_dict(d) for d in config["factors"]]
     upstream = load_upstream(config["upstream"], config["tracking_uri"], workdir,
-                             need_codes=name == "stage2")
+                             need_codes=stage_class(name).reads_codes)
     torch.manual_seed(cfg.seed)
     stage = make_stage(name, cfg, factors, upstream, device)
 
@@ -210,7 +210,7 @@ def _train_in(config: dict, workdir: Path):
 
     judge = None
     if rank == 0 and config.get("judge"):  # a trainer-backed Tune trial (pipelines.sweeps.trial)
-        from dsu_models.factory import load_data
+        from dsu_models.data.configured import load_data
         from pipelines.sweeps.judge import Judge
         train, val, test = load_data(cfg)
         judge = Judge({"stage": name, "upstream": upstream, **config["judge"]}, cfg, train, val,

@@ -44,10 +44,11 @@ from mlflow.exceptions import MlflowException
 
 from dsu_models.config import Config, ConfigError, layered_dict, read_yaml
 from dsu_models.data import DataError
-from dsu_models.factory import build_config, config_path, load_data
+from dsu_models.config import load_config, config_path
+from dsu_models.data.configured import load_data
 from dsu_models.files import write_text
 from pipelines.tracking import runs as tracking
-from pipelines.sweeps import upstream as tune_upstream
+from pipelines.sweeps import reused_stages
 from pipelines.cli import check_data, overrides_of
 from pipelines.cluster import storage
 from pipelines.cluster.ray_init import init_ray
@@ -125,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "comes from the sweep's sweep.json)")
     up = p.add_argument_group("stage-2 sweeps: the finished stage 1 to reuse")
     up.add_argument("--pipeline-run", help="pipeline (parent) run id: its stage1, distill, classifier runs")
-    for stage in tune_upstream.NEEDED:
+    for stage in reused_stages.NEEDED:
         up.add_argument(f"--{stage}-run", help=f"{stage} run id (overrides the pipeline's)")
     up.add_argument("--runner-dir", help="output folder of python -m dsu_models.train")
     return p
@@ -137,11 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
 def upstream_spec(args, client) -> dict | None:
     if args.runner_dir:
         return {"kind": "runner", "dir": str(Path(args.runner_dir).resolve())}
-    named = {s: getattr(args, f"{s}_run") for s in tune_upstream.NEEDED}
+    named = {s: getattr(args, f"{s}_run") for s in reused_stages.NEEDED}
     if not args.pipeline_run and not any(named.values()):
         raise ValueError("a stage-2 sweep needs a finished stage 1: --pipeline-run, --stage1-run/"
                          "--distill-run/--classifier-run, or --runner-dir")
-    return {"kind": "mlflow", "runs": tune_upstream.pipeline_runs(client, args.pipeline_run, named)}
+    return {"kind": "mlflow", "runs": reused_stages.pipeline_runs(client, args.pipeline_run, named)}
 
 
 def base_dict(args, space: Space, upstream: dict | None) -> dict:
@@ -164,10 +165,10 @@ def validate(space: Space, base: dict, upstream: dict | None) -> Config:
     """Everything that can be checked before Ray: returns the base config."""
     with tempfile.TemporaryDirectory() as tmp:
         path = write_text(Path(tmp) / BASE_FILE, yaml.safe_dump(base, sort_keys=False))
-        cfg = build_config(str(path), [])
-        space.validate(lambda overrides: build_config(str(path), overrides))
+        cfg = load_config(str(path), [])
+        space.validate(lambda overrides: load_config(str(path), overrides))
     if upstream is not None:
-        tune_upstream.check_compatible(cfg, upstream)
+        reused_stages.check_compatible(cfg, upstream)
     check_data(cfg)
     if space.stage == "stage2" and not cfg.labeled_factors and cfg.unknown_size == 0:
         raise ConfigError("stage-2 sweep: nothing to train (no labeled factors and no unknown code)")
@@ -196,7 +197,7 @@ def new_sweep(args) -> dict:
     if space.stage == "stage2":
         spec = upstream_spec(args, client)
         with tempfile.TemporaryDirectory() as tmp:
-            upstream = tune_upstream.load(spec, tracking_uri, Path(tmp))
+            upstream = reused_stages.load(spec, tracking_uri, Path(tmp))
     base = base_dict(args, space, upstream)
     cfg = validate(space, base, upstream)
     return create_sweep(args, space, cfg, base, spec, client)
@@ -277,7 +278,7 @@ def make_context(sweep: dict) -> dict:
            "sweep_name": sweep["name"], "report_every": sweep["report_every"],
            "threads": max(1, int(sweep["cpus_per_trial"])),
            "oracle_cache": sweep["oracle_cache"], "train_workers": sweep.get("train_workers", 0)}
-    cfg = build_config(ctx["base_config"], [])
+    cfg = load_config(ctx["base_config"], [])
     if ctx["train_workers"]:
         from pipelines.cli import ensure_data
         _, ctx["data_dir"] = ensure_data(cfg, ctx["base_config"], [])
@@ -288,7 +289,7 @@ def make_context(sweep: dict) -> dict:
     if sweep["stage"] == "stage2":
         if not ctx["train_workers"]:
             with tempfile.TemporaryDirectory() as tmp:
-                ctx["upstream"] = tune_upstream.load(sweep["upstream"], sweep["tracking_uri"], Path(tmp))
+                ctx["upstream"] = reused_stages.load(sweep["upstream"], sweep["tracking_uri"], Path(tmp))
         from dsu_models.evaluation import load_or_train_oracles
         train, val, test = load_data(cfg)
         print(f"[tune] oracles for {cfg.dataset} (cached in {ctx['oracle_cache']})", flush=True)

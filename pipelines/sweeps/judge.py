@@ -8,6 +8,7 @@ from __future__ import annotations
 import warnings
 
 from dsu_models.config import Config
+from dsu_models.evaluation.metrics import on_split
 
 
 class Judge:
@@ -39,7 +40,7 @@ class Judge:
                                                   code_stats=self.upstream["code_stats"], **common)
             metrics = evaluation.evaluate(model, self.train, self.val, self.cfg.evaluate, self.oracles,
                                           log=_quiet)
-        return {f"val_{k}": float(v) for k, v in metrics.items()}
+        return on_split("val", {k: float(v) for k, v in metrics.items()})
 
 
 def _quiet(*_args, **_kwargs):

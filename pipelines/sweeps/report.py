@@ -6,7 +6,7 @@
 - :func:`summarise`: the final table, and the best trial -- the best final
   objective among trials that ran every iteration (any reporting trial when
   none did) -- written as ``best_config.yaml`` (user-level: the sweep's base
-  config with the best values layered on, loadable by ``build_config`` and
+  config with the best values layered on, loadable by ``load_config`` and
   ``pipelines/full.py --config``) and recorded on the sweep's MLflow run.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import yaml
 from ray import tune
 
 from dsu_models.config import layered_dict, read_yaml
-from dsu_models.factory import build_config
+from dsu_models.config import load_config
 from dsu_models.files import write_text
 from pipelines.cluster import storage
 from pipelines.sweeps.space import Space
@@ -156,7 +156,7 @@ def write_best_config(sweep: dict, sampled: dict) -> Path:
     path = folder / BEST_FILE
     write_text(path, f"# Best trial of sweep {sweep['name']} ({sweep['objective']}); "
                      f"python pipelines/full.py --config {path}\n" + yaml.safe_dump(best, sort_keys=False))
-    if build_config(str(path), []) != trial_config(str(base), sampled):
+    if load_config(str(path), []) != trial_config(str(base), sampled):
         raise RuntimeError(f"{path}: does not reproduce the best trial's config")
     storage.mirror(folder, sweep.get("mirror"))
     return path

@@ -7,13 +7,13 @@ and their statistics, and ships them to every trial. Two sources:
 - **MLflow** (the Ray pipeline): the ``stage1``, ``distill`` and
   ``classifier`` runs, found as the children of a pipeline run
   (``--pipeline-run``) or named one by one; each must be complete. Artifacts
-  are read with ``pipelines.data.upstream.load_upstream`` like the stage jobs do.
+  are read with ``pipelines.data.stage_inputs.load_upstream`` like the stage jobs do.
 - **A runner directory** (``python -m dsu_models.train --out DIR``):
   ``DIR/stage1/handoff.pt``, ``DIR/stage1/codes.pt``, ``DIR/classifier/handoff.pt``.
 
 Either way the result is ``{"stage1", "classifier", "code_stats", "codes"}``
 with ``codes = {split: {"ids" sorted, "mu", "sigma"}}`` (or None when the
-unknown code is empty), the form ``pipelines.data.upstream.lookup_codes`` joins by id.
+unknown code is empty), the form ``pipelines.data.stage_inputs.lookup_codes`` joins by id.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import torch
 from dsu_models import distill as distill_mod
 from dsu_models.config import Config, ConfigError, config_from_dict, flat_params
 from pipelines.tracking import runs as tracking
-from pipelines.data.upstream import HANDOFF, load_codes, load_upstream
+from pipelines.data.stage_inputs import HANDOFF, load_upstream, read_code_parquet
 
 NEEDED = ("stage1", "distill", "classifier")
 # Config parts a stage-2 sweep may set differently from the stage 1 it reuses.
@@ -54,7 +54,7 @@ def from_mlflow(runs: dict[str, str], tracking_uri: str, workdir: Path) -> dict:
     up["codes"] = None
     if config_from_dict(up["stage1"]["config"]).unknown_size:
         codes_dir = tracking.download(runs["distill"], "codes", tracking_uri, workdir / "distill")
-        up["codes"] = {split: load_codes(codes_dir / split) for split in ("train", "test")}
+        up["codes"] = {split: read_code_parquet(codes_dir / split) for split in ("train", "test")}
     return {k: up[k] for k in ("stage1", "classifier", "code_stats", "codes")}
 
 

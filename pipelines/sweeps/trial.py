@@ -4,7 +4,7 @@ A function trainable (:func:`run_trial`), one per sampled configuration:
 
 - **Config**: the sweep's base config (a user-level YAML in the sweep folder)
   with the trial's sampled values layered on as overrides, resolved by
-  ``dsu_models.train.build_config``.
+  ``dsu_models.config.load_config``.
 - **Training**: the stage module runs in this process on the plain in-memory
   loader (``BatchSource``), like the single-process runner. Stage 2 reuses the
   finished stage 1, classifier and distilled codes the driver loaded once
@@ -32,10 +32,12 @@ import torch
 from dsu_models.allocator import retain_freed_memory
 from dsu_models.batches import BatchSource, labeled_view
 from dsu_models.config import Config
-from dsu_models.factory import build_config, load_data, make_stage
+from dsu_models.config import load_config
+from dsu_models.data.configured import load_data
+from dsu_models.stages import make_stage, stage_class
 from dsu_models.files import load_torch, save_torch
 from dsu_models.loop import Cadence, Sink, run_stage
-from pipelines.data.upstream import lookup_codes
+from pipelines.data.stage_inputs import lookup_codes
 from pipelines.jobs.worker import STATE_FILE
 from pipelines.sweeps.judge import Judge
 from pipelines.sweeps.space import Space
@@ -69,7 +71,7 @@ def base_config_file(ctx: dict) -> str:
 
 def trial_config(base_config: str, sampled: dict) -> Config:
     """The resolved config of one trial: base YAML + sampled values."""
-    return build_config(base_config, Space.overrides(sampled))
+    return load_config(base_config, Space.overrides(sampled))
 
 
 # ----------------------------------------------------------------- MLflow
@@ -100,10 +102,11 @@ def trial_run(client, ctx: dict, trial_id: str, sampled: dict, cfg: Config) -> s
 
 
 def stage_sources(ctx: dict, cfg: Config, train, test) -> tuple[BatchSource, dict]:
-    """Training batches and the fixed plot batch (stage 2: with the distilled codes)."""
+    """Training batches and the fixed plot batch (with the distilled codes for a
+    stage that reads them)."""
     batch_size = getattr(cfg, ctx["stage"]).batch_size
     codes = {"train": None, "test": None}
-    if ctx["stage"] == "stage2":
+    if stage_class(ctx["stage"]).reads_codes:
         distilled = ctx["upstream"]["codes"]
         for split, data in (("train", train), ("test", test)):
             if distilled is None:  # no unknown code: nothing was distilled
@@ -158,7 +161,7 @@ def run_trial(sampled: dict, ctx: dict):
 
 def run_trainer_trial(sampled: dict, ctx: dict):
     """Tune function trainable that launches the stage's ``TorchTrainer``
-    (``pipelines.jobs.stage_train.run_stage``: ``ctx["train_workers"]`` workers
+    (``pipelines.jobs.stage_train.fit_stage``: ``ctx["train_workers"]`` workers
     streaming the prepared data from Ray Data, GPUs with ``gpus_per_trial``),
     every report judged by rank 0 and forwarded to Tune by
     ``TuneReportCallback``, so ASHA stops it like an in-process trial. Its Ray
@@ -168,15 +171,15 @@ def run_trainer_trial(sampled: dict, ctx: dict):
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipelines.jobs.stage_train import run_stage
+    from pipelines.jobs.stage_train import fit_stage
 
     every, name = ctx["report_every"], ctx["stage"]
-    cfg = build_config(base_config_file(ctx), Space.overrides(sampled) + [
+    cfg = load_config(base_config_file(ctx), Space.overrides(sampled) + [
         f"data_path={ctx['data_dir']}", f"{name}.report_interval={every}",
         f"{name}.checkpoint_interval={every}"])
     client = MlflowClient(ctx["tracking_uri"])
     run_id = trial_run(client, ctx, tune.get_context().get_trial_id(), sampled, cfg)
-    run_stage(name, cfg, ctx["data_dir"], run_id, ctx["upstream_runs"], ctx["tracking_uri"],
+    fit_stage(name, cfg, ctx["data_dir"], run_id, ctx["upstream_runs"], ctx["tracking_uri"],
               workers=ctx["train_workers"], use_gpu=ctx["use_gpu"], cpus_per_worker=ctx["cpus_per_worker"],
               max_failures=ctx["max_failures"],
               storage_path=ctx["trainer_storage"], callbacks=[TuneReportCallback()],
