@@ -164,7 +164,7 @@ def main(argv=None) -> int:
 
     from dsu_models.inference import DisUnknownModel
     from pipelines.serve import start
-    from pipelines.serving.protocol import encode_png
+    from dsu_models.data.codec import encode_png
 
     torch.set_num_threads(a.threads)
     with tempfile.TemporaryDirectory(prefix="dsu-serve-load-") as tmp:

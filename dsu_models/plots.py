@@ -61,7 +61,7 @@ def new_figure(width: float = 5.0, height: float = 3.8, dpi: int = 100) -> Figur
     return fig
 
 
-def render(fig: Figure) -> Tensor:
+def figure_pixels(fig: Figure) -> Tensor:
     """Draw ``fig`` -> uint8 (3, H, W)."""
     fig.canvas.draw()
     rgba = np.asarray(fig.canvas.buffer_rgba())
@@ -145,7 +145,7 @@ def code_scatter(codes: Tensor, labels: Tensor, factor: FactorInfo, title: str |
     ax.scatter(points[order, 0], points[order, 1], c=colors[y[order]], s=6, alpha=0.8, linewidths=0)
     _style(ax, title or f"unknown code, coloured by {factor.name}", xlabel, ylabel)
     _class_key(ax, fig, factor, colors)
-    return render(fig)
+    return figure_pixels(fig)
 
 
 def code_scatters(codes: Tensor, labels: Tensor, factors: list[FactorInfo],
@@ -210,7 +210,7 @@ def embedding_plot(mean: Tensor, std: Tensor, factor: FactorInfo, prefix: str = 
         ax.set_yticks(ticks, labels=[names[t] for t in ticks])
         ax.invert_yaxis()
         _style(ax, f"{prefix}{factor.name}: class codes (1 dim, mean +- 1 std)", "dim 0", "class")
-    return render(fig)
+    return figure_pixels(fig)
 
 
 def embedding_plots(embedders, factors: list[FactorInfo], prefix: str = "",
@@ -335,7 +335,7 @@ def confusion_picture(counts: Tensor, factor: FactorInfo) -> Tensor:
         names = [textwrap.shorten(str(c), 12, placeholder="..") for c in factor.names()]
         ax.set_xticks(range(n), names, rotation=90, fontsize=FONT)
         ax.set_yticks(range(n), names, fontsize=FONT)
-    return render(fig)
+    return figure_pixels(fig)
 
 
 def worst_consistency_picture(worst) -> Tensor:

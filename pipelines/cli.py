@@ -36,19 +36,19 @@ def _train(step, cfg, data_dir, run_id, upstream, args, tracking_uri):
 
 
 def _distill(step, cfg, data_dir, run_id, upstream, args, tracking_uri):
-    from pipelines.jobs.distill import run_distill
+    from pipelines.jobs.distill_actors import run_distill
     run_distill(cfg, data_dir, upstream["stage1"], run_id, tracking_uri, use_gpu=args.gpu,
                 actors=max(1, args.workers))
 
 
 def _evaluate(step, cfg, data_dir, run_id, upstream, args, tracking_uri):
-    from pipelines.jobs.evaluate import run_evaluate
+    from pipelines.jobs.evaluate_and_register import run_evaluate
     run_evaluate(cfg, data_dir, upstream, run_id, tracking_uri, use_gpu=args.gpu,
                  num_cpus=args.cpus_per_worker)
 
 
 def _register(step, cfg, data_dir, run_id, upstream, args, tracking_uri):
-    from pipelines.jobs.evaluate import run_register
+    from pipelines.jobs.evaluate_and_register import run_register
     outcome = run_register(cfg, upstream, run_id, tracking_uri, alias=args.alias)
     print(f"[register] {outcome.describe(args.alias)}", flush=True)
 
@@ -95,7 +95,7 @@ def overrides_of(args) -> list[str]:
     if args.dataset:
         extra.insert(0, f"dataset={args.dataset}")
     if args.data:
-        extra.append(f"data_path={args.data if storage.is_uri(args.data) else Path(args.data).resolve()}")
+        extra.append(f"data_path={args.data if storage.has_scheme(args.data) else Path(args.data).resolve()}")
     if args.storage:
         extra.append(f"storage={args.storage}")
     return extra
@@ -108,7 +108,7 @@ def builtin_dir(cfg: Config) -> str:
     from dsu_models.data.prepared import planned_digest
     from dsu_models.data.sources import make_plan
     digest = planned_digest(make_plan(cfg.dataset, builtin_options(cfg)))
-    return storage.join(storage.resolve(cfg.storage), "prepared",
+    return storage.join(storage.resolve_root(cfg.storage), "prepared",
                         f"{cfg.dataset}-{cfg.image_size}px-{digest[:12]}")
 
 
@@ -136,7 +136,7 @@ def ensure_data(cfg: Config, config_arg, overrides: list[str]) -> tuple[Config, 
     """Prepare a built-in dataset (Ray Data job, reused when prepared before);
     returns the config re-resolved against the prepared manifest, and the dir."""
     if cfg.data_path:
-        return cfg, cfg.data_path if storage.is_uri(cfg.data_path) else str(Path(cfg.data_path).resolve())
+        return cfg, cfg.data_path if storage.has_scheme(cfg.data_path) else str(Path(cfg.data_path).resolve())
     from pipelines.jobs.prepare import prepare_into
     out = builtin_dir(cfg)
     print(f"[prepare] {cfg.dataset} -> {out}", flush=True)
@@ -184,7 +184,7 @@ def pin_storage(cfg: Config, overrides: list[str]) -> tuple[Config, list[str]]:
     data went and a resume finds them there."""
     import dataclasses
 
-    root = storage.resolve(cfg.storage)
+    root = storage.resolve_root(cfg.storage)
     if cfg.storage == root:
         return cfg, overrides
     return dataclasses.replace(cfg, storage=root), overrides + [f"storage={root}"]

@@ -303,11 +303,11 @@ def test_distill_codes_match_direct_encoder_call():
 
 
 def test_ray_distill_actor_reads_uint8_rows_like_the_runner():
-    """The Ray Data actor of pipelines/jobs/distill.py gets Decode's uint8 rows and must
+    """The Ray Data actor of pipelines/jobs/distill_actors.py gets Decode's uint8 rows and must
     give the codes the single-process distillation gives."""
     import numpy as np
 
-    from pipelines.jobs.distill import EncodeUnknown
+    from pipelines.jobs.distill_actors import EncodeUnknown
 
     cfg = tiny_config()
     encoder = random_encoder(cfg)
@@ -329,7 +329,7 @@ def test_code_stats_from_parquet_equal_all_at_once(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipelines.jobs.distill import code_stats_from_parquet
+    from pipelines.jobs.distill_actors import code_stats_from_parquet
 
     g = torch.Generator().manual_seed(0)
     mu, sigma = torch.randn(50, 3, generator=g), torch.rand(50, 3, generator=g) + 0.1

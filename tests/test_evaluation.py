@@ -49,7 +49,7 @@ def render(labels: torch.Tensor) -> torch.Tensor:
 
 def make_split(n: int, seed: int, name: str = "shapes3d-subset") -> InMemoryDataset:
     g = torch.Generator().manual_seed(seed)
-    infos = {f.name: f for f in shapes3d.factor_infos()}
+    infos = {f.name: f for f in shapes3d.factor_table()}
     factors = [infos[n_] for n_ in VARY]
     labels = torch.stack([torch.randint(f.classes, (n,), generator=g) for f in factors], 1)
     return InMemoryDataset(render(labels), labels, factors, name=name)

@@ -95,3 +95,36 @@ def test_no_import_circles():
     for name in sorted(set(graph) - packages):
         walk(name, name, [name])
     assert not circles, "\n".join(circles[:20])
+
+
+def test_no_two_modules_or_public_functions_share_a_name():
+    """A name says where a thing lives: no two modules of one file name, and no
+    two public top-level functions or classes of one name, in dsu_models/ and
+    pipelines/. Exempt by design: ``main`` (each command's entry point), the
+    interface every data source module implements (``plan``, ``read``; the
+    procedural ones also ``render`` and ``factor_table``), and
+    dsu_models/nn/plain.py, whose formulas mirror dsu_models/nn/layers.py's fast
+    layers name for name so that tests can compare the two."""
+    import ast
+    from collections import defaultdict
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    files = sorted(p for top in ("dsu_models", "pipelines") for p in (root / top).rglob("*.py"))
+    modules, names = defaultdict(list), defaultdict(list)
+    for path in files:
+        rel = path.relative_to(root).as_posix()
+        if path.name not in ("__init__.py", "__main__.py"):
+            modules[path.name].append(rel)
+        if rel == "dsu_models/nn/plain.py":
+            continue
+        source_module = rel.startswith("dsu_models/data/sources/")
+        for node in ast.parse(path.read_text()).body:
+            if not isinstance(node, (ast.FunctionDef, ast.ClassDef)) or node.name.startswith("_"):
+                continue
+            if node.name == "main" or (source_module and node.name in ("plan", "read", "render", "factor_table")):
+                continue
+            names[node.name].append(rel)
+    clashes = {k: v for k, v in modules.items() if len(v) > 1}
+    clashes.update({k: v for k, v in names.items() if len(v) > 1})
+    assert not clashes, clashes

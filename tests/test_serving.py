@@ -24,7 +24,7 @@ from PIL import Image
 from dsu_models.inference import DisUnknownModel, to_hwc_uint8
 from pipelines.serve import app_args, parse_args, start
 from pipelines.serving.app import build
-from pipelines.serving.protocol import encode_png
+from dsu_models.data.codec import encode_png
 from pipelines.tracking.registry import log_and_register
 from servers import free_port
 from tiny_model import shared_tiny

@@ -36,7 +36,7 @@ def content_hash(source: str, image_size: int, options: dict, fingerprint: dict)
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def build(name: str, source: str, image_size: int, channels: int, factors: list[FactorInfo],
+def build_manifest(name: str, source: str, image_size: int, channels: int, factors: list[FactorInfo],
           counts: dict[str, list[np.ndarray]], rows: dict[str, int], files: dict[str, list[str]],
           options: dict,
           digest: str, val_from: str = "carved") -> dict:

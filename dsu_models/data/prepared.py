@@ -165,7 +165,7 @@ def finish(plan: SourcePlan, digest: str, staging: Path, out_dir, stats: list[di
     rows["plot"], files["plot"] = _write_plot(staging, int(plan.options["plot_size"]),
                                               int(plan.options["seed"]), plan.factors)
     name = plan.source if plan.source != "image_folder" else Path(plan.options["root"]).name
-    m = mf.build(name, plan.source, plan.image_size, plan.channels, plan.factors, counts, rows,
+    m = mf.build_manifest(name, plan.source, plan.image_size, plan.channels, plan.factors, counts, rows,
                  files, plan.options, digest, plan.val_from)
     mf.write(staging, m)
     return _commit(staging, Path(out_dir))

@@ -42,7 +42,7 @@ HINT = ("pass --storage (or storage: in the config, or DSU_STORAGE) a folder eve
         "mounts at the same path (NFS/EFS) or a URI such as s3://BUCKET/PREFIX")
 
 
-def resolve(configured: str | None) -> str:
+def resolve_root(configured: str | None) -> str:
     """The storage root: ``configured`` (``--storage`` / ``storage:``), else
     ``$DSU_STORAGE``, else ``$DSU_HOME``; paths made absolute, URIs checked."""
     from pipelines.tracking.runs import dsu_home
@@ -69,7 +69,7 @@ def normalise(value: str) -> str:
     return text.rstrip("/")
 
 
-def is_uri(root: str) -> bool:
+def has_scheme(root: str) -> bool:
     return "://" in root
 
 
@@ -82,7 +82,7 @@ def filesystem(root: str):
     """``(pyarrow filesystem, path within it)`` for ``root``."""
     import pyarrow.fs as pafs
 
-    if not is_uri(root):
+    if not has_scheme(root):
         return pafs.LocalFileSystem(), root
     return pafs.FileSystem.from_uri(root)
 
@@ -107,7 +107,7 @@ def oracle_cache(root: str) -> Path:
     else (a URI root) on this node's ``$DSU_HOME``."""
     from pipelines.tracking.runs import dsu_home
 
-    return Path(join(str(dsu_home()) if is_uri(root) else root, "oracles"))
+    return Path(join(str(dsu_home()) if has_scheme(root) else root, "oracles"))
 
 
 def _sees(root: str, marker: str) -> bool:

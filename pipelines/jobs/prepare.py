@@ -80,7 +80,7 @@ def prepare_into(source: str, out: str, **options) -> str:
     hash) is reused."""
     from pipelines.cluster import storage
 
-    if not storage.is_uri(out):
+    if not storage.has_scheme(out):
         return str(prepare_with_ray(source, out, **options))
     import tempfile
 

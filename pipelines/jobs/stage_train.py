@@ -73,7 +73,7 @@ def fit_stage(stage: str, cfg: Config, data_dir: str, run_id: str, upstream: dic
     manifest = read_manifest(data_dir)
     infos, columns = labeled_infos(manifest, cfg)
     all_factors = [f.to_dict() for f in factor_infos(manifest)]
-    storage_path = storage_path or storage.join(storage.resolve(cfg.storage), "ray_results")
+    storage_path = storage_path or storage.join(storage.resolve_root(cfg.storage), "ray_results")
     ray_run = f"{stage}-{run_id}"
     loop_config = {
         "stage": stage, "cfg": cfg.to_dict(), "factors": infos, "label_columns": columns,

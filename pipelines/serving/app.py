@@ -30,6 +30,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 
 from dsu_models.allocator import retain_freed_memory
+from dsu_models.data.codec import encode_png
 from dsu_models.inference import DisUnknownModel, to_hwc_uint8
 from pipelines.serving import protocol as p
 
@@ -196,7 +197,7 @@ class SwapService:
         if not 0 <= index < count:
             raise p.BadRequest(f"no example image {index}; this model has {count}", 404)
         image = stored["images"][index].permute(1, 2, 0).numpy()
-        return Response(p.encode_png(image), media_type="image/png")
+        return Response(encode_png(image), media_type="image/png")
 
     @api.post("/swap")
     async def swap(self, request: Request) -> Response:

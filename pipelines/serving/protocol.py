@@ -25,6 +25,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from dsu_models.inference import DisUnknownModel
+from dsu_models.data.codec import encode_png
 
 JSON_TYPES = ("application/json",)
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/bmp", "application/octet-stream")
@@ -137,13 +138,6 @@ def decode_base64_image(text, model: DisUnknownModel, what: str) -> torch.Tensor
     except (binascii.Error, ValueError):
         raise BadRequest(f"{what}: not valid base64") from None
     return decode_image(raw, model, what)
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    """uint8 ``(H, W, C)`` -> PNG bytes."""
-    out = io.BytesIO()
-    Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(out, format="PNG")
-    return out.getvalue()
 
 
 def png_base64(images: np.ndarray) -> list[str]:

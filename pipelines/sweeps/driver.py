@@ -67,7 +67,7 @@ def tune_root(root: str) -> Path:
     """The sweep records' folder: ``<storage>/tune``, or for a URI storage
     ``$DSU_HOME/tune`` on the driver, mirrored to ``<storage>/tune`` (Tune's
     own state and the trials' Ray Train runs are written there directly)."""
-    if storage.is_uri(root):
+    if storage.has_scheme(root):
         from pipelines.tracking.runs import dsu_home
         return dsu_home() / "tune"
     return Path(storage.join(root, "tune"))
@@ -91,7 +91,7 @@ def absolute_uri(uri: str | None) -> str:
 # ----------------------------------------------------------------- arguments
 
 
-def build_parser() -> argparse.ArgumentParser:
+def sweep_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Ray Tune sweep of one stage's loss weights, tracked in MLflow")
     p.add_argument("--space", help="search space YAML (tune_spaces/stage1.yaml, tune_spaces/stage2.yaml)")
     p.add_argument("--samples", type=int, default=8, help="trials (grid entries multiply it)")
@@ -197,7 +197,7 @@ def new_sweep(args) -> dict:
     if space.stage == "stage2":
         spec = upstream_spec(args, client)
         with tempfile.TemporaryDirectory() as tmp:
-            upstream = reused_stages.load(spec, tracking_uri, Path(tmp))
+            upstream = reused_stages.load_reused(spec, tracking_uri, Path(tmp))
     base = base_dict(args, space, upstream)
     cfg = validate(space, base, upstream)
     return create_sweep(args, space, cfg, base, spec, client)
@@ -207,7 +207,7 @@ def create_sweep(args, space: Space, cfg: Config, base: dict, spec: dict | None,
     """The sweep folder (space, base config, ``sweep.json``) and its MLflow run."""
     tracking_uri = absolute_uri(args.tracking_uri)
     name = args.name or f"{space.stage}-{time.strftime('%Y%m%d-%H%M%S')}"
-    root = storage.resolve(cfg.storage)
+    root = storage.resolve_root(cfg.storage)
     folder = tune_root(root) / name
     if folder.exists():
         raise ValueError(f"sweep folder {folder} exists: --resume it or pick another --name")
@@ -219,7 +219,7 @@ def create_sweep(args, space: Space, cfg: Config, base: dict, spec: dict | None,
         "name": name, "folder": str(folder), "stage": space.stage, "objective": space.objective,
         # where Tune keeps its state and the trials theirs; a URI storage gets the record mirrored
         "tune_storage": storage.join(root, "tune"),
-        "mirror": storage.join(root, "tune", name) if storage.is_uri(root) else None,
+        "mirror": storage.join(root, "tune", name) if storage.has_scheme(root) else None,
         "space_source": str(space.path), "tracking_uri": tracking_uri, "experiment": args.experiment,
         "samples": args.samples, "iterations": total, "report_every": min(args.report_every, total),
         "grace_period": min(args.grace_period or args.report_every, total),
@@ -289,7 +289,7 @@ def make_context(sweep: dict) -> dict:
     if sweep["stage"] == "stage2":
         if not ctx["train_workers"]:
             with tempfile.TemporaryDirectory() as tmp:
-                ctx["upstream"] = reused_stages.load(sweep["upstream"], sweep["tracking_uri"], Path(tmp))
+                ctx["upstream"] = reused_stages.load_reused(sweep["upstream"], sweep["tracking_uri"], Path(tmp))
         from dsu_models.evaluation import load_or_train_oracles
         train, val, test = load_data(cfg)
         print(f"[tune] oracles for {cfg.dataset} (cached in {ctx['oracle_cache']})", flush=True)
@@ -331,7 +331,7 @@ def make_tuner(sweep: dict, ctx: dict, space: Space, restore: bool):
             failure_config=tune.FailureConfig(max_failures=sweep["max_failures"])))
 
 
-def run(sweep: dict, num_cpus: int | None, restore: bool) -> int:
+def run_sweep(sweep: dict, num_cpus: int | None, restore: bool) -> int:
     from mlflow.tracking import MlflowClient
 
     from pipelines.sweeps.report import summarise
@@ -350,7 +350,7 @@ def run(sweep: dict, num_cpus: int | None, restore: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_intermixed_args(argv)
+    args = sweep_parser().parse_intermixed_args(argv)
     try:
         if args.resume:
             sweep = reopen_sweep(args.resume, args.tracking_uri)
@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError("--space is required (or --resume a sweep)")
             sweep = new_sweep(args)
             restore = False
-        return run(sweep, args.num_cpus, restore)
+        return run_sweep(sweep, args.num_cpus, restore)
     except (ConfigError, DataError, ValueError, MlflowException) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -86,7 +86,7 @@ def from_runner(directory: str | Path) -> dict:
             "code_stats": distilled["stats"], "codes": codes}
 
 
-def load(spec: dict, tracking_uri: str, workdir: Path) -> dict:
+def load_reused(spec: dict, tracking_uri: str, workdir: Path) -> dict:
     """``spec``: ``{"kind": "mlflow", "runs": {stage: id}}`` or ``{"kind": "runner", "dir": DIR}``."""
     if spec["kind"] == "mlflow":
         return from_mlflow(spec["runs"], tracking_uri, workdir)

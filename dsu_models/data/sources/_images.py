@@ -24,7 +24,7 @@ def peek(path: Path) -> tuple[int, int, int]:
         raise DataError(f"cannot read image {path}: {e}") from e
 
 
-def load(path: Path, expect: tuple[int, int, int], size: int, resize: bool, crop: float = 1.0,
+def load_image(path: Path, expect: tuple[int, int, int], size: int, resize: bool, crop: float = 1.0,
          where: str = "") -> np.ndarray:
     """Decode one file to (size, size, C) uint8.
 

@@ -20,7 +20,7 @@ FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
          "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 
 
-def make_plan(name: str, tv_class: str, class_names: tuple[str, ...], opts: dict) -> SourcePlan:
+def family_plan(name: str, tv_class: str, class_names: tuple[str, ...], opts: dict) -> SourcePlan:
     if opts["root"] is None:
         raise DataError(f"{name}: option 'root' (the torchvision data root) is required")
     root = Path(opts["root"])

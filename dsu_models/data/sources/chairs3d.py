@@ -76,7 +76,7 @@ def plan(opts: dict) -> SourcePlan:
 
 def read(task: dict) -> Iterator[Chunk]:
     # resize=True: every render is cropped and resized anyway; sizes must still agree
-    images = np.stack([_images.load(Path(p), task["expect"], task["size"], True, task["crop"])
+    images = np.stack([_images.load_image(Path(p), task["expect"], task["size"], True, task["crop"])
                        for p in task["files"]])
     n = len(images)
     yield Chunk(np.where(task["test"], TEST, TRAIN).astype(np.int8),

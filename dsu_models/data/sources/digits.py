@@ -26,7 +26,7 @@ DEFAULT_SAMPLES = None            # a config with num_samples: null draws all of
 IMAGES = 1797                     # sklearn's bundled set; fixed
 
 
-def load(size: int) -> tuple[np.ndarray, np.ndarray]:
+def all_digits(size: int) -> tuple[np.ndarray, np.ndarray]:
     """All 1,797 digits: images (N, size, size, 1) uint8, labels (N, 1) int64."""
     import torch  # here: the sources package stays torch-free to import (see ..base)
     import torch.nn.functional as F
@@ -56,7 +56,7 @@ def plan(opts: dict) -> SourcePlan:
 
 def read(task: dict) -> Iterator[Chunk]:
     """All the digits, or the task's seeded subset (ids: rows of sklearn's set), one chunk."""
-    images, labels = load(task["size"])
+    images, labels = all_digits(task["size"])
     ids = np.arange(len(images), dtype=np.int64)
     n, seed = task["num_samples"], task["seed"]
     if n is not None:

@@ -4,7 +4,7 @@
 """
 from __future__ import annotations
 
-from ._mnist_family import make_plan
+from ._mnist_family import family_plan
 
 NAME = "fashion_mnist"
 FACTORS = [("class", 10)]
@@ -16,4 +16,4 @@ CLASS_NAMES = ("t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", 
 
 
 def plan(opts):
-    return make_plan(NAME, "FashionMNIST", CLASS_NAMES, opts)
+    return family_plan(NAME, "FashionMNIST", CLASS_NAMES, opts)

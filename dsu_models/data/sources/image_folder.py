@@ -330,7 +330,7 @@ def plan(opts: dict) -> SourcePlan:
 
 def read(task: dict) -> Iterator[Chunk]:
     images = np.stack([
-        _images.load(Path(p), task["expect"], task["size"], task["resize"],
+        _images.load_image(Path(p), task["expect"], task["size"], task["resize"],
                      where=f"{task['csv']}: line {line}: ")
         for p, line in zip(task["files"], task["lines"])])
     yield Chunk(np.asarray(task["split"], np.int8),

@@ -4,7 +4,7 @@
 """
 from __future__ import annotations
 
-from ._mnist_family import make_plan
+from ._mnist_family import family_plan
 
 NAME = "mnist"
 FACTORS = [("class", 10)]
@@ -14,4 +14,4 @@ OPTIONS = {"root": None, "download": False}
 
 
 def plan(opts):
-    return make_plan(NAME, "MNIST", tuple(str(i) for i in range(10)), opts)
+    return family_plan(NAME, "MNIST", tuple(str(i) for i in range(10)), opts)

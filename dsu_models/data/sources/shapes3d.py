@@ -39,7 +39,7 @@ CLASS_NAMES = {
 }
 
 
-def factor_infos() -> list[FactorInfo]:
+def factor_table() -> list[FactorInfo]:
     return [FactorInfo(n, c, CLASS_NAMES[n]) for n, c in FACTORS]
 
 
@@ -107,5 +107,5 @@ def _draw(labels: np.ndarray, size: int) -> np.ndarray:
 
 
 def plan(opts: dict) -> SourcePlan:
-    return P.grid_plan(NAME, FACTORS, factor_infos(), CHANNELS, DEFAULT_IMAGE_SIZE,
+    return P.grid_plan(NAME, FACTORS, factor_table(), CHANNELS, DEFAULT_IMAGE_SIZE,
                        GENERATOR_VERSION, render, opts)

@@ -89,7 +89,7 @@ FACTORS = READABLE.factors
 POSITIONS = READABLE.centres
 
 
-def factor_infos(grid: Grid = READABLE) -> list[FactorInfo]:
+def factor_table(grid: Grid = READABLE) -> list[FactorInfo]:
     names = grid.class_names()
     return [FactorInfo(n, c, names[n]) for n, c in grid.factors]
 
@@ -171,5 +171,5 @@ def plan(opts: dict) -> SourcePlan:
 
 def grid_source_plan(name: str, grid: Grid, default_size: int, version: int, opts: dict) -> SourcePlan:
     """Plan for these sprites drawn on ``grid`` (this source and ``sprites_full``)."""
-    return P.grid_plan(name, grid.factors, factor_infos(grid), CHANNELS, default_size, version,
+    return P.grid_plan(name, grid.factors, factor_table(grid), CHANNELS, default_size, version,
                        functools.partial(render, grid=grid), opts)

@@ -83,7 +83,7 @@ def run_distill(cfg: Config, data_dir: str, stage1_run: str, run_id: str, tracki
             weights = ray.put(handoff["weights"]["encoder"])
             # the write tasks run on any node: they write under the shared storage,
             # and the driver copies the result into MLflow, then removes it
-            staged = storage.join(storage.resolve(cfg.storage), "codes", run_id)
+            staged = storage.join(storage.resolve_root(cfg.storage), "codes", run_id)
             fs, staged_path = storage.filesystem(staged)
             fs.delete_dir_contents(staged_path, missing_dir_ok=True)  # a retried distill's leftovers
             try:

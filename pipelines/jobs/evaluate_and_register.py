@@ -91,7 +91,7 @@ def evaluate_in_process(cfg: Config, data_dir: str, runs: dict, run_id: str, tra
 
         started = time.perf_counter()
         oracles = load_or_train_oracles(train, test, cfg.evaluate,
-                                        storage.oracle_cache(storage.resolve(cfg.storage)),
+                                        storage.oracle_cache(storage.resolve_root(cfg.storage)),
                                         device=model.device, log=log)
         log(f"[evaluate] oracles ready in {time.perf_counter() - started:.0f} s: "
             + ", ".join(f"{k} {v:.3f}" for k, v in oracles.test_accuracy.items()))
