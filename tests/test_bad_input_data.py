@@ -219,7 +219,7 @@ def test_manifest_build_is_linear_in_classes():
     f = FactorInfo("k", classes)
     counts = {s: [np.ones(classes, np.int64)] for s in ("train", "test")}
     t0 = time.time()
-    m = mf.build("x", "image_folder", 8, 3, [f], counts, {"train": 1, "test": 1},
+    m = mf.build_manifest("x", "image_folder", 8, 3, [f], counts, {"train": 1, "test": 1},
                  {"train": [], "test": []}, {}, "0" * 64)
     assert time.time() - t0 < 5
     assert m["factors"][0]["frequencies"]["train"][0] == pytest.approx(1 / classes)

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import torch
 
 from dsu_models.files import load_torch
+from dsu_models.stages import STAGE_CLASSES
 from pipelines.tracking import runs as tracking
 
 HANDOFF = "handoff.pt"
@@ -47,16 +48,17 @@ def lookup_codes(codes: dict, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return codes["mu"][pos], codes["sigma"][pos]
 
 
-def load_upstream(runs: dict, tracking_uri: str, workdir: Path, need_codes: bool,
-                  handoffs: tuple[str, ...] = ("stage1", "classifier", "stage2")) -> dict:
-    """The ``handoffs`` of upstream runs (None where ``runs`` has no such run), the
-    code statistics (``code_stats``) and, with ``need_codes``, stage 2's codes."""
+def load_upstream(runs: dict, tracking_uri: str, workdir: Path, need_codes: bool) -> dict:
+    """A step's inputs from its upstream runs (``{step: run id or None}``): every
+    training stage's hand-off under its name (None where ``runs`` has no run of
+    it), the code statistics (``code_stats``) and, with ``need_codes``, the
+    distilled codes."""
     def handoff(key):
         if not runs.get(key):
             return None
         return load_torch(tracking.download(runs[key], HANDOFF, tracking_uri, workdir / key))
 
-    out: dict = {key: handoff(key) for key in handoffs}
+    out: dict = {key: handoff(key) for key in STAGE_CLASSES}
     out.update(code_stats=None, codes=None)
     if runs.get("distill"):
         stats = tracking.download(runs["distill"], "stats.pt", tracking_uri, workdir / "distill")

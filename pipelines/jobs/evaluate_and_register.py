@@ -78,8 +78,7 @@ def evaluate_in_process(cfg: Config, data_dir: str, runs: dict, run_id: str, tra
     client = MlflowClient(tracking_uri)
     with tempfile.TemporaryDirectory(prefix="dsu-evaluate-") as tmp:
         workdir = Path(tmp)
-        handoffs = load_upstream(runs, tracking_uri, workdir, need_codes=False,
-                                 handoffs=("stage1", "stage2", "lenc"))
+        handoffs = load_upstream(runs, tracking_uri, workdir, need_codes=False)
         stats = handoffs["code_stats"]
         train, test = (read_split(data_dir, split, image_size=cfg.image_size) for split in ("train", "test"))
         val = _validation_split(data_dir, cfg, log)
