@@ -2,7 +2,8 @@
 library in-process on the same batches.
 
     python benchmarks/serve_load.py [--model URI_OR_DIR] [--requests 256] [--levels 1,8,32]
-                                    [--config quick] [--threads 1] [key=value ...]
+                                    [--config quick] [--threads 1] [--second-model URI_OR_DIR]
+                                    [key=value ...]
 
 Without ``--model`` it builds a model of ``--config``'s networks (the default
 pipeline's, 32 px) with one training step per stage: throughput does not depend
@@ -15,6 +16,12 @@ so it stops by itself. It prints requests/s, images/s, p50/p95/p99 latency and
 errors per level, next to ``DisUnknownModel.swap`` called in-process on the
 same images: one image per call (the latency to compare concurrency 1 with)
 and the level's whole batch in one call (the best batching could do).
+
+Then the two-model mix: the same levels with requests alternating between the
+default model (no header) and a second one chosen with the
+``serve_multiplexed_model_id`` header (``--second-model``, else the first
+model's bundle saved again in another folder: a second copy in memory with the
+same cost), printed beside the single-model figures.
 """
 from __future__ import annotations
 
@@ -56,8 +63,9 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def load_level(port: int, bodies: list[bytes], factor: str, classes: int, concurrency: int,
-               requests: int, deadline: float) -> dict:
-    """``requests`` swaps from ``concurrency`` threads; latencies in ms."""
+               requests: int, deadline: float, models: tuple[str | None, ...] = (None,)) -> dict:
+    """``requests`` swaps from ``concurrency`` threads; latencies in ms. Request ``i``
+    goes to ``models[i % len(models)]`` (None: the default, no header)."""
     latencies, errors = [], []
 
     def client(worker: int):
@@ -70,8 +78,10 @@ def load_level(port: int, bodies: list[bytes], factor: str, classes: int, concur
                     continue
                 started = time.perf_counter()
                 try:
+                    model = models[i % len(models)]
                     conn.request("POST", f"/swap?{factor}={i % classes}", body=bodies[i % len(bodies)],
-                                 headers={"Content-Type": "image/png"})
+                                 headers={"Content-Type": "image/png",
+                                          **({"serve_multiplexed_model_id": model} if model else {})})
                     reply = conn.getresponse()
                     data = reply.read()
                     if reply.status != 200 or not data.startswith(b"\x89PNG"):
@@ -95,13 +105,17 @@ def load_level(port: int, bodies: list[bytes], factor: str, classes: int, concur
             "p50": percentile(latencies, 50), "p95": percentile(latencies, 95), "p99": percentile(latencies, 99)}
 
 
-def served_counts(port: int) -> dict:
+def get_info(port: int) -> dict:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=REQUEST_TIMEOUT_S)
     try:
         conn.request("GET", "/info")
-        return json.loads(conn.getresponse().read())["served"]
+        return json.loads(conn.getresponse().read())
     finally:
         conn.close()
+
+
+def served_counts(port: int) -> dict:
+    return get_info(port)["served"]
 
 
 def get_level(port: int, path: str, concurrency: int, requests: int, deadline: float) -> float:
@@ -141,6 +155,32 @@ def in_process(model, images: torch.Tensor, factor: str, classes: int, batch: in
             "p99": percentile(times, 99)}
 
 
+def mix_levels(port: int, bodies: list[bytes], factor: str, classes: int, levels: list[int], requests: int,
+               deadline: float, second: str, single_rate: dict[int, float]):
+    """The levels again, requests alternating between the default model and ``second``."""
+    models = (None, second)
+    warm = load_level(port, bodies, factor, classes, 1, 8, deadline, models)   # loads the second model
+    loaded = get_info(port)["models"]["loaded"]
+    if warm["errors"] or second not in loaded:
+        print(f"two-model mix: the second model does not answer ({warm['error_kinds']}, loaded: {loaded}); "
+              f"skipped")
+        return
+    print(f"two-model mix: requests alternate between the default and {second}")
+    print(f"{'conc':>4} {'ok':>5} {'err':>4} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
+          f"{'single req/s':>13} {'mix/single':>11}")
+    for c in levels:
+        before = served_counts(port)
+        r = load_level(port, bodies, factor, classes, c, requests, deadline, models)
+        after = served_counts(port)
+        per_pass = (after["requests"] - before["requests"]) / max(1, after["forward_passes"]
+                                                                  - before["forward_passes"])
+        print(f"{c:>4} {r['ok']:>5} {r['errors']:>4} {r['req_per_s']:>8.1f} {r['p50']:>8.1f} {r['p95']:>8.1f} "
+              f"{r['p99']:>8.1f} {single_rate[c]:>13.1f} "
+              f"{r['req_per_s'] / single_rate[c] if single_rate[c] else float('nan'):>11.2f}"
+              f"  ({per_pass:.1f} requests per forward pass)"
+              + (f"  errors: {r['error_kinds']}" if r["errors"] else ""), flush=True)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="bundle directory or MLflow URI (default: build one)")
@@ -153,6 +193,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--batch-wait-ms", type=float, default=4.0)
     parser.add_argument("--factor", help="factor to swap (default: the last labeled one)")
+    parser.add_argument("--second-model", help="the mix's second model, a URI or bundle directory of the "
+                        "same image size (default: the first one saved again in another folder)")
     parser.add_argument("overrides", nargs="*", help="config overrides for the built model")
     a = parser.parse_args(argv)
     levels = [int(v) for v in a.levels.split(",")]
@@ -170,6 +212,9 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="dsu-serve-load-") as tmp:
         model_uri = a.model or str(build_model(a.config, a.overrides, Path(tmp)))
         model = DisUnknownModel.load(model_uri, device="cpu", tracking_uri=a.tracking_uri)
+        second = a.second_model or str(model.save(Path(tmp) / "second-model"))
+        if Path(second).expanduser().exists():
+            second = str(Path(second).expanduser().resolve())
         factor = a.factor or model.labeled_factors[-1]
         classes = model.factors[model.factor_index(factor)].classes
         images = (model.examples["images"] if model.examples is not None else
@@ -184,7 +229,7 @@ def main(argv=None) -> int:
         try:
             start({"model": model_uri, "tracking_uri": a.tracking_uri, "device": "cpu", "num_cpus": 1,
                    "threads": a.threads, "max_batch_size": a.max_batch_size,
-                   "batch_wait_timeout_s": a.batch_wait_ms / 1000}, port=port)
+                   "batch_wait_timeout_s": a.batch_wait_ms / 1000, "models": [second]}, port=port)
             deadline = time.monotonic() + DEADLINE_S
             load_level(port, bodies, factor, classes, 1, 16, deadline)      # warm-up
             floor = get_level(port, "/info", max(levels), a.requests, deadline)
@@ -194,6 +239,7 @@ def main(argv=None) -> int:
                   f"p50 {single['p50']:.1f} ms, p99 {single['p99']:.1f} ms")
             print(f"{'conc':>4} {'ok':>5} {'err':>4} {'req/s':>8} {'img/s':>8} {'p50 ms':>8} {'p95 ms':>8} "
                   f"{'p99 ms':>8} {'in-proc batched img/s':>22} {'served/in-proc':>15}")
+            single_rate = {}
             for c in levels:
                 before = served_counts(port)
                 r = load_level(port, bodies, factor, classes, c, a.requests, deadline)
@@ -202,6 +248,7 @@ def main(argv=None) -> int:
                 r["per_pass"] = (after["requests"] - before["requests"]) / max(1, passes)
                 batched = in_process(model, images.repeat(max(1, c // len(images) + 1), 1, 1, 1),
                                      factor, classes, c, max(8, 256 // c))
+                single_rate[c] = r["req_per_s"]
                 print(f"{c:>4} {r['ok']:>5} {r['errors']:>4} {r['req_per_s']:>8.1f} {r['req_per_s']:>8.1f} "
                       f"{r['p50']:>8.1f} {r['p95']:>8.1f} {r['p99']:>8.1f} {batched['img_per_s']:>22.1f} "
                       f"{r['req_per_s'] / batched['img_per_s']:>15.2f}"
@@ -209,6 +256,7 @@ def main(argv=None) -> int:
                       + (f"  errors: {r['error_kinds']}" if r["errors"] else ""), flush=True)
                 if c == 1:
                     print(f"     concurrency-1 p99 minus in-process p99: {r['p99'] - single['p99']:.1f} ms")
+            mix_levels(port, bodies, factor, classes, levels, a.requests, deadline, second, single_rate)
         finally:
             serve.shutdown()
             ray.shutdown()

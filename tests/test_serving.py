@@ -2,7 +2,9 @@
 a tiny trained model registered in a SQLite MLflow store: every endpoint's
 happy path equals DisUnknownModel on the same input, every bad request gets a
 4xx with its message, a model that cannot be loaded fails the start, and the
-explorer page works in headless Chromium."""
+explorer page works in headless Chromium. Beside the champion the service may
+be asked for a challenger (registered version 2, perturbed weights) and a bundle
+folder named at start (perturbed again), keeping one chosen model per replica."""
 from __future__ import annotations
 
 import base64
@@ -21,7 +23,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from dsu_models.inference import DisUnknownModel, to_hwc_uint8
+from dsu_models.inference import DisUnknownModel, save_bundle, to_hwc_uint8
 from pipelines.serve import app_args, parse_args, start
 from pipelines.serving.app import build
 from dsu_models.data.codec import encode_png
@@ -38,39 +40,64 @@ def tiny(tmp_path_factory):
     return shared_tiny(tmp_path_factory)
 
 
+CHAMPION = "models:/disunknown-shapes3d@champion"
+CHALLENGER = "models:/disunknown-shapes3d@challenger"
+
+
+def _perturbed(bundle_dir: Path, out: Path, seed: int) -> Path:
+    """The tiny model with noise on its generator's weights, as another bundle."""
+    bundle = DisUnknownModel.load(bundle_dir, device="cpu").bundle
+    g = torch.Generator().manual_seed(seed)
+    generator = {k: v + 0.5 * v.std() * torch.randn(v.shape, generator=g) if v.is_floating_point()
+                 and v.numel() > 1 else v for k, v in bundle["weights"]["generator"].items()}
+    return save_bundle({**bundle, "weights": {**bundle["weights"], "generator": generator}}, out)
+
+
 @pytest.fixture(scope="module")
 def service(tiny, ray_module, tmp_path_factory):
     """The champion of a fresh store, served with a 50 ms batch window (so that a
-    burst of requests shares forward passes)."""
+    burst of requests shares forward passes). Requests may also choose the
+    challenger (version 2), any other registry URI, a third bundle folder and an
+    empty folder (both named at start); a replica keeps one chosen model."""
     from ray import serve
 
     d = tmp_path_factory.mktemp("serve-store")
     uri = f"sqlite:///{d / 'mlflow.db'}"
     client = MlflowClient(uri)
     experiment = client.create_experiment("serve-test", artifact_location=(d / "artifacts").as_uri())
-    run_id = client.create_run(experiment).info.run_id
-    log_and_register(client, run_id, tiny["bundle_dir"], "shapes3d", 0.42)
+    log_and_register(client, client.create_run(experiment).info.run_id, tiny["bundle_dir"], "shapes3d", 0.42)
+    challenger = _perturbed(tiny["bundle_dir"], d / "challenger", seed=1)
+    log_and_register(client, client.create_run(experiment).info.run_id, challenger, "shapes3d", 0.40,
+                     alias="challenger")
+    third, broken = _perturbed(tiny["bundle_dir"], d / "third", seed=2), d / "empty"
+    broken.mkdir()
     port = free_port()
-    start({"model": "models:/disunknown-shapes3d@champion", "tracking_uri": uri, "device": "cpu",
+    start({"model": CHAMPION, "tracking_uri": uri, "device": "cpu",
            "num_cpus": 0.5, "threads": 1, "batch_wait_timeout_s": 0.05, "max_batch_size": 16,
-           "limits": {"max_body_bytes": 200_000}}, port=port)
+           "limits": {"max_body_bytes": 200_000}, "models": [str(third), str(broken)], "max_models": 1},
+          port=port)
     try:
         yield {"url": f"http://127.0.0.1:{port}", "model": DisUnknownModel.load(tiny["bundle_dir"], device="cpu"),
-               "test": tiny["test"], "port": port, "store": uri}
+               "test": tiny["test"], "port": port, "store": uri,
+               "models": {CHAMPION: DisUnknownModel.load(tiny["bundle_dir"], device="cpu"),
+                          CHALLENGER: DisUnknownModel.load(challenger, device="cpu"),
+                          str(third): DisUnknownModel.load(third, device="cpu")},
+               "third": str(third), "broken": str(broken), "bundle_dir": str(tiny["bundle_dir"])}
     finally:
         serve.shutdown()
 
 
-def _post(url: str, body, content_type: str = "application/json", timeout: float = 60):
+def _post(url: str, body, content_type: str = "application/json", timeout: float = 60, model: str | None = None):
     data = json.dumps(body).encode() if content_type == "application/json" and not isinstance(body, bytes) else body
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": content_type})
+    headers = {"Content-Type": content_type, **({"serve_multiplexed_model_id": model} if model else {})}
+    request = urllib.request.Request(url, data=data, headers=headers)
     with urllib.request.urlopen(request, timeout=timeout) as reply:
         return reply.status, reply.headers.get("content-type"), reply.read()
 
 
-def _refusal(url: str, body, content_type: str = "application/json") -> tuple[int, str]:
+def _refusal(url: str, body, content_type: str = "application/json", model: str | None = None) -> tuple[int, str]:
     with pytest.raises(urllib.error.HTTPError) as caught:
-        _post(url, body, content_type)
+        _post(url, body, content_type, model=model)
     return caught.value.code, json.loads(caught.value.read())["error"]
 
 
@@ -82,8 +109,9 @@ def _decode(b64: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
 
 
-def _get_json(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=30) as reply:
+def _get_json(url: str, model: str | None = None) -> dict:
+    headers = {"serve_multiplexed_model_id": model} if model else {}
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as reply:
         return json.load(reply)
 
 
@@ -161,6 +189,73 @@ def test_concurrent_callers_share_forward_passes(service):
     assert after["forward_passes"] - before["forward_passes"] < 8
 
 
+def _swap_one(service, model: str | None, i: int) -> np.ndarray:
+    """Test image ``i`` with shape ``i % 4``, through the service, by ``model`` (None: no header)."""
+    png = _png(service["test"].images[i])
+    return np.asarray(Image.open(io.BytesIO(_post(service["url"] + f"/swap?shape={i % 4}", png, "image/png",
+                                                  model=model)[2])))
+
+
+def _expected(service, model: str, i: int) -> np.ndarray:
+    return service["models"][model].swap(service["test"].images[i:i + 1], {"shape": i % 4})[0]
+
+
+def test_two_models_interleaved_each_answer_with_their_own_weights(service):
+    choices = [None, CHALLENGER, CHAMPION, CHALLENGER] * 3   # None: no header, the default
+    with ThreadPoolExecutor(6) as pool:
+        got = list(pool.map(lambda i: _swap_one(service, choices[i], i), range(len(choices))))
+    for i, model in enumerate(choices):
+        assert np.array_equal(got[i], _expected(service, model or CHAMPION, i)), (i, model)
+    assert not np.array_equal(_expected(service, CHAMPION, 1), _expected(service, CHALLENGER, 1))
+
+    info = _get_json(service["url"] + "/info", model=CHALLENGER)
+    assert (info["model"], info["version"], info["alias"]) == (CHALLENGER, "2", "challenger")
+    assert info["summary"] == pytest.approx(0.40)
+    models = info["models"]
+    assert models["default"] == CHAMPION and models["allow_registry"] and models["max_models"] == 1
+    assert models["listed"] == [service["third"], service["broken"]] and models["loaded"] == [CHALLENGER]
+    assert _get_json(service["url"] + "/info")["version"] == "1"
+    # the hyphenated header (what proxies that drop underscores pass on) chooses too
+    request = urllib.request.Request(service["url"] + "/swap?shape=1", data=_png(service["test"].images[1]),
+                                     headers={"Content-Type": "image/png", "serve-multiplexed-model-id": CHALLENGER})
+    with urllib.request.urlopen(request, timeout=60) as reply:
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(reply.read()))), _expected(service, CHALLENGER, 1))
+
+
+def test_a_third_model_evicts_the_least_recently_used(service):
+    third = service["third"]
+    for other in (CHAMPION, CHALLENGER):   # else the test could not tell who answered
+        assert not np.array_equal(_expected(service, third, 3), _expected(service, other, 3)), other
+    assert np.array_equal(_swap_one(service, CHALLENGER, 2), _expected(service, CHALLENGER, 2))
+    before = _get_json(service["url"] + "/info")["models"]
+    assert before["loaded"] == [CHALLENGER]
+    assert np.array_equal(_swap_one(service, third, 3), _expected(service, third, 3))
+    after = _get_json(service["url"] + "/info")["models"]
+    assert after["loaded"] == [third]
+    assert (after["loads"] - before["loads"], after["evictions"] - before["evictions"]) == (1, 1)
+    assert np.array_equal(_swap_one(service, None, 5), _expected(service, CHAMPION, 5))   # the default stays
+    assert np.array_equal(_swap_one(service, CHALLENGER, 6), _expected(service, CHALLENGER, 6))   # reloaded
+    again = _get_json(service["url"] + "/info")["models"]
+    assert again["loaded"] == [CHALLENGER] and again["loads"] - after["loads"] == 1
+
+
+@pytest.mark.parametrize("model, status, message", [
+    ("/etc/passwd", 400, "'/etc/passwd' is not one this service may load; choose models:/NAME@ALIAS"),
+    ("BUNDLE", 400, "is not one this service may load"),   # a real bundle folder, not named at start
+    ("runs:/0123abcd/model", 400, "is not one this service may load"),
+    ("models:/../etc@x", 400, "is not one this service may load"),
+    ("models:/disunknown-nope@champion", 404, "'models:/disunknown-nope@champion' could not be loaded"),
+    ("models:/disunknown-shapes3d/9", 404, "could not be loaded"),
+    ("BROKEN", 404, "could not be loaded: " ),   # named at start, holds no model.pt
+])
+def test_bad_model_ids_are_refused_with_one_line(service, model, status, message):
+    model = {"BUNDLE": service["bundle_dir"], "BROKEN": service["broken"]}.get(model, model)
+    code, error = _refusal(service["url"] + "/swap", {"examples": [0]}, model=model)
+    assert (code, message in error, "\n" in error) == (status, True, False), error
+    for other in (None, CHALLENGER):   # the others still answer
+        assert np.array_equal(_swap_one(service, other, 7), _expected(service, other or CHAMPION, 7))
+
+
 def _big_png() -> bytes:
     noise = np.random.default_rng(0).integers(0, 256, (300, 300, 3), dtype=np.uint8)
     out = io.BytesIO()
@@ -229,6 +324,13 @@ def test_command_line_and_builder_refuse_what_does_not_fit():
         build({"model": "x", "replica": 2})
     with pytest.raises(ValueError, match="'replicas' or 'autoscaling'"):
         build({"model": "x", "replicas": 2, "autoscaling": {"max_replicas": 2}})
+    with pytest.raises(ValueError, match=r"max_models=0: a positive integer"):
+        build({"model": "x", "max_models": "0"})
+    with pytest.raises(ValueError, match=r"allow_registry='maybe': true or false"):
+        build({"model": "x", "allow_registry": "maybe"})
+    args = app_args(parse_args(["--model", "models:/m@a", "--extra-model", "models:/m/2", "--max-models", "2",
+                                "--listed-models-only", "--tracking-uri", "sqlite:///x"]))
+    assert (args["models"], args["max_models"], args["allow_registry"]) == (["models:/m/2"], 2, False)
 
 
 def _wait_swaps(driver, wait, count: int):
@@ -242,6 +344,14 @@ def _wait_swaps(driver, wait, count: int):
         texts = {i: driver.find_element(By.ID, i).text for i in ("model", "status", "error")}
         swaps = driver.find_element(By.TAG_NAME, "body").get_attribute("data-swaps")
         raise AssertionError(f"the page did not show swap {count} (shows {swaps}): {texts}") from None
+
+
+def _assert_shows_own_swap(driver, model: DisUnknownModel):
+    """The page shows ``model``'s swap of its first example, every factor kept."""
+    from selenium.webdriver.common.by import By
+
+    got = driver.find_element(By.CSS_SELECTOR, "img.result").get_attribute("src")
+    assert np.array_equal(_decode(got.split(",", 1)[1]), model.swap(model.examples["images"][:1], {})[0])
 
 
 def _chromium():
@@ -289,6 +399,19 @@ def test_explorer_page_in_headless_chromium(service):
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "img.result")) == 4)
         assert [c.text for c in driver.find_elements(By.TAG_NAME, "figcaption")] == [
             "cube", "sphere", "cone", "pill"]
+        assert driver.find_element(By.ID, "error").text == ""
+        _wait_swaps(driver, wait, 4)
+
+        # another model: typed as a registry URI, then one named at start from the menu
+        driver.find_element(By.ID, "model-uri").send_keys(CHALLENGER)
+        driver.find_element(By.ID, "model-use").click()
+        _wait_swaps(driver, wait, 5)
+        assert "disunknown-shapes3d version 2" in driver.find_element(By.ID, "model").text
+        _assert_shows_own_swap(driver, service["models"][CHALLENGER])
+        Select(driver.find_element(By.ID, "model-choice")).select_by_value(service["third"])
+        _wait_swaps(driver, wait, 6)
+        _assert_shows_own_swap(driver, service["models"][service["third"]])
+        assert Select(driver.find_element(By.ID, "model-choice")).first_selected_option.text == service["third"]
         assert driver.find_element(By.ID, "error").text == ""
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         assert driver.save_screenshot(str(ARTIFACTS / "explorer.png"))

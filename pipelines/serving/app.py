@@ -1,14 +1,22 @@
 """The Ray Serve application: one deployment that loads a model and answers
 HTTP (docs/serving.md).
 
-``SwapService`` loads a model (a registry name/alias, a run URI or a bundle
-directory) when its replica starts; a model that cannot be loaded fails the
-replica, and so the deployment, with the loader's error. Its FastAPI routes:
+``SwapService`` loads its default model (a registry name/alias, a run URI or a
+bundle directory) when its replica starts; a model that cannot be loaded fails
+the replica, and so the deployment, with the loader's error. A request may
+choose another model with Ray Serve's multiplexing header
+(``serve_multiplexed_model_id: models:/NAME@ALIAS``): the id is checked against
+:class:`protocol.ModelChoice` first, then loaded on first use by a
+``@serve.multiplexed`` loader that keeps ``max_models`` of them per replica
+(least recently used evicted; the default stays loaded besides them). A model
+that fails to load is refused with one line (404 for the loader's
+``ModelLoadError``) and leaves the others alone. Its FastAPI routes:
 
 - ``GET /``: the swap explorer page (``explorer.html``, no external resources);
-- ``GET /info``: factors, class names, image size, the registry version and
-  its evaluation summary, the example images and the request limits;
-- ``GET /examples/{i}.png``: one of the held-out images the model carries;
+- ``GET /info``: the chosen model's factors, class names, image size, registry
+  version and evaluation summary, example images; the request limits; and
+  ``models``: the default, the allowed ids and those loaded on this replica;
+- ``GET /examples/{i}.png``: one of the held-out images the chosen model carries;
 - ``POST /swap``, ``POST /encode``, ``POST /generate``: see
   :mod:`pipelines.serving.protocol`.
 
@@ -20,7 +28,7 @@ a worker thread, keeping the replica's event loop free to accept requests.
 """
 
 import asyncio
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +39,7 @@ from ray import serve
 
 from dsu_models.allocator import retain_freed_memory
 from dsu_models.data.codec import encode_png
-from dsu_models.inference import DisUnknownModel, to_hwc_uint8
+from dsu_models.inference import DisUnknownModel, ModelLoadError, to_hwc_uint8
 from pipelines.serving import protocol as p
 
 PAGE = Path(__file__).with_name("explorer.html")
@@ -81,6 +89,45 @@ def describe(uri: str, m: DisUnknownModel, facts: dict, limits: p.Limits) -> dic
             "examples": examples, "device": str(m.device), "limits": asdict(limits)}
 
 
+@dataclass
+class Served:
+    """A loaded model, its URI and what ``GET /info`` says of it."""
+
+    uri: str
+    model: DisUnknownModel
+    description: dict
+
+
+def load_served(uri: str, device: str, tracking_uri: str | None, limits: p.Limits) -> Served:
+    model = DisUnknownModel.load(uri, device=device, tracking_uri=tracking_uri)
+    return Served(uri, model, describe(uri, model, registry_facts(uri, tracking_uri), limits))
+
+
+def load_chosen(uri: str, device: str, tracking_uri: str | None, limits: p.Limits) -> Served:
+    """:func:`load_served` for a model a request chose: a failure becomes one line,
+    404 when the loader could not find or read it, 500 for anything else."""
+    try:
+        return load_served(uri, device, tracking_uri, limits)
+    except ModelLoadError as exc:
+        raise p.BadRequest(f"model {uri!r} could not be loaded: {_first_line(exc)}", 404) from None
+    except Exception as exc:  # a broken bundle may fail anywhere; the caller needs one line
+        raise p.BadRequest(f"model {uri!r} failed to load: {type(exc).__name__}: {_first_line(exc)}",
+                           500) from None
+
+
+def check_registered(uri: str, tracking_uri: str | None):
+    """Refuse (404, one line) a ``models:/`` URI that names no version of the store."""
+    try:
+        registry_facts(uri, tracking_uri)
+    except Exception as exc:  # MLflow's own error types; the caller needs one line
+        raise p.BadRequest(f"model {uri!r} could not be loaded: {_first_line(exc)}", 404) from None
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _split(array, sizes: list[int]) -> list:
     out, start = [], 0
     for n in sizes:
@@ -94,68 +141,122 @@ def _split(array, sizes: list[int]) -> list:
 @serve.ingress(api)
 class SwapService:
     """See the module docstring. ``limits``: :class:`protocol.Limits` fields;
-    ``threads``: torch threads (default: the replica's CPUs)."""
+    ``threads``: torch threads (default: the replica's CPUs); ``models``,
+    ``allow_registry``, ``max_models``: which models requests may choose and how
+    many a replica keeps (:class:`protocol.ModelChoice`)."""
 
     def __init__(self, model: str, tracking_uri: str | None = None, device: str = "auto",
                  limits: dict | None = None, max_batch_size: int = 16,
-                 batch_wait_timeout_s: float = 0.004, threads: int | None = None):
+                 batch_wait_timeout_s: float = 0.004, threads: int | None = None,
+                 models: list[str] | tuple[str, ...] = p.ModelChoice.models,
+                 allow_registry: bool = p.ModelChoice.allow_registry,
+                 max_models: int = p.ModelChoice.max_models):
         torch.set_num_threads(threads or 1)
         # the networks run in a worker thread, whose glibc arena would give freed
         # activations back to the kernel after every pass (dsu_models.allocator)
         retain_freed_memory()
-        self.uri = str(model)
         self.limits = p.Limits(**(limits or {}))
-        self.model = DisUnknownModel.load(self.uri, device=device, tracking_uri=tracking_uri)
-        self.description = describe(self.uri, self.model, registry_facts(self.uri, tracking_uri),
-                                    self.limits)
+        self.choice = p.ModelChoice(str(model), models, allow_registry, max_models)
+        self.tracking_uri = tracking_uri
+        self.default = load_served(self.choice.default, device, tracking_uri, self.limits)
+        self.loads = 0   # chosen models loaded; minus those still cached: the evicted ones
+
+        async def load(model_id: str) -> Served:
+            served = await asyncio.to_thread(load_chosen, model_id, device, tracking_uri, self.limits)
+            self.loads += 1   # no await between here and Ray caching it, so /info stays exact
+            return served
+
+        # a closure, not a decorated method, so that the limit can come from the args
+        self._loader = load
+        self._chosen = serve.multiplexed(max_num_models_per_replica=self.choice.max_models)(load)
         for method in (self._swap_batch, self._encode_batch, self._generate_batch):
             method.set_max_batch_size(max_batch_size)
             method.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.page = PAGE.read_text(encoding="utf-8")
         self.served = {"requests": 0, "forward_passes": 0}   # batching at work: passes < requests
 
-    def _count(self, requests: int):
-        self.served["requests"] += requests
-        self.served["forward_passes"] += 1
+    async def _model(self) -> Served:
+        """The model this request chose (the default when it names none)."""
+        model_id = serve.get_multiplexed_model_id()
+        if not model_id or model_id == self.choice.default:
+            return self.default
+        model_id = self.choice.check(model_id)
+        cached = self._cached()
+        if p.REGISTRY_ID.fullmatch(model_id) and model_id not in (cached or ()):
+            # Ray evicts before it loads: a registry id that names nothing must fail
+            # here, on one query, rather than cost a loaded model its place
+            await asyncio.to_thread(check_registered, model_id, self.tracking_uri)
+        return await self._chosen(model_id)
+
+    def _cached(self) -> list[str] | None:
+        """Chosen models loaded on this replica, least recently used first. Ray keeps
+        its LRU cache on the loader function (module ray.serve.multiplex in Ray 2.60:
+        ``_ModelMultiplexWrapper.models``, made on the first load); None if that moves."""
+        cache = getattr(self._loader, "__serve_multiplex_wrapper", None)
+        if cache is None:
+            return []   # no model chosen yet
+        models = getattr(cache, "models", None)
+        return None if models is None else list(models)
+
+    def _models_info(self) -> dict:
+        cached = self._cached()
+        return {"default": self.choice.default, "listed": list(self.choice.models),
+                "allow_registry": self.choice.allow_registry, "max_models": self.choice.max_models,
+                "loaded": cached, "loads": self.loads,
+                "evictions": None if cached is None else self.loads - len(cached)}
+
+    async def _per_model(self, items: list[tuple[DisUnknownModel, object]], run) -> list:
+        """``run(model, payloads) -> one result per payload`` in a worker thread, once
+        per model in the batch. Serve already splits a batch by multiplexed model id
+        (ray.serve.batching), so this is one pass unless an evicted model was reloaded
+        while its requests queued; grouping keeps the answer right either way."""
+        groups: dict[int, list[int]] = {}
+        for i, (model, _) in enumerate(items):
+            groups.setdefault(id(model), []).append(i)
+        out: list = [None] * len(items)
+        for members in groups.values():
+            self.served["requests"] += len(members)
+            self.served["forward_passes"] += 1
+            model = items[members[0]][0]
+            results = await asyncio.to_thread(run, model, [items[i][1] for i in members])
+            for i, result in zip(members, results):
+                out[i] = result
+        return out
 
     # -------------------------------------------------------------- batches
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.004)
-    async def _swap_batch(self, jobs: list[p.SwapJob]) -> list[np.ndarray]:
-        self._count(len(jobs))
-        images = torch.cat([j.images for j in jobs])
-        labels = torch.cat([j.labels for j in jobs])
-        out = await asyncio.to_thread(lambda: to_hwc_uint8(self.model.swap_labels(images, labels)))
-        return _split(out, [j.images.shape[0] for j in jobs])
+    async def _swap_batch(self, items: list[tuple[DisUnknownModel, p.SwapJob]]) -> list[np.ndarray]:
+        def run(model: DisUnknownModel, jobs: list[p.SwapJob]) -> list[np.ndarray]:
+            images = torch.cat([j.images for j in jobs])
+            labels = torch.cat([j.labels for j in jobs])
+            return _split(to_hwc_uint8(model.swap_labels(images, labels)), [j.images.shape[0] for j in jobs])
+
+        return await self._per_model(items, run)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.004)
-    async def _encode_batch(self, batches: list[torch.Tensor]) -> list[dict]:
-        self._count(len(batches))
-        images = torch.cat(batches)
+    async def _encode_batch(self, items: list[tuple[DisUnknownModel, torch.Tensor]]) -> list[dict]:
+        def run(model: DisUnknownModel, batches: list[torch.Tensor]) -> list[dict]:
+            images = torch.cat(batches)
+            unknown = model.encode_unknown(images)
+            labels = (model.encode_labels(images) if model.embedders is not None
+                      and model.label_encoder is not None else None)
+            sizes = [b.shape[0] for b in batches]
+            label_parts = _split(labels, sizes) if labels is not None else [None] * len(batches)
+            return [{"unknown": u, "labels": y} for u, y in zip(_split(unknown, sizes), label_parts)]
 
-        def run():
-            unknown = self.model.encode_unknown(images)
-            labels = (self.model.encode_labels(images) if self.model.embedders is not None
-                      and self.model.label_encoder is not None else None)
-            return unknown, labels
-
-        unknown, labels = await asyncio.to_thread(run)
-        sizes = [b.shape[0] for b in batches]
-        label_parts = _split(labels, sizes) if labels is not None else [None] * len(batches)
-        return [{"unknown": u, "labels": y} for u, y in zip(_split(unknown, sizes), label_parts)]
+        return await self._per_model(items, run)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.004)
-    async def _generate_batch(self, jobs: list[p.GenerateJob]) -> list[np.ndarray]:
-        self._count(len(jobs))
-        unknown = torch.cat([j.unknown for j in jobs])
-        labels = torch.cat([j.labels for j in jobs])
+    async def _generate_batch(self, items: list[tuple[DisUnknownModel, p.GenerateJob]]) -> list[np.ndarray]:
+        def run(model: DisUnknownModel, jobs: list[p.GenerateJob]) -> list[np.ndarray]:
+            unknown = torch.cat([j.unknown for j in jobs])
+            labels = torch.cat([j.labels for j in jobs])
+            u = unknown if model.unknown_size else None
+            out = to_hwc_uint8(model.generate(u, model.embed_labels(labels)))
+            return _split(out, [j.unknown.shape[0] for j in jobs])
 
-        def run():
-            u = unknown if self.model.unknown_size else None
-            return to_hwc_uint8(self.model.generate(u, self.model.embed_labels(labels)))
-
-        out = await asyncio.to_thread(run)
-        return _split(out, [j.unknown.shape[0] for j in jobs])
+        return await self._per_model(items, run)
 
     # -------------------------------------------------------------- requests
 
@@ -178,8 +279,9 @@ class SwapService:
         raise p.BadRequest(f"{endpoint}: send application/json or an image (Content-Type image/png), "
                            f"not {kind or 'no Content-Type'}", 415)
 
-    def _labels_out(self, labels: torch.Tensor) -> list[dict]:
-        return [{name: self.model.class_name(name, int(v)) for name, v in zip(self.model.labeled_factors, row)}
+    @staticmethod
+    def _labels_out(model: DisUnknownModel, labels: torch.Tensor) -> list[dict]:
+        return [{name: model.class_name(name, int(v)) for name, v in zip(model.labeled_factors, row)}
                 for row in labels.tolist()]
 
     @api.get("/", response_class=HTMLResponse)
@@ -188,11 +290,12 @@ class SwapService:
 
     @api.get("/info")
     async def info(self) -> dict:
-        return {**self.description, "served": dict(self.served)}
+        served = await self._model()
+        return {**served.description, "served": dict(self.served), "models": self._models_info()}
 
     @api.get("/examples/{index}.png")
     async def example(self, index: int) -> Response:
-        stored = self.model.examples
+        stored = (await self._model()).model.examples
         count = 0 if stored is None else stored["images"].shape[0]
         if not 0 <= index < count:
             raise p.BadRequest(f"no example image {index}; this model has {count}", 404)
@@ -201,51 +304,58 @@ class SwapService:
 
     @api.post("/swap")
     async def swap(self, request: Request) -> Response:
+        model = (await self._model()).model
         data, body = await self._json_or_image(request, "swap")
         if data is None:   # one raw image, factor settings in the query string
             query = dict(request.query_params)
-            image = p.decode_image(body, self.model)[None]
-            job = p.swap_job(self.model, image, p.query_settings(query), query.get("sweep"), self.limits)
-            out = await self._swap_batch(job)
+            image = p.decode_image(body, model)[None]
+            job = p.swap_job(model, image, p.query_settings(query), query.get("sweep"), self.limits)
+            out = await self._swap_batch((model, job))
             return Response(p.grid_png(out, job.rows, job.cols), media_type="image/png")
-        job = p.parse_swap(self.model, data, self.limits)
-        out = await self._swap_batch(job)
+        job = p.parse_swap(model, data, self.limits)
+        out = await self._swap_batch((model, job))
         return JSONResponse({"images": p.png_base64(out), "rows": job.rows, "cols": job.cols,
                              "labels": job.labels.tolist()})
 
     @api.post("/encode")
     async def encode(self, request: Request) -> dict:
+        model = (await self._model()).model
         data, body = await self._json_or_image(request, "encode")
-        images = (p.decode_image(body, self.model)[None] if data is None
-                  else p.parse_encode(self.model, data, self.limits))
-        out = await self._encode_batch(images)
+        images = (p.decode_image(body, model)[None] if data is None
+                  else p.parse_encode(model, data, self.limits))
+        out = await self._encode_batch((model, images))
         reply = {"unknown": out["unknown"].tolist()}
         if out["labels"] is not None:
             reply["labels"] = out["labels"].tolist()
-            reply["classes"] = self._labels_out(out["labels"])
+            reply["classes"] = self._labels_out(model, out["labels"])
         return reply
 
     @api.post("/generate")
     async def generate(self, request: Request) -> dict:
+        model = (await self._model()).model
         kind = p.media_type(request.headers.get("content-type"))
         if kind not in p.JSON_TYPES:
             raise p.BadRequest(f"generate: send application/json, not {kind or 'no Content-Type'}", 415)
-        job = p.parse_generate(self.model, p.read_json(await self._body(request), self.limits), self.limits)
-        out = await self._generate_batch(job)
+        job = p.parse_generate(model, p.read_json(await self._body(request), self.limits), self.limits)
+        out = await self._generate_batch((model, job))
         return {"images": p.png_base64(out)}
 
 
 # ------------------------------------------------------------------ builders
 
+CHOICE_KEYS = ("models", "allow_registry", "max_models")   # protocol.ModelChoice's, besides the default
 BUILD_KEYS = ("model", "tracking_uri", "device", "limits", "max_batch_size", "batch_wait_timeout_s",
-              "threads", "num_cpus", "num_gpus", "replicas", "autoscaling")
+              "threads", "num_cpus", "num_gpus", "replicas", "autoscaling", *CHOICE_KEYS)
 
 
 def build(args: dict):
     """The application for ``serve run pipelines.serving.app:build model=URI ...`` or
     a Serve YAML config's ``args``: the keys of :data:`BUILD_KEYS`. ``replicas``: a
     fixed count; ``autoscaling``: Ray Serve's ``autoscaling_config`` dict
-    (``min_replicas``, ``max_replicas``, ``target_ongoing_requests``, ...)."""
+    (``min_replicas``, ``max_replicas``, ``target_ongoing_requests``, ...);
+    ``models``: more models requests may choose (a list, or comma-separated);
+    ``allow_registry``: whether any ``models:/`` URI of the store may be chosen
+    too (default true); ``max_models``: chosen models kept per replica (default 3)."""
     args = dict(args)
     unknown = sorted(set(args) - set(BUILD_KEYS))
     if unknown:
@@ -261,7 +371,13 @@ def build(args: dict):
         options["autoscaling_config"] = dict(autoscaling)
     else:
         options["num_replicas"] = int(replicas or 1)
-    for key in ("max_batch_size", "threads"):   # `serve run ... key=value` passes strings
+    if "models" in args and args["models"] is None:   # an empty `models:` in YAML
+        del args["models"]
+    if isinstance(args.get("models"), str):   # `serve run ... models=a,b`
+        args["models"] = [m.strip() for m in args["models"].split(",") if m.strip()]
+    if "allow_registry" in args:
+        args["allow_registry"] = _flag("allow_registry", args["allow_registry"])
+    for key in ("max_batch_size", "threads", "max_models"):   # `serve run ... key=value` passes strings
         if args.get(key) is not None:
             args[key] = int(args[key])
     if "batch_wait_timeout_s" in args:
@@ -270,4 +386,16 @@ def build(args: dict):
     if not args.get("tracking_uri"):
         from pipelines.tracking.runs import default_tracking_uri
         args["tracking_uri"] = default_tracking_uri()
+    # refuse a bad choice here rather than in every replica
+    p.ModelChoice(args["model"], **{k: args[k] for k in CHOICE_KEYS if k in args})
     return SwapService.options(**options).bind(**args)
+
+
+def _flag(key: str, value) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "1", "yes"):
+        return True
+    if str(value).lower() in ("false", "0", "no"):
+        return False
+    raise ValueError(f"serve args: {key}={value!r}: true or false")

@@ -10,6 +10,10 @@ Images travel as PNG (or any format Pillow reads): the raw request body
 (``{"images": ["iVBOR...", ...]}``; a ``data:image/png;base64,`` prefix is
 allowed). They must already be the model's size: the service does not resize.
 Factor settings name a labeled factor and a class, by name or id.
+
+A request chooses its model with Ray Serve's multiplexing header
+(:data:`MODEL_HEADER`); :class:`ModelChoice` says which ids are allowed, so a
+request cannot make the service read a path it was not given.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import binascii
 import io
 import json
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,6 +57,49 @@ class BadRequest(Exception):
     def __init__(self, message: str, status: int = 400):
         super().__init__(message)
         self.status, self.message = status, message
+
+
+# ------------------------------------------------------------------ model choice
+
+MODEL_HEADER = "serve_multiplexed_model_id"   # Ray Serve's; "serve-multiplexed-model-id" works too
+# a registry URI and nothing else: a name (no slash, no "..") then @alias or /version
+REGISTRY_ID = re.compile(r"models:/[A-Za-z0-9][A-Za-z0-9_.-]{0,199}(@[A-Za-z0-9_-]{1,100}|/[1-9][0-9]{0,8})")
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """The models a request may name. ``default``: the one the service started with,
+    answering requests that name none (it stays loaded); ``models``: more model URIs
+    or bundle folders named at start, matched exactly; ``allow_registry``: also any
+    ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` of the service's MLflow store;
+    ``max_models``: chosen models one replica keeps besides the default (the least
+    recently used is evicted beyond it)."""
+
+    default: str
+    models: tuple[str, ...] = ()
+    allow_registry: bool = True
+    max_models: int = 3
+
+    def __post_init__(self):
+        if not isinstance(self.models, (list, tuple)) or not all(isinstance(m, str) and m.strip()
+                                                                 for m in self.models):
+            raise ValueError(f"models={self.models!r}: a list of model URIs or bundle folders")
+        object.__setattr__(self, "models", tuple(self.models))
+        if not isinstance(self.allow_registry, bool):
+            raise ValueError(f"allow_registry={self.allow_registry!r}: true or false")
+        if not isinstance(self.max_models, int) or isinstance(self.max_models, bool) or self.max_models < 1:
+            raise ValueError(f"max_models={self.max_models!r}: a positive integer")
+
+    def check(self, model_id: str) -> str:
+        """``model_id`` if a request may choose it, else :class:`BadRequest` (400)."""
+        if model_id == self.default or model_id in self.models:
+            return model_id
+        if self.allow_registry and REGISTRY_ID.fullmatch(model_id):
+            return model_id
+        shown = model_id if len(model_id) <= 120 else model_id[:117] + "..."
+        allowed = "models:/NAME@ALIAS, models:/NAME/VERSION or " if self.allow_registry else ""
+        raise BadRequest(f"model {shown!r} is not one this service may load; choose {allowed}"
+                         f"one of the models GET /info lists")
 
 
 @dataclass
