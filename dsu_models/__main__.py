@@ -15,9 +15,14 @@ models:/NAME/VERSION, runs:/RUN_ID/PATH; ``--tracking-uri`` or
 when a name is also a number); factors not set keep each content image's own
 labels as the model's labeled encoder reads them. One content image: ``--out``
 is the swapped image. Several: ``--out`` is one grid with two rows, the content
-images on top and their swaps below, in the order given. Images of another
-size are resized to the model's (bilinear, antialiased); RGBA/palette PNGs are
-converted to the model's channels.
+images on top and their swaps below, in the order given. ``--out``'s extension
+picks the format: .png, .jpg/.jpeg (quality 95) or .webp (lossless); another
+is refused before any work. Images of another size are resized to the
+model's (bilinear, antialiased); transparent pixels are composited onto white
+(as when an image folder is prepared; a note on stderr says so) and the
+result converted to the model's channels. A non-square image is refused
+unless ``--square crop`` (keep the centred square) or ``--square pad`` (pad
+the short side with black) says how to make it square (``swap``, ``encode``).
 
 ``encode``: prints, per image, the unknown code means and the labels read,
 with class names; ``--out`` also writes them as JSON.
@@ -48,8 +53,9 @@ import torch
 
 from dsu_models.config import ConfigError
 from dsu_models.data.base import to_float
+from dsu_models.data.codec import SQUARE_HINT, SQUARE_MODES, flatten_alpha, square_image
 from dsu_models.files import write_text
-from dsu_models.grids import rows_grid, save_png
+from dsu_models.grids import image_format, rows_grid, save_image, save_png
 from dsu_models.inference import DisUnknownModel, ModelLoadError
 
 
@@ -63,19 +69,31 @@ def _parse_sets(items: list[str]) -> dict[str, str]:
     return settings
 
 
-def _read_images(paths: list[str]) -> list:
+def _read_images(paths: list[str], square: str | None = None) -> list:
+    """The files as PIL images without transparency (composited onto white, one
+    note for all) and square (``square``: crop or pad; None refuses a
+    non-square image, naming it, its size and the two flags)."""
     from PIL import Image, UnidentifiedImageError
 
-    images = []
+    images, flattened = [], []
     for path in paths:
         try:
             with Image.open(path) as im:
                 im.load()
-                images.append(im.copy())
+                image, was_transparent = flatten_alpha(im.copy())
         except FileNotFoundError:
             raise ValueError(f"{path}: no such image file") from None
         except (UnidentifiedImageError, OSError) as exc:
             raise ValueError(f"{path}: cannot read as an image ({exc})") from None
+        w, h = image.size
+        if w != h and square is None:
+            raise ValueError(f"{path} is {w}x{h}, not square: pass {SQUARE_HINT}")
+        images.append(square_image(image, square or "crop"))
+        if was_transparent:
+            flattened.append(path)
+    if flattened:
+        print(f"note: {len(flattened)} image(s) had transparent pixels; composited onto white "
+              f"(the first: {flattened[0]})", file=sys.stderr)
     return images
 
 
@@ -91,18 +109,19 @@ def _load(args) -> DisUnknownModel:
 
 
 def cmd_swap(args) -> int:
+    image_format(args.out)     # an --out it cannot write is refused before any work
     model = _load(args)
     settings = _parse_sets(args.set or [])
-    images = _read_images(args.content)
+    images = _read_images(args.content, args.square)
     swapped = torch.from_numpy(model.swap(images, settings)).permute(0, 3, 1, 2)
     if len(images) == 1:
-        save_png(swapped[0], args.out)
+        save_image(swapped[0], args.out)
         print(f"wrote {args.out}: the swapped image")
     else:
         content = model.images(images)
         content = to_float(content) if content.dtype == torch.uint8 else content
         grid = rows_grid([content, to_float(swapped.contiguous())])
-        save_png(grid, args.out)
+        save_image(grid, args.out)
         print(f"wrote {args.out}: a grid, top row the {len(images)} content images, bottom row "
               f"their swaps")
     return 0
@@ -110,7 +129,7 @@ def cmd_swap(args) -> int:
 
 def cmd_encode(args) -> int:
     model = _load(args)
-    images = _read_images(args.images)
+    images = _read_images(args.images, args.square)
     unknown = model.encode_unknown(images)
     can_read = model.label_encoder is not None and model.embedders is not None
     labels = model.encode_labels(images) if can_read and model.labeled_factors else None
@@ -207,17 +226,25 @@ def build_parser() -> argparse.ArgumentParser:
                        help="auto (CUDA when available), cpu, cuda, cuda:N")
         p.add_argument("--tracking-uri", default=None, help="MLflow store for models:/ and runs:/ URIs")
 
+    def square(p):
+        p.add_argument("--square", choices=SQUARE_MODES,
+                       help="make non-square images square: crop keeps the centred square, pad pads "
+                            "the short side with black (default: refuse them)")
+
     p = sub.add_parser("swap", help="new labels on content images")
     common(p)
     p.add_argument("--content", nargs="+", required=True, help="content image file(s)")
     p.add_argument("--set", action="append", metavar="FACTOR=VALUE",
                    help="class name or id for a labeled factor (repeatable)")
-    p.add_argument("--out", required=True, help="PNG: the swap (one content) or a 2-row grid (several)")
+    p.add_argument("--out", required=True, help="the swap (one content) or a 2-row grid (several); "
+                                                "the extension picks the format: .png, .jpg, .jpeg, .webp")
+    square(p)
     p.set_defaults(func=cmd_swap)
 
     p = sub.add_parser("encode", help="unknown codes and labels read from images")
     common(p)
     p.add_argument("--images", nargs="+", required=True)
+    square(p)
     p.add_argument("--out", help="also write a JSON file")
     p.set_defaults(func=cmd_encode)
 

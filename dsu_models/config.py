@@ -64,8 +64,55 @@ _Loader.add_implicit_resolver(
     list("-+0123456789."))
 
 
-def _yaml_load(text: str):
-    return yaml.load(text, Loader=_Loader)
+class DuplicateKey(yaml.YAMLError):
+    """A mapping gives one key twice (YAML would keep the last value silently)."""
+
+    def __init__(self, key: str, first: yaml.Mark, second: yaml.Mark):
+        def where(mark, same_line):
+            return f"line {mark.line + 1}" + (f", column {mark.column + 1}" if same_line else "")
+
+        same = first.line == second.line
+        super().__init__(f"key {key!r} is given twice, on {where(first, same)} and "
+                         f"{where(second, same)} (YAML would silently keep the second); keep one")
+
+
+def _no_duplicate_keys(node: yaml.Node, path: str = "", seen: set | None = None) -> None:
+    """Raise :class:`DuplicateKey` for the first mapping, at any depth, that
+    repeats a key; ``path``: the dotted key of ``node`` (``stage1.lr``)."""
+    seen = set() if seen is None else seen
+    if id(node) in seen:      # an alias of a node already checked
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        marks: dict[str, yaml.Mark] = {}
+        for key, value in node.value:
+            if key.tag == "tag:yaml.org,2002:merge":   # `<<: *base` may override: YAML's merge
+                _no_duplicate_keys(value, path, seen)
+                continue
+            name = key.value if isinstance(key, yaml.ScalarNode) else None
+            dotted = f"{path}.{name}" if path else str(name)
+            if name is not None and name in marks:
+                raise DuplicateKey(dotted, marks[name], key.start_mark)
+            if name is not None:
+                marks[name] = key.start_mark
+            _no_duplicate_keys(value, dotted, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for k, item in enumerate(node.value):
+            _no_duplicate_keys(item, f"{path}[{k}]", seen)
+
+
+def yaml_load(text: str, loader_class: type = _Loader):
+    """Safe YAML (:class:`_Loader`, or ``yaml.SafeLoader`` for files another
+    program reads too) that refuses a key given twice (:class:`DuplicateKey`)."""
+    loader = loader_class(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _no_duplicate_keys(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 # ----------------------------------------------------------------- schema
@@ -381,7 +428,9 @@ def read_yaml(path: Path, what: str) -> dict:
         raise ConfigError(f"{what} {path}: not UTF-8 text (byte {exc.start}: "
                           f"{exc.object[exc.start:exc.start + 1]!r})") from None
     try:
-        data = _yaml_load(text)
+        data = yaml_load(text)
+    except DuplicateKey as exc:
+        raise ConfigError(f"{what} {path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{what} {path}: not valid YAML: {exc}") from exc
     if data is None:
@@ -400,7 +449,9 @@ def parse_override(text: str) -> dict:
     if not all(parts):
         raise ConfigError(f"override {text!r}: empty key part in {key!r}")
     try:
-        value = _yaml_load(raw) if raw.strip() else None
+        value = yaml_load(raw) if raw.strip() else None
+    except DuplicateKey as exc:
+        raise ConfigError(f"override {text!r}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {text!r}: value is not valid YAML: {exc}") from exc
     nested: dict = {parts[-1]: value}

@@ -104,3 +104,28 @@ def save_png(grid: Tensor, path: str | Path) -> Path:
     """Write a uint8 (C, H, W) grid as PNG, atomically (temp name, then rename)."""
     image = Image.fromarray(to_hwc(grid))
     return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+# what an image path's extension asks for: PNG and lossless WebP keep the pixels,
+# JPEG (quality 95) does not
+IMAGE_FORMATS = {".png": ("PNG", {}), ".jpg": ("JPEG", {"quality": 95}),
+                 ".jpeg": ("JPEG", {"quality": 95}), ".webp": ("WEBP", {"lossless": True})}
+
+
+def image_format(path: str | Path) -> tuple[str, dict]:
+    """(PIL format, save options) for ``path``'s extension; ValueError naming the
+    path and the extensions that can be written otherwise."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in IMAGE_FORMATS:
+        what = f"{suffix!r} images" if suffix else "an image without an extension"
+        raise ValueError(f"{path}: cannot write {what}; the extension picks the format, one of "
+                         f"{', '.join(IMAGE_FORMATS)}")
+    return IMAGE_FORMATS[suffix]
+
+
+def save_image(grid: Tensor, path: str | Path) -> Path:
+    """Write a uint8 (C, H, W) grid in the format ``path``'s extension names
+    (:data:`IMAGE_FORMATS`), atomically (temp name, then rename)."""
+    fmt, options = image_format(path)
+    image = Image.fromarray(to_hwc(grid))
+    return atomic_write(path, lambda tmp: image.save(tmp, format=fmt, **options))

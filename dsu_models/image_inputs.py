@@ -99,7 +99,9 @@ def _from_numpy(a: np.ndarray, channels: int, size: int) -> Tensor:
     batch = np.ascontiguousarray(a.transpose(0, 3, 1, 2))
     if batch.shape[2] != batch.shape[3]:
         raise ValueError(f"images: images must be square to be resized to {size}x{size}, "
-                         f"got {batch.shape[2]}x{batch.shape[3]}")
+                         f"got {batch.shape[3]}x{batch.shape[2]} (WxH); make them square first: "
+                         f"dsu_models.data.codec.square_image(image, 'crop' or 'pad'), or "
+                         f"--square crop|pad on the command line")
     return _resized(torch.from_numpy(batch), size)
 
 

@@ -9,6 +9,13 @@ Steps: prepare (or reuse) the data -> stage1 -> distill -> classifier ->
 stage2 -> lenc -> evaluate -> register, each a Ray job and a nested MLflow run
 (the table of steps is ``dsu_models.steps.STEPS``; how Ray runs each kind,
 ``pipelines.cli.RUNNERS``).
+
+Exit status: 0 done; 2 refused before anything ran (config, data, flags); 1
+failed after it started (runs FAILED); 130 after Ctrl-C and 143 after SIGTERM
+(systemd, Kubernetes, ``ray job stop``): the parent run and the running
+stage's run KILLED, Ray shut down (``pipelines.cluster.stopping``). After 1,
+130 and 143 the last line names the ``--resume PARENT_RUN_ID`` that continues
+it, once its parent run exists.
 """
 import sys
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dsu_models.data import DataError, prepare, read_manifest
+from dsu_models.data import DataError, prepare, read_manifest, read_split
 from dsu_models.data import manifest as mf
 from dsu_models.data.base import FactorInfo
 from dsu_models.data.prepared import abort, begin, check_replaceable, finish, run_task
@@ -298,3 +298,128 @@ def test_wrong_image_size_names_line(tmp_path):
     make_folder(tmp_path / "f", grid_rows())
     Image.fromarray(RNG.integers(0, 256, (10, 10, 3), dtype=np.uint8)).save(tmp_path / "f" / "im5.png")
     one_line_error(tmp_path, r"labels\.csv: line 7: image .*im5\.png is 10x10", rows=grid_rows())
+
+
+# ---------------------------------------------------------------- transparency, encodings, shapes
+def _rgba(path, size=8, clear=((0, 0),)):
+    """An RGBA image, red and opaque but for the ``clear`` pixels (fully transparent)."""
+    a = np.zeros((size, size, 4), np.uint8)
+    a[..., 0], a[..., 3] = 200, 255
+    for y, x in clear:
+        a[y, x, 3] = 0
+    Image.fromarray(a, "RGBA").save(path)
+
+
+def test_transparent_images_are_composited_onto_white_with_one_note(tmp_path, capsys):
+    """Among RGB images, two RGBA ones with transparent pixels and one fully opaque:
+    the transparent pixels become white, and the CLI prints one note for the
+    preparation naming the first of the two and the count."""
+    from pipelines.cli import prepare_main
+
+    make_folder(tmp_path / "f", grid_rows())
+    _rgba(tmp_path / "f" / "im7.png")
+    _rgba(tmp_path / "f" / "im3.png")
+    _rgba(tmp_path / "f" / "im9.png", clear=())          # alpha all 255: nothing lost, no note
+    argv = ["image_folder", "--root", str(tmp_path / "f"), "--out", str(tmp_path / "p"), "--no-ray",
+            "--val-portion", "0", "--chunk-size", "4"]
+    assert prepare_main(argv) == 0
+    err = capsys.readouterr().err
+    notes = [line for line in err.splitlines() if line.startswith("note:")]
+    assert notes == [f"note: 2 image(s) had transparent pixels; composited onto white (the first: "
+                     f"{tmp_path / 'f' / 'im3.png'})"], err
+    images = {}
+    for split in ("train", "test"):
+        ds = read_split(tmp_path / "p", split)
+        images.update(zip(ds.ids.tolist(), ds.images))
+    assert images[3][:, 0, 0].tolist() == [255, 255, 255] and images[3][:, 1, 1].tolist() == [200, 0, 0]
+    assert images[9][:, 0, 0].tolist() == [200, 0, 0]
+
+
+def test_the_note_survives_tasks_that_finish_out_of_order(tmp_path):
+    """The Ray job runs the tasks in actors and hands their stats to ``finish`` in
+    any order: the note still names the first image by CSV order, and the
+    manifest keeps it."""
+    make_folder(tmp_path / "f", grid_rows())
+    _rgba(tmp_path / "f" / "im10.png")
+    _rgba(tmp_path / "f" / "im2.png")
+    plan, digest, staging = begin("image_folder", tmp_path / "p", False, root=str(tmp_path / "f"),
+                                  chunk_size=4, val_portion=0)
+    stats = [run_task(plan, i, t, staging) for i, t in enumerate(plan.tasks)]
+    out = finish(plan, digest, staging, tmp_path / "p", stats[::-1])
+    (note,) = read_manifest(out)["notes"]
+    assert note.startswith("2 image(s) had transparent pixels") and note.endswith("im2.png)")
+
+
+def test_a_label_csv_that_is_not_utf8_names_its_line_and_column(tmp_path):
+    rows = grid_rows()
+    text = "file,color,size\n" + "".join(f"{r['file']},{r['color']},{r['size']}\n" for r in rows)
+    make_folder(tmp_path / "f", rows)
+    data = text.encode().replace(b"im4.png,green", "im4.png,gr\u00fcn".encode("latin-1"))
+    (tmp_path / "f" / "labels.csv").write_bytes(data)
+    with pytest.raises(DataError) as e:
+        prepare("image_folder", tmp_path / "p", root=str(tmp_path / "f"))
+    msg = str(e.value)
+    assert msg.startswith(f"{tmp_path / 'f' / 'labels.csv'}: line 6, column 'color': not UTF-8")
+    assert "\\xfc" in msg and "\n" not in msg
+
+
+def _photo(path, w, h):
+    """A W x H photo: the left half dark, the right half light."""
+    a = np.full((h, w, 3), 200, np.uint8)
+    a[:, : w // 2] = 20
+    Image.fromarray(a).save(path)
+
+
+def test_a_non_square_photo_is_refused_naming_its_size_and_the_two_flags(tmp_path):
+    make_folder(tmp_path / "f", grid_rows())
+    for i in range(12):
+        _photo(tmp_path / "f" / f"im{i}.png", 10, 6)
+    msg = one_line_error(tmp_path, r"line 2: .*im0\.png is 10x6, not square", rows=grid_rows())
+    assert "--square crop" in msg and "--square pad" in msg
+
+
+def test_a_later_non_square_photo_is_refused_even_with_resize(tmp_path):
+    make_folder(tmp_path / "f", grid_rows())
+    _photo(tmp_path / "f" / "im5.png", 10, 6)
+    msg = one_line_error(tmp_path, r"line 7: image .*im5\.png is 10x6, not square", rows=grid_rows(),
+                         resize=True)
+    assert "--square crop" in msg and "--square pad" in msg
+
+
+@pytest.mark.parametrize("how, side", [("crop", 6), ("pad", 10)])
+def test_square_crop_or_pad_makes_photos_square(tmp_path, how, side):
+    """crop keeps the centred 6x6 (2 dark and 4 light... columns 2..7 of 10);
+    pad centres the photo on a black 10x10 (rows 0-1 and 8-9 black)."""
+    from pipelines.cli import options_from_args, parse_prepare_args
+
+    make_folder(tmp_path / "f", grid_rows())
+    for i in range(12):
+        _photo(tmp_path / "f" / f"im{i}.png", 10, 6)
+    opts = options_from_args(parse_prepare_args(["image_folder", "--root", str(tmp_path / "f"),
+                                                 "--out", "x", "--square", how]))
+    assert opts["square"] == how
+    out = prepare("image_folder", tmp_path / "p", **opts)
+    m = read_manifest(out)
+    assert m["image_size"] == side and m["options"]["square"] == how
+    image = read_split(out, "train").images[0].permute(1, 2, 0).numpy()
+    if how == "crop":
+        assert image[0, :, 0].tolist() == [20, 20, 20, 200, 200, 200]
+    else:
+        assert image[:2].max() == 0 and image[8:].max() == 0
+        assert image[2, :, 0].tolist() == [20] * 5 + [200] * 5
+
+
+def test_an_unknown_square_mode_and_the_chairs_crop_are_apart(tmp_path):
+    make_folder(tmp_path / "f", grid_rows())
+    one_line_error(tmp_path, r"square must be one of crop, pad, got 'stretch'", square="stretch")
+    from pipelines.cli import options_from_args, parse_prepare_args
+    opts = options_from_args(parse_prepare_args(["chairs3d", "--root", "r", "--out", "x", "--crop", "0.5"]))
+    assert opts["crop"] == 0.5 and "square" not in opts
+
+
+def test_an_image_folder_without_square_keeps_its_content_hash(tmp_path):
+    """The new option, left unset, is not part of the options hashed: a folder
+    prepared before it is reused, not refused as a different preparation."""
+    make_folder(tmp_path / "f", grid_rows())
+    out = prepare("image_folder", tmp_path / "p", root=str(tmp_path / "f"))
+    assert "square" not in read_manifest(out)["options"]

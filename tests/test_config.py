@@ -177,3 +177,45 @@ def test_later_all_stages_beats_earlier_stage_section(tmp_path):
             cfg.lenc.iterations) == (20, 20, 20, 5)
     cfg = load_config(user, ["all_stages.iterations=3"])
     assert cfg.lenc.iterations == 3
+
+
+def test_a_key_given_twice_is_refused_naming_the_file_key_and_lines(tmp_path):
+    """YAML keeps the last of two equal keys without a word; every YAML the
+    project reads refuses them: user configs, resolved configs, search spaces,
+    overrides, and nested keys are named with their section."""
+    from pipelines.sweeps.space import load_space
+
+    user = tmp_path / "twice.yaml"
+    user.write_text("dataset: shapes3d\nstage1:\n  cla1_weight: 0.3\n  lr: 1e-4\n  cla1_weight: 0.5\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(user)
+    assert str(e.value).startswith(f"config file {user}: key 'stage1.cla1_weight' is given twice, "
+                                   f"on line 3 and line 5")
+    resolved = tmp_path / "config.yaml"
+    save_config(load_config(overrides=["image_size=8"]), resolved)
+    resolved.write_text(resolved.read_text() + "image_size: 16\n")
+    with pytest.raises(ConfigError, match=r"resolved config .*config\.yaml: key 'image_size' is given "
+                                          r"twice, on line \d+ and line \d+"):
+        load_resolved(resolved)
+    space = tmp_path / "space.yaml"
+    space.write_text("stage: stage1\nspace:\n  stage1.lr: {loguniform: [1e-4, 1e-3]}\n"
+                     "stage: stage2\n")
+    with pytest.raises(ConfigError, match=r"search space .*space\.yaml: key 'stage' is given twice, "
+                                          r"on line 1 and line 4"):
+        load_space(space)
+    with pytest.raises(ConfigError, match=r"override .*: key 'a' is given twice"):
+        parse_override("stage1={a: 1, a: 2}")
+
+
+def test_merge_keys_may_still_override_and_the_shipped_yaml_has_no_twice_given_key():
+    from pathlib import Path
+
+    from dsu_models.config import read_yaml, yaml_load
+
+    assert yaml_load("base: &b {x: 1, y: 2}\nother:\n  <<: *b\n  x: 3\n")["other"] == {"x": 3, "y": 2}
+    root = Path(__file__).resolve().parents[1]
+    shipped = [p for p in [*root.glob("dsu_models/configs/**/*.yaml"), *root.glob("tune_spaces/*.yaml"),
+                           root / "serve_config.yaml", root / "ray_cluster.yaml"]]
+    assert len(shipped) > 10
+    for path in shipped:
+        read_yaml(path, "shipped YAML")

@@ -454,6 +454,64 @@ def test_cli_missing_image_fails_with_one_line(tiny, tmp_path, capsys):
     assert rc == 2 and "nope.png: no such image file" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name, fmt", [("out.jpg", "JPEG"), ("out.JPEG", "JPEG"), ("out.webp", "WEBP"),
+                                       ("out.png", "PNG")])
+def test_cli_swap_writes_the_format_its_out_extension_names(tiny, pngs, tmp_path, capsys, name, fmt):
+    out = tmp_path / name
+    assert main(["swap", "--model", str(tiny["bundle_dir"]), "--device", "cpu", "--content", pngs[0],
+                 "--out", str(out)]) == 0
+    with Image.open(out) as written:
+        assert written.format == fmt and written.size == (16, 16)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]      # no temporary left
+
+
+@pytest.mark.parametrize("name", ["out.bmp", "out"])
+def test_cli_swap_refuses_an_out_extension_it_cannot_write(tmp_path, capsys, name):
+    """Before any work: the model is not even looked for."""
+    rc = main(["swap", "--model", str(tmp_path / "not-loaded"), "--content", str(tmp_path / "a.png"),
+               "--out", str(tmp_path / name)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and err.startswith(f"error: {tmp_path / name}: cannot write")
+    assert ".png, .jpg, .jpeg, .webp" in err and not (tmp_path / name).exists()
+
+
+def _photo(path, w, h, mode="RGB"):
+    a = np.full((h, w, len(mode)), 90, np.uint8)
+    a[..., -1] = 255 if mode == "RGBA" else 90
+    if mode == "RGBA":
+        a[0, 0, 3] = 0
+    Image.fromarray(a, mode).save(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("command", ["swap", "encode"])
+def test_cli_non_square_image_is_refused_naming_size_and_flags(tiny, tmp_path, capsys, command):
+    photo = _photo(tmp_path / "wide.png", 24, 16)
+    given = ["--content", photo, "--out", str(tmp_path / "o.png")] if command == "swap" else ["--images", photo]
+    rc = main([command, "--model", str(tiny["bundle_dir"]), "--device", "cpu", *given])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: {photo} is 24x16, not square: pass --square crop")
+    assert "--square pad" in err
+
+
+@pytest.mark.parametrize("how", ["crop", "pad"])
+def test_cli_square_crop_or_pad_reads_a_non_square_image(tiny, model, tmp_path, capsys, how):
+    """--square crop/pad give what the model makes of the cropped / padded image;
+    a transparent pixel is composited onto white, with one note."""
+    from dsu_models.data.codec import flatten_alpha, square_image
+
+    photo = _photo(tmp_path / "wide.png", 24, 16, "RGBA")
+    out = tmp_path / "o.png"
+    assert main(["swap", "--model", str(tiny["bundle_dir"]), "--device", "cpu", "--content", photo,
+                 "--square", how, "--set", "shape=1", "--out", str(out)]) == 0
+    assert "note: 1 image(s) had transparent pixels; composited onto white" in capsys.readouterr().err
+    with Image.open(photo) as im:
+        expected = square_image(flatten_alpha(im)[0], how)
+    assert expected.size == ({"crop": 16, "pad": 24}[how],) * 2
+    assert np.array_equal(np.asarray(Image.open(out)), model.swap([expected], {"shape": 1})[0])
+
+
 def test_cli_subprocess_bad_uri_exits_nonzero_without_traceback(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     done = subprocess.run([sys.executable, "-m", "dsu_models", "encode", "--model",

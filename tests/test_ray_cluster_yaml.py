@@ -172,3 +172,13 @@ def test_an_open_cluster_is_refused_naming_the_door(tmp_path, raw, capsys, mutat
     with pytest.raises(ClusterConfigError, match=re.escape(fragment)):
         validate_cluster_yaml(path)
     assert main([str(path)]) == 1 and fragment in capsys.readouterr().out
+
+
+def test_a_key_given_twice_is_refused(tmp_path):
+    """Ray reads the file with yaml.safe_load, which keeps the second of two equal keys."""
+    text = CLUSTER_YAML.read_text()
+    path = tmp_path / "twice.yaml"
+    path.write_text(text + "\nmax_workers: 30\n")
+    with pytest.raises(ClusterConfigError, match=r"twice\.yaml: key 'max_workers' is given twice, on "
+                                                 r"line \d+ and line \d+"):
+        validate_cluster_yaml(path)

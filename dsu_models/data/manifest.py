@@ -6,8 +6,11 @@ counts and frequencies; for an evaluation-only factor ``"eval_only": true``
 and ``labeled``, its labeled rows per split, which are all that its counts
 count), rows and shard files per split, how the validation split was made
 (``val_from``: ``"carved"`` from train by id, or the source's own, e.g.
-``"csv"``), the resolved options and a content hash of inputs + options. It
-is written last, so a directory without it is not a prepared dataset.
+``"csv"``), the resolved options and a content hash of inputs + options;
+and, only when reading changed some of the inputs (e.g. transparency
+composited onto white), ``notes``: one line per kind of change, with the count
+and the first file. It is written last, so a directory without it is not a
+prepared dataset.
 Manifests written before validation splits have no ``val`` split and no
 ``val_from`` (see splits.py); before evaluation-only factors, no ``eval_only``.
 """

@@ -68,8 +68,12 @@ def run_task(plan: SourcePlan, index: int, task: dict, staging: str | Path) -> d
     rows = {s: 0 for s in SPLITS}
     # sparse {label: count}: the stats stay as small as the task whatever the class count
     counts = {s: [{} for _ in plan.factors] for s in SPLITS}
+    notes: dict[str, dict] = {}     # {what was done: {"count", "first", "task"}}
     try:
         for chunk in plan.read(task):
+            for what, files in chunk.notes.items():
+                seen = notes.setdefault(what, {"count": 0, "first": files[0], "task": index})
+                seen["count"] += len(files)
             images = _checked_images(plan, chunk)
             check_labels(chunk.labels, plan.factors, chunk.where or plan.source)
             codes = chunk.split
@@ -100,7 +104,8 @@ def run_task(plan: SourcePlan, index: int, task: dict, staging: str | Path) -> d
             w.close()
     return {"rows": rows,
             "counts": {s: [[sorted(c), [c[k] for k in sorted(c)]] for c in v]
-                       for s, v in counts.items()}}
+                       for s, v in counts.items()},
+            "notes": notes}
 
 
 def _dense_counts(stats: list[dict], split: str, j: int, classes: int) -> np.ndarray:
@@ -110,6 +115,19 @@ def _dense_counts(stats: list[dict], split: str, j: int, classes: int) -> np.nda
         labels, counts = st["counts"][split][j]
         np.add.at(total, np.asarray(labels, np.int64), np.asarray(counts, np.int64))
     return total
+
+
+def preparation_notes(stats: list[dict]) -> list[str]:
+    """One line per kind of note the tasks made (``Chunk.notes``): how many
+    images, and the first of them in task order (stats may arrive in any order)."""
+    merged: dict[str, dict] = {}
+    for st in stats:
+        for what, note in st.get("notes", {}).items():
+            m = merged.setdefault(what, {"count": 0, "first": note["first"], "task": note["task"]})
+            m["count"] += note["count"]
+            if note["task"] < m["task"]:
+                m["first"], m["task"] = note["first"], note["task"]
+    return [f"{m['count']} image(s) {what} (the first: {m['first']})" for what, m in merged.items()]
 
 
 def _checked_images(plan: SourcePlan, chunk) -> np.ndarray:
@@ -167,6 +185,9 @@ def finish(plan: SourcePlan, digest: str, staging: Path, out_dir, stats: list[di
     name = plan.source if plan.source != "image_folder" else Path(plan.options["root"]).name
     m = mf.build_manifest(name, plan.source, plan.image_size, plan.channels, plan.factors, counts, rows,
                  files, plan.options, digest, plan.val_from)
+    notes = preparation_notes(stats)
+    if notes:   # what reading changed in the user's images; prepare_data.py prints them
+        m["notes"] = notes
     mf.write(staging, m)
     return _commit(staging, Path(out_dir))
 

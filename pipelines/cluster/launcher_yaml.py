@@ -18,6 +18,8 @@ from pathlib import Path
 
 import yaml
 
+from dsu_models.config import DuplicateKey, yaml_load
+
 
 class ClusterConfigError(ValueError):
     """The cluster YAML is not one Ray's cluster launcher would accept."""
@@ -40,8 +42,11 @@ def validate_cluster_yaml(path: str | Path) -> dict:
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     path = Path(path)
-    with open(path) as f:
-        raw = yaml.safe_load(f)
+    try:
+        # Ray reads it with yaml.safe_load, which keeps the last of a key given twice
+        raw = yaml_load(path.read_text(encoding="utf-8"), yaml.SafeLoader)
+    except DuplicateKey as e:
+        raise ClusterConfigError(f"{path}: {e}") from None
     if not isinstance(raw, dict):
         raise ClusterConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
     try:

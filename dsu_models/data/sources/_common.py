@@ -44,13 +44,18 @@ class Chunk:
     """Rows from one task. split: (n,) int8 (TRAIN, TEST or VAL); ids: (n,) int64;
     images: (n, H, W, C) uint8 at any size (resized later if allowed);
     labels: (n, F) int64 (MISSING = -1 only in an eval-only factor's column);
-    where: the file (or generator) the rows came from, for errors."""
+    where: the file (or generator) the rows came from, for errors;
+    notes: what reading did to some inputs that the user should hear of,
+    ``{what was done: [file, ...]}`` in row order (e.g. transparency
+    composited onto white); preparation reports each once, with the first file
+    and the count (``prepared.finish``)."""
 
     split: np.ndarray
     ids: np.ndarray
     images: np.ndarray
     labels: np.ndarray
     where: str = ""
+    notes: dict = field(default_factory=dict)
 
 
 @dataclass

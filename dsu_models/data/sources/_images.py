@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ..codec import SQUARE_HINT, flatten_alpha, square_image
 from ..errors import DataError
 
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
@@ -25,12 +26,16 @@ def peek(path: Path) -> tuple[int, int, int]:
 
 
 def load_image(path: Path, expect: tuple[int, int, int], size: int, resize: bool, crop: float = 1.0,
-         where: str = "") -> np.ndarray:
+         where: str = "", square: str | None = None, flattened: list | None = None) -> np.ndarray:
     """Decode one file to (size, size, C) uint8.
 
     ``expect`` = (H, W, C) every image must have unless ``resize``: then the
-    channel count is converted, a centred square of ``crop`` times the short
-    side is cut and resized (Lanczos) to ``size``.
+    channel count is converted and the image resized (Lanczos) to ``size``.
+    Transparency is composited onto white (``codec.flatten_alpha``); the path
+    of an image that had transparent pixels is appended to ``flattened``. A
+    non-square image is made square as ``square`` says (``"crop"`` or
+    ``"pad"``, ``codec.square_image``) and refused without it. Then a centred
+    square of ``crop`` times the side is cut (chairs3d's framing).
     """
     h0, w0, c0 = expect
     try:
@@ -41,11 +46,16 @@ def load_image(path: Path, expect: tuple[int, int, int], size: int, resize: bool
                 raise DataError(f"{where}image {path} is {w}x{h} with {c} channel(s); the dataset's "
                                 f"images are {w0}x{h0} with {c0}: pass resize=True (--resize) "
                                 f"to convert")
-            im = im.convert("L" if c0 == 1 else "RGB")
-            side = int(round(min(h, w) * crop))
-            if (h, w) != (side, side):
-                left, top = (w - side) // 2, (h - side) // 2
-                im = im.crop((left, top, left + side, top + side))
+            if h != w and square is None:
+                raise DataError(f"{where}image {path} is {w}x{h}, not square: pass {SQUARE_HINT}")
+            im, was_transparent = flatten_alpha(im)
+            if was_transparent and flattened is not None:
+                flattened.append(str(path))
+            im = square_image(im.convert("L" if c0 == 1 else "RGB"), square or "crop")
+            side = int(round(im.size[0] * crop))
+            if side != im.size[0]:
+                left = (im.size[0] - side) // 2
+                im = im.crop((left, left, left + side, left + side))
             if side != size:
                 if not resize and crop == 1.0:
                     raise DataError(f"{where}image {path} is {w}x{h}, not {size}x{size}: pass "

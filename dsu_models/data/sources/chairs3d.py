@@ -76,7 +76,9 @@ def plan(opts: dict) -> SourcePlan:
 
 def read(task: dict) -> Iterator[Chunk]:
     # resize=True: every render is cropped and resized anyway; sizes must still agree
-    images = np.stack([_images.load_image(Path(p), task["expect"], task["size"], True, task["crop"])
+    # square="crop": the renders are square; should one not be, its centred square is framed
+    images = np.stack([_images.load_image(Path(p), task["expect"], task["size"], True, task["crop"],
+                                          square="crop")
                        for p in task["files"]])
     n = len(images)
     yield Chunk(np.where(task["test"], TEST, TRAIN).astype(np.int8),

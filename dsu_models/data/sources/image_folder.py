@@ -18,8 +18,13 @@ image is listed once (``./a.png`` and ``a.png`` are the same image), inside
 ROOT. Blank lines are skipped; errors name the CSV's own line numbers. Declaring
 ``factors`` makes missing and extra columns errors. Every image must have the
 first image's size and channel count unless ``resize`` is set, which converts
-channels, crops the centred square and resizes to ``image_size``.
-ids are CSV data-row numbers (0-based).
+channels and resizes to ``image_size``. A non-square image is refused unless
+``square`` says how to make it square: ``"crop"`` keeps the centred square,
+``"pad"`` pads the short side with black (``codec.square_image``; flag
+``--square crop|pad``; chairs3d's ``crop`` is another option, a framing
+fraction). Transparent pixels are composited onto white, and the preparation
+notes how many images had them and the first (manifest ``notes``, printed by
+``prepare_data.py``). ids are CSV data-row numbers (0-based).
 """
 from __future__ import annotations
 
@@ -33,6 +38,7 @@ from typing import Iterator
 import numpy as np
 
 from ..base import FactorInfo
+from ..codec import SQUARE_HINT, SQUARE_MODES
 from ..errors import DataError
 from . import _images
 from ..base import MISSING
@@ -44,7 +50,8 @@ FACTORS: list = []          # from the CSV
 DEFAULT_IMAGE_SIZE = None   # the images' own size
 CHANNELS = None             # the images' own channel count
 OPTIONS = {"root": None, "csv": None, "file_column": "file", "factors": None, "classes": None,
-           "channels": None, "eval_factors": None}
+           "channels": None, "eval_factors": None, "square": None}
+FLATTENED = "had transparent pixels; composited onto white"   # a Chunk note (prepared.finish)
 _INT = re.compile(r"^[+-]?[0-9]+$")
 _RESERVED = ("id", "image")          # columns of the prepared format itself (prepared._schema)
 # an integer factor column may not imply more classes than this (a typo such as
@@ -76,7 +83,9 @@ def _read_csv(path: Path, file_col: str, declared: list[str] | None):
                 else:
                     rows.append(r)
                     lines.append(start)
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
+    except UnicodeDecodeError:
+        raise _not_utf8(path) from None
+    except (OSError, csv.Error) as e:
         raise DataError(f"cannot read CSV {path}: {e}") from e
     if header is None:
         raise DataError(f"{path}: empty CSV (no header)")
@@ -111,6 +120,27 @@ def _read_csv(path: Path, file_col: str, declared: list[str] | None):
         raise DataError(f"{path}: no data rows")
     cols = {h: [r[k].strip() for r in rows] for k, h in enumerate(header)}
     return cols, names, lines
+
+
+def _not_utf8(path: Path) -> DataError:
+    """Where a CSV stops being UTF-8: its line, and the column the byte is in
+    (the decoder's own offset counts from the start of a buffer, not the file)."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+        return DataError(f"{path}: not UTF-8 text")   # not reached: the reader failed on it
+    except UnicodeDecodeError as e:
+        at = e.start
+    start = data.rfind(b"\n", 0, at) + 1
+    line = data.count(b"\n", 0, at) + 1
+    lines = data.decode("utf-8", "replace").lstrip("\ufeff").splitlines()
+    header_line = next((k + 1 for k, t in enumerate(lines) if t.strip(" ,\t")), line)
+    header = next(csv.reader([lines[header_line - 1]]), []) if header_line < line else []
+    field = len(next(csv.reader([data[start:at].decode("utf-8", "replace")]), [""]))
+    column = (f", column {header[field - 1].strip()!r}" if field <= len(header)
+              else f", field {field}")
+    return DataError(f"{path}: line {line}{column}: not UTF-8 text (byte {data[at:at + 1]!r} "
+                     f"at offset {at}); save the CSV as UTF-8")
 
 
 def _declared_classes(path: Path, name: str, declared, rows: int) -> int | None:
@@ -280,6 +310,12 @@ def plan(opts: dict) -> SourcePlan:
         raise DataError(f"{NAME}: eval_factors {unknown} are not factor columns {names}")
     # one spelling in the manifest and the content hash, however the option was given
     opts = {**opts, "eval_factors": evals or None}
+    if opts["square"] is None:    # unset: the content hash of earlier preparations is unchanged
+        opts = {k: v for k, v in opts.items() if k != "square"}
+    elif opts["square"] not in SQUARE_MODES:
+        raise DataError(f"{NAME}: square must be one of {', '.join(SQUARE_MODES)}, got "
+                        f"{opts['square']!r} (crop: keep the centred square; pad: pad with black)")
+    square = opts.get("square")
     split = cols.get("split")
     if split is not None:
         for i, v in enumerate(split):
@@ -311,17 +347,16 @@ def plan(opts: dict) -> SourcePlan:
     channels = int(opts["channels"] or c)
     if channels not in (1, 3):
         raise DataError(f"{NAME}: channels must be 1 or 3, got {channels}")
-    native = h if h == w else None
-    size = int(opts["image_size"] or native or 0)
-    if not size:
-        raise DataError(f"{first}: {files[0]} is {w}x{h}, not square: pass image_size and "
-                        f"resize=True (--image-size, --resize)")
+    if h != w and square is None:
+        raise DataError(f"{first}: {files[0]} is {w}x{h}, not square: pass {SQUARE_HINT}")
+    native = {None: h, "crop": min(h, w), "pad": max(h, w)}[square]
+    size = int(opts["image_size"] or native)
     if size % 2:
         raise DataError(f"{first}: image size {size} ({files[0]}) is odd; pass an even image_size "
                         f"and resize=True (--image-size, --resize)")
     tasks = [{"files": [str(p) for p in files[a:b]], "labels": labels[a:b], "split": codes[a:b],
               "start": a, "lines": lines[a:b], "size": size, "expect": (h, w, channels),
-              "resize": bool(opts["resize"]), "csv": str(csv_path)}
+              "resize": bool(opts["resize"]), "csv": str(csv_path), "square": square}
              for a, b in ranges(n, int(opts["chunk_size"]))]
     fingerprint = {"csv": file_digest(csv_path), "images": tree_fingerprint(root, files)}
     return SourcePlan(NAME, factors, channels, size, native, tasks, read, opts, fingerprint,
@@ -329,10 +364,12 @@ def plan(opts: dict) -> SourcePlan:
 
 
 def read(task: dict) -> Iterator[Chunk]:
+    flattened: list[str] = []
     images = np.stack([
         _images.load_image(Path(p), task["expect"], task["size"], task["resize"],
-                     where=f"{task['csv']}: line {line}: ")
+                           where=f"{task['csv']}: line {line}: ", square=task["square"],
+                           flattened=flattened)
         for p, line in zip(task["files"], task["lines"])])
     yield Chunk(np.asarray(task["split"], np.int8),
                 task["start"] + np.arange(len(images), dtype=np.int64), images, task["labels"],
-                task["csv"])
+                task["csv"], {FLATTENED: flattened} if flattened else {})
