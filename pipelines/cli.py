@@ -15,24 +15,29 @@ one from its last Ray Train checkpoint.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 from dsu_models.config import Config, ConfigError, config_diff, load_config, load_resolved
 from dsu_models.data import DataError
+from dsu_models.data.codec import SQUARE_MODES
 from dsu_models.data.sources.builtin import BUILTIN, sample_count
 from dsu_models import steps as steps_module
 from dsu_models.steps import RAY, check_runner, step as table_step, steps_for
+from pipelines import console
 from pipelines.cluster import storage
 from pipelines.cluster.ray_init import init_ray, pipeline_cpus
+from pipelines.cluster.stopping import interrupt_status, stop_on_sigterm, stop_reason
 from pipelines.tracking import runs as tracking
 
 
 def _train(step, cfg, data_dir, run_id, upstream, args, tracking_uri):
     from pipelines.jobs.stage_train import fit_stage
     fit_stage(step.name, cfg, data_dir, run_id, upstream, tracking_uri, workers=args.workers,
-              use_gpu=args.gpu, cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures)
+              use_gpu=args.gpu, cpus_per_worker=args.cpus_per_worker, max_failures=args.max_failures,
+              reporter=console.reporter())
 
 
 def _distill(step, cfg, data_dir, run_id, upstream, args, tracking_uri):
@@ -44,13 +49,13 @@ def _distill(step, cfg, data_dir, run_id, upstream, args, tracking_uri):
 def _evaluate(step, cfg, data_dir, run_id, upstream, args, tracking_uri):
     from pipelines.jobs.evaluate_and_register import run_evaluate
     run_evaluate(cfg, data_dir, upstream, run_id, tracking_uri, use_gpu=args.gpu,
-                 num_cpus=args.cpus_per_worker)
+                 num_cpus=args.cpus_per_worker, reporter=console.reporter())
 
 
 def _register(step, cfg, data_dir, run_id, upstream, args, tracking_uri):
     from pipelines.jobs.evaluate_and_register import run_register
     outcome = run_register(cfg, upstream, run_id, tracking_uri, alias=args.alias)
-    print(f"[register] {outcome.describe(args.alias)}", flush=True)
+    console.say(f"[register] {outcome.describe(args.alias)}")
 
 
 # How the Ray pipeline runs each kind of step of the table (dsu_models.steps,
@@ -85,6 +90,9 @@ def add_common(parser: argparse.ArgumentParser):
     parser.add_argument("--num-cpus", type=int, default=None,
                         help="logical CPUs of a local Ray instance (default: the cores + 1, "
                              "see pipelines.cluster.ray_init.pipeline_cpus; ignored when joining RAY_ADDRESS)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's and MLflow's own messages on the console (by default they go "
+                             "to a log file named at start)")
     parser.add_argument("--alias", default="champion",
                         help="registry alias the model takes when it meets the champion bar "
                              "(evaluate.champion_*) and its val_summary beats the holder's")
@@ -139,8 +147,9 @@ def ensure_data(cfg: Config, config_arg, overrides: list[str]) -> tuple[Config, 
         return cfg, cfg.data_path if storage.has_scheme(cfg.data_path) else str(Path(cfg.data_path).resolve())
     from pipelines.jobs.prepare import prepare_into
     out = builtin_dir(cfg)
-    print(f"[prepare] {cfg.dataset} -> {out}", flush=True)
-    prepare_into(cfg.dataset, out, **builtin_options(cfg))
+    console.say(f"[prepare] {cfg.dataset} -> {out}")
+    prepare_into(cfg.dataset, out, progress=lambda done, total: console.bar("prepare", done, total),
+                 **builtin_options(cfg))
     return load_config(config_arg, overrides + [f"data_path={out}"]), out
 
 
@@ -150,11 +159,12 @@ def execute(stage: str, cfg: Config, data_dir: str, parent_id: str, runs: dict, 
     A stage that fails leaves its run FAILED (KILLED on an interrupt)."""
     run_id, complete = tracking.stage_run(client, parent_id, stage, cfg)
     if complete:
-        print(f"[{stage}] complete in run {run_id}; skipped", flush=True)
+        console.say(f"[{stage}] complete in run {run_id}; skipped")
+        console.step_finished(stage, 0.0)
         return run_id
     upstream = {k: runs.get(k) for k in table_step(stage).upstream}
     started = time.time()
-    print(f"[{stage}] MLflow run {run_id}", flush=True)
+    console.say(f"[{stage}] MLflow run {run_id}")
     try:
         step = table_step(stage)
         RUNNERS[step.kind](step, cfg, data_dir, run_id, upstream, args, tracking_uri)
@@ -162,7 +172,9 @@ def execute(stage: str, cfg: Config, data_dir: str, parent_id: str, runs: dict, 
         tracking.mark_failed(client, run_id, status=_end_status(exc))
         raise
     tracking.mark_complete(client, run_id)
-    print(f"[{stage}] done in {time.time() - started:.0f} s", flush=True)
+    console.flush()
+    console.step_finished(stage, time.time() - started)
+    console.say(f"[{stage}] done in {time.time() - started:.0f} s")
     return run_id
 
 
@@ -193,10 +205,12 @@ def pin_storage(cfg: Config, overrides: list[str]) -> tuple[Config, list[str]]:
 def join_cluster(args, cfg: Config, tracking_uri: str):
     """Start or join Ray; on several nodes, prove the storage and the MLflow
     store reach every one of them (``pipelines.cluster.storage``)."""
-    ray = init_ray(args.num_cpus or pipeline_cpus())
-    nodes = storage.check_reachable(cfg.storage, tracking_uri, ray)
+    ray = init_ray(args.num_cpus or pipeline_cpus(), log_to_driver=args.verbose)
+    console.connect()
+    nodes = storage.check_reachable(cfg.storage, tracking_uri, ray,
+                                    grows=storage.cluster_grows(bool(os.environ.get("RAY_ADDRESS"))))
     if nodes > 1:
-        print(f"[cluster] {nodes} nodes; storage {cfg.storage}", flush=True)
+        console.say(f"[cluster] {nodes} nodes; storage {cfg.storage}")
 
 
 def check_launch(cfg: Config, args, stages: list[str]):
@@ -227,11 +241,12 @@ def check_launch(cfg: Config, args, stages: list[str]):
                                   f"has {torch.cuda.device_count()} (set RAY_ADDRESS to use a cluster)")
 
 
-def resume_config(args, client, tracking_uri: str) -> tuple[Config, str, list[str]]:
-    """The config of the pipeline run ``--resume`` names, as it logged it; returns
-    (cfg, config_arg, overrides) for the rest of the pipeline. ``--config`` and
-    overrides may only change it with ``--change-config``, and the keys that
-    would change are named either way."""
+def resume_config(args, client, tracking_uri: str) -> tuple[Config, str, list[str], list[str]]:
+    """The config of the pipeline run ``--resume`` names, as it last recorded it
+    (``config.yaml``, replaced by each ``--change-config``); returns (cfg,
+    config_arg, overrides, changed keys) for the rest of the pipeline.
+    ``--config`` and overrides may only change it with ``--change-config``, and
+    the keys that would change are named either way."""
     import tempfile
     tracking.pipeline_run(client, args.resume, flag="--resume")
     with tempfile.TemporaryDirectory() as tmp:
@@ -241,7 +256,7 @@ def resume_config(args, client, tracking_uri: str) -> tuple[Config, str, list[st
             raise ConfigError(f"--resume {args.resume}: the run's config names no data_path")
         overrides = overrides_of(args)
         if not (args.config or overrides):
-            return logged, None, []
+            return logged, None, [], []
         for key in ("data_path", "storage"):  # where it was prepared and checkpointed
             if getattr(logged, key) and not any(o.startswith(f"{key}=") for o in overrides):
                 overrides.append(f"{key}={getattr(logged, key)}")
@@ -254,8 +269,8 @@ def resume_config(args, client, tracking_uri: str) -> tuple[Config, str, list[st
                           f"resume without --config/overrides to continue the run as it was, or add "
                           f"--change-config to continue it with the new values")
     if changed:
-        print(f"[resume] continuing with changed keys: {', '.join(changed)}", flush=True)
-    return asked, (args.config or None), overrides
+        console.say(f"[resume] continuing with changed keys: {', '.join(changed)}")
+    return asked, (args.config or None), overrides, changed
 
 
 def full_main(argv: list[str] | None = None) -> int:
@@ -268,6 +283,13 @@ def full_main(argv: list[str] | None = None) -> int:
                         help="with --resume: continue with a different --config/overrides")
     parser.add_argument("--stages", help="comma-separated subset, e.g. stage1,distill")
     args = parser.parse_intermixed_args(argv)
+    with console.Console("pipeline", verbose=args.verbose):
+        return _full(args)
+
+
+def _full(args) -> int:
+    """:func:`full_main` after its arguments are read, inside its console."""
+    stop_on_sigterm()   # SIGTERM stops it as Ctrl-C does (init_ray installs it again over Ray's)
     parent = None
     client = None
     try:
@@ -276,7 +298,7 @@ def full_main(argv: list[str] | None = None) -> int:
         if args.resume:  # the run's own config, from its store
             experiment_id = tracking.setup(tracking_uri, args.experiment)
             client = MlflowClient(tracking_uri)
-            cfg, config_arg, overrides = resume_config(args, client, tracking_uri)
+            cfg, config_arg, overrides, changed = resume_config(args, client, tracking_uri)
             check_data(cfg)
             cfg, overrides = pin_storage(cfg, overrides)
         else:  # a bad config touches nothing, not even the store
@@ -299,9 +321,12 @@ def full_main(argv: list[str] | None = None) -> int:
         if args.resume:
             parent = args.resume
             client.update_run(parent, status="RUNNING")
+            # recorded on the parent (and on each stage run it re-enters, tracking.stage_run)
+            tracking.record_config_change(client, parent, cfg, changed)
         else:
             parent = tracking.start_parent(client, experiment_id, cfg)
-        print(f"pipeline run {parent} ({', '.join(wanted)})", flush=True)
+        console.plan(cfg, wanted)
+        console.say(f"pipeline run {parent} ({', '.join(wanted)})")
         runs = {s: r.info.run_id for s, r in tracking.child_runs(client, parent).items()}
         for stage in wanted:
             runs[stage] = execute(stage, cfg, data_dir, parent, runs, args, tracking_uri, client)
@@ -320,7 +345,16 @@ def full_main(argv: list[str] | None = None) -> int:
 def _report_failure(exc: BaseException, parent: str | None) -> int | None:
     """One line on stderr and the exit code for a pipeline that stopped: 2 for a
     user error (config, data, flags), 1 for a failure after start (the runs are
-    FAILED; ``--resume`` continues it); None: let it propagate (an interrupt)."""
+    FAILED; ``--resume`` continues it), 130 / 143 when Ctrl-C / SIGTERM stopped
+    it (the runs are KILLED; ``pipelines.cluster.stopping``; Ray shuts down as
+    the process exits, by Ray's exit hook, once the console no longer asks it for
+    lines: shut down here, a late ``ray.get`` would start a new local Ray);
+    None: let it propagate (SystemExit and the like)."""
+    if isinstance(exc, KeyboardInterrupt):
+        runs = (f"; its MLflow runs are marked KILLED; continue it with --resume {parent}"
+                if parent is not None else "")
+        print(f"stopped by {stop_reason(exc)}{runs}", file=sys.stderr)
+        return interrupt_status(exc)
     if isinstance(exc, (ConfigError, DataError, ValueError)):
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -343,6 +377,13 @@ def stage_main(stage: str, argv: list[str] | None = None) -> int:
     for up in table_step(stage).upstream:
         parser.add_argument(f"--{up}-run", required=True, help=f"finished {up} run id")
     args = parser.parse_intermixed_args(argv)
+    with console.Console(stage, verbose=args.verbose):
+        return _one_stage(stage, args)
+
+
+def _one_stage(stage: str, args) -> int:
+    """:func:`stage_main` after its arguments are read, inside its console."""
+    stop_on_sigterm()   # SIGTERM stops it as Ctrl-C does (init_ray installs it again over Ray's)
     parent = None
     client = None
     try:
@@ -426,6 +467,9 @@ def parse_prepare_args(argv=None) -> argparse.Namespace:
     p.add_argument("--relabel-orientation", action="store_true",
                    help="dsprites: relabel square/ellipse orientations (docs/method.md section 10)")
     p.add_argument("--crop", type=float, help="chairs3d: centred crop fraction")
+    p.add_argument("--square", choices=SQUARE_MODES,
+                   help="image_folder: make non-square images square: crop keeps the centred "
+                        "square, pad pads the short side with black (default: refuse them)")
     p.add_argument("--image-size", type=int)
     p.add_argument("--num-samples", type=int, help="built-in sources: a seeded subset (of the factor grid; digits: of its images)")
     p.add_argument("--test-portion", type=float)
@@ -446,7 +490,8 @@ def options_from_args(a: argparse.Namespace) -> dict:
     opts = {"root": a.root, "path": a.path, "csv": a.csv, "file_column": a.file_column,
             "factors": a.factors, "classes": _classes(a.classes), "channels": a.channels,
             "eval_factors": a.eval_factors,
-            "crop": a.crop, "image_size": a.image_size, "num_samples": a.num_samples,
+            "crop": a.crop, "square": a.square, "image_size": a.image_size,
+            "num_samples": a.num_samples,
             "test_portion": a.test_portion, "val_portion": a.val_portion, "seed": a.seed,
             "plot_size": a.plot_size,
             "chunk_size": a.chunk_size}
@@ -474,16 +519,22 @@ def prepare_main(argv=None) -> int:
             out = prepare(a.source, a.out, overwrite=a.overwrite, **opts)
         else:
             init_ray(a.num_cpus, dashboard=False)
-            out = prepare_with_ray(a.source, a.out, overwrite=a.overwrite, **opts)
+            out = prepare_with_ray(a.source, a.out, overwrite=a.overwrite,
+                                   progress=lambda done, total: console.bar("prepare", done, total), **opts)
     except DataError as e:
         # raised in a Ray actor, it arrives wrapped with the remote traceback: say the cause only
         print(f"error: {getattr(e, 'cause', None) or e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:     # Ctrl-C or SIGTERM: the staging folder is gone already
+        print(f"stopped by {stop_reason(e)}; {a.out} is as it was", file=sys.stderr)
+        return interrupt_status(e)
     from dsu_models.data import read_manifest
 
     m = read_manifest(out)
     rows = {s: v["rows"] for s, v in m["splits"].items()}
     print(f"{out}: {m['name']} {m['image_size']}px x{m['channels']} rows {rows} "
           f"hash {m['content_hash'][:12]} ({time.time() - t0:.1f} s)")
+    for note in m.get("notes", []):   # what reading changed in the images (made in the tasks)
+        print(f"note: {note}", file=sys.stderr)
     return 0
 

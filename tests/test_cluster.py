@@ -13,6 +13,10 @@ NFS). MLflow is a real ``mlflow server`` on 127.0.0.1.
   built-in dataset, checkpoints and distilled codes went through the bucket,
   nothing under DSU_HOME.
 - A trainer-backed sweep runs with the shared folder as its storage.
+- A cluster that may add nodes (``DSU_CLUSTER_GROWS``, as ray_cluster.yaml
+  sets it) with the head alone: a node-local folder is refused although no
+  other node exists yet; a folder under a declared shared mount is proven and
+  used, and the pipeline takes a worker node that joins while it runs.
 """
 from __future__ import annotations
 
@@ -60,8 +64,9 @@ def cluster(tmp_path_factory):
         c.shutdown()
 
 
-def pipeline(c: Cluster, *args: str) -> subprocess.Popen:
-    env = {**c.env, "RAY_ADDRESS": c.address, "DSU_HOME": str(c.home), "PYTHONUNBUFFERED": "1"}
+def pipeline(c: Cluster, *args: str, env_extra: dict | None = None) -> subprocess.Popen:
+    env = {**c.env, "RAY_ADDRESS": c.address, "DSU_HOME": str(c.home), "PYTHONUNBUFFERED": "1",
+           **(env_extra or {})}
     env.pop("DSU_STORAGE", None)
     env.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.Popen([sys.executable, "pipelines/full.py", "--config", "tiny", *args],
@@ -241,3 +246,39 @@ def test_trainer_backed_sweep_on_the_cluster(cluster, where):
     assert final[0.01] != final[0.0]  # Tune chose by the objective rank 0 reported
     best = load_config(str(folder / "best_config.yaml"), [])
     assert best.stage1.lr == max(final, key=final.get) and best.stage1.iterations == 4
+
+
+def test_a_growing_cluster_with_the_head_alone(tmp_path_factory):
+    """An autoscaling cluster before its workers come: the head alone (no CPUs).
+    The check cannot ask nodes that do not exist yet, so a path must be under a
+    mount the cluster declares shared; the pipeline then waits for a worker node,
+    which joins while it runs, and finishes."""
+    c = Cluster(hidden=[tmp_path_factory.getbasetemp()])
+    grows = {"DSU_CLUSTER_GROWS": "1", "DSU_SHARED_MOUNTS": str(c.shared)}
+    try:
+        c.start()
+        uri = c.start_mlflow()
+        proc = pipeline(c, *SMALL, "--tracking-uri", uri, env_extra=grows)  # storage: DSU_HOME, node-local
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 2, out[-3000:]
+        error = [line for line in out.splitlines() if line.startswith("error:")]
+        assert len(error) == 1 and "may add nodes" in error[0] and "DSU_SHARED_MOUNTS" in error[0], out[-3000:]
+        assert str(c.shared) in error[0] and "s3://" in error[0]
+
+        proc = pipeline(c, *SMALL, "--tracking-uri", uri, "--storage", str(c.shared / "dsu"),
+                        "--stages", "stage1,distill", env_extra=grows)
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+        reader.start()
+        deadline = time.monotonic() + 120
+        while not any(line.startswith("[prepare] ") for line in lines):  # it started, and waits for CPUs
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
+            time.sleep(1)
+        c.add_node("late", cpus=3)
+        proc.wait(timeout=600)
+        reader.join(timeout=10)
+        assert proc.returncode == 0, "".join(lines)[-3000:]
+        assert any(line.startswith("[distill] done") for line in lines)
+        assert (c.shared / "dsu" / "prepared").is_dir() and not any(c.home.glob("prepared"))
+    finally:
+        c.shutdown()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import re
 import subprocess
 import sys
 import tempfile
@@ -50,20 +51,6 @@ def _steps(client, run_id: str, key: str) -> list[int]:
     return sorted({m.step for m in client.get_metric_history(run_id, key)})
 
 
-def _lines_per_worker(fragment: str) -> dict[str, int]:
-    """{worker pid: lines holding ``fragment`` in its stdout and stderr logs} for
-    the session's Ray, workers with none left out."""
-    import ray
-    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
-    counts: dict[str, int] = {}
-    for path in logs.glob("worker-*.[oe][ur][tr]"):
-        pid = path.stem.rsplit("-", 1)[-1]
-        n = sum(fragment in line for line in path.read_text(errors="replace").splitlines())
-        if n:
-            counts[pid] = counts.get(pid, 0) + n
-    return counts
-
-
 def test_pipeline_two_workers_failure_and_resume(ray_session, home, tmp_path, capsys, faults_plan):
     # the last rank's worker process is killed (SIGKILL) once, at iteration 3
     marker = faults_plan(3, stage="stage1", kill=True)
@@ -78,11 +65,10 @@ def test_pipeline_two_workers_failure_and_resume(ray_session, home, tmp_path, ca
     assert not left, left
     # Restarted from the checkpoint at iteration 2: the count continued to 6.
     assert _steps(client, stage1.info.run_id, "total") == [2, 4, 6]
-    # rank 0's progress lines reach the console once each (Ray Train's patched
-    # print both logs and echoes, so printed lines came out twice)
-    copies = _lines_per_worker("[stage1] 4/6 | ")
-    assert copies and max(copies.values()) == 1, copies
-    capsys.readouterr()
+    # rank 0's progress lines reach the console once each, through the driver's
+    # console (Ray Train's patched print both logged and echoed: lines came out twice)
+    out = capsys.readouterr().out
+    assert out.count("[stage1] 4/6 | ") == 1, out
 
     # The "interrupted" pipeline (only stage 1 ran) resumes: stage 1 is skipped.
     assert full_main(TINY + ["--workers", "2", "--cpus-per-worker", "0.5", "--resume", parent]) == 0
@@ -205,6 +191,91 @@ def test_bad_config_or_missing_data_fails_before_ray(tmp_path):
         assert fragment in done.stderr
         assert "Started a local Ray instance" not in done.stdout + done.stderr
         assert not (tmp_path / "home" / "mlflow.db").exists()
+
+
+# the lines the project prints on the pipeline's console (pipelines/console.py)
+OWN = re.compile(r"^(\[(console|prepare|cluster|resume|stage1|distill|classifier|stage2|lenc|evaluate|register)\] "
+                 r"|pipeline run |finished pipeline run |MLflow UI: |oracles (for|cached) |WARNING: oracle for )")
+
+
+PASSWORD = "pa55-Word-never-logged-7781"
+
+
+def _login_server(tmp_path) -> tuple[subprocess.Popen, str]:
+    """``mlflow server --app-name basic-auth`` on 127.0.0.1 with user ``admin``."""
+    ini = tmp_path / "auth.ini"
+    ini.write_text("[mlflow]\ndefault_permission = READ\n"
+                   f"database_uri = sqlite:///{tmp_path / 'auth.db'}\nadmin_username = admin\n"
+                   f"admin_password = {PASSWORD}\n"
+                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    port = free_port()
+    env = dict(os.environ, MLFLOW_AUTH_CONFIG_PATH=str(ini), MLFLOW_FLASK_SERVER_SECRET_KEY="test-only-key")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth", "--host", "127.0.0.1",
+         "--port", str(port), "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+    wait_for(f"{uri}/health", seconds=120, process=server)
+    return server, uri
+
+
+def test_the_console_and_a_tracking_server_with_a_login(tmp_path):
+    """The script as a user runs it, on a fresh Ray of its own, against an MLflow
+    server with a login. A missing or wrong login fails in one line before Ray
+    starts. With the login: at least 90% of the console's lines are the
+    project's, every stage reports its ETA and the pipeline's, Ray's and MLflow's
+    messages are in the log file it names, the workers log and the model is
+    registered, and the password is in no param, tag, artifact or log line."""
+    server, uri = _login_server(tmp_path)
+    env = dict(os.environ, DSU_HOME=str(tmp_path / "home"), PYTHONUNBUFFERED="1")
+    for key in ("RAY_ADDRESS", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        env.pop(key, None)
+    try:
+        for login, fragment in (({}, "asks for a login (HTTP 401)"),
+                                ({"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "wrong"},
+                                 "refused the login of user 'admin' (HTTP 401)")):
+            done = subprocess.run([sys.executable, "pipelines/full.py", *TINY, "--tracking-uri", uri],
+                                  cwd=REPO, env={**env, **login}, capture_output=True, text=True, timeout=300)
+            assert done.returncode == 2, done.stdout + done.stderr
+            err = done.stderr.strip().splitlines()
+            assert len(err) == 1 and err[0].startswith(f"error: --tracking-uri {uri}: ") and fragment in err[0], err
+            assert "Started a local Ray instance" not in done.stdout + done.stderr
+
+        env.update(MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=PASSWORD)
+        done = subprocess.run([sys.executable, "pipelines/full.py", *TINY, "--tracking-uri", uri],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        lines = (done.stdout + done.stderr).splitlines()
+        assert done.returncode == 0, "\n".join(lines[-40:])
+        foreign = [line for line in lines if not OWN.match(line)]
+        assert len(foreign) <= 0.1 * len(lines), foreign
+        for stage in ("stage1", "classifier", "stage2", "lenc"):
+            progress = [line for line in lines if line.startswith(f"[{stage}] 6/6 | ")]
+            assert len(progress) == 1 and " img/s | eta " in progress[0] and " | pipeline ~" in progress[0], lines
+        assert any(line.startswith("[evaluate] 4/4") for line in lines)  # plain lines off a terminal
+        (log,) = (tmp_path / "home" / "logs").glob("pipeline-*.log")
+        assert f"[console] Ray's and MLflow's messages: {log}" in done.stdout
+        assert "Started a local Ray instance" in log.read_text()
+        assert any(line.startswith("[register] disunknown-shapes3d version 1") for line in lines), lines
+
+        # the password: nowhere in the runs (params, tags, artifacts), the console or the log
+        os.environ.update(MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=PASSWORD)
+        try:
+            client = MlflowClient(uri)
+            (parent,) = _parent_ids(client)
+            runs = [client.get_run(parent)] + list(tracking.child_runs(client, parent).values())
+            assert client.get_metric_history(tracking.child_runs(client, parent)["stage1"].info.run_id, "rec")
+            for run in runs:
+                assert PASSWORD not in str(run.data.params) + str(run.data.tags)
+        finally:
+            for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+                os.environ.pop(key, None)
+        stored = [p for p in (tmp_path / "server-artifacts").rglob("*") if p.is_file()]
+        assert stored and not [p for p in stored if PASSWORD.encode() in p.read_bytes()]
+        assert PASSWORD not in done.stdout + done.stderr + log.read_text()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def test_ray_job_submit_against_a_local_head(home, tmp_path):

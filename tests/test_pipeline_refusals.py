@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
-from dsu_models.config import ConfigError
+from dsu_models.config import ConfigError, load_resolved
 from dsu_models.data import prepare
 from dsu_models.config import load_config
 from pipelines import cli
@@ -184,3 +184,32 @@ def test_a_dataset_that_is_not_built_in_needs_its_prepared_folder(store, capsys)
     err = capsys.readouterr().err
     assert "pass --data" in err and "prepare_data.py mnist" in err
     assert not store["started"]
+
+
+def test_a_changed_config_is_recorded_and_a_later_resume_continues_with_it(store, monkeypatch, capsys):
+    """--change-config writes the new config to the parent run and to each stage
+    run it re-enters (config.yaml replaced, the one before kept, the keys tagged);
+    a later plain --resume continues with it."""
+    client = store["client"]
+    # as full_main starts a pipeline: the storage root pinned in the logged config
+    cfg, _ = cli.pin_storage(load_config("tiny", SMALL + [f"data_path={store['data']}", "stage1.lr=0.0007"]), [])
+    parent = tracking.start_parent(client, tracking.setup(store["uri"], "disunknown"), cfg)
+    stage1, _ = tracking.stage_run(client, parent, "stage1", cfg)  # started, not finished
+    trained = []
+    monkeypatch.setitem(cli.RUNNERS, "train", lambda step, cfg, *rest: trained.append(cfg.stage1.lr))
+    monkeypatch.setattr(cli, "ensure_data", lambda cfg, arg, overrides: (cfg, cfg.data_path))
+    assert _run(store, "--resume", parent, "--change-config", "stage1.lr=0.5", "--stages", "stage1") == 0
+    assert trained == [0.5]
+
+    for run_id in (parent, stage1):
+        tags = client.get_run(run_id).data.tags
+        assert tags[tracking.CONFIG_VERSION_TAG] == "2" and tags[tracking.CONFIG_CHANGES_TAG] == "v2: stage1.lr"
+        with_now = load_resolved(tracking.download(run_id, "config.yaml", store["uri"], store["data"] + "-dl" + run_id))
+        before = load_resolved(tracking.download(run_id, "config_versions/v1.yaml", store["uri"],
+                                                 store["data"] + "-dl1" + run_id))
+        assert with_now.stage1.lr == 0.5 and before.stage1.lr == 0.0007
+        assert client.get_run(run_id).data.params["stage1.lr"] == "0.0007"  # params never change
+
+    seen = _seen_config(monkeypatch)
+    assert _run(store, "--resume", parent) == 1  # stopped by the test at the data step
+    assert seen[-1].stage1.lr == 0.5

@@ -38,6 +38,7 @@ class ClassifierStage(Stage):
     """``ClassifierStage(cfg, factors)``; ``factors``: labeled factors' infos in config order."""
 
     name = "classifier"
+    relative_cost = 0.2
 
     @classmethod
     def active(cls, cfg: Config) -> bool:

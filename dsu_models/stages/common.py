@@ -295,6 +295,9 @@ class Stage:
     name = "stage"
     upstream: tuple[str, ...] = ()
     reads_codes = False
+    # time per image relative to stage 1's (what the console's pipeline ETA weighs
+    # the stages still to come by; from the CPU throughput in docs/benchmarks.md)
+    relative_cost = 1.0
 
     @classmethod
     def active(cls, cfg: Config) -> bool:

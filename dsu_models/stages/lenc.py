@@ -76,6 +76,7 @@ class LencStage(Stage):
 
     name = "lenc"
     upstream = ("stage2", "distill")
+    relative_cost = 0.5
 
     @classmethod
     def active(cls, cfg: Config) -> bool:

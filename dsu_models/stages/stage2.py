@@ -180,6 +180,7 @@ class Stage2(Stage):
     name = "stage2"
     upstream = ("stage1", "classifier", "distill")
     reads_codes = True
+    relative_cost = 2.3
     handoff_models = ("generator", "embedders", "label_encoder")
 
     def __init__(self, cfg: Config, factors: list[FactorInfo], upstream: dict, device=None):

@@ -25,6 +25,14 @@ before any work starts: the driver writes a marker file and a task pinned to
 each node looks for it. A root some node cannot see is refused with the nodes
 named and what to pass instead; so is an MLflow store that is a file on the
 driver's node (training rank 0 logs from wherever it runs).
+
+A cluster that may still add nodes (an autoscaling one: its yaml sets
+``DSU_CLUSTER_GROWS=1`` on the head, see ray_cluster.yaml) is checked even
+while the head is its only node, and a probe of today's nodes cannot speak for
+the nodes that join later: there a path root must lie under a mount the
+cluster declares every node has (``DSU_SHARED_MOUNTS``, colon-separated, set by
+the same yaml beside the mount command) and is then proven through it with the
+marker; otherwise it must be a URI. The MLflow store must be a server there too.
 """
 from __future__ import annotations
 
@@ -36,6 +44,8 @@ from dsu_models.config import ConfigError
 from pipelines.cluster.placement import alive_nodes
 
 ENV = "DSU_STORAGE"
+GROWS_ENV = "DSU_CLUSTER_GROWS"    # the cluster may add nodes (its yaml sets it on the head)
+SHARED_ENV = "DSU_SHARED_MOUNTS"   # mount points every node of the cluster has, colon-separated
 # the URI schemes pyarrow.fs.FileSystem.from_uri resolves (besides file://)
 URI_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss")
 HINT = ("pass --storage (or storage: in the config, or DSU_STORAGE) a folder every node "
@@ -117,20 +127,45 @@ def _sees(root: str, marker: str) -> bool:
     return fs.get_file_info(join(base, marker)).type == pafs.FileType.File
 
 
-def check_reachable(root: str, tracking_uri: str, ray, timeout_s: float = 120) -> int:
-    """Refuse a storage root or MLflow store that some alive node of the cluster
-    cannot reach (ConfigError naming the nodes and what to pass). Returns the
-    number of alive nodes; with one node there is nothing to prove."""
+def cluster_grows(joined: bool) -> bool:
+    """Whether the cluster this process joined may add nodes: its yaml says so
+    (``DSU_CLUSTER_GROWS``). A local instance the pipeline started never does."""
+    return joined and os.environ.get(GROWS_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
+def declared_mounts() -> list[str]:
+    """The mount points the cluster declares every node has (``DSU_SHARED_MOUNTS``)."""
+    return [str(Path(m).resolve()) for m in os.environ.get(SHARED_ENV, "").split(":") if m.strip()]
+
+
+def _under_declared_mount(root: str) -> bool:
+    path = Path(root)
+    return any(path == Path(m) or Path(m) in path.parents for m in declared_mounts())
+
+
+def check_reachable(root: str, tracking_uri: str, ray, timeout_s: float = 120, grows: bool = False) -> int:
+    """Refuse a storage root or MLflow store that some node of the cluster cannot
+    reach (ConfigError naming the nodes and what to pass). Returns the number of
+    alive nodes. With one node and ``grows`` false there is nothing to prove;
+    with ``grows`` (:func:`cluster_grows`) a path root must also lie under a
+    declared shared mount (see the module docstring)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     nodes = alive_nodes(ray)
-    if len(nodes) < 2:
+    if len(nodes) < 2 and not grows:
         return len(nodes)
+    where = (f"this cluster may add nodes ({GROWS_ENV} is set)" if grows
+             else f"this cluster has {len(nodes)} nodes")
     if not tracking_uri.startswith(("http://", "https://", "databricks")):
-        raise ConfigError(f"--tracking-uri {tracking_uri}: this cluster has {len(nodes)} nodes and a "
-                          f"training worker on any of them logs to MLflow, but this store is a file on "
-                          f"the driver's node; start `mlflow server --host ADDRESS` and pass "
-                          f"--tracking-uri http://ADDRESS:5000")
+        raise ConfigError(f"--tracking-uri {tracking_uri}: {where} and a training worker on any of them "
+                          f"logs to MLflow, but this store is a file on the driver's node; start "
+                          f"`mlflow server --host ADDRESS` and pass --tracking-uri http://ADDRESS:5000")
+    if grows and not has_scheme(root) and not _under_declared_mount(root):
+        mounts = ", ".join(declared_mounts()) or "none declared"
+        raise ConfigError(f"storage {root}: {where}, and a node that joins later sees a folder only "
+                          f"through a mount every node has; pass --storage a folder under a mount the "
+                          f"cluster declares in {SHARED_ENV} ({mounts}; see ray_cluster.yaml) or a URI "
+                          f"such as s3://BUCKET/PREFIX")
     fs, base = filesystem(root)
     marker = f".dsu-reach-{uuid.uuid4().hex}"
     try:

@@ -64,9 +64,14 @@ def _plot_split(data_dir: str, cfg: Config, test):
         return test
 
 
+PHASES = 4  # oracles, val, test, pictures and the bundle: the evaluation's progress bar
+
+
 def evaluate_in_process(cfg: Config, data_dir: str, runs: dict, run_id: str, tracking_uri: str,
-                        device: str = "cpu", log=print) -> dict[str, float]:
-    """Bundle, evaluate and log to ``run_id``; returns the metrics."""
+                        device: str = "cpu", log=print, bar=None) -> dict[str, float]:
+    """Bundle, evaluate and log to ``run_id``; returns the metrics. ``bar(done,
+    total)`` is told after each of its :data:`PHASES`."""
+    bar = bar or (lambda done, total: None)
     from mlflow.tracking import MlflowClient
 
     from dsu_models.data import read_split
@@ -94,8 +99,11 @@ def evaluate_in_process(cfg: Config, data_dir: str, runs: dict, run_id: str, tra
                                         device=model.device, log=log)
         log(f"[evaluate] oracles ready in {time.perf_counter() - started:.0f} s: "
             + ", ".join(f"{k} {v:.3f}" for k, v in oracles.test_accuracy.items()))
+        bar(1, PHASES)
         on_val = evaluate_in_full(model, train, val, cfg.evaluate, oracles, log=None) if val else None
+        bar(2, PHASES)
         on_test = evaluate_in_full(model, train, test, cfg.evaluate, oracles, log=None)
+        bar(3, PHASES)
         metrics = split_metrics(on_val.metrics if on_val else {}, on_test.metrics)
         from mlflow.entities import Metric
         now = int(time.time() * 1000)
@@ -104,6 +112,7 @@ def evaluate_in_process(cfg: Config, data_dir: str, runs: dict, run_id: str, tra
             client.log_image(run_id, to_hwc(image), artifact_file=f"pictures/{name}.png")
         bundle_dir = save_bundle(bundle, workdir / MODEL_DIR)
         client.log_artifacts(run_id, str(bundle_dir), artifact_path=MODEL_DIR)
+        bar(4, PHASES)
         for split in SPLITS:
             named = from_split(split, metrics)
             log(f"[evaluate] {split}: " + ", ".join(f"{k} {named[k]:.3f}" for k in HEADLINE if k in named))
@@ -134,9 +143,13 @@ def picture_set(model, test, evaluation, seed: int) -> dict:
 
 
 def run_evaluate(cfg: Config, data_dir: str, runs: dict, run_id: str, tracking_uri: str,
-                 use_gpu: bool = False, num_cpus: float | None = None) -> dict[str, float]:
+                 use_gpu: bool = False, num_cpus: float | None = None, reporter=None) -> dict[str, float]:
     """:func:`evaluate_in_process` as one Ray task (on a GPU node with ``use_gpu``)
-    with ``num_cpus`` CPUs (its torch threads); default: a lone Train worker's share."""
+    with ``num_cpus`` CPUs (its torch threads); default: a lone Train worker's share.
+    Its lines and progress go to ``reporter`` (``pipelines.console``; None: the task's stdout)."""
+    from pipelines.console import Reporter
+
+    reporter = reporter or Reporter()
     import ray
 
     from pipelines.cluster.placement import default_cpus_per_worker, node_cpus
@@ -150,7 +163,8 @@ def run_evaluate(cfg: Config, data_dir: str, runs: dict, run_id: str, tracking_u
         torch.set_num_threads(max(1, int(num_cpus)))
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         return evaluate_in_process(config_from_dict(cfg_dict), data_dir, runs, run_id, tracking_uri,
-                                   device, log=lambda m: print(m, flush=True))
+                                   device, log=reporter.line,
+                                   bar=lambda done, total: reporter.bar("evaluate", done, total))
 
     ref = task.options(num_cpus=num_cpus, num_gpus=1 if use_gpu else 0).remote(cfg.to_dict())
     return ray.get(ref)

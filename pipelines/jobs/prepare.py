@@ -43,8 +43,9 @@ class _RunTasks:
         return {"stats": np.array(stats, dtype=object)}
 
 
-def prepare_with_ray(source: str, out_dir, *, overwrite: bool = False, **options) -> Path:
-    """Ray Data version of :func:`dsu_models.data.prepare` (same arguments, same output)."""
+def prepare_with_ray(source: str, out_dir, *, overwrite: bool = False, progress=None, **options) -> Path:
+    """Ray Data version of :func:`dsu_models.data.prepare` (same arguments, same output);
+    ``progress(done, total)`` is told as the plan's tasks (chunks) finish."""
     import ray
 
     plan, digest, staging = begin(source, out_dir, overwrite, **options)
@@ -59,7 +60,11 @@ def prepare_with_ray(source: str, out_dir, *, overwrite: bool = False, **options
                              compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cpus),
                              fn_constructor_kwargs={"plan": dataclasses.replace(plan, tasks=[]),
                                                     "staging": str(staging)})
-        stats = [json.loads(r["stats"]) for r in out.iter_rows()]
+        stats = []
+        for row in out.iter_rows():
+            stats.append(json.loads(row["stats"]))
+            if progress is not None:
+                progress(len(stats), len(items))
         # the pool's actors live as long as the Dataset objects, which sit in
         # reference cycles: collect them now so the torch-laden workers exit
         # before training starts
@@ -71,17 +76,17 @@ def prepare_with_ray(source: str, out_dir, *, overwrite: bool = False, **options
         raise
 
 
-def prepare_into(source: str, out: str, **options) -> str:
+def prepare_into(source: str, out: str, progress=None, **options) -> str:
     """Prepare ``source`` into ``out``: a path every node sees (the Ray Data job
     above), or a URI (``s3://...``), for which the preparation runs in this
     process into a local folder and is uploaded, the shards first and the
     manifest last, so a reader never takes a half-uploaded folder for a
     prepared one. A URI that already holds this preparation (same content
-    hash) is reused."""
+    hash) is reused. ``progress(done, total)``: see :func:`prepare_with_ray`."""
     from pipelines.cluster import storage
 
     if not storage.has_scheme(out):
-        return str(prepare_with_ray(source, out, **options))
+        return str(prepare_with_ray(source, out, progress=progress, **options))
     import tempfile
 
     import pyarrow.fs as pafs

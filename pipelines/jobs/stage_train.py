@@ -54,12 +54,13 @@ def fit_stage(stage: str, cfg: Config, data_dir: str, run_id: str, upstream: dic
               tracking_uri: str, workers: int = 1, use_gpu: bool = False,
               cpus_per_worker: float | None = None, max_failures: int = 2,
               storage_path: str | None = None, callbacks: list | None = None,
-              judge: dict | None = None):
+              judge: dict | None = None, reporter=None):
     """Fit the stage as a TorchTrainer; resumes from the latest checkpoint of the
     same MLflow run (the Ray run name is the run id). Returns the Ray Result.
     ``callbacks``: Ray Train callbacks (a Tune trial's ``TuneReportCallback``);
     ``judge``: ``{"oracle_cache": ...}`` makes rank 0 add the model's metrics
-    (``pipelines.sweeps.judge.Judge``) to every report."""
+    (``pipelines.sweeps.judge.Judge``) to every report; ``reporter``: where
+    rank 0's progress lines go (``pipelines.console``; None: its stdout)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -83,6 +84,7 @@ def fit_stage(stage: str, cfg: Config, data_dir: str, run_id: str, upstream: dic
         # the first 8 rows are the sample batch, all of them the code-scatter set
         "plot": plot_rows(data_dir, cfg, n=SCATTER_POINTS), "all_factors": all_factors,
         "judge": judge, "run_folder": storage.join(storage_path, ray_run),
+        "reporter": reporter,  # pipelines.console.Reporter: rank 0's lines to the driver's console
     }
     trainer = TorchTrainer(
         train_loop,

@@ -21,6 +21,8 @@ reports to Ray Train and (rank 0) logs to MLflow.
   checkpoint only once its controller has collected every rank's report, so
   a node that dies right after a checkpoint was written would otherwise cost
   the work since the one before (or the whole stage).
+- **Console**: rank 0's progress lines go to the driver's console through the
+  ``Reporter`` the driver hands over (``pipelines.console``), or to its stdout.
 - **Tracking**: rank 0 logs metrics and pictures to the stage's MLflow run and,
   at the end, the hand-off (weights + config) as the ``handoff.pt`` artifact.
   Every rank reports to Ray Train.
@@ -28,7 +30,6 @@ reports to Ray Train and (rank 0) logs to MLflow.
 from __future__ import annotations
 
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -42,19 +43,12 @@ from dsu_models.files import load_torch, save_torch
 from dsu_models.loop import Sink, run_stage
 from dsu_models.stages.common import NonFiniteLossError
 from pipelines.cluster import storage
+from pipelines.console import Reporter
 from pipelines.cluster.collective import allreduce_gradients, broadcast_state, sum_over_workers
 from pipelines.data.stage_inputs import HANDOFF, load_upstream, lookup_codes
 from pipelines.tracking import runs as tracking
 
 STATE_FILE = "state.pt"
-
-
-def say(line: str):
-    """One line on the worker's stdout, which Ray shows on the driver's console.
-    Not ``print``: Ray Train patches it in its workers to log through the root
-    logger *and* echo to the wrapped stdout, so every line reached the console twice."""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
 
 
 def worker_dir(stage: str, run_id: str, rank: int) -> Path:
@@ -96,9 +90,10 @@ class TrainSink(Sink):
     """Every rank reports to Ray Train; rank 0 also prints, logs to MLflow and
     attaches the checkpoint."""
 
-    def __init__(self, rank: int, client, run_id: str, workdir: Path, judge=None):
+    def __init__(self, rank: int, client, run_id: str, workdir: Path, judge=None, reporter=None):
         self.rank, self.client, self.run_id, self.workdir = rank, client, run_id, workdir
         self.judge = judge  # a Tune trial's: rank 0's reports carry the model's metrics
+        self.reporter = reporter or Reporter()
 
     def pictures(self, stage, images):  # only rank 0 is given a plot batch
         tracking.log_pictures(self.client, self.run_id, images, stage.iteration, stage.name)
@@ -111,8 +106,8 @@ class TrainSink(Sink):
         if self.rank != 0:
             ray.train.report({"iteration": it, **metrics})
             return
-        say(f"[{stage.name}] {it}/{stage.scfg.iterations} | "
-            + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        self.reporter.progress(stage.name, it, stage.scfg.iterations, stage.scfg.batch_size, losses,
+                               images_per_s)
         if self.judge is not None:
             metrics.update(self.judge(stage))
         tracking.log_metrics(self.client, self.run_id, metrics, it)
@@ -183,7 +178,7 @@ def _train_in(config: dict, workdir: Path):
     if state is not None:
         stage.load_state_dict(state, restore_random=False)
         if rank == 0:
-            say(f"[{name}] resuming from iteration {stage.iteration}")
+            (config.get("reporter") or Reporter()).line(f"[{name}] resuming from iteration {stage.iteration}")
     # Different noise per rank; deterministic given the iteration we start from.
     torch.manual_seed(cfg.seed * 7919 + rank * 104729 + stage.iteration)
     if world > 1:
@@ -215,7 +210,7 @@ def _train_in(config: dict, workdir: Path):
         train, val, test = load_data(cfg)
         judge = Judge({"stage": name, "upstream": upstream, **config["judge"]}, cfg, train, val,
                       test, factors, device)
-    sink = TrainSink(rank, client, config["run_id"], workdir, judge)
+    sink = TrainSink(rank, client, config["run_id"], workdir, judge, config.get("reporter"))
     try:
         run_stage(stage, next_batch, sink, plot_batch=plot_batch if rank == 0 else None, plot_set=plot_set)
     except NonFiniteLossError as exc:

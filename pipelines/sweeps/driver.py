@@ -341,7 +341,8 @@ def run_sweep(sweep: dict, num_cpus: int | None, restore: bool) -> int:
     space = load_space(Path(sweep["folder"]) / SPACE_FILE)
     ray = init_ray(num_cpus)
     storage.check_reachable(sweep.get("storage") or str(Path(sweep["folder"]).parents[1]),
-                            sweep["tracking_uri"], ray)
+                            sweep["tracking_uri"], ray,
+                            grows=storage.cluster_grows(bool(os.environ.get("RAY_ADDRESS"))))
     ctx = make_context(sweep)
     print(f"[tune] sweep {sweep['name']}: MLflow run {sweep['sweep_run_id']}, folder {sweep['folder']}",
           flush=True)

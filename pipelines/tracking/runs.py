@@ -20,10 +20,14 @@ from pathlib import Path
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from dsu_models.config import Config, flat_params, save_config
+from dsu_models.config import Config, config_diff, flat_params, load_resolved, save_config
 from dsu_models.grids import to_hwc
 
 STAGE_TAG, COMPLETE_TAG, PIPELINE_TAG = "dsu.stage", "dsu.complete", "dsu.pipeline"
+# A run continued with a changed config (``--resume --change-config``): the version
+# its config.yaml is at and, per change, the keys that changed.
+CONFIG_VERSION_TAG, CONFIG_CHANGES_TAG = "dsu.config_version", "dsu.config_changes"
+VERSIONS_DIR = "config_versions"
 
 
 def dsu_home() -> Path:
@@ -40,10 +44,46 @@ def default_tracking_uri() -> str:
     return f"sqlite:///{home / 'mlflow.db'}"
 
 
+# MLflow's own variables for a server with a login (``mlflow server --app-name basic-auth``);
+# they reach the workers through Ray's environment (pipelines.cli.join_cluster), never a
+# param, tag, log line or artifact
+LOGIN_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+
+
+def login_env() -> dict[str, str]:
+    """The MLflow login variables this process has."""
+    return {k: os.environ[k] for k in LOGIN_ENV if os.environ.get(k)}
+
+
+def check_login(tracking_uri: str):
+    """For a tracking server: one request, so that a missing or wrong login fails
+    here, in one line, before anything starts (ConfigError)."""
+    from dsu_models.config import ConfigError
+
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    try:
+        MlflowClient(tracking_uri).search_experiments(max_results=1)
+    except mlflow.exceptions.MlflowException as exc:
+        status = exc.get_http_status_code()
+        if status not in (401, 403):
+            raise
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+        if status == 403:
+            why = f"user {user!r} may not read its experiments (HTTP 403)"
+        elif user or os.environ.get("MLFLOW_TRACKING_TOKEN"):
+            why = (f"it refused the login of {'user ' + repr(user) if user else 'MLFLOW_TRACKING_TOKEN'} "
+                   f"(HTTP 401): check MLFLOW_TRACKING_PASSWORD (or the token)")
+        else:
+            why = "it asks for a login (HTTP 401): set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+        raise ConfigError(f"--tracking-uri {tracking_uri}: {why}") from None
+
+
 def setup(tracking_uri: str | None, experiment: str) -> str:
     """Point MLflow at the store and make sure the experiment exists; returns its id.
     Local stores get their artifacts under ``<home>/artifacts/<experiment>``."""
     uri = tracking_uri or default_tracking_uri()
+    check_login(uri)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
@@ -70,6 +110,27 @@ def log_config(client: MlflowClient, run_id: str, cfg: Config):
         client.log_artifact(run_id, str(save_config(cfg, Path(tmp) / "config.yaml")))
 
 
+def record_config_change(client: MlflowClient, run_id: str, cfg: Config, changed: list[str]):
+    """The run goes on with ``cfg``: its ``config.yaml`` artifact becomes ``cfg``
+    (what a later ``--resume`` reads), the one it replaces is kept as
+    ``config_versions/v<N>.yaml``, and the tags say the version and, per change,
+    the keys that changed. MLflow params cannot change: they keep the values
+    the run started with, and config.yaml is the config now."""
+    if not changed:
+        return
+    tags = client.get_run(run_id).data.tags
+    version = int(tags.get(CONFIG_VERSION_TAG, "1"))
+    with tempfile.TemporaryDirectory() as tmp:
+        old = Path(client.download_artifacts(run_id, "config.yaml", tmp))
+        kept = old.rename(old.with_name(f"v{version}.yaml"))
+        client.log_artifact(run_id, str(kept), artifact_path=VERSIONS_DIR)
+        client.log_artifact(run_id, str(save_config(cfg, Path(tmp) / "new" / "config.yaml")))
+    history = tags.get(CONFIG_CHANGES_TAG, "")
+    entry = f"v{version + 1}: {', '.join(changed)}"
+    client.set_tag(run_id, CONFIG_CHANGES_TAG, ((history + "; ") if history else "") + entry)
+    client.set_tag(run_id, CONFIG_VERSION_TAG, str(version + 1))
+
+
 def start_parent(client: MlflowClient, experiment_id: str, cfg: Config, name: str | None = None) -> str:
     run = client.create_run(experiment_id, run_name=name or f"disunknown-{cfg.dataset}",
                             tags={PIPELINE_TAG: "true"})
@@ -92,8 +153,12 @@ def stage_run(client: MlflowClient, parent_id: str, stage: str, cfg: Config) -> 
     existing = child_runs(client, parent_id).get(stage)
     if existing is not None:
         complete = existing.data.tags.get(COMPLETE_TAG) == "true"
-        if not complete:
-            client.update_run(existing.info.run_id, status="RUNNING")  # re-entered
+        if not complete:  # re-entered: it goes on with cfg, recorded if that differs
+            run_id = existing.info.run_id
+            client.update_run(run_id, status="RUNNING")
+            with tempfile.TemporaryDirectory() as tmp:
+                logged = load_resolved(client.download_artifacts(run_id, "config.yaml", tmp))
+            record_config_change(client, run_id, cfg, config_diff(logged, cfg))
         return existing.info.run_id, complete
     parent = client.get_run(parent_id)
     run = client.create_run(parent.info.experiment_id, run_name=stage,
