@@ -251,10 +251,6 @@ class EvaluateConfig:
     champion_leak: float = 0.1
 
 
-STAGE_CLASSES = {"stage1": Stage1Config, "classifier": ClassifierConfig,
-                 "stage2": Stage2Config, "lenc": LencConfig}
-
-
 @dataclass
 class Config:
     """The whole run. Top-level keys; see the module docstring for layering."""
@@ -322,9 +318,10 @@ class Config:
 
 
 # The stage sections, in training order: the fields of Config that hold a
-# StageConfig (each is also a stage class's ``name``, dsu_models.stages).
-STAGES = tuple(f.name for f in dataclasses.fields(Config)
-               if isinstance(f.default_factory, type) and issubclass(f.default_factory, StageConfig))
+# StageConfig, with its class (each is also a stage class's ``name``, dsu_models.stages).
+STAGE_SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config)
+                  if isinstance(f.default_factory, type) and issubclass(f.default_factory, StageConfig)}
+STAGES = tuple(STAGE_SECTIONS)
 
 
 # ------------------------------------------------------------- type checks
@@ -572,12 +569,12 @@ def _merge_all_stages(raw: dict, keep_sections_only: bool = False) -> dict:
     common = raw.get("all_stages") or {}
     if not isinstance(common, dict):
         raise ConfigError(f"all_stages: expected a mapping, got {common!r}")
-    known = set().union(*({f.name for f in dataclasses.fields(c)} for c in STAGE_CLASSES.values()))
+    known = set().union(*({f.name for f in dataclasses.fields(c)} for c in STAGE_SECTIONS.values()))
     for key in common:
         if key not in known:
             raise ConfigError(f"all_stages.{key}: unknown key (not a key of any stage)")
     raw = dict(raw)
-    for stage, cls in STAGE_CLASSES.items():
+    for stage, cls in STAGE_SECTIONS.items():
         names = {f.name for f in dataclasses.fields(cls)}
         section = raw.get(stage) or {}
         if not isinstance(section, dict):

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from dsu_models.config import STAGE_CLASSES, Config, ConfigError, FactorSpec, read_yaml
+from dsu_models.config import STAGE_SECTIONS, Config, ConfigError, FactorSpec, read_yaml
 
 SAMPLERS = ("loguniform", "uniform", "randint", "choice", "grid")
 # judged on the validation split (pipelines.sweeps.judge.Judge names its metrics val_<metric>)
@@ -67,7 +67,7 @@ def config_field(key: str):
         if cls is Config and part == "all_stages":
             if len(parts) != i + 2:
                 raise ConfigError(f"{key}: write all_stages.<stage key>, e.g. all_stages.lr")
-            for stage_cls in STAGE_CLASSES.values():
+            for stage_cls in STAGE_SECTIONS.values():
                 if parts[-1] in typing.get_type_hints(stage_cls):
                     return typing.get_type_hints(stage_cls)[parts[-1]]
             raise ConfigError(f"{key}: {parts[-1]!r} is not a key of any stage")
