@@ -249,6 +249,11 @@ class EvaluateConfig:
     champion_swap: float = 0.9
     champion_preserve: float = 0.8
     champion_leak: float = 0.1
+    # evaluation curves while the Ray pipeline trains stage 1 and stage 2: every this many
+    # iterations (at the first report past each multiple, and at the end) the model so far
+    # is evaluated on the validation split by a Ray task beside the workers (one CPU) and
+    # logged to the stage's MLflow run as val_* curves (pipelines/jobs/curves.py); 0: off
+    curve_interval: int = 0
 
 
 @dataclass
@@ -757,6 +762,8 @@ def _resolve_stages(cfg: Config):
         value = getattr(ev, key)
         if value is not None and value < 1:
             raise ConfigError(f"evaluate.{key}: {value} (must be positive)")
+    if ev.curve_interval < 0:
+        raise ConfigError(f"evaluate.curve_interval: {ev.curve_interval} (must be >= 0; 0 turns the curves off)")
     if ev.field_samples < 0:
         raise ConfigError(f"evaluate.field_samples: {ev.field_samples} (must be >= 0; 0 turns them off)")
     for key in ("champion_swap", "champion_preserve", "champion_leak"):

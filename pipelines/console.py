@@ -334,9 +334,9 @@ class Console:
             self._take_and_print()
 
     def _take_and_print(self):
-        if self.board is None:
-            return
         import ray
+        if self.board is None or not ray.is_initialized():  # never start a Ray to ask a gone one
+            return
         with self._taking:  # one taker at a time, so the lines keep their order
             try:
                 messages = ray.get(self.board.take.remote(), timeout=10)

@@ -225,8 +225,9 @@ def test_the_console_and_a_tracking_server_with_a_login(tmp_path):
     server with a login. A missing or wrong login fails in one line before Ray
     starts. With the login: at least 90% of the console's lines are the
     project's, every stage reports its ETA and the pipeline's, Ray's and MLflow's
-    messages are in the log file it names, the workers log and the model is
-    registered, and the password is in no param, tag, artifact or log line."""
+    messages are in the log file it names, the workers log (and stage 1 and
+    stage 2 get validation curves) and the model is registered, and the
+    password is in no param, tag, artifact or log line."""
     server, uri = _login_server(tmp_path)
     env = dict(os.environ, DSU_HOME=str(tmp_path / "home"), PYTHONUNBUFFERED="1")
     for key in ("RAY_ADDRESS", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
@@ -243,7 +244,8 @@ def test_the_console_and_a_tracking_server_with_a_login(tmp_path):
             assert "Started a local Ray instance" not in done.stdout + done.stderr
 
         env.update(MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=PASSWORD)
-        done = subprocess.run([sys.executable, "pipelines/full.py", *TINY, "--tracking-uri", uri],
+        done = subprocess.run([sys.executable, "pipelines/full.py", *TINY, "--tracking-uri", uri,
+                               "evaluate.curve_interval=2"],
                               cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
         lines = (done.stdout + done.stderr).splitlines()
         assert done.returncode == 0, "\n".join(lines[-40:])
@@ -264,7 +266,12 @@ def test_the_console_and_a_tracking_server_with_a_login(tmp_path):
             client = MlflowClient(uri)
             (parent,) = _parent_ids(client)
             runs = [client.get_run(parent)] + list(tracking.child_runs(client, parent).values())
-            assert client.get_metric_history(tracking.child_runs(client, parent)["stage1"].info.run_id, "rec")
+            children = tracking.child_runs(client, parent)
+            assert client.get_metric_history(children["stage1"].info.run_id, "rec")
+            # validation curves, evaluated beside the training workers at every 2 iterations
+            assert _steps(client, children["stage1"].info.run_id, "val_stage1_objective") == [2, 4, 6]
+            assert _steps(client, children["stage2"].info.run_id, "val_swap_acc_mean") == [2, 4, 6]
+            assert any(line.startswith("[stage2] val at 4: swap_acc_mean ") for line in lines), lines
             for run in runs:
                 assert PASSWORD not in str(run.data.params) + str(run.data.tags)
         finally:

@@ -90,10 +90,12 @@ class TrainSink(Sink):
     """Every rank reports to Ray Train; rank 0 also prints, logs to MLflow and
     attaches the checkpoint."""
 
-    def __init__(self, rank: int, client, run_id: str, workdir: Path, judge=None, reporter=None):
+    def __init__(self, rank: int, client, run_id: str, workdir: Path, judge=None, reporter=None,
+                 curves=None):
         self.rank, self.client, self.run_id, self.workdir = rank, client, run_id, workdir
         self.judge = judge  # a Tune trial's: rank 0's reports carry the model's metrics
         self.reporter = reporter or Reporter()
+        self.curves = curves  # rank 0's validation curves (pipelines.jobs.curves), or None
 
     def pictures(self, stage, images):  # only rank 0 is given a plot batch
         tracking.log_pictures(self.client, self.run_id, images, stage.iteration, stage.name)
@@ -111,6 +113,8 @@ class TrainSink(Sink):
         if self.judge is not None:
             metrics.update(self.judge(stage))
         tracking.log_metrics(self.client, self.run_id, metrics, it)
+        if self.curves is not None:
+            self.curves.maybe(stage)  # a task beside the workers: training goes on
         if not checkpoint:
             ray.train.report({"iteration": it, **metrics})
             return
@@ -210,7 +214,13 @@ def _train_in(config: dict, workdir: Path):
         train, val, test = load_data(cfg)
         judge = Judge({"stage": name, "upstream": upstream, **config["judge"]}, cfg, train, val,
                       test, factors, device)
-    sink = TrainSink(rank, client, config["run_id"], workdir, judge, config.get("reporter"))
+    curves = None
+    if rank == 0 and cfg.evaluate.curve_interval and not config.get("judge"):
+        from pipelines.jobs.curves import Curves
+        curves = Curves(cfg, name, upstream, config["factors"],
+                        str(storage.oracle_cache(storage.resolve_root(cfg.storage))), config["run_id"],
+                        config["tracking_uri"], config.get("reporter"))
+    sink = TrainSink(rank, client, config["run_id"], workdir, judge, config.get("reporter"), curves)
     try:
         run_stage(stage, next_batch, sink, plot_batch=plot_batch if rank == 0 else None, plot_set=plot_set)
     except NonFiniteLossError as exc:
@@ -218,6 +228,8 @@ def _train_in(config: dict, workdir: Path):
         # returned, not raised: a retry from the checkpoint would only repeat it
         return {"non_finite": [exc.stage, exc.iteration, exc.term, exc.value]}
     if rank == 0:
+        if curves is not None:
+            curves.wait()  # the curves are complete before the stage's run is
         path = workdir / HANDOFF
         handoff = stage.handoff()
         handoff["upstream_runs"] = {k: v for k, v in config["upstream"].items() if v}

@@ -11,6 +11,9 @@ from dsu_models.config import Config
 from dsu_models.evaluation.metrics import on_split
 
 
+JUDGED = ("stage1", "stage2")  # the stages a judge evaluates as a model (stage 1 alone, or the whole)
+
+
 class Judge:
     """``judge(stage) -> metrics``: the finished-model metrics of the stage so far on the
     validation split ``val``, named ``val_<metric>`` (``test`` only keys the oracle cache)."""
