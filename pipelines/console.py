@@ -285,7 +285,11 @@ class Console:
             logs = ray._private.worker._global_node.get_logs_dir_path() if ray._private.worker._global_node else None
             where = f"; Ray's workers: {logs}" if logs else ""
             self.say(f"[console] Ray's and MLflow's messages: {self.log_path}{where} (--verbose shows them here)")
-        self.board = ray.remote(num_cpus=0)(Board).remote()
+        # on the driver's node: a node that dies (and takes its actors along) must not
+        # take the console's messages with it
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.board = ray.remote(num_cpus=0)(Board).options(scheduling_strategy=here).remote()
         self._thread = threading.Thread(target=self._drain, name="dsu-console", daemon=True)
         self._thread.start()
 

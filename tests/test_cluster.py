@@ -80,7 +80,8 @@ def test_node_local_storage_and_a_file_store_are_refused(cluster):
     error = [line for line in out.splitlines() if line.startswith("error:")]
     assert len(error) == 1 and f"storage {cluster.home} is not shared" in error[0], out[-3000:]
     assert "3 of the cluster's 4 nodes cannot see it" in error[0] and "--storage" in error[0]
-    assert not any(cluster.home.iterdir())  # the probe's marker is gone
+    # the probe's marker is gone: the home holds at most the console's log folder
+    assert {p.name for p in cluster.home.iterdir()} <= {"logs"}
 
     proc = pipeline(cluster, "--storage", str(cluster.shared),
                     "--tracking-uri", f"sqlite:///{cluster.scratch / 'local.db'}")
@@ -90,7 +91,9 @@ def test_node_local_storage_and_a_file_store_are_refused(cluster):
 
 
 def _left_in(folder: Path) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+    """Everything under ``folder`` but the pipeline console's log files (logs/)."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                  if p.relative_to(folder).parts[0] != "logs")
 
 
 def _s3_listing(c: Cluster, root: str) -> list[str]:
@@ -155,8 +158,10 @@ def test_pipeline_survives_a_node_killed_in_stage2(cluster):
     assert after and after[0] > resumed[-1] and after[-1] == STAGE2_ITERATIONS
     assert "finished pipeline run" in out
 
-    # nothing on the driver's DSU_HOME or the shared folder; data and checkpoints in the bucket
-    assert _left_in(cluster.home) == [] and _left_in(cluster.shared) == []
+    # nothing on the driver's DSU_HOME (but the console's log) or the shared folder;
+    # data and checkpoints in the bucket
+    assert _left_in(cluster.home) == []
+    assert _left_in(cluster.shared) == []
     stored = _s3_listing(cluster, root)
     manifests = [f for f in stored if re.fullmatch(r"prepared/shapes3d-8px-\w+/manifest\.json", f)]
     assert len(manifests) == 1, stored
@@ -248,16 +253,16 @@ def test_trainer_backed_sweep_on_the_cluster(cluster, where):
     assert best.stage1.lr == max(final, key=final.get) and best.stage1.iterations == 4
 
 
-def test_a_growing_cluster_with_the_head_alone(tmp_path_factory):
+def test_a_growing_cluster_with_the_head_alone(cluster, tmp_path_factory):
     """An autoscaling cluster before its workers come: the head alone (no CPUs).
     The check cannot ask nodes that do not exist yet, so a path must be under a
     mount the cluster declares shared; the pipeline then waits for a worker node,
-    which joins while it runs, and finishes."""
+    which joins while it runs, and finishes. (MLflow: the other cluster's server.)"""
     c = Cluster(hidden=[tmp_path_factory.getbasetemp()])
     grows = {"DSU_CLUSTER_GROWS": "1", "DSU_SHARED_MOUNTS": str(c.shared)}
+    uri = cluster.tracking_uri
     try:
         c.start()
-        uri = c.start_mlflow()
         proc = pipeline(c, *SMALL, "--tracking-uri", uri, env_extra=grows)  # storage: DSU_HOME, node-local
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 2, out[-3000:]
