@@ -146,11 +146,6 @@ class PipelineClock:
 _current: "Console | None" = None
 
 
-def current() -> "Console | None":
-    """The console of the command running in this process (None outside one)."""
-    return _current
-
-
 def reporter() -> Reporter:
     """What a job hands its remote workers: the running console's, or one that prints."""
     return _current.reporter() if _current is not None else Reporter(None)
@@ -192,7 +187,7 @@ def step_finished(name: str, seconds: float):
 def flush():
     """Print what the workers have posted so far (before a step's closing line)."""
     if _current is not None:
-        _current._take_and_print()
+        _current.flush()
 
 
 class Console:
@@ -303,7 +298,7 @@ class Console:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-            self._take_and_print()
+            self.flush()
         for bar in self._bars.values():
             if bar is not None:
                 bar.close()
@@ -335,9 +330,10 @@ class Console:
 
     def _drain(self):
         while not self._stop.wait(POLL_S):
-            self._take_and_print()
+            self.flush()
 
-    def _take_and_print(self):
+    def flush(self):
+        """Print every message the workers have posted so far, in order."""
         import ray
         if self.board is None or not ray.is_initialized():  # never start a Ray to ask a gone one
             return
