@@ -72,10 +72,12 @@ class Curves:
     def __init__(self, cfg, stage: str, upstream: dict, factors: list[dict], oracle_cache: str, run_id: str,
                  tracking_uri: str, reporter=None):
         self.interval = cfg.evaluate.curve_interval if stage in JUDGED else 0
-        self.args = (cfg.to_dict(), stage)
-        self.rest = (factors, oracle_cache, run_id, tracking_uri, reporter)
-        self.upstream_ref = None
+        self.cfg_dict, self.stage = cfg.to_dict(), stage
+        self.factors, self.oracle_cache, self.run_id = factors, oracle_cache, run_id
+        self.tracking_uri, self.reporter = tracking_uri, reporter
+        # what the judge needs of the stages before (stage 1's hand-off, the code statistics)
         self.upstream = {k: upstream.get(k) for k in ("stage1", "code_stats")} if self.interval else {}
+        self.upstream_ref = None
         self.last = 0
         self.pending: list = []
 
@@ -90,7 +92,9 @@ class Curves:
         if self.upstream_ref is None:
             self.upstream_ref = ray.put(self.upstream)  # stage 1's hand-off once, not per task
         task = ray.remote(num_cpus=1, max_retries=0)(evaluate_snapshot)
-        self.pending.append(task.remote(*self.args, it, stage.handoff(), self.upstream_ref, *self.rest))
+        self.pending.append(task.remote(self.cfg_dict, self.stage, it, stage.handoff(), self.upstream_ref,
+                                        self.factors, self.oracle_cache, self.run_id, self.tracking_uri,
+                                        self.reporter))
 
     def wait(self) -> None:
         """Wait for the evaluations still running (a failed one is reported, not raised)."""
@@ -99,7 +103,6 @@ class Curves:
             try:
                 ray.get(ref)
             except Exception as exc:  # a curve point is not worth failing the stage for
-                reporter = self.rest[-1]
-                if reporter is not None:
-                    reporter.line(f"[{self.args[1]}] a validation curve point failed: {type(exc).__name__}")
+                if self.reporter is not None:
+                    self.reporter.line(f"[{self.stage}] a validation curve point failed: {type(exc).__name__}")
         self.pending = []
