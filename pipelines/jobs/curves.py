@@ -77,7 +77,7 @@ class Curves:
         self.tracking_uri, self.reporter = tracking_uri, reporter
         # what the judge needs of the stages before (stage 1's hand-off, the code statistics)
         self.upstream = {k: upstream.get(k) for k in ("stage1", "code_stats")} if self.interval else {}
-        self.upstream_ref = None
+        self.upstream_ref = self.task = None
         self.last = 0
         self.pending: list = []
 
@@ -89,10 +89,10 @@ class Curves:
             return
         self.last = it
         import ray
-        if self.upstream_ref is None:
-            self.upstream_ref = ray.put(self.upstream)  # stage 1's hand-off once, not per task
-        task = ray.remote(num_cpus=1, max_retries=0)(evaluate_snapshot)
-        self.pending.append(task.remote(self.cfg_dict, self.stage, it, stage.handoff(), self.upstream_ref,
+        if self.upstream_ref is None:  # once, not per point: stage 1's hand-off and the remote function
+            self.upstream_ref = ray.put(self.upstream)
+            self.task = ray.remote(num_cpus=1, max_retries=0)(evaluate_snapshot)
+        self.pending.append(self.task.remote(self.cfg_dict, self.stage, it, stage.handoff(), self.upstream_ref,
                                         self.factors, self.oracle_cache, self.run_id, self.tracking_uri,
                                         self.reporter))
 
