@@ -169,6 +169,10 @@ class Stage1Config(StageConfig):
     cla1_mode: str = "compound"
     cla1_adv_mode: str = "nlu"
     cla1_ramp: list[int] | None = None
+    # option beyond the method: after cla1_ramp, the adversary's weight adapts so that C's
+    # accuracy over chance (0 = chance, 1 = every label read; mean over factors) stays at
+    # or under this (stages/stage1.py, "Live leakage"); null: the fixed weight
+    cla1_target: float | None = None
     ubatch_ramp: list[int] | None = None  # option beyond the method: the unknown batch loss from 0 at t1 to full at t2
     gen_conv_adv: bool = False
     gen_fc_adv: bool = True
@@ -214,6 +218,9 @@ class Stage2Config(StageConfig):
     r1_weight: float = 0.0
     # the discriminator's (and the adversarial classifier's) learning rate; null: lr
     dis_lr: float | None = None
+    # with random_offset: whether R reads the shifted images too (the method) or the
+    # images as they are, so that a labeled position keeps its label (the recipe's choice)
+    cla2_offset: bool = True
 
 
 @dataclass
@@ -279,6 +286,11 @@ class Config:
     unknown_keep_prob: list[float] | None = None
     nested_dropout: bool = True
     seed: int = 0
+    # the default recipe (dsu_models/recipe.py): every stage's schedule from this many
+    # minutes of training and the data; null: the schedule is the config's own (presets)
+    budget_minutes: float | None = None
+    # the recipe's measured seconds per stage-1 step on this machine (given: not measured)
+    step_seconds: float | None = None
     device: str = "auto"
     compile: bool = False  # torch.compile the networks in place (stages/common.py); keys unchanged
     # numeric precision of training (dsu_models/precision.py): fp32, bf16 (autocast,
@@ -514,8 +526,10 @@ def _restated(declared: dict, tuned: dict) -> list[str]:
     return keys
 
 
-def layered_dict(user: dict | None = None, overrides: list[str] | tuple = ()) -> dict:
-    """Raw merged dict of dataset defaults, the user's dict and the overrides."""
+def layered_dict(user: dict | None = None, overrides: list[str] | tuple = (),
+                 recipe: dict | None = None) -> dict:
+    """Raw merged dict of dataset defaults, the recipe's layer (when given),
+    the user's dict and the overrides."""
     user = user or {}
     over: dict = {}
     for text in overrides:
@@ -523,7 +537,7 @@ def layered_dict(user: dict | None = None, overrides: list[str] | tuple = ()) ->
     name = over.get("dataset", user.get("dataset", Config.dataset))
     if not isinstance(name, str):
         raise ConfigError(f"dataset: expected a string, got {name!r}")
-    layers = [dataset_defaults(name), user, over]
+    layers = [dataset_defaults(name), recipe or {}, user, over]
     # Expand each layer's all_stages into its own stage sections first, so a
     # later layer's all_stages beats an earlier layer's stage section.
     merged: dict = {}
@@ -545,23 +559,55 @@ def config_path(name: str | Path | None) -> Path | None:
     raise ConfigError(f"--config {name!r}: no such file and no such preset (presets: {known})")
 
 
+# The budget of the default recipe when an entry point runs with no --config.
+DEFAULT_BUDGET_MINUTES = 30.0
+
+
 def load_config(config: str | Path | None = None, overrides: list[str] | tuple = (),
-                data_factors: dict[str, int] | None = None) -> Config:
+                data_factors: dict[str, int] | None = None, default_recipe: bool = False) -> Config:
     """The one config loader: layer, validate and resolve.
 
     config: a YAML file or a preset name (``quick``, ``quality``, ``tiny``);
     overrides: ``key=value`` strings. When ``data_factors`` is not given and the
     layered config names a prepared dataset (``data_path``), its manifest supplies
-    the factor table (classes, evaluation-only factors); see :func:`resolve`."""
+    the factor table (classes, evaluation-only factors); see :func:`resolve`.
+    With ``budget_minutes`` set, the default recipe (``dsu_models.recipe``) is a
+    layer under the user's file and overrides. ``default_recipe``: what the entry
+    points pass; with no ``config`` named, ``budget_minutes`` defaults to
+    :data:`DEFAULT_BUDGET_MINUTES`."""
     path = config_path(config)
-    raw = layered_dict(read_yaml(path, "config file") if path else {}, overrides)
+    user = read_yaml(path, "config file") if path else {}
+    if default_recipe and path is None:
+        overrides = [f"budget_minutes={DEFAULT_BUDGET_MINUTES}"] + list(overrides)
+    raw = layered_dict(user, overrides)
     eval_factors: set[str] = set()
     if data_factors is None and raw.get("data_path"):
         from dsu_models.data import read_manifest  # the data package imports numpy; config stays light
         manifest = read_manifest(raw["data_path"])
         data_factors = {f["name"]: int(f["classes"]) for f in manifest["factors"]}
         eval_factors = {f["name"] for f in manifest["factors"] if f.get("eval_only")}
+    if raw.get("budget_minutes") is not None:
+        raw = _with_recipe(user, overrides, data_factors, eval_factors)
     return resolve(raw, data_factors, eval_factors)
+
+
+def _with_recipe(user: dict, overrides, data_factors, eval_factors) -> dict:
+    """The raw layers with the default recipe's under the user's: its structure
+    first, then the schedule for the budget at this config's measured speed."""
+    from dsu_models import recipe   # imports torch to time a step; config stays light
+    from dsu_models.steps import trained_stages
+
+    layer = recipe.structure()
+    base = resolve(layered_dict(user, overrides, layer), data_factors, eval_factors)
+    if base.budget_minutes <= 0:
+        raise ConfigError(f"budget_minutes: {base.budget_minutes} (must be positive, or null for "
+                          f"the config's own schedule)")
+    if base.step_seconds is not None and base.step_seconds <= 0:
+        raise ConfigError(f"step_seconds: {base.step_seconds} (must be positive, or null to measure it)")
+    step = base.step_seconds or recipe.measure_step_seconds(base)
+    layer = _deep_merge(layer, recipe.schedule(base.budget_minutes, step, trained_stages(base)))
+    layer["step_seconds"] = float(f"{step:.4g}")
+    return layered_dict(user, overrides, layer)
 
 
 # --------------------------------------------------------------- resolution
@@ -742,6 +788,9 @@ def _resolve_stages(cfg: Config):
     _check_choice(s1.cla1_mode, ("image", "code", "compound"), "stage1.cla1_mode")
     _check_choice(s1.cla1_adv_mode, ("nlu", "ll"), "stage1.cla1_adv_mode")
     _check_choice(s2.unknown_mode, ("dis", "mse"), "stage2.unknown_mode")
+    if s1.cla1_target is not None and not 0.0 <= s1.cla1_target < 1.0:
+        raise ConfigError(f"stage1.cla1_target: {s1.cla1_target} (must be within [0, 1): C's "
+                          f"accuracy over chance; null keeps the weight fixed)")
     for key in ("cla1_ramp", "ubatch_ramp"):
         span = getattr(s1, key)
         if span is not None and (len(span) != 2 or not 0 <= span[0] <= span[1]):

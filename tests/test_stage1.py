@@ -168,7 +168,7 @@ def _two_pass_classifier_losses(stage: Stage1):
     from dsu_models import losses
     from dsu_models.stages.common import detached_call
 
-    def fn(x, y, u, u_mask, weight, z_cross, top_cross):
+    def fn(x, y, u, u_mask, weight, weight_t, z_cross, top_cross):
         s = stage.scfg
         x_cross = stage._cross_image(z_cross, top_cross) if s.cla1_mode != "code" else None
         nll = sum(-lp.gather(1, y[:, k:k + 1]).mean()
@@ -177,7 +177,7 @@ def _two_pass_classifier_losses(stage: Stage1):
         adv = sum(losses.adversarial_nlu(lp, y[:, k], stage.freqs[k]) if s.cla1_adv_mode == "nlu"
                   else losses.adversarial_ll(lp, y[:, k])
                   for k, lp in enumerate(detached_call(stage.classifier, x_cross, u, u_mask)))
-        return nll, adv.detach(), x.new_zeros(()), weight * adv
+        return nll, adv.detach(), x.new_zeros(()), weight_t * adv, x.new_zeros(())
     return fn
 
 
@@ -236,3 +236,56 @@ def test_one_classifier_pass_equals_two(overrides, monkeypatch):
 
     _assert_same_step(_step_metrics_and_grads(monkeypatch, overrides),
                       _step_metrics_and_grads(monkeypatch, overrides, two_pass))
+
+
+def test_live_leakage_raises_the_adversary_while_c_reads_the_labels():
+    """``cla1_target``: the adversary's weight grows while C reads the labels
+    above the target, stays at ``cla1_weight`` without the option, falls back
+    when the leakage drops, and the multiplier travels in the checkpoint."""
+    from dsu_models.stages import stage1 as stage1_module
+
+    fixed = make("stage1.cla1_ramp=[0, 2]")
+    adaptive = make("stage1.cla1_ramp=[0, 2]", "stage1.cla1_target=0.05")
+    batch = tiny_batch(adaptive.cfg)
+    for stage in (fixed, adaptive):
+        for _ in range(3):
+            stage.train_step(batch)
+    assert "leak" in fixed.train_step(batch)
+    # C reads every label: the leakage is 1 and the multiplier climbs
+    adaptive.leak_mean.fill_(1.0)
+    weights = [adaptive.train_step(batch)["adv_weight"] for _ in range(4)]
+    assert weights[-1] > weights[1] > weights[0] >= fixed.scfg.cla1_weight
+    assert fixed.train_step(batch)["adv_weight"] == pytest.approx(fixed.scfg.cla1_weight)
+    state = adaptive.state_dict()
+    again = make("stage1.cla1_ramp=[0, 2]", "stage1.cla1_target=0.05")
+    again.load_state_dict(state)
+    assert float(again.leak_log_scale) == pytest.approx(float(adaptive.leak_log_scale))
+    # no leakage: the multiplier falls back to 1, never below
+    adaptive.leak_mean.fill_(0.0)
+    adaptive.leak_log_scale.fill_(stage1_module.LEAK_RATE * 0.01)
+    for _ in range(3):
+        metrics = adaptive.train_step(batch)
+    assert metrics["adv_weight"] == pytest.approx(adaptive.scfg.cla1_weight)
+
+
+def test_live_leakage_is_zero_at_chance_and_one_when_every_label_is_read():
+    stage = make("stage1.cla1_mode=code")
+    batch = stage.to_device(tiny_batch(stage.cfg))
+    y = batch["labels"]
+    u = torch.zeros(y.shape[0], stage.cfg.unknown_size)
+
+    def reading(correct: bool):
+        def classifier(x_cross, c_u, u_mask):
+            return [torch.nn.functional.one_hot(y[:, k] if correct else torch.full_like(y[:, k], -1) + 1,
+                                                 n).float().log_softmax(1)
+                    for k, n in enumerate([f.classes for f in stage.factors])]
+        return classifier
+
+    stage.classifier.forward = reading(True)
+    *_, leak = stage._classifier_losses(batch["image"], y, u, None, 0.0, torch.zeros(()), None, None)
+    assert float(leak) == pytest.approx(1.0)
+    stage.chance = torch.zeros_like(stage.chance)   # a guess that is never right scores 0 over zero chance
+    stage.classifier.forward = lambda *a: [torch.full((y.shape[0], f.classes), -9.0).scatter(
+        1, ((y[:, k] + 1) % f.classes)[:, None], 0.0) for k, f in enumerate(stage.factors)]
+    *_, leak = stage._classifier_losses(batch["image"], y, u, None, 0.0, torch.zeros(()), None, None)
+    assert float(leak) == pytest.approx(0.0)

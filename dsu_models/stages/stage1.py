@@ -35,6 +35,21 @@ Degenerate cases: with no labeled factors (K = 0) this is a plain VAE; with
 ``unknown_size == 0`` a label-conditioned decoder. Neither has C.
 The adversarial forward is skipped entirely while its ramped weight is 0.
 Random offset augmentation (``random_offset``) shifts the cross image C sees.
+
+Live leakage (an option beyond the method, ``cla1_target``). C's accuracy on
+each batch says how much of the labels the unknown code still carries, with
+nothing a user lacks: per factor ``(acc_k - p_k) / (1 - p_k)`` with ``p_k`` the
+most frequent class's share, averaged over the factors (0: C reads nothing
+beyond chance; 1: every label). It is logged as ``leak`` whether or not the
+option is on. With ``cla1_target`` set, once ``cla1_ramp`` has brought the
+adversary to full weight its weight is multiplied by ``exp(s)``, where ``s``
+follows the leakage's running mean ``m`` (over about 100 iterations):
+``s += LEAK_RATE * (m - cla1_target)`` each iteration, kept within
+``[0, log LEAK_MAX_SCALE]``. The weight rises while C reads the labels above the
+target and falls back to ``cla1_weight`` once it does not: a constraint held by
+its multiplier, so a code that does not leak keeps the method's weight. ``s``
+and ``m`` are device tensors updated without a host sync (a captured CUDA graph
+replays the update) and travel in the checkpoint.
 """
 from __future__ import annotations
 
@@ -50,6 +65,14 @@ from dsu_models.nn.builders import (build_embedders, build_encoder, build_genera
                                build_stage1_classifier)
 from dsu_models.nn.layers import random_offset
 from dsu_models.stages.common import Stage, adam, as_if_frozen, detached_call, params, ramped
+
+
+# Live leakage (module docstring): the running mean's decay per iteration, the
+# multiplier's rate (a sustained excess of .1 over the target doubles the weight
+# in about 1,000 iterations) and its ceiling.
+LEAK_DECAY = 0.99
+LEAK_RATE = 0.007
+LEAK_MAX_SCALE = 8.0
 
 
 def keep_tensor(keep: list[float] | None, device) -> Tensor | None:
@@ -87,6 +110,10 @@ class Stage1(Stage):
         self.share_fc_pass = True
         self.classifier = build_stage1_classifier(cfg).to(dev) if self.adversarial else None
         self.freqs = [f.freq_tensor().to(dev) for f in factors]
+        # live leakage (module docstring): chance per factor, the running mean, log multiplier
+        self.chance = torch.stack([f.max() for f in self.freqs]).float() if self.freqs else None
+        self.leak_mean = torch.zeros((), device=dev)
+        self.leak_log_scale = torch.zeros((), device=dev)
         self.keep_u = keep_tensor(cfg.unknown_keep_prob, dev)
         self.keep_l = [keep_tensor(spec.keep_prob, dev) for _, spec in cfg.labeled()]
 
@@ -173,14 +200,19 @@ class Stage1(Stage):
                  + self.ubatch_weight() * terms["ubatch"] + s.lcode_weight * terms["lcode"]
                  + s.lbatch_weight * terms["lbatch"])
         backward = total
+        weight_t = x.new_full((), weight)
         if self.adversarial:
-            nll, adv, accuracy, adv_through_c = self._classifier_losses(
-                x, y, u_codes[0], u_masks[0], weight, z_cross, top_cross)
-            terms.update(cla_nll=nll, adv=adv.detach(), cla_acc=accuracy)
-            total = total + nll + weight * adv.detach()
-            backward = backward + nll + adv_through_c  # = weight * adv, routed past C's weights
+            if s.cla1_target is not None and weight > 0:
+                weight_t = weight_t * self.leak_log_scale.exp()
+            nll, adv, accuracy, adv_through_c, leak = self._classifier_losses(
+                x, y, u_codes[0], u_masks[0], weight, weight_t, z_cross, top_cross)
+            terms.update(cla_nll=nll, adv=adv.detach(), cla_acc=accuracy, leak=leak)
+            total = total + nll + weight_t * adv.detach()
+            backward = backward + nll + adv_through_c  # = weight_t * adv, routed past C's weights
+            if weight > 0:
+                self._follow_leakage(leak)
         terms["total"] = total
-        terms["adv_weight"] = x.new_full((), weight)
+        terms["adv_weight"] = weight_t.detach()
         # The base class back-propagates into the parameters only: C's detached
         # input copies need no gradient (as_if_frozen took theirs), so C's first
         # layer skips its input gradient, a third of that layer's backward.
@@ -192,8 +224,32 @@ class Stage1(Stage):
         ends = [span[1] for span in (self.scfg.cla1_ramp, self.scfg.ubatch_ramp) if span is not None]
         return max([super().steady_from()] + ends)
 
+    @torch.no_grad()
+    def _follow_leakage(self, leak: Tensor):
+        """Update the leakage's running mean and, once the ramp is done and
+        ``cla1_target`` is set, the adversary's log multiplier (module docstring)."""
+        self.leak_mean.mul_(LEAK_DECAY).add_(leak.float(), alpha=1.0 - LEAK_DECAY)
+        s = self.scfg
+        if s.cla1_target is None or self.iteration < (s.cla1_ramp or [0, 0])[1]:
+            return
+        step = (self.leak_mean - s.cla1_target) * LEAK_RATE
+        self.leak_log_scale.add_(step).clamp_(0.0, torch.log(torch.tensor(LEAK_MAX_SCALE)).item())
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["leakage"] = {"mean": self.leak_mean.detach().cpu(),
+                            "log_scale": self.leak_log_scale.detach().cpu()}
+        return state
+
+    def load_state_dict(self, state: dict, restore_random: bool = True):
+        super().load_state_dict(state, restore_random)
+        saved = state.get("leakage")   # absent in checkpoints from before the option
+        if saved is not None:
+            self.leak_mean.copy_(saved["mean"])
+            self.leak_log_scale.copy_(saved["log_scale"])
+
     def _classifier_losses(self, x: Tensor, y: Tensor, u: Tensor, u_mask: Tensor, weight: float,
-                           z_cross: Tensor | None, top_cross: Tensor | None):
+                           weight_t: Tensor, z_cross: Tensor | None, top_cross: Tensor | None):
         """C's NLL of the true labels and the adversarial loss, from ONE forward
         pass of C on detached copies of its inputs (the cross image and ``u``).
 
@@ -202,8 +258,11 @@ class Stage1(Stage):
         (:func:`common.as_if_frozen`) carries ``weight * adv``'s gradient to the
         real cross image and ``u`` and none to C's weights. ``z_cross``: G's input
         for the cross image (None in ``code`` mode); ``top_cross``: its top
-        features when the caller ran G's FC part for it already.
-        Returns (nll, adv, accuracy, adv_through_c).
+        features when the caller ran G's FC part for it already. ``weight``: the
+        ramped weight (0: no adversarial pass); ``weight_t``: the weight applied,
+        with the live-leakage multiplier.
+        Returns (nll, adv, accuracy, adv_through_c, leak); ``leak``: C's accuracy
+        over chance, the mean over factors (module docstring).
         """
         s = self.scfg
         use_adv = weight > 0
@@ -216,8 +275,10 @@ class Stage1(Stage):
         log_probs = self.classifier(c_x, c_u, u_mask)
         nll = sum(-lp.gather(1, y[:, k:k + 1]).mean() for k, lp in enumerate(log_probs))
         with torch.no_grad():
-            accuracy = torch.stack([(lp.argmax(1) == y[:, k]).float().mean()
-                                    for k, lp in enumerate(log_probs)]).mean()
+            per_factor = torch.stack([(lp.argmax(1) == y[:, k]).float().mean()
+                                      for k, lp in enumerate(log_probs)])
+            accuracy = per_factor.mean()
+            leak = ((per_factor - self.chance) / (1.0 - self.chance).clamp_min(1e-6)).mean()
         adv = x.new_zeros(())
         adv_through_c = x.new_zeros(())
         if use_adv:
@@ -225,8 +286,8 @@ class Stage1(Stage):
                 adv = adv + (losses.adversarial_nlu(lp, y[:, k], self.freqs[k])
                              if s.cla1_adv_mode == "nlu" else losses.adversarial_ll(lp, y[:, k]))
             pairs = [(t, c) for t, c in ((x_cross, c_x), (u, c_u)) if c is not None]
-            adv_through_c = as_if_frozen(weight * adv, pairs)
-        return nll, adv, accuracy, adv_through_c
+            adv_through_c = as_if_frozen(weight_t * adv, pairs)
+        return nll, adv, accuracy, adv_through_c, leak
 
     def _cross_input(self, u: Tensor, u_mask: Tensor, y: Tensor) -> Tensor:
         """G's input for the cross image: ``u`` with the codes of ``y_alt``."""
