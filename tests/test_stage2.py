@@ -329,3 +329,27 @@ def test_r1_trains_d_only():
     terms["r1"].backward()
     assert not _no_grad(stage.discriminator)
     assert _no_grad(stage.generator) and _no_grad(stage.embedders) and _no_grad(stage.classifier)
+
+
+@pytest.mark.parametrize("cla2_offset", [True, False])
+def test_r_reads_the_real_images_unshifted_unless_cla2_offset(cla2_offset):
+    """With random_offset on, D always judges shifted images; R reads the real
+    images shifted only with ``cla2_offset`` (a shift moves a labeled position,
+    the trap the default recipe turns off)."""
+    stage, _ = make("stage2.random_offset=true", f"stage2.cla2_offset={str(cla2_offset).lower()}")
+    batch = batch_for(stage.cfg)
+    seen = {}
+
+    def keep(name):
+        def hook(module, inputs, output):
+            seen.setdefault(name, inputs[0].detach().clone())
+        return hook
+
+    stage.classifier.trunk.conv.register_forward_hook(keep("R"))
+    stage.discriminator.trunk.conv.register_forward_hook(keep("D"))
+    torch.manual_seed(5)
+    stage.train_step(batch)
+    real = stage.to_device(batch)["image"]
+    b, c = real.shape[0], stage.cfg.image_channels
+    assert not torch.equal(seen["D"][:b, :c], real)       # D: shifted either way
+    assert torch.equal(seen["R"][:b, :c], real) != cla2_offset

@@ -14,9 +14,10 @@ Choices where docs/method.md is silent:
   raises :class:`~dsu_models.stages.common.NonFiniteLossError` without writing
   non-finite values into R's weights.
 - ``random_offset`` (when on) shifts every training image; :meth:`evaluate` sees
-  the images as they are. Note that for factors that *are* positions (dSprites
-  ``x``/``y``) a random shift mislabels the image; such runs should set
-  ``classifier.random_offset: false``.
+  the images as they are. For factors that *are* positions (sprites' ``x``) a
+  shift mislabels the image, so the default recipe (``dsu_models/recipe.py``)
+  turns it off here and for stage 2's R (``stage2.cla2_offset``): it cannot
+  know which labels are positions.
 - Metrics per step: ``total`` (summed NLL), ``nll_<factor>`` and ``acc_<factor>``
   (accuracy on the augmented training batch, argmax over the first ``n_k``
   outputs). :meth:`evaluate` returns ``acc_<factor>`` on held-out data.

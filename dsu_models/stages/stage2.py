@@ -60,7 +60,9 @@ where it has one):
   branch's plain fake loss.
 - ``random_offset``: each real image and its reconstruction share one shift
   (the pair behind a reflection must stay aligned); cross fakes get their own.
-  A D input pair is shifted as one tensor; R sees the same shifted images.
+  A D input pair is shifted as one tensor; R sees the same shifted images,
+  or with ``cla2_offset: false`` (an option beyond the method) the images as
+  they are: a shift moves a labeled position while its label stays.
 - K = 0 (all unknown): no labels, no R; the cross branch exists only with
   ``random_ucode`` (otherwise it would repeat the rec branch), and the rec
   branch exists when ``has_rec_branch`` or when there is no cross branch.
@@ -338,9 +340,11 @@ class Stage2(Stage):
         stack = torch.cat([x, fakes])            # what D judges: [real, fakes]
         if self.dis_mode:                        # ... as pairs with G1's image of the same code
             stack = torch.cat([stack, self._partners(rows, u, y, u_cross, y_alt)], 1)
+        unshifted = stack
         if s.random_offset:
             stack = self._shift(stack, rows)
-        self._adversarial_terms(stack, rows, y, targets, terms)
+        self._adversarial_terms(stack, rows, y, targets, terms,
+                                stack if s.cla2_offset else unshifted)
 
         weights = {"rec": s.rec_weight, "lcode": s.lcode_weight, "lbatch": s.lbatch_weight,
                    "match": s.match_weight, "g_dis": s.dis_weight, "g_cla": s.cla2_weight,
@@ -481,9 +485,11 @@ class Stage2(Stage):
         flat = torch.cat(list(logits) + [pad], 1).index_select(1, self.pad_index)
         return flat.view(-1, self.num_labeled, self.max_classes)
 
-    def _adversarial_terms(self, stack: Tensor, rows: Rows, y: Tensor, targets: Tensor, terms: dict):
+    def _adversarial_terms(self, stack: Tensor, rows: Rows, y: Tensor, targets: Tensor, terms: dict,
+                           r_stack: Tensor):
         """D, R and generator adversarial terms. ``stack``: rows ``[real, fakes]``
-        (D's input; R reads the first C channels); ``targets``: the fakes' labels.
+        (D's input); ``r_stack``: the same rows as R reads them (its first C
+        channels; ``stack`` itself unless ``cla2_offset`` is off); ``targets``: the fakes' labels.
         D and R learn from ``stack.detach()`` (their losses train only them); the
         generator's terms run D and R with detached parameters (they train only
         the generator side)."""
@@ -498,6 +504,8 @@ class Stage2(Stage):
         if self.classifier is None:
             return
         k, c, r_net = self.num_labeled, self.cfg.image_channels, self.classifier
+        if r_stack is not stack:
+            judged, fake_in = r_stack.detach(), r_stack[rows.judged_fakes]
         if s.cla2_adv:
             logits = self._padded(self._judge(r_net, judged[:, :c], rows))
             terms["r_real"] = k * losses.cla2_real_loss(logits[rows.real].flatten(0, 1), y.flatten())
