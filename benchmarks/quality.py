@@ -215,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", choices=sorted(LABELED),
                         help="built-in dataset and its labeled factors (default: the config's own)")
-    parser.add_argument("--config", default="quality", help="preset or YAML (default: quality)")
+    parser.add_argument("--config", default="quality",
+                        help="preset or YAML (default: quality), or `recipe`: the default recipe "
+                             "(dsu_models/recipe.py) for budget_minutes (default 30; an override)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every stage's iterations")
     parser.add_argument("--eval-every", type=int, default=0,
                         help="also evaluate every N stage-2 iterations (time to quality)")
@@ -239,8 +241,13 @@ def main(argv: list[str] | None = None) -> int:
     from dsu_models.train import run
 
     chosen = ([f"dataset={args.dataset}", LABELED[args.dataset]] if args.dataset else []) + args.overrides
-    base = load_config(args.config, chosen)
-    cfg = load_config(args.config, chosen + scaled_overrides(base, args.scale))
+    if args.config == "recipe":
+        if args.scale != 1.0:
+            parser.error("--scale: the recipe sets the schedule from budget_minutes; pass budget_minutes=N")
+        cfg = load_config(None, chosen, default_recipe=True)
+    else:
+        base = load_config(args.config, chosen)
+        cfg = load_config(args.config, chosen + scaled_overrides(base, args.scale))
     every = {"stage1": args.stage1_every, "stage2": args.eval_every}
     for stage, n in every.items():   # the runner hands the stage over at its reports only
         interval = getattr(cfg, stage).report_interval
@@ -251,7 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="dsu-quality-"))
     print(f"quality: {cfg.dataset} {cfg.image_size} px, device {cfg.device}, precision {cfg.precision}, "
           f"labeled {cfg.labeled_factors}, hidden "
-          f"{cfg.hidden()}; iterations " + ", ".join(f"{s} {getattr(cfg, s).iterations}"
+          f"{cfg.hidden()}; " + (f"recipe for {cfg.budget_minutes:g} min at {cfg.step_seconds:.3f} s "
+                                 f"per stage-1 step, unknown size {cfg.unknown_size}; "
+                                 if cfg.budget_minutes else "") + "iterations " + ", ".join(f"{s} {getattr(cfg, s).iterations}"
                                                     for s in trained_stages(cfg)) + f"; out {out}",
           flush=True)
     train, val, test = load_data(cfg)

@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. stage1.cla1_weight=0.3")
     args = parser.parse_intermixed_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, default_recipe=True)
         run(cfg, Path(args.out))
     except (ConfigError, DataError, CheckpointError, NonFiniteLossError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -183,9 +183,14 @@ def _end_status(exc: BaseException) -> str:
 
 
 def _prologue(args, config_arg):
-    """Config and data checks before Ray starts; returns (cfg, overrides)."""
+    """Config and data checks before Ray starts; returns (cfg, overrides).
+    With no config named, the default recipe (``dsu_models.recipe``) sets the
+    schedule; its budget and measured speed join the overrides, so the config
+    re-read once the data are prepared is the same (not measured again)."""
     overrides = overrides_of(args)
-    cfg = load_config(config_arg, overrides)
+    cfg = load_config(config_arg, overrides, default_recipe=True)
+    if cfg.budget_minutes is not None:
+        overrides = overrides + [f"budget_minutes={cfg.budget_minutes}", f"step_seconds={cfg.step_seconds}"]
     check_data(cfg)
     return pin_storage(cfg, overrides)
 
@@ -302,8 +307,7 @@ def _full(args) -> int:
             check_data(cfg)
             cfg, overrides = pin_storage(cfg, overrides)
         else:  # a bad config touches nothing, not even the store
-            config_arg = args.config if (args.config or args.overrides or args.dataset
-                                         or args.data) else "quick"
+            config_arg = args.config   # None: the default recipe
             cfg, overrides = _prologue(args, config_arg)
         wanted = pipeline_stages(cfg)
         if args.stages:
