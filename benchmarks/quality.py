@@ -237,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     from dsu_models.inference import DisUnknownModel
     from dsu_models.config import load_config
     from dsu_models.data.configured import load_data
+    from dsu_models.recipe import describe as describe_recipe, kept_speed
     from dsu_models.stages.common import resolve_device
     from dsu_models.train import run
 
@@ -244,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.config == "recipe":
         if args.scale != 1.0:
             parser.error("--scale: the recipe sets the schedule from budget_minutes; pass budget_minutes=N")
-        cfg = load_config(None, chosen, default_recipe=True)
+        cfg = load_config(None, kept_speed(args.out, chosen) if args.out else chosen, default_recipe=True)
     else:
         base = load_config(args.config, chosen)
         cfg = load_config(args.config, chosen + scaled_overrides(base, args.scale))
@@ -258,11 +259,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="dsu-quality-"))
     print(f"quality: {cfg.dataset} {cfg.image_size} px, device {cfg.device}, precision {cfg.precision}, "
           f"labeled {cfg.labeled_factors}, hidden "
-          f"{cfg.hidden()}; " + (f"recipe for {cfg.budget_minutes:g} min at {cfg.step_seconds:.3f} s "
-                                 f"per stage-1 step, unknown size {cfg.unknown_size}; "
-                                 if cfg.budget_minutes else "") + "iterations " + ", ".join(f"{s} {getattr(cfg, s).iterations}"
+          f"{cfg.hidden()}; iterations " + ", ".join(f"{s} {getattr(cfg, s).iterations}"
                                                     for s in trained_stages(cfg)) + f"; out {out}",
           flush=True)
+    if cfg.budget_minutes is not None:
+        print(f"recipe: {describe_recipe(cfg)}", flush=True)
     train, val, test = load_data(cfg)
     device = resolve_device(cfg.device)  # the evaluation runs where the training ran
     started = time.perf_counter()

@@ -167,7 +167,7 @@ class Stage1Config(StageConfig):
     lbatch_weight: float = 0.1
     cla1_weight: float = 0.5
     cla1_mode: str = "compound"
-    cla1_adv_mode: str = "nlu"
+    cla1_adv_mode: str = "nlu"   # nlu, ll (the method's) or prior (losses.adversarial_prior)
     cla1_ramp: list[int] | None = None
     # option beyond the method: after cla1_ramp, the adversary's weight adapts so that C's
     # accuracy over chance (0 = chance, 1 = every label read; mean over factors) stays at
@@ -289,8 +289,9 @@ class Config:
     # the default recipe (dsu_models/recipe.py): every stage's schedule from this many
     # minutes of training and the data; null: the schedule is the config's own (presets)
     budget_minutes: float | None = None
-    # the recipe's measured seconds per stage-1 step on this machine (given: not measured)
-    step_seconds: float | None = None
+    # the recipe's measured seconds per training step of each stage on this machine
+    # ({stage1: 0.08, ...}; given: not measured)
+    step_seconds: dict[str, float] | None = None
     device: str = "auto"
     compile: bool = False  # torch.compile the networks in place (stages/common.py); keys unchanged
     # numeric precision of training (dsu_models/precision.py): fp32, bf16 (autocast,
@@ -602,12 +603,25 @@ def _with_recipe(user: dict, overrides, data_factors, eval_factors) -> dict:
     if base.budget_minutes <= 0:
         raise ConfigError(f"budget_minutes: {base.budget_minutes} (must be positive, or null for "
                           f"the config's own schedule)")
-    if base.step_seconds is not None and base.step_seconds <= 0:
-        raise ConfigError(f"step_seconds: {base.step_seconds} (must be positive, or null to measure it)")
-    step = base.step_seconds or recipe.measure_step_seconds(base)
-    layer = _deep_merge(layer, recipe.schedule(base.budget_minutes, step, trained_stages(base)))
-    layer["step_seconds"] = float(f"{step:.4g}")
+    stages = trained_stages(base)
+    if base.step_seconds is not None:
+        _check_step_seconds(base.step_seconds, stages)
+    step = base.step_seconds or {s: float(f"{v:.4g}") for s, v in recipe.measure_step_seconds(base).items()}
+    layer = _deep_merge(layer, recipe.schedule(base.budget_minutes, step, stages))
+    layer["step_seconds"] = step
     return layered_dict(user, overrides, layer)
+
+
+def _check_step_seconds(given: dict, stages: list[str]):
+    for stage in stages:
+        if stage not in given:
+            raise ConfigError(f"step_seconds: no value for {stage} (give every trained stage's, "
+                              f"{', '.join(stages)}, or null to measure them)")
+    for stage, value in given.items():
+        if stage not in STAGES:
+            raise ConfigError(f"step_seconds.{stage}: not a stage ({', '.join(STAGES)})")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ConfigError(f"step_seconds.{stage}: {value!r} (must be a positive number of seconds)")
 
 
 # --------------------------------------------------------------- resolution
@@ -786,7 +800,7 @@ def _resolve_stages(cfg: Config):
             raise ConfigError(f"{stage}.batch_size: {sc.batch_size} (batch statistics need at least 2)")
     s1, s2 = cfg.stage1, cfg.stage2
     _check_choice(s1.cla1_mode, ("image", "code", "compound"), "stage1.cla1_mode")
-    _check_choice(s1.cla1_adv_mode, ("nlu", "ll"), "stage1.cla1_adv_mode")
+    _check_choice(s1.cla1_adv_mode, ("nlu", "ll", "prior"), "stage1.cla1_adv_mode")
     _check_choice(s2.unknown_mode, ("dis", "mse"), "stage2.unknown_mode")
     if s1.cla1_target is not None and not 0.0 <= s1.cla1_target < 1.0:
         raise ConfigError(f"stage1.cla1_target: {s1.cla1_target} (must be within [0, 1): C's "

@@ -64,6 +64,21 @@ def adversarial_ll(log_probs: Tensor, labels: Tensor) -> Tensor:
     return _pick(log_probs, labels).mean()
 
 
+def adversarial_prior(log_probs: Tensor, freq: Tensor) -> Tensor:
+    """Stage-1 ``prior`` adversarial loss (beyond the method): ``mean_b KL(f || p_b)``,
+    how far the classifier's prediction is from the class frequencies ``f``.
+
+    log_probs: ``(B, n)`` normalised log-probabilities; freq: ``(n,)``. Zero only
+    when C predicts the prior for every code, which a code that still carries the
+    label cannot force on a C that keeps learning; ``nlu`` and ``ll`` are also
+    minimised by a C that is confidently wrong, which a code that merely moves
+    the label's information around achieves. Minimised by the encoder side.
+    """
+    f = freq.to(log_probs)
+    entropy = -(f * f.clamp_min(1e-12).log()).sum()
+    return -(log_probs * f).sum(1).mean() - entropy
+
+
 def lsgan_real_loss(d_real: Tensor) -> Tensor:
     """Least-squares D loss of real images: ``mean((D(real) - 1)^2)``."""
     return (d_real - 1.0).square().mean()

@@ -6,19 +6,20 @@ dataset each. The recipe is what a run gets when it names none: given
 ``budget_minutes`` it sets what the presets set, from what a user has on any
 data:
 
-- **Each stage's length** from the budget and this machine's speed: one
-  stage-1 step of this very config (architecture, image size, channels,
-  batch) is timed here (:func:`measure_step_seconds`, a few seconds) unless
-  ``step_seconds`` is given, and each stage gets its share of the budget
-  (:data:`SHARES`), the other stages' steps costing :data:`STEP_COST` times
-  stage 1's.
+- **Each stage's length** from the budget and this machine's speed: a few
+  steps of each stage of this very config (architecture, image size,
+  channels, batch, device) are timed here (:func:`measure_step_seconds`,
+  seconds on a CPU) unless ``step_seconds`` is given, and each stage gets its
+  share of the budget (:data:`SHARES`).
 - **Stage 1's schedule in proportion to its length**: the unknown batch loss
   ramps in over a quarter to three eighths of it, after the generator has
   learnt to draw detail with a sharp code; the adversary over five sixteenths
   to five eighths (:data:`STAGE1_RAMPS`).
-- **The adversary** reads the unknown code alone (``cla1_mode: code``) and
-  holds its own accuracy, the live leakage, at :data:`LEAK_TARGET` over
-  chance by raising its weight while it reads the labels
+- **The adversary** reads the unknown code alone (``cla1_mode: code``),
+  pushes C's prediction towards the class frequencies (``cla1_adv_mode:
+  prior``, ``losses.adversarial_prior``) rather than away from the true
+  label, and holds its own accuracy, the live leakage, at :data:`LEAK_TARGET`
+  over chance by raising its weight while it reads the labels
   (``stage1.cla1_target``; stages/stage1.py, "Live leakage"), so a code larger
   than the hidden factors need does not keep the labels.
 - **The unknown code's size**: :data:`UNKNOWN_SIZE` dimensions, whatever the
@@ -46,10 +47,6 @@ import time
 # stage 1's share): from the fine-bar runs on sprites and shapes3d, where
 # stage 1 took about seven tenths of the training time (docs/benchmarks.md).
 SHARES = {"stage1": 0.70, "classifier": 0.05, "stage2": 0.22, "lenc": 0.03}
-# One step of each stage in units of one step of stage 1 with the code-only
-# adversary, at the same batch size (measured at 32 px: docs/benchmarks.md,
-# "The default recipe").
-STEP_COST = {"stage1": 1.0, "classifier": 0.25, "stage2": 3.5, "lenc": 1.0}
 # Stage 1's ramps as fractions of its iterations: [start, full].
 STAGE1_RAMPS = {"ubatch_ramp": (0.25, 0.375), "cla1_ramp": (0.3125, 0.625)}
 LEAK_TARGET = 0.02
@@ -63,7 +60,7 @@ def structure() -> dict:
     """The recipe's choices that do not depend on the budget (a raw config layer)."""
     return {
         "unknown_size": UNKNOWN_SIZE,
-        "stage1": {"lr": 3.0e-4, "ucode_weight": 0.001, "cla1_mode": "code",
+        "stage1": {"lr": 3.0e-4, "ucode_weight": 0.001, "cla1_mode": "code", "cla1_adv_mode": "prior",
                    "cla1_target": LEAK_TARGET},
         # the networks that learn labels from images see them unshifted: a shift
         # moves a labeled position (sprites' x) while its label stays
@@ -72,17 +69,17 @@ def structure() -> dict:
     }
 
 
-def schedule(budget_minutes: float, step_seconds: float, stages: list[str]) -> dict:
+def schedule(budget_minutes: float, step_seconds: dict[str, float], stages: list[str]) -> dict:
     """Each stage's iterations and stage 1's ramps (a raw config layer) for
-    ``budget_minutes`` of training when one stage-1 step takes ``step_seconds``.
-    ``stages``: the config's trained stages (a stage that is off gives its share
-    to stage 1)."""
+    ``budget_minutes`` of training when one step of each stage takes
+    ``step_seconds[stage]``. ``stages``: the config's trained stages (a stage
+    that is off gives its share to stage 1)."""
     shares = {s: SHARES[s] for s in stages}
     if "stage1" in shares:
         shares["stage1"] += sum(v for s, v in SHARES.items() if s not in stages)
     layer: dict = {}
     for stage, share in shares.items():
-        n = max(MIN_ITERATIONS, int(budget_minutes * 60 * share / (step_seconds * STEP_COST[stage])))
+        n = max(MIN_ITERATIONS, int(budget_minutes * 60 * share / step_seconds[stage]))
         interval = _round_interval(n)
         layer[stage] = {"iterations": n, "report_interval": max(1, min(50, n // 20)),
                         "sample_interval": interval, "checkpoint_interval": interval}
@@ -95,6 +92,41 @@ def schedule(budget_minutes: float, step_seconds: float, stages: list[str]) -> d
     return layer
 
 
+def speed_override(step_seconds: dict[str, float]) -> str:
+    """The ``step_seconds={...}`` override that gives a config these measured
+    speeds (so loading it again measures nothing and schedules the same)."""
+    return "step_seconds={" + ", ".join(f"{k}: {v}" for k, v in step_seconds.items()) + "}"
+
+
+def kept_speed(out_dir, overrides: list[str]) -> list[str]:
+    """``overrides``, plus the speed the run in ``out_dir`` was scheduled with
+    (its ``config.yaml``) unless they give one: resuming a run with the same
+    command reschedules nothing."""
+    from pathlib import Path
+
+    from dsu_models.config import load_resolved
+
+    saved = Path(out_dir) / "config.yaml"
+    if not saved.exists() or any(o.startswith("step_seconds=") for o in overrides):
+        return list(overrides)
+    old = load_resolved(saved)
+    return list(overrides) + ([speed_override(old.step_seconds)] if old.step_seconds else [])
+
+
+def describe(cfg) -> str:
+    """One line on what the recipe chose for ``cfg`` ('' when it is off)."""
+    if cfg.budget_minutes is None:
+        return ""
+    from dsu_models.steps import trained_stages
+
+    stages = ", ".join(f"{s} {getattr(cfg, s).iterations}" for s in trained_stages(cfg))
+    steps = ", ".join(f"{s} {v:.3f}" for s, v in cfg.step_seconds.items())
+    return (f"{cfg.budget_minutes:g} min of training, {stages} iterations (seconds per step: "
+            f"{steps}); unknown code {cfg.unknown_size}, adversary "
+            f"{cfg.stage1.cla1_mode} from {(cfg.stage1.cla1_ramp or [0])[0]}, live-leakage "
+            f"target {cfg.stage1.cla1_target}")
+
+
 def _round_interval(iterations: int) -> int:
     """About a tenth of the stage, rounded to a round number (1, 2 or 5 times 10^k)."""
     tenth = max(1, iterations // 10)
@@ -102,38 +134,53 @@ def _round_interval(iterations: int) -> int:
     return max(m * magnitude for m in (1, 2, 5) if m * magnitude <= tenth)
 
 
-def measure_step_seconds(cfg) -> float:
-    """Seconds per stage-1 training step of ``cfg`` on its device: a few steps
-    on random images and labels of the config's shape, after a warm-up."""
+def measure_step_seconds(cfg) -> dict[str, float]:
+    """Seconds per training step of each of ``cfg``'s stages on its device: a
+    few steps on random images, labels and codes of the config's shape, after
+    a warm-up, each stage built from the previous ones' fresh hand-offs."""
     import torch
 
+    from dsu_models import codes
     from dsu_models.data.base import FactorInfo
+    from dsu_models.stages import make_stage
     from dsu_models.stages.common import resolve_device
-    from dsu_models.stages.stage1 import Stage1
+    from dsu_models.steps import trained_stages
 
     device = resolve_device(cfg.device)
     factors = [FactorInfo(name, spec.classes) for name, spec in cfg.labeled()]
     state = torch.random.get_rng_state()
     try:
         torch.manual_seed(0)
-        stage = Stage1(cfg, factors, device)
-        b, s = cfg.stage1.batch_size, cfg.image_size
+        b, s, m = cfg.stage1.batch_size, cfg.image_size, cfg.unknown_size
         batch = {"image": torch.rand(b, cfg.image_channels, s, s) * 2 - 1,
                  "labels": torch.stack([torch.randint(0, spec.classes, (b,)) for _, spec in cfg.labeled()], 1)
-                 if cfg.labeled_factors else torch.zeros(b, 0, dtype=torch.int64)}
-        # past the ramps: the step the stage spends most of its time in
-        stage.iteration = max(stage.steady_from(), (cfg.stage1.cla1_ramp or [0, 0])[1])
-        for _ in range(WARMUP_STEPS):
-            stage.train_step(batch)
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(TIMED_STEPS):
-            stage.train_step(batch)
-        stage.take_losses()
-        _sync(device)
-        return (time.perf_counter() - start) / TIMED_STEPS
+                 if cfg.labeled_factors else torch.zeros(b, 0, dtype=torch.int64),
+                 "mu": torch.randn(b, m) * 0.8, "sigma": torch.rand(b, m) * 0.5 + 0.1}
+        upstream = {"code_stats": codes.code_statistics(torch.randn(4 * b, m) * 0.8,
+                                                        torch.rand(4 * b, m) * 0.5 + 0.1) if m else None}
+        seconds = {}
+        for name in trained_stages(cfg):
+            stage = make_stage(name, cfg, factors, upstream, device)
+            # past the ramps: the step the stage spends most of its time in
+            stage.iteration = stage.steady_from()
+            seconds[name] = _timed_steps(stage, batch, device)
+            upstream[name] = stage.handoff()
+        return seconds
     finally:
         torch.random.set_rng_state(state)
+
+
+def _timed_steps(stage, batch: dict, device) -> float:
+    for _ in range(WARMUP_STEPS):
+        stage.train_step(batch)
+    stage.take_losses()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(TIMED_STEPS):
+        stage.train_step(batch)
+    stage.take_losses()
+    _sync(device)
+    return (time.perf_counter() - start) / TIMED_STEPS
 
 
 def _sync(device):

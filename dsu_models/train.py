@@ -40,6 +40,7 @@ from dsu_models import distill as distill_mod
 from dsu_models.allocator import retain_freed_memory
 from dsu_models.batches import BatchSource, labeled_view
 from dsu_models.config import Config, ConfigError, config_diff, load_config, load_resolved, save_config
+from dsu_models.recipe import describe as describe_recipe, kept_speed
 from dsu_models.data.configured import load_data
 from dsu_models.data.base import InMemoryDataset
 from dsu_models.data import DataError
@@ -213,6 +214,8 @@ def run(cfg: Config, out: Path, log: Callable[[str], None] = print,
     log(f"data: {train.name} train {len(train)}, test {len(test)} images, "
         f"{cfg.image_size} px x {cfg.image_channels} ch; labeled {cfg.labeled_factors}, "
         f"unknown size {cfg.unknown_size}; device {device}")
+    if cfg.budget_minutes is not None:
+        log(f"recipe: {describe_recipe(cfg)}")
     _, factors = labeled_view(cfg, train)
     state = _Run(cfg, out, device, train, test, factors, scatter_subset(test, seed=cfg.seed),
                  log, on_report, watch)
@@ -231,12 +234,13 @@ def run(cfg: Config, out: Path, log: Callable[[str], None] = print,
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML file or preset name (quick, quality, tiny)")
+    parser.add_argument("--config", help="YAML file or preset name (quick, quality, fine, tiny); "
+                                         "without it, the default recipe for budget_minutes")
     parser.add_argument("--out", required=True, help="output directory (resumed if it exists)")
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. stage1.cla1_weight=0.3")
     args = parser.parse_intermixed_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides, default_recipe=True)
+        cfg = load_config(args.config, kept_speed(args.out, args.overrides), default_recipe=True)
         run(cfg, Path(args.out))
     except (ConfigError, DataError, CheckpointError, NonFiniteLossError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from dsu_models.config import Config, ConfigError, config_diff, load_config, load_resolved
+from dsu_models.recipe import describe as describe_recipe, speed_override
 from dsu_models.data import DataError
 from dsu_models.data.codec import SQUARE_MODES
 from dsu_models.data.sources.builtin import BUILTIN, sample_count
@@ -72,7 +73,8 @@ def pipeline_stages(cfg: Config) -> list[str]:
 
 
 def add_common(parser: argparse.ArgumentParser):
-    parser.add_argument("--config", help="YAML file or preset name (quick, tiny)")
+    parser.add_argument("--config", help="YAML file or preset name (quick, quality, fine, tiny); "
+                                         "without it, the default recipe for budget_minutes")
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. stage1.cla1_weight=0.3")
     parser.add_argument("--dataset", help="dataset name (same as dataset=NAME)")
     parser.add_argument("--data", help="prepared dataset directory (same as data_path=DIR)")
@@ -190,7 +192,7 @@ def _prologue(args, config_arg):
     overrides = overrides_of(args)
     cfg = load_config(config_arg, overrides, default_recipe=True)
     if cfg.budget_minutes is not None:
-        overrides = overrides + [f"budget_minutes={cfg.budget_minutes}", f"step_seconds={cfg.step_seconds}"]
+        overrides = overrides + [f"budget_minutes={cfg.budget_minutes}", speed_override(cfg.step_seconds)]
     check_data(cfg)
     return pin_storage(cfg, overrides)
 
@@ -331,6 +333,8 @@ def _full(args) -> int:
             parent = tracking.start_parent(client, experiment_id, cfg)
         console.plan(cfg, wanted)
         console.say(f"pipeline run {parent} ({', '.join(wanted)})")
+        if cfg.budget_minutes is not None:
+            console.say(f"[recipe] {describe_recipe(cfg)}")
         runs = {s: r.info.run_id for s, r in tracking.child_runs(client, parent).items()}
         for stage in wanted:
             runs[stage] = execute(stage, cfg, data_dir, parent, runs, args, tracking_uri, client)

@@ -1,6 +1,7 @@
 """The whole DisUnknown pipeline on Ray, tracked in MLflow (``disunknown-pipeline``).
 
-    python pipelines/full.py                       # embedded default: built-in dataset, quick preset
+    python pipelines/full.py                       # embedded default: built-in shapes3d, the default
+                                                   # recipe for budget_minutes (30; e.g. budget_minutes=10)
     python pipelines/full.py --config my.yaml stage1.cla1_weight=0.3 --workers 2
     python pipelines/full.py --resume PARENT_RUN_ID
     ray job submit --working-dir . -- python pipelines/full.py --tracking-uri http://HEAD:5000 --gpu

@@ -326,3 +326,19 @@ def test_match_loss():
     std = torch.tensor([1.0, 2.0], dtype=torch.float64)
     # row 0: 1 + 1 = 2; row 1: 1 + 0.25 = 1.25
     assert losses.match_loss(mean_hat, target, std).item() == pytest.approx(1.625)
+
+
+def test_adversarial_prior_is_zero_only_at_the_class_frequencies():
+    freq = torch.tensor([0.5, 0.3, 0.2])
+    at_prior = freq.log().expand(4, 3)
+    assert losses.adversarial_prior(at_prior, freq).item() == pytest.approx(0.0, abs=1e-6)
+    right = torch.log_softmax(torch.tensor([[9.0, 0.0, 0.0]] * 4), 1)
+    wrong = torch.log_softmax(torch.tensor([[0.0, 9.0, 0.0]] * 4), 1)
+    # a confidently wrong C scores well on nlu but is as far from the prior as a right one
+    labels = torch.zeros(4, dtype=torch.long)
+    assert losses.adversarial_nlu(wrong, labels, freq) < losses.adversarial_nlu(at_prior, labels, freq)
+    assert losses.adversarial_prior(wrong, freq) > 1.0 and losses.adversarial_prior(right, freq) > 1.0
+    # by hand: KL(f || p) for one row
+    p = torch.tensor([[0.2, 0.2, 0.6]])
+    want = (freq * (freq / p[0]).log()).sum()
+    assert losses.adversarial_prior(p.log(), freq).item() == pytest.approx(want.item(), rel=1e-5)

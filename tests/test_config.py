@@ -61,7 +61,8 @@ def test_unknown_derived_from_hidden_factors():
 
 
 def test_all_labeled_and_all_unknown_variants():
-    cfg = load_config()
+    assert load_config().hidden() == ["floor_hue", "wall_hue"]   # shapes3d's default labels
+    cfg = load_config(overrides=["labeled_factors=null"])
     assert cfg.unknown_size == 0 and cfg.unknown_keep_prob is None
     cfg = load_config(overrides=["labeled_factors=[]"])
     assert cfg.unknown_size == sum(f.size for f in cfg.factors.values())

@@ -58,7 +58,7 @@ def test_bars_judge_each_line():
 
 
 def test_default_run_keeps_the_room_unknown_and_ramps_its_adversary_in_time():
-    """The ``quick`` preset (``pipelines/full.py``'s default): the object labeled,
+    """The ``quick`` preset (the embedded default's labels): the object labeled,
     the room's colours unknown, and the adversary at full weight before stage 1
     ends (docs/benchmarks.md, "Time to quality")."""
     cfg = load_config("quick", [])

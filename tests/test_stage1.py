@@ -19,6 +19,7 @@ def make(*overrides: str, seed: int = 0) -> Stage1:
 
 OPTIONS = [
     [], ["stage1.cla1_mode=image"], ["stage1.cla1_mode=code"], ["stage1.cla1_adv_mode=ll"],
+    ["stage1.cla1_adv_mode=prior", "stage1.cla1_target=0.02"],
     ["stage1.gen_conv_adv=true"], ["stage1.gen_fc_adv=false"], ["stage1.enc_freeze=3"],
     ["stage1.emb_freeze=3"], ["stage1.cla1_ramp=[2, 6]"], ["stage1.ubatch_ramp=[2, 6]"],
     ["stage1.zero_init=false"],
@@ -175,7 +176,8 @@ def _two_pass_classifier_losses(stage: Stage1):
                   for k, lp in enumerate(stage.classifier(
                       x_cross.detach() if x_cross is not None else None, u.detach(), u_mask)))
         adv = sum(losses.adversarial_nlu(lp, y[:, k], stage.freqs[k]) if s.cla1_adv_mode == "nlu"
-                  else losses.adversarial_ll(lp, y[:, k])
+                  else losses.adversarial_ll(lp, y[:, k]) if s.cla1_adv_mode == "ll"
+                  else losses.adversarial_prior(lp, stage.freqs[k])
                   for k, lp in enumerate(detached_call(stage.classifier, x_cross, u, u_mask)))
         return nll, adv.detach(), x.new_zeros(()), weight_t * adv, x.new_zeros(())
     return fn
@@ -227,6 +229,7 @@ def test_shared_fc_pass_equals_two_passes(overrides, monkeypatch):
 
 @pytest.mark.parametrize("overrides", [[], ["stage1.cla1_mode=image"], ["stage1.cla1_mode=code"],
                                        ["stage1.cla1_adv_mode=ll", "stage1.gen_conv_adv=true"],
+                                       ["stage1.cla1_adv_mode=prior"],
                                        ["stage1.gen_fc_adv=false"]],
                          ids=lambda o: ",".join(o) or "default")
 def test_one_classifier_pass_equals_two(overrides, monkeypatch):

@@ -15,7 +15,7 @@ the stage-1 classifier C. One iteration:
    batch of 2B; the conv part runs apart (detached for the cross image
    unless ``gen_conv_adv``).
 6. C reads the *true* labels ``y`` from the detached cross image and/or ``u``.
-7. The adversarial loss (``nlu`` or ``ll``) x ``cla1_weight`` (ramped by
+7. The adversarial loss (``nlu``, ``ll`` or ``prior``) x ``cla1_weight`` (ramped by
    ``cla1_ramp``) flows back through the cross image and ``u``.
 8. One Adam step for everything.
 
@@ -283,8 +283,9 @@ class Stage1(Stage):
         adv_through_c = x.new_zeros(())
         if use_adv:
             for k, lp in enumerate(log_probs):
-                adv = adv + (losses.adversarial_nlu(lp, y[:, k], self.freqs[k])
-                             if s.cla1_adv_mode == "nlu" else losses.adversarial_ll(lp, y[:, k]))
+                adv = adv + (losses.adversarial_nlu(lp, y[:, k], self.freqs[k]) if s.cla1_adv_mode == "nlu"
+                             else losses.adversarial_ll(lp, y[:, k]) if s.cla1_adv_mode == "ll"
+                             else losses.adversarial_prior(lp, self.freqs[k]))
             pairs = [(t, c) for t, c in ((x_cross, c_x), (u, c_u)) if c is not None]
             adv_through_c = as_if_frozen(weight_t * adv, pairs)
         return nll, adv, accuracy, adv_through_c, leak
