@@ -168,8 +168,6 @@ class Stage1Config(StageConfig):
     cla1_weight: float = 0.5
     cla1_mode: str = "compound"
     cla1_adv_mode: str = "nlu"   # nlu, ll (the method's) or prior (losses.adversarial_prior)
-    # what C's code part reads: the sampled code (the method) or E's means (stages/stage1.py)
-    cla1_code: str = "sample"
     cla1_ramp: list[int] | None = None
     # option beyond the method: after cla1_ramp, the adversary's weight adapts so that C's
     # accuracy over chance (0 = chance, 1 = every label read; mean over factors) stays at
@@ -803,7 +801,6 @@ def _resolve_stages(cfg: Config):
     s1, s2 = cfg.stage1, cfg.stage2
     _check_choice(s1.cla1_mode, ("image", "code", "compound"), "stage1.cla1_mode")
     _check_choice(s1.cla1_adv_mode, ("nlu", "ll", "prior"), "stage1.cla1_adv_mode")
-    _check_choice(s1.cla1_code, ("sample", "mean"), "stage1.cla1_code")
     _check_choice(s2.unknown_mode, ("dis", "mse"), "stage2.unknown_mode")
     if s1.cla1_target is not None and not 0.0 <= s1.cla1_target < 1.0:
         raise ConfigError(f"stage1.cla1_target: {s1.cla1_target} (must be within [0, 1): C's "

@@ -19,7 +19,7 @@ def make(*overrides: str, seed: int = 0) -> Stage1:
 
 OPTIONS = [
     [], ["stage1.cla1_mode=image"], ["stage1.cla1_mode=code"], ["stage1.cla1_adv_mode=ll"],
-    ["stage1.cla1_adv_mode=prior", "stage1.cla1_target=0.02"], ["stage1.cla1_code=mean"],
+    ["stage1.cla1_adv_mode=prior", "stage1.cla1_target=0.02"],
     ["stage1.gen_conv_adv=true"], ["stage1.gen_fc_adv=false"], ["stage1.enc_freeze=3"],
     ["stage1.emb_freeze=3"], ["stage1.cla1_ramp=[2, 6]"], ["stage1.ubatch_ramp=[2, 6]"],
     ["stage1.zero_init=false"],
@@ -229,7 +229,7 @@ def test_shared_fc_pass_equals_two_passes(overrides, monkeypatch):
 
 @pytest.mark.parametrize("overrides", [[], ["stage1.cla1_mode=image"], ["stage1.cla1_mode=code"],
                                        ["stage1.cla1_adv_mode=ll", "stage1.gen_conv_adv=true"],
-                                       ["stage1.cla1_adv_mode=prior"], ["stage1.cla1_code=mean"],
+                                       ["stage1.cla1_adv_mode=prior"],
                                        ["stage1.gen_fc_adv=false"]],
                          ids=lambda o: ",".join(o) or "default")
 def test_one_classifier_pass_equals_two(overrides, monkeypatch):
@@ -293,18 +293,3 @@ def test_live_leakage_is_zero_at_chance_and_one_when_every_label_is_read():
     *_, leak = stage._classifier_losses(batch["image"], y, u, None, 0.0, torch.zeros(()), None, None)
     assert float(leak) == pytest.approx(0.0)
 
-
-def test_c_reads_e_s_means_with_cla1_code_mean():
-    """``cla1_code: mean``: C's code part gets E's means, no dropout mask, and the
-    adversarial gradient reaches E through them."""
-    stage = make("stage1.cla1_mode=code", "stage1.cla1_code=mean", "stage1.cla1_ramp=[0, 1]")
-    batch = stage.to_device(tiny_batch(stage.cfg))
-    seen = []
-    stage.classifier.code.register_forward_hook(lambda m, inputs, out: seen.append(inputs))
-    stage.iteration = 5
-    with torch.no_grad():
-        (mu, _), = stage.encoder(batch["image"])
-    stage.train_step(batch)
-    u, mask = seen[0][0], (seen[0][1] if len(seen[0]) > 1 else None)
-    torch.testing.assert_close(u, mu.detach(), rtol=1e-4, atol=1e-5)
-    assert mask is None

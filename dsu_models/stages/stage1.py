@@ -14,9 +14,7 @@ the stage-1 classifier C. One iteration:
    (``gen_fc_adv``, the default) both codes go through that part as one
    batch of 2B; the conv part runs apart (detached for the cross image
    unless ``gen_conv_adv``).
-6. C reads the *true* labels ``y`` from the detached cross image and/or ``u``
-   (or, with ``cla1_code: mean``, an option beyond the method, E's means
-   ``mu_u`` instead of the sample: the code distillation hands on).
+6. C reads the *true* labels ``y`` from the detached cross image and/or ``u``.
 7. The adversarial loss (``nlu``, ``ll`` or ``prior``) x ``cla1_weight`` (ramped by
    ``cla1_ramp``) flows back through the cross image and ``u``.
 8. One Adam step for everything.
@@ -206,11 +204,8 @@ class Stage1(Stage):
         if self.adversarial:
             if s.cla1_target is not None and weight > 0:
                 weight_t = weight_t * self.leak_log_scale.exp()
-            # C reads the sampled code (the method) or E's means, what distillation
-            # hands on and what a leakage probe reads (``cla1_code: mean``)
-            c_code, c_mask = (mu, None) if s.cla1_code == "mean" else (u_codes[0], u_masks[0])
             nll, adv, accuracy, adv_through_c, leak = self._classifier_losses(
-                x, y, c_code, c_mask, weight, weight_t, z_cross, top_cross)
+                x, y, u_codes[0], u_masks[0], weight, weight_t, z_cross, top_cross)
             terms.update(cla_nll=nll, adv=adv.detach(), cla_acc=accuracy, leak=leak)
             total = total + nll + weight_t * adv.detach()
             backward = backward + nll + adv_through_c  # = weight_t * adv, routed past C's weights
