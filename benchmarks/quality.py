@@ -20,8 +20,11 @@ two bars:
 unknown scale, orientation) or ``sprites`` (labeled shape, scale; unknown
 orientation, x, y: labels that are small geometric details); without it, the
 config's own dataset and labels (the ``quality`` preset's: shapes3d as above;
-``--config quick``: the default run's, the object labeled, the room unknown;
-``--config fine``: sprites, with the schedule that meets the fine bar there).
+``--config quick``: the object labeled, the room unknown;
+``--config fine``: sprites, with the schedule that meets the fine bar there;
+``--config recipe``: the default recipe, ``dsu_models/recipe.py``, for
+``budget_minutes`` (30 unless an override gives it) on shapes3d's default
+labels, the object's).
 
 ``--eval-every N`` also evaluates the model every N stage-2 iterations (stage
 1's encoder with stage 2's generator so far; oracles trained once, up front,
@@ -237,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     from dsu_models.inference import DisUnknownModel
     from dsu_models.config import load_config
     from dsu_models.data.configured import load_data
-    from dsu_models.recipe import describe as describe_recipe, kept_speed
+    from dsu_models.recipe import configured, describe_choices, kept_speed
     from dsu_models.stages.common import resolve_device
     from dsu_models.train import run
 
@@ -245,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.config == "recipe":
         if args.scale != 1.0:
             parser.error("--scale: the recipe sets the schedule from budget_minutes; pass budget_minutes=N")
-        cfg = load_config(None, kept_speed(args.out, chosen) if args.out else chosen, default_recipe=True)
+        cfg = configured(None, kept_speed(args.out, chosen) if args.out else chosen, default=True)
     else:
         base = load_config(args.config, chosen)
         cfg = load_config(args.config, chosen + scaled_overrides(base, args.scale))
@@ -263,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
                                                     for s in trained_stages(cfg)) + f"; out {out}",
           flush=True)
     if cfg.budget_minutes is not None:
-        print(f"recipe: {describe_recipe(cfg)}", flush=True)
+        print(f"recipe: {describe_choices(cfg)}", flush=True)
     train, val, test = load_data(cfg)
     device = resolve_device(cfg.device)  # the evaluation runs where the training ran
     started = time.perf_counter()

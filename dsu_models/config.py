@@ -565,17 +565,20 @@ DEFAULT_BUDGET_MINUTES = 30.0
 
 
 def load_config(config: str | Path | None = None, overrides: list[str] | tuple = (),
-                data_factors: dict[str, int] | None = None, default_recipe: bool = False) -> Config:
+                data_factors: dict[str, int] | None = None, default_recipe: bool = False,
+                recipe=None) -> Config:
     """The one config loader: layer, validate and resolve.
 
     config: a YAML file or a preset name (``quick``, ``quality``, ``tiny``);
     overrides: ``key=value`` strings. When ``data_factors`` is not given and the
     layered config names a prepared dataset (``data_path``), its manifest supplies
     the factor table (classes, evaluation-only factors); see :func:`resolve`.
-    With ``budget_minutes`` set, the default recipe (``dsu_models.recipe``) is a
-    layer under the user's file and overrides. ``default_recipe``: what the entry
-    points pass; with no ``config`` named, ``budget_minutes`` defaults to
-    :data:`DEFAULT_BUDGET_MINUTES`."""
+    With ``budget_minutes`` set, the default recipe is a layer under the user's
+    file and overrides: ``recipe(base)`` returns it, given ``base(layer)``, the
+    config resolved with a trial layer (``dsu_models.recipe.configured`` passes
+    it; this module does not import the recipe, which times stages).
+    ``default_recipe``: with no ``config`` named, ``budget_minutes`` defaults to
+    :data:`DEFAULT_BUDGET_MINUTES` (what the entry points do)."""
     path = config_path(config)
     user = read_yaml(path, "config file") if path else {}
     if default_recipe and path is None:
@@ -588,40 +591,12 @@ def load_config(config: str | Path | None = None, overrides: list[str] | tuple =
         data_factors = {f["name"]: int(f["classes"]) for f in manifest["factors"]}
         eval_factors = {f["name"] for f in manifest["factors"] if f.get("eval_only")}
     if raw.get("budget_minutes") is not None:
-        raw = _with_recipe(user, overrides, data_factors, eval_factors)
+        if recipe is None:
+            raise ConfigError("budget_minutes: the default recipe sets the schedule; load this config "
+                              "with dsu_models.recipe.configured (or set budget_minutes: null)")
+        layer = recipe(lambda trial: resolve(layered_dict(user, overrides, trial), data_factors, eval_factors))
+        raw = layered_dict(user, overrides, layer)
     return resolve(raw, data_factors, eval_factors)
-
-
-def _with_recipe(user: dict, overrides, data_factors, eval_factors) -> dict:
-    """The raw layers with the default recipe's under the user's: its structure
-    first, then the schedule for the budget at this config's measured speed."""
-    from dsu_models import recipe   # imports torch to time a step; config stays light
-    from dsu_models.steps import trained_stages
-
-    layer = recipe.structure()
-    base = resolve(layered_dict(user, overrides, layer), data_factors, eval_factors)
-    if base.budget_minutes <= 0:
-        raise ConfigError(f"budget_minutes: {base.budget_minutes} (must be positive, or null for "
-                          f"the config's own schedule)")
-    stages = trained_stages(base)
-    if base.step_seconds is not None:
-        _check_step_seconds(base.step_seconds, stages)
-    step = base.step_seconds or {s: float(f"{v:.4g}") for s, v in recipe.measure_step_seconds(base).items()}
-    layer = _deep_merge(layer, recipe.schedule(base.budget_minutes, step, stages))
-    layer["step_seconds"] = step
-    return layered_dict(user, overrides, layer)
-
-
-def _check_step_seconds(given: dict, stages: list[str]):
-    for stage in stages:
-        if stage not in given:
-            raise ConfigError(f"step_seconds: no value for {stage} (give every trained stage's, "
-                              f"{', '.join(stages)}, or null to measure them)")
-    for stage, value in given.items():
-        if stage not in STAGES:
-            raise ConfigError(f"step_seconds.{stage}: not a stage ({', '.join(STAGES)})")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise ConfigError(f"step_seconds.{stage}: {value!r} (must be a positive number of seconds)")
 
 
 # --------------------------------------------------------------- resolution

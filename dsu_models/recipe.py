@@ -60,6 +60,47 @@ MIN_ITERATIONS = 50
 TIMED_STEPS, WARMUP_STEPS = 12, 4
 
 
+def configured(config=None, overrides=(), data_factors=None, default: bool = False):
+    """``config.load_config`` with the default recipe: a run that sets
+    ``budget_minutes`` (or, with ``default``, names no config) gets it as a
+    layer under its own keys."""
+    from dsu_models.config import load_config
+
+    return load_config(config, overrides, data_factors, default_recipe=default, recipe=layer)
+
+
+def layer(base) -> dict:
+    """The recipe's raw config layer. ``base(trial_layer)``: the config resolved
+    with a trial layer under the user's keys (its budget, speed, data, stages)."""
+    from dsu_models.config import ConfigError, STAGES
+    from dsu_models.steps import trained_stages
+
+    chosen = structure()
+    cfg = base(chosen)
+    if cfg.budget_minutes <= 0:
+        raise ConfigError(f"budget_minutes: {cfg.budget_minutes} (must be positive, or null for "
+                          f"the config's own schedule)")
+    stages = trained_stages(cfg)
+    if cfg.step_seconds is not None:
+        _check_step_seconds(cfg.step_seconds, stages, STAGES, ConfigError)
+    step = cfg.step_seconds or {s: float(f"{v:.4g}") for s, v in measure_step_seconds(cfg).items()}
+    out = {**chosen, **{k: {**chosen.get(k, {}), **v} for k, v in schedule(cfg.budget_minutes, step, stages).items()}}
+    out["step_seconds"] = step
+    return out
+
+
+def _check_step_seconds(given: dict, stages: list[str], known, error):
+    for stage in stages:
+        if stage not in given:
+            raise error(f"step_seconds: no value for {stage} (give every trained stage's, "
+                        f"{', '.join(stages)}, or null to measure them)")
+    for stage, value in given.items():
+        if stage not in known:
+            raise error(f"step_seconds.{stage}: not a stage ({', '.join(known)})")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise error(f"step_seconds.{stage}: {value!r} (must be a positive number of seconds)")
+
+
 def structure() -> dict:
     """The recipe's choices that do not depend on the budget (a raw config layer)."""
     return {
@@ -117,7 +158,7 @@ def kept_speed(out_dir, overrides: list[str]) -> list[str]:
     return list(overrides) + ([speed_override(old.step_seconds)] if old.step_seconds else [])
 
 
-def describe(cfg) -> str:
+def describe_choices(cfg) -> str:
     """One line on what the recipe chose for ``cfg`` ('' when it is off)."""
     if cfg.budget_minutes is None:
         return ""

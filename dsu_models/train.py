@@ -39,8 +39,8 @@ import torch
 from dsu_models import distill as distill_mod
 from dsu_models.allocator import retain_freed_memory
 from dsu_models.batches import BatchSource, labeled_view
-from dsu_models.config import Config, ConfigError, config_diff, load_config, load_resolved, save_config
-from dsu_models.recipe import describe as describe_recipe, kept_speed
+from dsu_models.config import Config, ConfigError, config_diff, load_resolved, save_config
+from dsu_models.recipe import configured, describe_choices, kept_speed
 from dsu_models.data.configured import load_data
 from dsu_models.data.base import InMemoryDataset
 from dsu_models.data import DataError
@@ -215,7 +215,7 @@ def run(cfg: Config, out: Path, log: Callable[[str], None] = print,
         f"{cfg.image_size} px x {cfg.image_channels} ch; labeled {cfg.labeled_factors}, "
         f"unknown size {cfg.unknown_size}; device {device}")
     if cfg.budget_minutes is not None:
-        log(f"recipe: {describe_recipe(cfg)}")
+        log(f"recipe: {describe_choices(cfg)}")
     _, factors = labeled_view(cfg, train)
     state = _Run(cfg, out, device, train, test, factors, scatter_subset(test, seed=cfg.seed),
                  log, on_report, watch)
@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value, e.g. stage1.cla1_weight=0.3")
     args = parser.parse_intermixed_args(argv)
     try:
-        cfg = load_config(args.config, kept_speed(args.out, args.overrides), default_recipe=True)
+        cfg = configured(args.config, kept_speed(args.out, args.overrides), default=True)
         run(cfg, Path(args.out))
     except (ConfigError, DataError, CheckpointError, NonFiniteLossError) as exc:
         print(f"error: {exc}", file=sys.stderr)

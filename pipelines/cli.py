@@ -20,8 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from dsu_models.config import Config, ConfigError, config_diff, load_config, load_resolved
-from dsu_models.recipe import describe as describe_recipe, speed_override
+from dsu_models.config import Config, ConfigError, config_diff, load_resolved
+from dsu_models.recipe import configured, describe_choices, speed_override
 from dsu_models.data import DataError
 from dsu_models.data.codec import SQUARE_MODES
 from dsu_models.data.sources.builtin import BUILTIN, sample_count
@@ -152,7 +152,7 @@ def ensure_data(cfg: Config, config_arg, overrides: list[str]) -> tuple[Config, 
     console.say(f"[prepare] {cfg.dataset} -> {out}")
     prepare_into(cfg.dataset, out, progress=lambda done, total: console.bar("prepare", done, total),
                  **builtin_options(cfg))
-    return load_config(config_arg, overrides + [f"data_path={out}"]), out
+    return configured(config_arg, overrides + [f"data_path={out}"]), out
 
 
 def execute(stage: str, cfg: Config, data_dir: str, parent_id: str, runs: dict, args,
@@ -190,7 +190,7 @@ def _prologue(args, config_arg):
     schedule; its budget and measured speed join the overrides, so the config
     re-read once the data are prepared is the same (not measured again)."""
     overrides = overrides_of(args)
-    cfg = load_config(config_arg, overrides, default_recipe=True)
+    cfg = configured(config_arg, overrides, default=True)
     if cfg.budget_minutes is not None:
         overrides = overrides + [f"budget_minutes={cfg.budget_minutes}", speed_override(cfg.step_seconds)]
     check_data(cfg)
@@ -268,7 +268,7 @@ def resume_config(args, client, tracking_uri: str) -> tuple[Config, str, list[st
             if getattr(logged, key) and not any(o.startswith(f"{key}=") for o in overrides):
                 overrides.append(f"{key}={getattr(logged, key)}")
         config_arg = args.config or str(path)
-        asked = load_config(config_arg, overrides)
+        asked = configured(config_arg, overrides)
     changed = config_diff(logged, asked)
     if changed and not args.change_config:
         shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
@@ -334,7 +334,7 @@ def _full(args) -> int:
         console.plan(cfg, wanted)
         console.say(f"pipeline run {parent} ({', '.join(wanted)})")
         if cfg.budget_minutes is not None:
-            console.say(f"[recipe] {describe_recipe(cfg)}")
+            console.say(f"[recipe] {describe_choices(cfg)}")
         runs = {s: r.info.run_id for s, r in tracking.child_runs(client, parent).items()}
         for stage in wanted:
             runs[stage] = execute(stage, cfg, data_dir, parent, runs, args, tracking_uri, client)

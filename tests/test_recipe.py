@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from dsu_models import recipe
-from dsu_models.config import (ConfigError, DEFAULT_BUDGET_MINUTES, load_config, load_resolved,
-                               save_config)
+from dsu_models.config import ConfigError, DEFAULT_BUDGET_MINUTES, load_config, load_resolved, save_config
+from dsu_models.recipe import configured
 
 SPRITES = ["dataset=sprites", "labeled_factors=[shape, scale]"]
 STAGES = ["stage1", "classifier", "stage2", "lenc"]
@@ -36,7 +36,7 @@ def test_a_stage_that_is_off_gives_its_share_to_stage1_and_no_stage_is_too_short
 
 
 def test_the_recipe_is_a_layer_under_the_user_s_settings(tmp_path):
-    cfg = load_config(None, SPRITES + ["budget_minutes=20", GIVEN])
+    cfg = configured(None, SPRITES + ["budget_minutes=20", GIVEN])
     want = recipe.schedule(20, STEP, STAGES)
     assert cfg.stage1.iterations == want["stage1"]["iterations"] and cfg.stage2.iterations == want["stage2"]["iterations"]
     assert (cfg.unknown_size, cfg.stage1.cla1_mode, cfg.stage1.cla1_target) == \
@@ -46,31 +46,33 @@ def test_the_recipe_is_a_layer_under_the_user_s_settings(tmp_path):
     mine = tmp_path / "mine.yaml"
     mine.write_text(f"dataset: sprites\nlabeled_factors: [shape, x]\nbudget_minutes: 20\n{GIVEN.replace('=', ': ')}\n"
                     "unknown_size: 5\nstage2: {iterations: 77}\n")
-    cfg = load_config(mine, ["stage1.cla1_ramp=[10, 20]"])
+    cfg = configured(mine, ["stage1.cla1_ramp=[10, 20]"])
     assert (cfg.unknown_size, cfg.stage2.iterations, cfg.stage1.cla1_ramp) == (5, 77, [10, 20])
     assert cfg.stage1.iterations == want["stage1"]["iterations"]
 
 
 def test_no_config_named_gets_the_recipe_a_preset_keeps_its_schedule():
-    cfg = load_config(None, SPRITES + [GIVEN], default_recipe=True)
+    cfg = configured(None, SPRITES + [GIVEN], default=True)
     assert cfg.budget_minutes == DEFAULT_BUDGET_MINUTES
     assert cfg.stage1.iterations == recipe.schedule(DEFAULT_BUDGET_MINUTES, STEP, STAGES)["stage1"]["iterations"]
-    quality = load_config("quality", [], default_recipe=True)
+    quality = configured("quality", [], default=True)
     assert quality.budget_minutes is None and quality.stage1.iterations == 8000
-    assert load_config(None, SPRITES).budget_minutes is None    # library callers opt in
+    assert configured(None, SPRITES).budget_minutes is None    # only entry points default to it
+    with pytest.raises(ConfigError, match="dsu_models.recipe.configured"):
+        load_config(None, SPRITES + ["budget_minutes=5"])   # the plain loader does not time stages
 
 
 def test_the_resolved_config_keeps_the_measured_speed_and_reloads_unchanged(tmp_path):
     tiny = ["image_size=8", "architecture.conv_channels=[8]", "architecture.fc_features=16",
             "architecture.enc_gen_fc_layers=1", "stage1.code_cla1_features=16", "stage1.code_cla1_layers=1",
             "all_stages.batch_size=8", "budget_minutes=1"]
-    cfg = load_config(None, SPRITES + tiny)
+    cfg = configured(None, SPRITES + tiny)
     assert cfg.step_seconds.keys() == set(STAGES) and all(0 < v < 5 for v in cfg.step_seconds.values())
     path = save_config(cfg, tmp_path / "config.yaml")
     assert load_resolved(path) == cfg
-    assert load_config(None, SPRITES + tiny + [recipe.speed_override(cfg.step_seconds)]) == cfg
+    assert configured(None, SPRITES + tiny + [recipe.speed_override(cfg.step_seconds)]) == cfg
     # the same command again on the run's folder: its speed is kept, nothing rescheduled
-    assert load_config(None, recipe.kept_speed(tmp_path, SPRITES + tiny)) == cfg
+    assert configured(None, recipe.kept_speed(tmp_path, SPRITES + tiny)) == cfg
 
 
 @pytest.mark.parametrize("bad, key", [("budget_minutes=0", "budget_minutes"),
@@ -82,7 +84,7 @@ def test_the_resolved_config_keeps_the_measured_speed_and_reloads_unchanged(tmp_
                                       ("stage1.cla1_target=1.5", "stage1.cla1_target")])
 def test_bad_recipe_values_are_refused_naming_the_key(bad, key):
     with pytest.raises(ConfigError, match=key):
-        load_config(None, SPRITES + ["budget_minutes=10", GIVEN, bad])
+        configured(None, SPRITES + ["budget_minutes=10", GIVEN, bad])
 
 
 def test_the_pipeline_measures_once_and_pins_the_speed_for_the_config_it_reloads(tmp_path, monkeypatch):
@@ -103,9 +105,9 @@ def test_the_pipeline_measures_once_and_pins_the_speed_for_the_config_it_reloads
                                         "budget_minutes=2"])
     cfg, overrides = cli._prologue(args, None)
     assert cfg.budget_minutes == 2 and measured == [1]
-    assert load_config(None, overrides) == cfg and measured == [1]
+    assert configured(None, overrides) == cfg and measured == [1]
 
 
 def test_a_speed_given_for_some_stages_only_is_refused():
     with pytest.raises(ConfigError, match="step_seconds: no value for classifier"):
-        load_config(None, SPRITES + ["budget_minutes=10", "step_seconds={stage1: 1}"])
+        configured(None, SPRITES + ["budget_minutes=10", "step_seconds={stage1: 1}"])
