@@ -42,6 +42,9 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
+
+from dsu_models.config import STAGES, ConfigError, load_config, load_resolved
 
 # Share of the budget per stage (distillation and the hand-offs come out of
 # stage 1's share): from the fine-bar runs on sprites and shapes3d, where
@@ -64,16 +67,13 @@ def configured(config=None, overrides=(), data_factors=None, default: bool = Fal
     """``config.load_config`` with the default recipe: a run that sets
     ``budget_minutes`` (or, with ``default``, names no config) gets it as a
     layer under its own keys."""
-    from dsu_models.config import load_config
-
     return load_config(config, overrides, data_factors, default_recipe=default, recipe=layer)
 
 
 def layer(base) -> dict:
     """The recipe's raw config layer. ``base(trial_layer)``: the config resolved
     with a trial layer under the user's keys (its budget, speed, data, stages)."""
-    from dsu_models.config import ConfigError, STAGES
-    from dsu_models.steps import trained_stages
+    from dsu_models.steps import trained_stages   # the step table imports the stages (torch)
 
     chosen = structure()
     cfg = base(chosen)
@@ -82,23 +82,23 @@ def layer(base) -> dict:
                           f"the config's own schedule)")
     stages = trained_stages(cfg)
     if cfg.step_seconds is not None:
-        _check_step_seconds(cfg.step_seconds, stages, STAGES, ConfigError)
+        _check_step_seconds(cfg.step_seconds, stages)
     step = cfg.step_seconds or {s: float(f"{v:.4g}") for s, v in measure_step_seconds(cfg).items()}
     out = {**chosen, **{k: {**chosen.get(k, {}), **v} for k, v in schedule(cfg.budget_minutes, step, stages).items()}}
     out["step_seconds"] = step
     return out
 
 
-def _check_step_seconds(given: dict, stages: list[str], known, error):
+def _check_step_seconds(given: dict, stages: list[str]):
     for stage in stages:
         if stage not in given:
-            raise error(f"step_seconds: no value for {stage} (give every trained stage's, "
+            raise ConfigError(f"step_seconds: no value for {stage} (give every trained stage's, "
                         f"{', '.join(stages)}, or null to measure them)")
     for stage, value in given.items():
-        if stage not in known:
-            raise error(f"step_seconds.{stage}: not a stage ({', '.join(known)})")
+        if stage not in STAGES:
+            raise ConfigError(f"step_seconds.{stage}: not a stage ({', '.join(STAGES)})")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise error(f"step_seconds.{stage}: {value!r} (must be a positive number of seconds)")
+            raise ConfigError(f"step_seconds.{stage}: {value!r} (must be a positive number of seconds)")
 
 
 def structure() -> dict:
@@ -147,10 +147,6 @@ def kept_speed(out_dir, overrides: list[str]) -> list[str]:
     """``overrides``, plus the speed the run in ``out_dir`` was scheduled with
     (its ``config.yaml``) unless they give one: resuming a run with the same
     command reschedules nothing."""
-    from pathlib import Path
-
-    from dsu_models.config import load_resolved
-
     saved = Path(out_dir) / "config.yaml"
     if not saved.exists() or any(o.startswith("step_seconds=") for o in overrides):
         return list(overrides)
