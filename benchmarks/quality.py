@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     from dsu_models.inference import DisUnknownModel
     from dsu_models.config import load_config
     from dsu_models.data.configured import load_data
-    from dsu_models.recipe import configured, describe_choices, kept_speed
+    from dsu_models.recipe import configured, kept_speed
     from dsu_models.stages.common import resolve_device
     from dsu_models.train import run
 
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.config == "recipe":
         if args.scale != 1.0:
             parser.error("--scale: the recipe sets the schedule from budget_minutes; pass budget_minutes=N")
-        cfg = configured(None, kept_speed(args.out, chosen) if args.out else chosen, default=True)
+        cfg = configured(None, kept_speed(args.out, chosen), default=True)
     else:
         base = load_config(args.config, chosen)
         cfg = load_config(args.config, chosen + scaled_overrides(base, args.scale))
@@ -265,8 +265,6 @@ def main(argv: list[str] | None = None) -> int:
           f"{cfg.hidden()}; iterations " + ", ".join(f"{s} {getattr(cfg, s).iterations}"
                                                     for s in trained_stages(cfg)) + f"; out {out}",
           flush=True)
-    if cfg.budget_minutes is not None:
-        print(f"recipe: {describe_choices(cfg)}", flush=True)
     train, val, test = load_data(cfg)
     device = resolve_device(cfg.device)  # the evaluation runs where the training ran
     started = time.perf_counter()

@@ -93,7 +93,7 @@ def _check_step_seconds(given: dict, stages: list[str]):
     for stage in stages:
         if stage not in given:
             raise ConfigError(f"step_seconds: no value for {stage} (give every trained stage's, "
-                        f"{', '.join(stages)}, or null to measure them)")
+                              f"{', '.join(stages)}, or null to measure them)")
     for stage, value in given.items():
         if stage not in STAGES:
             raise ConfigError(f"step_seconds.{stage}: not a stage ({', '.join(STAGES)})")
@@ -143,12 +143,12 @@ def speed_override(step_seconds: dict[str, float]) -> str:
     return "step_seconds={" + ", ".join(f"{k}: {v}" for k, v in step_seconds.items()) + "}"
 
 
-def kept_speed(out_dir, overrides: list[str]) -> list[str]:
-    """``overrides``, plus the speed the run in ``out_dir`` was scheduled with
-    (its ``config.yaml``) unless they give one: resuming a run with the same
-    command reschedules nothing."""
-    saved = Path(out_dir) / "config.yaml"
-    if not saved.exists() or any(o.startswith("step_seconds=") for o in overrides):
+def kept_speed(out_dir, overrides) -> list[str]:
+    """``overrides``, plus the speed the run in ``out_dir`` (None: no run yet)
+    was scheduled with (its ``config.yaml``) unless they give one: resuming a
+    run with the same command reschedules nothing."""
+    saved = Path(out_dir) / "config.yaml" if out_dir else None
+    if saved is None or not saved.exists() or any(o.startswith("step_seconds=") for o in overrides):
         return list(overrides)
     old = load_resolved(saved)
     return list(overrides) + ([speed_override(old.step_seconds)] if old.step_seconds else [])

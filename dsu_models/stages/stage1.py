@@ -53,6 +53,8 @@ replays the update) and travel in the checkpoint.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -73,6 +75,7 @@ from dsu_models.stages.common import Stage, adam, as_if_frozen, detached_call, p
 LEAK_DECAY = 0.99
 LEAK_RATE = 0.007
 LEAK_MAX_SCALE = 8.0
+_LEAK_MAX_LOG = math.log(LEAK_MAX_SCALE)
 
 
 def keep_tensor(keep: list[float] | None, device) -> Tensor | None:
@@ -233,7 +236,7 @@ class Stage1(Stage):
         if s.cla1_target is None or self.iteration < (s.cla1_ramp or [0, 0])[1]:
             return
         step = (self.leak_mean - s.cla1_target) * LEAK_RATE
-        self.leak_log_scale.add_(step).clamp_(0.0, torch.log(torch.tensor(LEAK_MAX_SCALE)).item())
+        self.leak_log_scale.add_(step).clamp_(0.0, _LEAK_MAX_LOG)
 
     def state_dict(self) -> dict:
         state = super().state_dict()
