@@ -21,8 +21,8 @@ def test_schedule_shares_the_budget_by_each_stage_s_step_cost():
     for stage, share in recipe.SHARES.items():
         assert seconds[stage] / (30 * 60) == pytest.approx(share, rel=0.01)
     n1 = layer["stage1"]["iterations"]
-    assert layer["stage1"]["cla1_ramp"] == [int(0.3125 * n1), int(0.625 * n1)]
-    assert layer["stage1"]["ubatch_ramp"] == [int(0.25 * n1), int(0.375 * n1)]
+    for key, (start, full) in recipe.STAGE1_RAMPS.items():
+        assert layer["stage1"][key] == [int(start * n1), int(full * n1)] and 0 < start < full < 1
     longer = recipe.schedule(60, STEP, STAGES)
     assert all(longer[s]["iterations"] in (2 * layer[s]["iterations"], 2 * layer[s]["iterations"] + 1)
                for s in layer)
@@ -39,8 +39,8 @@ def test_the_recipe_is_a_layer_under_the_user_s_settings(tmp_path):
     cfg = configured(None, SPRITES + ["budget_minutes=20", GIVEN])
     want = recipe.schedule(20, STEP, STAGES)
     assert cfg.stage1.iterations == want["stage1"]["iterations"] and cfg.stage2.iterations == want["stage2"]["iterations"]
-    assert (cfg.unknown_size, cfg.stage1.cla1_mode, cfg.stage1.cla1_target) == \
-        (recipe.UNKNOWN_SIZE, "code", recipe.LEAK_TARGET)
+    assert (cfg.unknown_size, cfg.stage1.cla1_mode, cfg.stage1.cla1_adv_mode) == \
+        (recipe.UNKNOWN_SIZE, "code", "prior")
     # the label readers never see shifted images; D still does
     assert not cfg.classifier.random_offset and not cfg.stage2.cla2_offset and cfg.stage2.random_offset
     mine = tmp_path / "mine.yaml"
