@@ -39,8 +39,8 @@ def test_the_recipe_is_a_layer_under_the_user_s_settings(tmp_path):
     cfg = configured(None, SPRITES + ["budget_minutes=20", GIVEN])
     want = recipe.schedule(20, STEP, STAGES)
     assert cfg.stage1.iterations == want["stage1"]["iterations"] and cfg.stage2.iterations == want["stage2"]["iterations"]
-    assert (cfg.unknown_size, cfg.stage1.cla1_mode, cfg.stage1.cla1_adv_mode) == \
-        (recipe.UNKNOWN_SIZE, "code", "prior")
+    assert (cfg.unknown_size, cfg.stage1.cla1_mode, cfg.stage1.cla1_adv_mode, cfg.stage1.cla1_target) == \
+        (recipe.UNKNOWN_SIZE, "code", "prior", recipe.LEAK_TARGET)
     # the label readers never see shifted images; D still does
     assert not cfg.classifier.random_offset and not cfg.stage2.cla2_offset and cfg.stage2.random_offset
     mine = tmp_path / "mine.yaml"
