@@ -21,8 +21,8 @@ def test_schedule_shares_the_budget_by_each_stage_s_step_cost():
     for stage, share in recipe.SHARES.items():
         assert seconds[stage] / (30 * 60) == pytest.approx(share, rel=0.01)
     n1 = layer["stage1"]["iterations"]
-    for key, (start, full) in recipe.STAGE1_RAMPS.items():
-        assert layer["stage1"][key] == [int(start * n1), int(full * n1)] and 0 < start < full < 1
+    assert layer["stage1"]["cla1_ramp"] == [int(0.3125 * n1), int(0.625 * n1)]
+    assert layer["stage1"]["ubatch_ramp"] == [int(0.25 * n1), int(0.375 * n1)]
     longer = recipe.schedule(60, STEP, STAGES)
     assert all(longer[s]["iterations"] in (2 * layer[s]["iterations"], 2 * layer[s]["iterations"] + 1)
                for s in layer)
