@@ -174,6 +174,7 @@ class Stage1Config(StageConfig):
     # or under this (stages/stage1.py, "Live leakage"); null: the fixed weight
     cla1_target: float | None = None
     ubatch_ramp: list[int] | None = None  # option beyond the method: the unknown batch loss from 0 at t1 to full at t2
+    ucode_ramp: list[int] | None = None   # option beyond the method: the unknown code loss likewise
     gen_conv_adv: bool = False
     gen_fc_adv: bool = True
     enc_freeze: int = 0
@@ -780,7 +781,7 @@ def _resolve_stages(cfg: Config):
     if s1.cla1_target is not None and not 0.0 <= s1.cla1_target < 1.0:
         raise ConfigError(f"stage1.cla1_target: {s1.cla1_target} (must be within [0, 1): C's "
                           f"accuracy over chance; null keeps the weight fixed)")
-    for key in ("cla1_ramp", "ubatch_ramp"):
+    for key in ("cla1_ramp", "ubatch_ramp", "ucode_ramp"):
         span = getattr(s1, key)
         if span is not None and (len(span) != 2 or not 0 <= span[0] <= span[1]):
             raise ConfigError(f"stage1.{key}: {span!r} (need [t1, t2] with 0 <= t1 <= t2)")

@@ -11,10 +11,11 @@ data:
   channels, batch, device) are timed here (:func:`measure_step_seconds`,
   seconds on a CPU) unless ``step_seconds`` is given, and each stage gets its
   share of the budget (:data:`SHARES`).
-- **Stage 1's schedule in proportion to its length**: the unknown batch loss
-  ramps in over a quarter to three eighths of it, after the generator has
-  learnt to draw detail with a sharp code; the adversary over five sixteenths
-  to five eighths (:data:`STAGE1_RAMPS`).
+- **Stage 1's schedule in proportion to its length**: the unknown code's two
+  losses (its batch loss and its KL code loss) ramp in together over a
+  quarter to three eighths of it, after the generator has learnt to draw
+  detail with a sharp code; the adversary over five sixteenths to five
+  eighths (:data:`STAGE1_RAMPS`).
 - **The adversary** reads the unknown code alone (``cla1_mode: code``),
   pushes C's prediction towards the class frequencies (``cla1_adv_mode:
   prior``, ``losses.adversarial_prior``) rather than away from the true
@@ -55,7 +56,7 @@ SHARES = {"stage1": 0.70, "classifier": 0.05, "stage2": 0.22, "lenc": 0.03}
 # 33.8 minutes (docs/benchmarks.md, "The default recipe").
 OVERHEAD = 1.13
 # Stage 1's ramps as fractions of its iterations: [start, full].
-STAGE1_RAMPS = {"ubatch_ramp": (0.25, 0.375), "cla1_ramp": (0.3125, 0.625)}
+STAGE1_RAMPS = {"ubatch_ramp": (0.25, 0.375), "ucode_ramp": (0.25, 0.375), "cla1_ramp": (0.3125, 0.625)}
 LEAK_TARGET = 0.02
 UNKNOWN_SIZE = 12
 # No stage shorter than this, whatever the budget (a schedule needs room for its ramps).
@@ -178,7 +179,8 @@ def _round_interval(iterations: int) -> int:
 def measure_step_seconds(cfg) -> dict[str, float]:
     """Seconds per training step of each of ``cfg``'s stages on its device: a
     few steps on random images, labels and codes of the config's shape, after
-    a warm-up, each stage built from the previous ones' fresh hand-offs."""
+    a warm-up, each at its own batch size and built from the previous ones'
+    fresh hand-offs."""
     import torch
 
     from dsu_models import codes
@@ -192,23 +194,30 @@ def measure_step_seconds(cfg) -> dict[str, float]:
     state = torch.random.get_rng_state()
     try:
         torch.manual_seed(0)
-        b, s, m = cfg.stage1.batch_size, cfg.image_size, cfg.unknown_size
-        batch = {"image": torch.rand(b, cfg.image_channels, s, s) * 2 - 1,
-                 "labels": torch.stack([torch.randint(0, spec.classes, (b,)) for _, spec in cfg.labeled()], 1)
-                 if cfg.labeled_factors else torch.zeros(b, 0, dtype=torch.int64),
-                 "mu": torch.randn(b, m) * 0.8, "sigma": torch.rand(b, m) * 0.5 + 0.1}
-        upstream = {"code_stats": codes.code_statistics(torch.randn(4 * b, m) * 0.8,
-                                                        torch.rand(4 * b, m) * 0.5 + 0.1) if m else None}
+        m = cfg.unknown_size
+        upstream = {"code_stats": codes.code_statistics(torch.randn(256, m) * 0.8,
+                                                        torch.rand(256, m) * 0.5 + 0.1) if m else None}
         seconds = {}
         for name in trained_stages(cfg):
             stage = make_stage(name, cfg, factors, upstream, device)
             # past the ramps: the step the stage spends most of its time in
             stage.iteration = stage.steady_from()
-            seconds[name] = _timed_steps(stage, batch, device)
+            seconds[name] = _timed_steps(stage, _random_batch(cfg, getattr(cfg, name).batch_size), device)
             upstream[name] = stage.handoff()
         return seconds
     finally:
         torch.random.set_rng_state(state)
+
+
+def _random_batch(cfg, b: int) -> dict:
+    """``b`` random images, labels and unknown-code statistics of ``cfg``'s shape."""
+    import torch
+
+    s, m = cfg.image_size, cfg.unknown_size
+    return {"image": torch.rand(b, cfg.image_channels, s, s) * 2 - 1,
+            "labels": torch.stack([torch.randint(0, spec.classes, (b,)) for _, spec in cfg.labeled()], 1)
+            if cfg.labeled_factors else torch.zeros(b, 0, dtype=torch.int64),
+            "mu": torch.randn(b, m) * 0.8, "sigma": torch.rand(b, m) * 0.5 + 0.1}
 
 
 def _timed_steps(stage, batch: dict, device) -> float:

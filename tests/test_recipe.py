@@ -22,7 +22,7 @@ def test_schedule_shares_the_budget_by_each_stage_s_step_cost():
         assert seconds[stage] / (30 * 60) == pytest.approx(share, rel=0.01)
     n1 = layer["stage1"]["iterations"]
     assert layer["stage1"]["cla1_ramp"] == [int(0.3125 * n1), int(0.625 * n1)]
-    assert layer["stage1"]["ubatch_ramp"] == [int(0.25 * n1), int(0.375 * n1)]
+    assert layer["stage1"]["ubatch_ramp"] == layer["stage1"]["ucode_ramp"] == [int(0.25 * n1), int(0.375 * n1)]
     longer = recipe.schedule(60, STEP, STAGES)
     assert all(longer[s]["iterations"] in (2 * layer[s]["iterations"], 2 * layer[s]["iterations"] + 1)
                for s in layer)
@@ -111,3 +111,20 @@ def test_the_pipeline_measures_once_and_pins_the_speed_for_the_config_it_reloads
 def test_a_speed_given_for_some_stages_only_is_refused():
     with pytest.raises(ConfigError, match="step_seconds: no value for classifier"):
         configured(None, SPRITES + ["budget_minutes=10", "step_seconds={stage1: 1}"])
+
+
+def test_each_stage_is_timed_at_its_own_batch_size(monkeypatch):
+    """A stage whose batch differs from stage 1's is timed at its own: its
+    schedule would otherwise be planned for steps of another size."""
+    sizes = {}
+
+    def timed(stage, batch, device):
+        sizes[stage.name] = batch["image"].shape[0]
+        return 0.01
+
+    monkeypatch.setattr(recipe, "_timed_steps", timed)
+    cfg = load_config(None, SPRITES + ["image_size=8", "architecture.conv_channels=[8]",
+                                       "architecture.fc_features=16", "all_stages.batch_size=4",
+                                       "stage2.batch_size=6", "lenc.batch_size=3"])
+    assert recipe.measure_step_seconds(cfg) == dict.fromkeys(STAGES, 0.01)
+    assert sizes == {"stage1": 4, "classifier": 4, "stage2": 6, "lenc": 3}

@@ -22,6 +22,7 @@ OPTIONS = [
     ["stage1.cla1_adv_mode=prior", "stage1.cla1_target=0.02"],
     ["stage1.gen_conv_adv=true"], ["stage1.gen_fc_adv=false"], ["stage1.enc_freeze=3"],
     ["stage1.emb_freeze=3"], ["stage1.cla1_ramp=[2, 6]"], ["stage1.ubatch_ramp=[2, 6]"],
+    ["stage1.ucode_ramp=[2, 6]"],
     ["stage1.zero_init=false"],
     ["stage1.lr_ramp=0"], ["nested_dropout=false"], ["stage1.random_offset=false"],
     ["labeled_factors=[]"], ["labeled_factors=null"],
@@ -107,19 +108,22 @@ def test_cla1_ramp_weight():
     assert weights[2] == pytest.approx(0.2) and weights[5:] == [pytest.approx(0.8)] * 3
 
 
-def test_ubatch_ramp_weighs_the_unknown_batch_loss():
-    """``ubatch_ramp`` (an option): the unknown batch loss enters the objective at
-    0 before t1, linearly to full at t2; the other terms keep their weights."""
-    stage = make("stage1.ubatch_ramp=[2, 6]", "stage1.ubatch_weight=0.4", "labeled_factors=[]",
-                 "stage1.zero_init=false")   # a code away from the prior: a batch loss above 0
+@pytest.mark.parametrize("term", ["ubatch", "ucode"])
+def test_a_code_loss_ramp_weighs_its_loss(term):
+    """``ubatch_ramp`` and ``ucode_ramp`` (options): the unknown code's batch or
+    code loss enters the objective at 0 before t1, linearly to full at t2; the
+    other terms keep their weights."""
+    other = {"ubatch": "ucode", "ucode": "ubatch"}[term]
+    stage = make(f"stage1.{term}_ramp=[2, 6]", f"stage1.{term}_weight=0.4", "labeled_factors=[]",
+                 "stage1.zero_init=false")   # a code away from the prior: code losses above 0
     s = stage.scfg
     batch = tiny_batch(stage.cfg)
     shares = []
     for _ in range(8):
         t = stage.train_step(batch)
-        rest = t["total"] - s.rec_weight * t["rec"] - s.ucode_weight * t["ucode"]
-        assert t["ubatch"] > 1e-3
-        shares.append(rest / (s.ubatch_weight * t["ubatch"]))
+        rest = t["total"] - s.rec_weight * t["rec"] - getattr(s, f"{other}_weight") * t[other]
+        assert t[term] > 1e-3
+        shares.append(rest / (getattr(s, f"{term}_weight") * t[term]))
     assert shares == pytest.approx([0, 0, .25, .5, .75, 1, 1, 1], abs=1e-4)
     assert stage.steady_from() >= 6
 

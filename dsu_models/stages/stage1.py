@@ -145,6 +145,11 @@ class Stage1(Stage):
         (an option; the method has it at full weight from the start)."""
         return ramped(self.scfg.ubatch_weight, self.scfg.ubatch_ramp, self.iteration)
 
+    def ucode_weight(self) -> float:
+        """The unknown code loss's weight: ``ucode_weight``, ramped by ``ucode_ramp``
+        (an option; the method has it at full weight from the start)."""
+        return ramped(self.scfg.ucode_weight, self.scfg.ucode_ramp, self.iteration)
+
     def _labeled_codes(self, labels: Tensor, terms: dict | None):
         """Sampled labeled codes and masks for ``labels`` (B, K); adds the
         embedder code/batch losses to ``terms`` when given."""
@@ -199,7 +204,7 @@ class Stage1(Stage):
         #   cla_nll                               C only (it reads detached inputs)
         #   weight * adv                          E, B and the parts of G the options
         #                                         name; never C (C as if frozen)
-        total = (s.rec_weight * terms["rec"] + s.ucode_weight * terms["ucode"]
+        total = (s.rec_weight * terms["rec"] + self.ucode_weight() * terms["ucode"]
                  + self.ubatch_weight() * terms["ubatch"] + s.lcode_weight * terms["lcode"]
                  + s.lbatch_weight * terms["lbatch"])
         backward = total
@@ -223,8 +228,9 @@ class Stage1(Stage):
 
     def steady_from(self) -> int:
         """The learning-rate ramps, the adversarial weight's ``cla1_ramp`` and the
-        unknown batch loss's ``ubatch_ramp``."""
-        ends = [span[1] for span in (self.scfg.cla1_ramp, self.scfg.ubatch_ramp) if span is not None]
+        unknown code's ``ubatch_ramp`` and ``ucode_ramp``."""
+        s = self.scfg
+        ends = [span[1] for span in (s.cla1_ramp, s.ubatch_ramp, s.ucode_ramp) if span is not None]
         return max([super().steady_from()] + ends)
 
     @torch.no_grad()
