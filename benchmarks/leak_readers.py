@@ -24,20 +24,23 @@ from pathlib import Path
 import torch
 
 
-def read(stage, images: torch.Tensor, labels: torch.Tensor, sampled: bool, batch: int = 500) -> torch.Tensor:
-    """C's accuracy per labeled factor on ``images`` (uint8) with ``labels`` (N, K)."""
+def encode(stage, images: torch.Tensor, batch: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """E's means and stds of ``images`` (uint8, N x C x H x W)."""
+    with torch.no_grad():
+        parts = [stage.encoder(images[i:i + batch].float() / 127.5 - 1)[0]
+                 for i in range(0, len(images), batch)]
+    return torch.cat([m for m, _ in parts]), torch.cat([s for _, s in parts])
+
+
+def read(stage, mu: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor, sampled: bool) -> torch.Tensor:
+    """C's accuracy per labeled factor (labels: N x K) on the sampled code or on the means."""
     from dsu_models import codes
 
-    hits = torch.zeros(labels.shape[1])
     with torch.no_grad():
-        for i in range(0, len(images), batch):
-            x = images[i:i + batch].float() / 127.5 - 1
-            ((mu, sigma),) = stage.encoder(x)
-            u, mask = (codes.sample_code(mu, sigma, stage.keep_u, training=True) if sampled
-                       else (mu, torch.ones_like(mu)))
-            for k, log_probs in enumerate(stage.classifier(None, u, mask)):
-                hits[k] += (log_probs.argmax(1) == labels[i:i + batch, k]).sum()
-    return hits / len(images)
+        u, mask = (codes.sample_code(mu, sigma, stage.keep_u, training=True) if sampled
+                   else (mu, torch.ones_like(mu)))
+        return torch.stack([(log_probs.argmax(1) == labels[:, k]).float().mean()
+                            for k, log_probs in enumerate(stage.classifier(None, u, mask))])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,21 +74,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"leak_readers: {args.run} at stage-1 iteration {stage.iteration}; C's accuracy over "
           f"chance, (acc - p) / (1 - p), p = " + ", ".join(f"{n} {float(p):.3f}" for n, p in
                                                            zip(cfg.labeled_factors, chance)))
-    picked = {}
+    means, labels = {}, {}
     for split, data in (("train", train), ("val", val), ("test", test)):
         if data is None or len(data) == 0:
             continue
         rows = torch.randperm(len(data))[:args.images]
-        picked[split] = (data.images[rows], data.labels[rows][:, labeled])
+        mu, sigma = encode(stage, data.images[rows])
+        means[split], labels[split] = mu, data.labels[rows][:, labeled]
         for sampled in (True, False):
-            raw = read(stage, *picked[split], sampled) - chance
+            raw = read(stage, mu, sigma, labels[split], sampled) - chance
             print(f"  C on {split:5s} {'sampled code' if sampled else 'means       '}: "
                   + ", ".join(f"{n} {float(v / (1 - p)):+.3f} (accuracy - p {float(v):+.3f})"
                               for n, v, p in zip(cfg.labeled_factors, raw, chance)))
-    with torch.no_grad():
-        means = {s: torch.cat([stage.encoder(x[i:i + 500].float() / 127.5 - 1)[0][0]
-                               for i in range(0, len(x), 500)]) for s, (x, _) in picked.items()}
-    probe = metrics.probe_leakage(means["train"], picked["train"][1], means["test"], picked["test"][1])
+    probe = metrics.probe_leakage(means["train"], labels["train"], means["test"], labels["test"])
     print("  evaluation's probe (logistic regression on means, train -> test), accuracy - chance: "
           + ", ".join(f"{n} {acc - ch:+.3f}" for n, (acc, ch) in zip(cfg.labeled_factors, probe)))
     return 0
