@@ -64,6 +64,7 @@ from pathlib import Path
 
 import torch
 
+from dsu_models.config import STAGE1_RAMP_KEYS
 from dsu_models.evaluation.metrics import on_split
 from dsu_models.steps import trained_stages
 
@@ -106,7 +107,7 @@ def scaled_overrides(cfg, scale: float) -> list[str]:
     out = [f"{s}.iterations={times(getattr(cfg, s).iterations)}" for s in trained_stages(cfg)]
     if "stage1" in trained_stages(cfg):
         s1 = cfg.stage1
-        for key in ("cla1_ramp", "ubatch_ramp", "ucode_ramp"):
+        for key in STAGE1_RAMP_KEYS:
             if getattr(s1, key) is not None:
                 out.append(f"stage1.{key}=[{', '.join(str(times(t)) for t in getattr(s1, key))}]")
         out += [f"stage1.{key}={times(getattr(s1, key))}" for key in ("enc_freeze", "emb_freeze")

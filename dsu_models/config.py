@@ -156,6 +156,10 @@ class StageConfig:
     checkpoint_interval: int = 20000
 
 
+# Stage 1's ramps, each [t1, t2] or null: the adversary's and the unknown code's two losses'
+STAGE1_RAMP_KEYS = ("cla1_ramp", "ubatch_ramp", "ucode_ramp")
+
+
 @dataclass
 class Stage1Config(StageConfig):
     iterations: int = 200000
@@ -781,7 +785,7 @@ def _resolve_stages(cfg: Config):
     if s1.cla1_target is not None and not 0.0 <= s1.cla1_target < 1.0:
         raise ConfigError(f"stage1.cla1_target: {s1.cla1_target} (must be within [0, 1): C's "
                           f"accuracy over chance; null keeps the weight fixed)")
-    for key in ("cla1_ramp", "ubatch_ramp", "ucode_ramp"):
+    for key in STAGE1_RAMP_KEYS:
         span = getattr(s1, key)
         if span is not None and (len(span) != 2 or not 0 <= span[0] <= span[1]):
             raise ConfigError(f"stage1.{key}: {span!r} (need [t1, t2] with 0 <= t1 <= t2)")

@@ -59,7 +59,7 @@ import torch
 from torch import Tensor
 
 from dsu_models import codes, losses, plots
-from dsu_models.config import Config
+from dsu_models.config import STAGE1_RAMP_KEYS, Config
 from dsu_models.data.base import FactorInfo, InMemoryDataset
 from dsu_models.distill import distill_batch_size, encode_images
 from dsu_models.grids import sample_grids
@@ -229,8 +229,8 @@ class Stage1(Stage):
     def steady_from(self) -> int:
         """The learning-rate ramps, the adversarial weight's ``cla1_ramp`` and the
         unknown code's ``ubatch_ramp`` and ``ucode_ramp``."""
-        s = self.scfg
-        ends = [span[1] for span in (s.cla1_ramp, s.ubatch_ramp, s.ucode_ramp) if span is not None]
+        spans = [getattr(self.scfg, key) for key in STAGE1_RAMP_KEYS]
+        ends = [span[1] for span in spans if span is not None]
         return max([super().steady_from()] + ends)
 
     @torch.no_grad()
