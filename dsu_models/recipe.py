@@ -25,8 +25,13 @@ data:
   than the hidden factors need does not keep the labels.
 - **The unknown code's size**: :data:`UNKNOWN_SIZE` dimensions, whatever the
   data's hidden factors are (an image folder has none to count).
+- **Checkpoints and pictures** about every tenth of a stage, never closer than
+  :data:`MIN_SECONDS_BETWEEN_SAVES` of its training (:func:`save_interval`).
 - **The classifier's strength**: its share of the budget at the stage-1
   learning rate.
+- **S's learning rate** (``lenc.lr``) at 3e-4, the classifier's: at the
+  method's 1e-4 S has not learnt to read the labels when its short share of
+  the budget ends.
 - **No shifted images for the label readers**: ``random_offset`` stays on for
   stage 2's discriminator D, but the classifier stage and stage 2's R read the
   images as they are (``classifier.random_offset: false``,
@@ -61,6 +66,12 @@ LEAK_TARGET = 0.02
 UNKNOWN_SIZE = 12
 # No stage shorter than this, whatever the budget (a schedule needs room for its ramps).
 MIN_ITERATIONS = 50
+# Checkpoints and picture sets come about every tenth of a stage, but no more
+# often than once per this many seconds of its training: in the pipeline each
+# costs seconds (the state uploaded to the run's storage, the pictures to
+# MLflow), and a tenth of a 20-second stage is two seconds (docs/method.md,
+# "The default recipe": the README job's classifier and lenc stages).
+MIN_SECONDS_BETWEEN_SAVES = 30
 TIMED_STEPS, WARMUP_STEPS = 12, 4
 
 
@@ -112,6 +123,8 @@ def structure() -> dict:
         # moves a labeled position (sprites' x) while its label stays
         "classifier": {"lr": 3.0e-4, "random_offset": False},
         "stage2": {"lr": 1.0e-4, "cla2_offset": False},
+        # S learns to read B2's codes in its 3% of the budget only at a higher rate
+        "lenc": {"lr": 3.0e-4},
     }
 
 
@@ -126,7 +139,7 @@ def schedule(budget_minutes: float, step_seconds: dict[str, float], stages: list
     layer: dict = {}
     for stage, share in shares.items():
         n = max(MIN_ITERATIONS, int(budget_minutes * 60 * share / (step_seconds[stage] * OVERHEAD)))
-        interval = _round_interval(n)
+        interval = save_interval(n, step_seconds[stage])
         layer[stage] = {"iterations": n, "report_interval": max(1, min(50, n // 20)),
                         "sample_interval": interval, "checkpoint_interval": interval}
     if "stage1" in layer:
@@ -169,11 +182,23 @@ def describe_choices(cfg) -> str:
             f"target {cfg.stage1.cla1_target}")
 
 
-def _round_interval(iterations: int) -> int:
-    """About a tenth of the stage, rounded to a round number (1, 2 or 5 times 10^k)."""
+def save_interval(iterations: int, step_seconds: float) -> int:
+    """Iterations between checkpoints (and picture sets) of a stage of
+    ``iterations`` steps of ``step_seconds``: about a tenth of the stage,
+    rounded down to a round number (1, 2 or 5 times 10^k), or the first round
+    number that spans :data:`MIN_SECONDS_BETWEEN_SAVES` when that is more (a
+    stage shorter than that saves once, at its end)."""
     tenth = max(1, iterations // 10)
     magnitude = 10 ** int(math.log10(tenth))
-    return max(m * magnitude for m in (1, 2, 5) if m * magnitude <= tenth)
+    interval = max(m * magnitude for m in (1, 2, 5) if m * magnitude <= tenth)
+    floor = math.ceil(MIN_SECONDS_BETWEEN_SAVES / step_seconds)
+    return max(interval, _round_up(floor))
+
+
+def _round_up(n: int) -> int:
+    """The smallest round number (1, 2 or 5 times 10^k) at least ``n``."""
+    magnitude = 10 ** int(math.log10(max(1, n)))
+    return min(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= n)
 
 
 def measure_step_seconds(cfg) -> dict[str, float]:

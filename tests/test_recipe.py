@@ -35,6 +35,25 @@ def test_a_stage_that_is_off_gives_its_share_to_stage1_and_no_stage_is_too_short
     assert tiny["stage1"]["iterations"] == tiny["classifier"]["iterations"] == recipe.MIN_ITERATIONS
 
 
+def test_saves_come_a_tenth_of_a_stage_apart_and_never_closer_than_the_time_floor():
+    floor = recipe.MIN_SECONDS_BETWEEN_SAVES
+    # a long stage: a tenth of it, rounded down to a round number
+    assert recipe.save_interval(15000, 0.075) == 1000
+    # a short stage: a tenth (20 iterations, 7 s) is under the floor; the first
+    # round number past it
+    every = recipe.save_interval(354, 0.33)
+    assert every == 100 and every * 0.33 >= floor and 50 * 0.33 < floor
+    # a stage shorter than the floor saves only at its end
+    assert recipe.save_interval(190, 0.084) > 190
+    layer = recipe.schedule(10, {"stage1": 0.08, "classifier": 0.03, "stage2": 0.33, "lenc": 0.084}, STAGES)
+    for stage, spec in layer.items():
+        step = {"stage1": 0.08, "classifier": 0.03, "stage2": 0.33, "lenc": 0.084}[stage]
+        assert spec["checkpoint_interval"] == spec["sample_interval"]
+        assert spec["checkpoint_interval"] * step >= floor or spec["checkpoint_interval"] > spec["iterations"]
+    assert layer["lenc"]["checkpoint_interval"] > layer["lenc"]["iterations"]
+    assert layer["stage1"]["iterations"] // layer["stage1"]["checkpoint_interval"] >= 5
+
+
 def test_the_recipe_is_a_layer_under_the_user_s_settings(tmp_path):
     cfg = configured(None, SPRITES + ["budget_minutes=20", GIVEN])
     want = recipe.schedule(20, STEP, STAGES)
@@ -43,6 +62,8 @@ def test_the_recipe_is_a_layer_under_the_user_s_settings(tmp_path):
         (recipe.UNKNOWN_SIZE, "code", "prior", recipe.LEAK_TARGET)
     # the label readers never see shifted images; D still does
     assert not cfg.classifier.random_offset and not cfg.stage2.cla2_offset and cfg.stage2.random_offset
+    # S (lenc) learns at the classifier's rate, three times the method's (a short stage)
+    assert cfg.lenc.lr == cfg.classifier.lr == 3.0e-4 and configured(None, SPRITES).lenc.lr == 1.0e-4
     mine = tmp_path / "mine.yaml"
     mine.write_text(f"dataset: sprites\nlabeled_factors: [shape, x]\nbudget_minutes: 20\n{GIVEN.replace('=', ': ')}\n"
                     "unknown_size: 5\nstage2: {iterations: 77}\n")
