@@ -45,11 +45,11 @@ def test_saves_come_a_tenth_of_a_stage_apart_and_never_closer_than_the_time_floo
     assert every == 100 and every * 0.33 >= floor and 50 * 0.33 < floor
     # a stage shorter than the floor saves only at its end
     assert recipe.save_interval(190, 0.084) > 190
-    layer = recipe.schedule(10, {"stage1": 0.08, "classifier": 0.03, "stage2": 0.33, "lenc": 0.084}, STAGES)
+    readme_job = {"stage1": 0.08, "classifier": 0.03, "stage2": 0.33, "lenc": 0.084}
+    layer = recipe.schedule(10, readme_job, STAGES)
     for stage, spec in layer.items():
-        step = {"stage1": 0.08, "classifier": 0.03, "stage2": 0.33, "lenc": 0.084}[stage]
         assert spec["checkpoint_interval"] == spec["sample_interval"]
-        assert spec["checkpoint_interval"] * step >= floor or spec["checkpoint_interval"] > spec["iterations"]
+        assert spec["checkpoint_interval"] * readme_job[stage] >= floor or spec["checkpoint_interval"] > spec["iterations"]
     assert layer["lenc"]["checkpoint_interval"] > layer["lenc"]["iterations"]
     assert layer["stage1"]["iterations"] // layer["stage1"]["checkpoint_interval"] >= 5
 
