@@ -58,8 +58,9 @@ def test_the_recipe_is_a_layer_under_the_user_s_settings(tmp_path):
     cfg = configured(None, SPRITES + ["budget_minutes=20", GIVEN])
     want = recipe.schedule(20, STEP, STAGES)
     assert cfg.stage1.iterations == want["stage1"]["iterations"] and cfg.stage2.iterations == want["stage2"]["iterations"]
+    # the adversary at the method's weight: no live-leakage multiplier
     assert (cfg.unknown_size, cfg.stage1.cla1_mode, cfg.stage1.cla1_adv_mode, cfg.stage1.cla1_target) == \
-        (recipe.UNKNOWN_SIZE, "code", "prior", recipe.LEAK_TARGET)
+        (recipe.UNKNOWN_SIZE, "code", "prior", None)
     # the label readers never see shifted images; D still does
     assert not cfg.classifier.random_offset and not cfg.stage2.cla2_offset and cfg.stage2.random_offset
     # S (lenc) learns at the classifier's rate, three times the method's (a short stage)
@@ -67,8 +68,10 @@ def test_the_recipe_is_a_layer_under_the_user_s_settings(tmp_path):
     mine = tmp_path / "mine.yaml"
     mine.write_text(f"dataset: sprites\nlabeled_factors: [shape, x]\nbudget_minutes: 20\n{GIVEN.replace('=', ': ')}\n"
                     "unknown_size: 5\nstage2: {iterations: 77}\n")
-    cfg = configured(mine, ["stage1.cla1_ramp=[10, 20]"])
-    assert (cfg.unknown_size, cfg.stage2.iterations, cfg.stage1.cla1_ramp) == (5, 77, [10, 20])
+    cfg = configured(mine, ["stage1.cla1_ramp=[10, 20]", "stage1.cla1_target=0.05"])
+    assert (cfg.unknown_size, cfg.stage2.iterations, cfg.stage1.cla1_ramp, cfg.stage1.cla1_target) == \
+        (5, 77, [10, 20], 0.05)
+    assert "live-leakage target 0.05" in recipe.describe_choices(cfg)
     assert cfg.stage1.iterations == want["stage1"]["iterations"]
 
 
